@@ -1,0 +1,552 @@
+"""Synthetic lower-limb MRI phantoms: pelvis, femur, tibia and fibula with cortex and marrow, muscle, fat
+and skin, both legs, rendered at any DICOM geometry.
+
+No labelled MRI can be shipped, so the tests, the demo model and the benchmarks all use these phantoms.
+The anatomy is defined analytically in patient coordinates (LPS, mm) and every voxel is rendered from its
+own physical position, so the same phantom can be sampled on any grid: any in-plane size and spacing, any
+slice order or direction, even oblique or sagittal planes. Ground truth labels therefore sit exactly where
+the geometry says, which is what the inverse-mapping tests need.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .labels import DEFAULT_LABELS
+
+FEMUR, TIBIA, FIBULA, PELVIS = 1, 2, 3, 4
+
+
+# --------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Geometry:
+    """A stack of parallel slices, as DICOM describes it.
+
+    ``origin`` is the ImagePositionPatient of the first slice, ``row_dir`` the direction along a row
+    (increasing column index), ``col_dir`` the direction down a column (increasing row index),
+    ``slice_step`` the vector from one slice's origin to the next.
+    """
+
+    rows: int
+    cols: int
+    n_slices: int
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) as DICOM PixelSpacing
+    origin: tuple[float, float, float]
+    row_dir: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    col_dir: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    slice_step: tuple[float, float, float] = (0.0, 0.0, -3.0)
+    slice_thickness: float = 3.0
+
+    def slice_origin(self, k: int) -> np.ndarray:
+        return np.asarray(self.origin) + k * np.asarray(self.slice_step)
+
+    def world_coords(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Patient coordinates (x, y, z) of every pixel centre of slice ``k``, each (rows, cols)."""
+        r = np.arange(self.rows, dtype=np.float64)[:, None]
+        c = np.arange(self.cols, dtype=np.float64)[None, :]
+        o = self.slice_origin(k)
+        rd, cd = np.asarray(self.row_dir), np.asarray(self.col_dir)
+        dr, dc = self.pixel_spacing
+        pts = [o[i] + c * dc * rd[i] + r * dr * cd[i] for i in range(3)]
+        return pts[0], pts[1], pts[2]
+
+
+# --------------------------------------------------------------------------------------------- anatomy
+@dataclass(frozen=True)
+class Anatomy:
+    """Size, pose and tissue contrast of one synthetic child or adult."""
+
+    scale: float = 0.85  # 1.0 ~ small adult, 0.55 ~ young child
+    yaw_deg: float = 0.0  # rotation about the S axis
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # mm, applied to the whole body
+    legs: str = "both"  # "both", "left" or "right": one-legged phantoms make left/right errors visible
+    leg_spread: float = 0.0  # mm added to the distance between the legs
+    fat_mm: float = 10.0
+    cortex_mm: float = 2.5
+    intensities: dict = field(
+        default_factory=lambda: {
+            "fat": 0.92,
+            "muscle": 0.35,
+            "cortex": 0.06,
+            "marrow": 0.7,
+            "skin": 0.55,
+            "viscera": 0.45,
+        }
+    )
+    noise: float = 0.02
+    bias: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    texture_seed: int = 0
+
+    # key heights (mm, relative to the iliac crest at z=0 before shift)
+    @property
+    def z_head(self) -> float:
+        return -0.62 * 200 * self.scale
+
+    @property
+    def z_knee(self) -> float:
+        return self.z_head - 430 * self.scale
+
+    @property
+    def z_ankle(self) -> float:
+        return self.z_knee - 8 * self.scale - 360 * self.scale
+
+    @property
+    def z_extent(self) -> tuple[float, float]:
+        """(top, bottom) of the rendered body in anatomy coordinates."""
+        return 15.0 * self.scale, self.z_ankle - 40 * self.scale
+
+
+def _tube(x, y, z, zk, cx, cy, rx, ry):
+    """Normalised elliptic radius of a tube whose centre and radii are piecewise linear in z.
+
+    Returns rho (rho <= 1 inside) and the mean radius at each point; points outside [zk[0], zk[-1]]
+    get rho = inf.
+    """
+    zk = np.asarray(zk, dtype=np.float64)
+    order = np.argsort(zk)
+    zs = zk[order]
+
+    def f(v):
+        return np.interp(z, zs, np.asarray(v, dtype=np.float64)[order])
+
+    rxz, ryz = f(rx), f(ry)
+    rho = np.sqrt(((x - f(cx)) / rxz) ** 2 + ((y - f(cy)) / ryz) ** 2)
+    rho = np.where((z >= zs[0]) & (z <= zs[-1]), rho, np.inf)
+    return rho, 0.5 * (rxz + ryz)
+
+
+def _solid(x, y, z, zk, cx, cy, rx, ry, cortex):
+    """(inside, marrow) masks of a solid bone tube with a cortical shell ``cortex`` mm thick."""
+    rho, rmean = _tube(x, y, z, zk, cx, cy, rx, ry)
+    inside = rho <= 1.0
+    marrow = rho <= np.maximum(1.0 - cortex / np.maximum(rmean, 1e-3), 0.0)
+    return inside, marrow & inside
+
+
+def _ring(x, y, z, zk, cx, cy, rx, ry, thick, cortex, ang=None):
+    """(inside, marrow) masks of a curved bony plate: an elliptic ring ``thick`` mm wide.
+
+    ``ang`` optionally restricts the ring to polar angles (radians, in [-pi, pi]) between two limits.
+    """
+    rho, rmean = _tube(x, y, z, zk, cx, cy, rx, ry)
+    dist = np.abs(rho - 1.0) * rmean
+    inside = dist <= thick / 2
+    marrow = dist <= max(thick / 2 - cortex, 0.0)
+    if ang is not None:
+        zs = np.sort(np.asarray(zk, dtype=np.float64))
+        ccx = np.interp(z, zs, np.asarray(cx, dtype=np.float64)[np.argsort(zk)])
+        ccy = np.interp(z, zs, np.asarray(cy, dtype=np.float64)[np.argsort(zk)])
+        a = np.arctan2(y - ccy, x - ccx)
+        lo, hi = ang
+        ok = (a >= lo) & (a <= hi) if lo <= hi else (a >= lo) | (a <= hi)
+        inside &= ok
+        marrow &= ok
+    return inside, marrow & inside
+
+
+def _texture(x, y, z, seed: int, amp: float) -> np.ndarray:
+    """Smooth pseudo-random texture: a few random plane waves, cheap and continuous in 3D."""
+    rng = np.random.default_rng(seed)
+    t = np.zeros(np.broadcast(x, y, z).shape)
+    for _ in range(6):
+        k = rng.normal(size=3)
+        k *= rng.uniform(0.02, 0.12) / np.linalg.norm(k)
+        t += np.sin(k[0] * x + k[1] * y + k[2] * z + rng.uniform(0, 2 * np.pi))
+    return amp * t / 6
+
+
+def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
+    """Render intensity (float, before noise) and labels (uint8) at patient coordinates x, y, z."""
+    s = anat.scale
+    # into the anatomy frame: undo shift and yaw
+    x0, y0, z = x - anat.shift[0], y - anat.shift[1], z - anat.shift[2]
+    th = np.deg2rad(anat.yaw_deg)
+    x = np.cos(th) * x0 + np.sin(th) * y0
+    y = -np.sin(th) * x0 + np.cos(th) * y0
+
+    I = anat.intensities
+    cort = anat.cortex_mm * (0.6 + 0.4 * s)
+    zh, zk, za = anat.z_head, anat.z_knee, anat.z_ankle
+    dh = 85 * s + anat.leg_spread / 2  # hip centre half-distance
+    dk = 55 * s + anat.leg_spread / 2  # knee centre half-distance
+    rh = 22 * s
+
+    shape = np.broadcast(x, y, z).shape
+    img = np.zeros(shape)
+    lab = np.zeros(shape, dtype=np.uint8)
+    outline = np.zeros(shape, dtype=bool)
+    muscle_region = np.zeros(shape, dtype=bool)
+    skin_core = np.zeros(shape, dtype=bool)
+    bones: list[tuple[int, np.ndarray, np.ndarray]] = []
+    septa = np.zeros(shape, dtype=bool)
+    fat = anat.fat_mm * (0.5 + 0.5 * s)
+
+    # ---- body (pelvic region): one ellipse around both hips, ending below the groin
+    zb = [25 * s, zh - 40 * s, zh - 85 * s]
+    rxb = [dh + 55 * s, dh + 75 * s, dh + 40 * s]
+    ryb = [95 * s, 105 * s, 70 * s]
+    for grow, target in ((0.0, outline), (-1.5, skin_core), (-fat, muscle_region)):
+        rho, _ = _tube(x, y, z, zb, [0, 0, 0], [15 * s] * 3, np.add(rxb, grow), np.add(ryb, grow))
+        target |= rho <= 1
+    # pelvic viscera
+    rho, _ = _tube(x, y, z, [10 * s, zh - 30 * s], [0, 0], [5 * s, 10 * s], [55 * s, 35 * s], [45 * s, 30 * s])
+    viscera = rho <= 1
+
+    # sacrum (part of the bony pelvis label)
+    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s], [18 * s, 10 * s], cort)))
+
+    sides = {"left": 1.0, "right": -1.0}
+    for side, sg in sides.items():
+        # iliac wing: a posterolateral arc of an ellipse, widening upwards
+        zw = [10 * s, -0.2 * 200 * s, -0.5 * 200 * s]
+        ang = (-2.6, 0.9) if sg > 0 else (np.pi - 0.9, -np.pi + 2.6)
+        bones.append(
+            (PELVIS, *_ring(x, y, z, zw, [sg * 70 * s, sg * 65 * s, sg * 60 * s], [25 * s, 20 * s, 15 * s],
+                            [45 * s, 38 * s, 25 * s], [45 * s, 40 * s, 28 * s], 10 * s, cort, ang))
+        )
+        # acetabulum: a cup around the femoral head (medial and superior), separated by a joint space
+        za_ = [zh + rh + 8 * s, zh, zh - 0.6 * rh]
+        ra = rh + 2.0 + 6 * s
+        bones.append(
+            (PELVIS, *_ring(x, y, z, za_, [sg * dh] * 3, [0, 0, 0], [ra * 0.7, ra, ra * 0.8], [ra * 0.7, ra, ra * 0.8],
+                            11 * s, cort))
+        )
+        # ischiopubic ring (obturator frame) below the head, meeting at the symphysis
+        zo = [zh - 0.5 * rh, zh - 30 * s, zh - 60 * s]
+        bones.append(
+            (PELVIS, *_ring(x, y, z, zo, [sg * (dh - 38 * s)] * 3, [-5 * s, 0, 5 * s],
+                            [30 * s, 33 * s, 25 * s], [30 * s, 35 * s, 28 * s], 9 * s, cort))
+        )
+        if anat.legs not in ("both", side):
+            continue
+        # femur: head (sphere), neck, shaft, condyles
+        zz = np.linspace(zh - rh * 0.999, zh + rh * 0.999, 13)
+        rr = np.sqrt(np.maximum(rh**2 - (zz - zh) ** 2, 0.5))
+        bones.append((FEMUR, *_solid(x, y, z, zz, [sg * dh] * 13, [0] * 13, rr, rr, cort)))
+        bones.append(
+            (FEMUR, *_solid(x, y, z, [zh - 5 * s, zh - 30 * s, zh - 55 * s], [sg * (dh + 12 * s), sg * (dh + 26 * s), sg * (dh + 30 * s)],
+                            [0, 0, 2 * s], [15 * s, 20 * s, 16 * s], [14 * s, 15 * s, 14 * s], cort))
+        )
+        zf = [zh - 50 * s, zh - 200 * s, zk + 60 * s, zk + 25 * s, zk + 2 * s]
+        cxf = [sg * (dh + 28 * s), sg * (dh + 8 * s), sg * (dk + 5 * s), sg * dk, sg * dk]
+        cyf = [2 * s, -3 * s, 0, 3 * s, 5 * s]
+        rxf = [14 * s, 13 * s, 15 * s, 40 * s, 36 * s]
+        ryf = [14 * s, 13 * s, 15 * s, 30 * s, 26 * s]
+        bones.append((FEMUR, *_solid(x, y, z, zf, cxf, cyf, rxf, ryf, cort)))
+        # tibia: plateau, shaft, distal flare
+        zt = [zk - 5 * s, zk - 40 * s, zk - 95 * s, za + 40 * s, za]
+        cxt = [sg * dk] * 5
+        cyt = [3 * s, 0, -2 * s, 0, 2 * s]
+        rxt = [38 * s, 30 * s, 13 * s, 13 * s, 22 * s]
+        ryt = [27 * s, 22 * s, 12 * s, 12 * s, 17 * s]
+        bones.append((TIBIA, *_solid(x, y, z, zt, cxt, cyt, rxt, ryt, cort)))
+        # fibula: lateral and posterior to the tibia, thin, with head and malleolus
+        zfi = [zk - 18 * s, zk - 40 * s, zk - 60 * s, za + 30 * s, za - 15 * s]
+        cxfi = [sg * (dk + 30 * s), sg * (dk + 30 * s), sg * (dk + 27 * s), sg * (dk + 24 * s), sg * (dk + 26 * s)]
+        cyfi = [16 * s, 16 * s, 14 * s, 10 * s, 12 * s]
+        rfi = [9 * s, 9 * s, 6 * s, 6 * s, 9 * s]
+        bones.append((FIBULA, *_solid(x, y, z, zfi, cxfi, cyfi, rfi, rfi, min(cort, 2.0 * s))))
+        # the limb around them: thigh then lower leg
+        zl = [zh - 20 * s, zk + 40 * s, zk - 20 * s, za + 30 * s, za - 40 * s]
+        cxl = [sg * (dh + 20 * s), sg * (dk + 8 * s), sg * (dk + 8 * s), sg * (dk + 10 * s), sg * (dk + 10 * s)]
+        cyl = [0, 0, 12 * s, 15 * s, 10 * s]
+        rl = np.array([80 * s, 55 * s, 52 * s, 32 * s, 30 * s])
+        for grow, target in ((0.0, outline), (-1.5, skin_core), (-fat, muscle_region)):
+            rho, _ = _tube(x, y, z, zl, cxl, cyl, rl + grow, (rl + grow) * 0.9)
+            target |= rho <= 1
+        # intermuscular fat septa
+        for k, (a0, a1) in enumerate(((-2.5, -1.2), (0.6, 2.2))):
+            septa |= _ring(x, y, z, zl, cxl, cyl, rl * (0.55 + 0.1 * k), rl * 0.5, 1.8, 0.0, (a0, a1))[0]
+
+    # ---- compose intensities, outermost first
+    tex = _texture(x, y, z, anat.texture_seed, 0.05)
+    img[outline] = I["skin"]
+    img[skin_core] = I["fat"]
+    img[muscle_region] = I["muscle"]
+    img[muscle_region & septa] = I["fat"]
+    img[viscera & muscle_region] = I["viscera"]
+    img += np.where(muscle_region, tex, 0.0)
+    for value, inside, marrow in bones:
+        inside = inside & outline
+        img[inside] = I["cortex"]
+        img[marrow & outline] = I["marrow"] + tex[marrow & outline]
+        lab[inside] = value
+    # multiplicative smooth bias field
+    b = anat.bias
+    if any(b):
+        field_ = np.exp(b[0] * x0 / 200 + b[1] * y0 / 200 + b[2] * z / 500 + b[3] * (x0 / 200) ** 2 + b[4] * (y0 / 200) ** 2)
+        img = img * field_
+    return img.astype(np.float32), lab
+
+
+# --------------------------------------------------------------------------------------------- phantom
+@dataclass(frozen=True)
+class Phantom:
+    anatomy: Anatomy
+    geometry: Geometry
+    image: np.ndarray  # (n_slices, rows, cols) uint16 as stored
+    labels: np.ndarray  # (n_slices, rows, cols) uint8 ground truth
+
+
+def render(anat: Anatomy, geom: Geometry, seed: int = 0) -> Phantom:
+    """Render a phantom on ``geom``: Rician noise, then scaled to 12-bit unsigned like a scanner writes."""
+    rng = np.random.default_rng(seed)
+    imgs = np.empty((geom.n_slices, geom.rows, geom.cols), dtype=np.float32)
+    labs = np.empty((geom.n_slices, geom.rows, geom.cols), dtype=np.uint8)
+    for k in range(geom.n_slices):
+        x, y, z = geom.world_coords(k)
+        im, lb = render_points(anat, x, y, z)
+        n1 = rng.normal(scale=anat.noise, size=im.shape)
+        n2 = rng.normal(scale=anat.noise, size=im.shape)
+        imgs[k] = np.sqrt((im + n1) ** 2 + n2**2)
+        labs[k] = lb
+    scaled = np.clip(imgs * 3000.0, 0, 4095).astype(np.uint16)
+    return Phantom(anat, geom, scaled, labs)
+
+
+def random_anatomy(rng: np.random.Generator, wide: bool = False) -> Anatomy:
+    """Random body and contrast. ``wide`` widens the ranges (held-out evaluation sets)."""
+    w = 1.5 if wide else 1.0
+    fat = rng.uniform(0.8, 1.0)
+    muscle = rng.uniform(0.25, 0.45)
+    return Anatomy(
+        scale=float(rng.uniform(0.6 - 0.05 * (w - 1) * 2, 1.0 + 0.05 * (w - 1) * 2)),
+        yaw_deg=float(rng.uniform(-8, 8) * w),
+        shift=(float(rng.uniform(-20, 20) * w), float(rng.uniform(-15, 15) * w), 0.0),
+        leg_spread=float(rng.uniform(-10, 25)),
+        fat_mm=float(rng.uniform(5, 18)),
+        cortex_mm=float(rng.uniform(2.0, 3.5)),
+        intensities={
+            "fat": fat,
+            "muscle": muscle,
+            "cortex": float(rng.uniform(0.02, 0.1)),
+            "marrow": float(rng.uniform(max(muscle + 0.12, 0.45), 0.85)),
+            "skin": float(rng.uniform(0.45, 0.65)),
+            "viscera": float(rng.uniform(0.3, 0.6)),
+        },
+        noise=float(rng.uniform(0.01, 0.045) * (1.2 if wide else 1.0)),
+        bias=tuple(float(v) for v in rng.normal(scale=0.15 * w, size=5)),
+        texture_seed=int(rng.integers(1 << 30)),
+    )
+
+
+def random_geometry(
+    rng: np.random.Generator,
+    anat: Anatomy,
+    wide: bool = False,
+    n_slices: int | None = None,
+    full_length: bool = True,
+) -> Geometry:
+    """Random axial acquisition: in-plane size and spacing, slice thickness, FOV and z coverage.
+
+    ``wide`` reaches outside the training ranges (held-out evaluation), including a FOV that clips the body.
+    """
+    w = 1.4 if wide else 1.0
+    ps = float(rng.uniform(0.9 / w, 1.6 * w))
+    thick = float(rng.uniform(3.0, 6.0 * w))
+    body_w = 2 * (85 * anat.scale + 85 * anat.scale) + 40
+    fov_x = body_w * float(rng.uniform(1.05 - 0.2 * (w - 1), 1.35 * w))
+    cols = int(np.clip(round(fov_x / ps / 2) * 2, 96, 512))
+    rows = int(np.clip(round(cols * rng.uniform(0.55, 0.8)), 64, 512))
+    top, bottom = anat.z_extent
+    if n_slices is None:
+        if full_length:
+            n_slices = int((top - bottom) / thick)
+            z0 = top
+        else:
+            n_slices = int(rng.integers(20, 60))
+            z0 = float(rng.uniform(bottom + n_slices * thick, top))
+    else:
+        z0 = float(rng.uniform(bottom + n_slices * thick, top)) if (top - bottom) > n_slices * thick else top
+    cx = anat.shift[0] + float(rng.uniform(-15, 15))
+    cy = anat.shift[1] + 15 * anat.scale + float(rng.uniform(-15, 15))
+    origin = (cx - (cols - 1) / 2 * ps, cy - (rows - 1) / 2 * ps, z0 + anat.shift[2])
+    return Geometry(rows, cols, n_slices, (ps, ps), origin, slice_step=(0.0, 0.0, -thick), slice_thickness=thick)
+
+
+def make_case(seed: int, wide: bool = False, **geom_kwargs) -> Phantom:
+    rng = np.random.default_rng(seed)
+    anat = random_anatomy(rng, wide)
+    geom = random_geometry(rng, anat, wide, **geom_kwargs)
+    return render(anat, geom, seed=seed)
+
+
+def small_series(seed: int = 0, n_slices: int = 24, size: int = 128, legs: str = "both",
+                 region: str = "thigh-knee", thickness: float = 8.0) -> Phantom:
+    """A small, quick phantom for tests: ``size``² pixels covering both legs, ``n_slices`` slices."""
+    rng = np.random.default_rng(seed)
+    anat = replace(random_anatomy(rng), legs=legs, yaw_deg=4.0, shift=(6.0, -4.0, 0.0))
+    ps = (2 * (170 * anat.scale) + 60) / size
+    top = {"pelvis": anat.z_extent[0] - 20, "thigh-knee": anat.z_knee + 120, "leg": anat.z_knee - 10}[region]
+    geom = Geometry(size, size, n_slices, (ps, ps), (-(size - 1) / 2 * ps, 15 * anat.scale - (size - 1) / 2 * ps, top),
+                    slice_step=(0.0, 0.0, -thickness), slice_thickness=thickness)
+    return render(anat, geom, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------- writers
+def write_dicom_series(
+    ph: Phantom,
+    folder: Path,
+    *,
+    study_uid: str | None = None,
+    patient_id: str = "PHANTOM001",
+    patient_name: str = "Phantom^Lower^Limb",
+    series_description: str = "AX T1 LOWER LIMB",
+    body_part: str = "LEG",
+    series_number: int = 3,
+    order: str = "as_acquired",
+    frame_of_reference_uid: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """Write the phantom as an MR Image Storage series with the headers a scanner writes.
+
+    ``order`` changes the file naming/instance numbering order only ("as_acquired", "reversed",
+    "shuffled"), to test that the node sorts by geometry rather than by arrival or number.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = ph.geometry
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
+    now = _dt.datetime(2026, 1, 1, 9, 0, 0)
+    idx = list(range(g.n_slices))
+    if order == "reversed":
+        idx = idx[::-1]
+    elif order == "shuffled":
+        np.random.default_rng(seed).shuffle(idx)
+    normal = np.cross(g.row_dir, g.col_dir)
+    paths = []
+    for n, k in enumerate(idx):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.AccessionNumber = "ACC" + patient_id[-6:]
+        ds.Modality = "MR"
+        ds.Manufacturer = "Synthetic Phantom"
+        ds.ManufacturerModelName = "dicom-seg-node phantom"
+        ds.InstitutionName = "Test Hospital"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "MRI LOWER LIMBS"
+        ds.SeriesDescription = series_description
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = "20150101"
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = body_part
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "SK"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.SliceThickness = f"{g.slice_thickness:.4g}"
+        ds.SpacingBetweenSlices = f"{float(np.linalg.norm(g.slice_step)):.4g}"
+        ds.RepetitionTime = "550"
+        ds.EchoTime = "12"
+        ds.MagneticFieldStrength = "1.5"
+        ds.ImagedNucleus = "1H"
+        ds.EchoTrainLength = "3"
+        ds.PatientPosition = "FFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = series_number
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = n + 1
+        pos = g.slice_origin(k)
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*g.row_dir, *g.col_dir)]
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = f"{float(np.dot(pos, normal)):.6f}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = g.rows, g.cols
+        ds.PixelSpacing = [f"{v:.6f}" for v in g.pixel_spacing]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.WindowCenter = "1500"
+        ds.WindowWidth = "3000"
+        ds.PixelData = np.ascontiguousarray(ph.image[k]).tobytes()
+        path = folder / f"IM{n + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def phantom_to_sitk(ph: Phantom, array: np.ndarray):
+    """A SimpleITK image with the phantom's geometry (for NIfTI output)."""
+    import SimpleITK as sitk
+
+    g = ph.geometry
+    img = sitk.GetImageFromArray(array)
+    step = np.asarray(g.slice_step)
+    thick = float(np.linalg.norm(step))
+    img.SetSpacing((g.pixel_spacing[1], g.pixel_spacing[0], thick))
+    img.SetOrigin(tuple(float(v) for v in g.origin))
+    d = np.column_stack([g.row_dir, g.col_dir, step / thick])
+    img.SetDirection(tuple(float(v) for v in d.ravel()))
+    return img
+
+
+def write_training_case(ph: Phantom, root: Path, case: str, *, dicom: bool = True, nifti_image: bool = False,
+                        per_bone: bool = True, multiclass: bool = False, seed: int = 0) -> None:
+    """Write one case in the training layout the ``train`` command reads.
+
+    Scan as ``dicom/<case>/`` (DICOM series) and/or ``images/<case>.nii.gz``; masks as per-bone
+    ``<BONE>/<BONE>_<case>.nii.gz`` (published layout) and/or ``labels/<case>.nii.gz`` (multi-class).
+    """
+    import SimpleITK as sitk
+
+    if dicom:
+        write_dicom_series(ph, root / "dicom" / case, patient_id=f"PH{case}", seed=seed)
+    if nifti_image:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(phantom_to_sitk(ph, ph.image.astype(np.int16)), str(root / "images" / f"{case}.nii.gz"))
+    if per_bone:
+        for lab in DEFAULT_LABELS:
+            (root / lab.name).mkdir(parents=True, exist_ok=True)
+            m = (ph.labels == lab.value).astype(np.uint8)
+            sitk.WriteImage(phantom_to_sitk(ph, m), str(root / lab.name / f"{lab.name}_{case}.nii.gz"))
+    if multiclass:
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(phantom_to_sitk(ph, ph.labels), str(root / "labels" / f"{case}.nii.gz"))
+
+
+def _write_one(args: tuple) -> str:
+    root, case, seed, wide = args
+    ph = make_case(seed, wide=wide)
+    write_training_case(ph, Path(root), case, seed=seed)
+    return case
+
+
+def generate_dataset(root: Path, n_cases: int, seed: int = 0, wide: bool = False, workers: int = 2,
+                     prefix: str = "ph") -> list[str]:
+    """Write ``n_cases`` random full-length phantoms (DICOM + per-bone NIfTI masks) under ``root``.
+
+    Case ``i`` uses seed ``seed + i``, so a dataset is reproducible from its first seed and size.
+    """
+    import multiprocessing as mp
+
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root), f"{prefix}{seed + i:05d}", seed + i, wide) for i in range(n_cases)]
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            return list(pool.imap(_write_one, jobs))
+    return [_write_one(j) for j in jobs]

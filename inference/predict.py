@@ -1,0 +1,82 @@
+"""Batched 2D prediction of a whole series, returning a label map on the source pixel grid.
+
+One :class:`Predictor` holds one loaded model for the life of the worker: loading a ResNet34 U-Net takes
+seconds, a job should not pay that each time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import load_model, pick_device
+from .model_card import ModelCard
+from .postprocess import clean_labels
+from .preprocessing import from_model_output, intensity_range, orient, plan_transform, to_model_input, unorient
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # (n, rows, cols) uint8 on the source grid, slice order as given
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class Predictor:
+    """A loaded model and the code that runs it on volumes."""
+
+    def __init__(self, model_path: Path, device: str = "auto", batch_size: int = 16, threads: int = 0):
+        self.device = pick_device(device)
+        if threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.net, self.card = load_model(Path(model_path), self.device)
+        self.model_path = Path(model_path)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # one series on the model at a time
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {lab.value: lab.name for lab in self.card.labels}
+
+    def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True) -> Prediction:
+        """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions."""
+        return predict_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
+                              postprocess, self._lock)
+
+
+def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
+                   device: torch.device, batch_size: int = 16, postprocess: bool = True,
+                   lock: threading.Lock | None = None) -> Prediction:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n, rows, cols = volume.shape
+    t = plan_transform(rows, cols, row_dir, col_dir, card.input_size)
+    canon = orient(volume, t)
+    lo, hi = intensity_range(canon, card.normalisation)
+    out = np.empty((n,) + t.shape, dtype=np.uint8)
+    timings["preprocess"] = time.perf_counter() - t0
+    t_pred = 0.0
+    use_amp = device.type == "cuda"
+    lock = lock or threading.Lock()
+    with lock, torch.inference_mode():
+        for start in range(0, n, batch_size):
+            tb = time.perf_counter()
+            x = to_model_input(canon[start:start + batch_size], lo, hi, t, card.in_channels, device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = net(x)
+            logits = from_model_output(logits.float(), t)
+            out[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            t_pred += time.perf_counter() - tb
+    timings["predict"] = t_pred
+    labels = unorient(out, t)
+    if postprocess:
+        t1 = time.perf_counter()
+        labels = clean_labels(labels, {lab.value: lab.name for lab in card.labels})
+        timings["postprocess"] = time.perf_counter() - t1
+    return Prediction(labels, timings)

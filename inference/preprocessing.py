@@ -1,0 +1,121 @@
+"""From a stack of slices on the scanner's grid to the model's input, and exactly back.
+
+The model sees every slice the same way whatever the acquisition: in-plane axes turned to the canonical
+axial view (columns toward patient left, rows toward posterior), intensities min–max normalised, the slice
+padded to a square and resized to the card's input size. Training uses the same functions, so the model
+learns what inference feeds it. The way back (``from_model_output``) is the exact inverse: resizing with
+``align_corners=False`` in both directions maps pixel centres onto pixel centres, and the padding and axis
+changes are undone, so a label lands on the voxel it was predicted for — no half-pixel shift, no flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SliceTransform:
+    """How one series' slices are turned into model input (and back)."""
+
+    transpose: bool  # swap rows and columns first
+    flip_rows: bool  # then reverse the row index
+    flip_cols: bool  # then reverse the column index
+    shape: tuple[int, int]  # (rows, cols) after orientation, before padding
+    pad: tuple[int, int, int, int]  # top, bottom, left, right
+    size: int  # model input size
+
+    @property
+    def padded(self) -> int:
+        return self.shape[0] + self.pad[0] + self.pad[1]
+
+
+def plan_transform(rows: int, cols: int, row_dir, col_dir, size: int) -> SliceTransform:
+    """Choose axis swaps/flips that bring a slice to the canonical view, and the square padding.
+
+    ``row_dir`` is DICOM's direction along a row (first 3 values of ImageOrientationPatient), ``col_dir``
+    the direction down a column. Canonical: along a row toward +x (patient left), down a column toward
+    +y (posterior), as a standard axial DICOM image. For non-axial planes the dominant axes are used.
+    """
+    rd, cd = np.asarray(row_dir, float), np.asarray(col_dir, float)
+    # which in-plane image axis points most along patient x?
+    transpose = abs(cd[0]) > abs(rd[0])
+    if transpose:
+        rd, cd = cd, rd
+        rows, cols = cols, rows
+    # after transpose: columns advance along rd, rows advance along cd
+    flip_cols = rd[int(np.argmax(np.abs(rd)))] < 0
+    flip_rows = cd[int(np.argmax(np.abs(cd)))] < 0
+    side = max(rows, cols)
+    pr, pc = side - rows, side - cols
+    pad = (pr // 2, pr - pr // 2, pc // 2, pc - pc // 2)
+    return SliceTransform(transpose, flip_rows, flip_cols, (rows, cols), pad, size)
+
+
+def orient(vol: np.ndarray, t: SliceTransform) -> np.ndarray:
+    """(n, rows, cols) on the scanner grid -> canonical view."""
+    if t.transpose:
+        vol = vol.transpose(0, 2, 1)
+    if t.flip_rows:
+        vol = vol[:, ::-1, :]
+    if t.flip_cols:
+        vol = vol[:, :, ::-1]
+    return np.ascontiguousarray(vol)
+
+
+def unorient(vol: np.ndarray, t: SliceTransform) -> np.ndarray:
+    """Inverse of :func:`orient` (flips first, then the transpose)."""
+    if t.flip_cols:
+        vol = vol[:, :, ::-1]
+    if t.flip_rows:
+        vol = vol[:, ::-1, :]
+    if t.transpose:
+        vol = vol.transpose(0, 2, 1)
+    return np.ascontiguousarray(vol)
+
+
+def intensity_range(vol: np.ndarray, normalisation: dict) -> tuple[float, float]:
+    """Volume-wide min–max bounds (robust upper percentile), from a subsample for speed on large series."""
+    sample = vol[:, ::2, ::2].ravel() if vol.size > 4_000_000 else vol.ravel()
+    lo_p = float(normalisation.get("lower_percentile", 0.0))
+    hi_p = float(normalisation.get("upper_percentile", 100.0))
+    lo = float(np.percentile(sample, lo_p)) if lo_p > 0 else float(sample.min())
+    hi = float(np.percentile(sample, hi_p)) if hi_p < 100 else float(sample.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def to_model_input(slices: np.ndarray, lo: float, hi: float, t: SliceTransform, in_channels: int = 3,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """(b, rows, cols) canonical slices -> (b, C, S, S) float tensor in [0, 1], grey copied to C channels."""
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(device)
+    x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    top, bottom, left, right = t.pad
+    x = F.pad(x[:, None], (left, right, top, bottom), value=0.0)
+    if x.shape[-1] != t.size:
+        x = F.interpolate(x, size=(t.size, t.size), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > t.size)
+    return x.expand(-1, in_channels, -1, -1).contiguous()
+
+
+def labels_to_model_grid(labels: np.ndarray, t: SliceTransform) -> torch.Tensor:
+    """(b, rows, cols) canonical label maps -> (b, S, S) int64 on the model grid (nearest, centre-aligned)."""
+    y = torch.from_numpy(np.ascontiguousarray(labels)).float()[:, None]
+    top, bottom, left, right = t.pad
+    y = F.pad(y, (left, right, top, bottom), value=0.0)
+    if y.shape[-1] != t.size:
+        y = F.interpolate(y, size=(t.size, t.size), mode="nearest-exact")
+    return y[:, 0].long()
+
+
+def from_model_output(logits: torch.Tensor, t: SliceTransform) -> torch.Tensor:
+    """(b, C, S, S) logits -> (b, C, rows, cols) on the canonical grid, the inverse of the input mapping."""
+    p = t.padded
+    if logits.shape[-1] != p:
+        logits = F.interpolate(logits, size=(p, p), mode="bilinear", align_corners=False)
+    top, _, left, _ = t.pad
+    return logits[:, :, top:top + t.shape[0], left:left + t.shape[1]]
