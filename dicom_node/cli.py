@@ -3,23 +3,178 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from . import cli_model
+from .config import ConfigError, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
-    p.add_argument("-c", "--config", type=Path, default=None, help="node.toml (default: ./node.toml if present)")
+    p.add_argument("-c", "--config", type=Path, default=None,
+                   help="node.toml (default: $DICOM_NODE_CONFIG, else ./node.toml if present, else built-in defaults)")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the node: DICOM listener, completion scan, worker")
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="counts of series and jobs by state")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    j = sub.add_parser("jobs", help="recent jobs with stage durations, errors and skip reasons")
+    j.add_argument("-n", "--limit", type=int, default=20)
+    j.add_argument("--state", help="only jobs in this state")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+
+    se = sub.add_parser("send", help="send a folder (or files) of DICOM to an AE")
+    se.add_argument("paths", nargs="+", type=Path)
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, required=True)
+    se.add_argument("--aet", default="SEGNODE", help="called AE title")
+    se.add_argument("--calling", default="DICOMNODE", help="our (calling) AE title")
+    se.set_defaults(func=cmd_send)
+
+    e = sub.add_parser("echo", help="C-ECHO an AE (default: this node's listener)")
+    e.add_argument("--host", default="127.0.0.1")
+    e.add_argument("--port", type=int)
+    e.add_argument("--aet", help="called AE title (default: the node's)")
+    e.add_argument("--calling", default="DICOMNODE")
+    e.set_defaults(func=cmd_echo)
+
     cli_model.add_parsers(sub)
     return p
 
 
+def _settings(args):
+    return load_settings(args.config)
+
+
+def cmd_serve(args) -> int:
+    from .service import Node, setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings)
+    Node(settings).serve_forever()
+    return 0
+
+
+def _db(args):
+    from .service import open_storage
+
+    settings = _settings(args)
+    return settings, open_storage(settings)[0]
+
+
+def cmd_status(args) -> int:
+    from storage.queue import counts
+
+    settings, db = _db(args)
+    c = counts(db)
+    if args.json:
+        print(json.dumps(c))
+        return 0
+    print(f"database: {db.url}")
+    print(f"studies: {c['totals']['studies']}   instances: {c['totals']['instances']}")
+    print("series: " + ("  ".join(f"{k} {v}" for k, v in sorted(c["series"].items())) or "none"))
+    print("jobs:   " + ("  ".join(f"{k} {v}" for k, v in sorted(c["jobs"].items())) or "none"))
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from storage.models import Job, Series
+
+    settings, db = _db(args)
+    with db.session() as s:
+        q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
+                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(args.limit))
+        if args.state:
+            q = q.where(Job.state == args.state)
+        jobs = list(s.scalars(q))
+        rows = []
+        for job in jobs:
+            t = json.loads(job.timings or "{}")
+            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+            rows.append({
+                "job": job.id, "state": job.state, "attempts": job.attempts, "rule": job.rule,
+                "study_uid": job.series.study.study_uid, "series_uid": job.series.series_uid,
+                "series": job.series.series_description, "modality": job.series.modality,
+                "instances": job.series.n_instances, "created": job.created_at.isoformat(timespec="seconds"),
+                "total_s": round(total, 2) if total is not None else None, "stages_s": t,
+                "reason": job.reason, "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
+                "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error}
+                               for d in job.deliveries],
+                "seg_series_uid": job.seg_series_uid,
+            })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no jobs yet")
+        return 0
+    for r in rows:
+        stages = " ".join(f"{k}={v:.2f}s" for k, v in r["stages_s"].items())
+        print(f"#{r['job']:<5} {r['state']:<8} {r['modality']:<3} {r['instances']:>4} img  "
+              f"{(r['series'] or '')[:28]:<28} {r['created']}  total={r['total_s']}s attempts={r['attempts']}")
+        if stages:
+            print(f"       stages: {stages}")
+        if r["volumes_cm3"]:
+            print("       volumes: " + ", ".join(f"{k.lower()} {v} cm³" for k, v in r["volumes_cm3"].items()))
+        if r["reason"]:
+            label = "skipped" if r["state"] == "skipped" else "error"
+            print(f"       {label}: {r['reason']}")
+        for d in r["deliveries"]:
+            print(f"       sent to {d['destination']} (attempt {d['attempt']}): {'ok' if d['ok'] else d['error']}")
+    return 0
+
+
+def cmd_send(args) -> int:
+    from .sender import dicom_files, send_items
+
+    files = []
+    for p in args.paths:
+        if p.is_dir():
+            files += dicom_files(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            print(f"error: {p} does not exist", file=sys.stderr)
+            return 2
+    if not files:
+        print("error: no DICOM files found in the given paths", file=sys.stderr)
+        return 2
+    res = send_items(args.host, args.port, args.aet, [str(f) for f in files], calling=args.calling)
+    print(f"sent {res.sent} of {len(files)} files to {args.aet}@{args.host}:{args.port}")
+    for name, why in res.failed[:20]:
+        print(f"  failed: {name}: {why}", file=sys.stderr)
+    return 0 if res.ok else 1
+
+
+def cmd_echo(args) -> int:
+    from .sender import echo
+
+    if args.port is None or args.aet is None:
+        settings = _settings(args)
+        args.port = args.port or settings.scp.port
+        args.aet = args.aet or settings.scp.ae_title
+    ok, msg = echo(args.host, args.port, args.aet, args.calling)
+    print(f"C-ECHO {args.aet}@{args.host}:{args.port}: {'ok' if ok else 'FAILED'} ({msg})")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,317 @@
+"""Typed settings from ``node.toml``, each key overridable by an environment variable.
+
+``DICOM_NODE_<SECTION>_<KEY>`` overrides ``[section] key`` (e.g. ``DICOM_NODE_SCP_PORT=11113``); lists and
+tables are given as JSON (``DICOM_NODE_DESTINATIONS='[{"name": "pacs", ...}]'``). A wrong key, type or value
+stops the node at start with a message naming the key, before it accepts any association.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "DICOM_NODE_"
+
+DEFAULT_TERMS = [
+    "LEG", "LEGS", "LOWER LIMB", "LOWER LIMBS", "LOWER EXTREMITY", "LOWEREXTREMITY", "LOWER EXT", "LOWERLIMB",
+    "THIGH", "KNEE", "HIP", "HIPS", "PELVIS", "FEMUR", "TIBIA", "FIBULA", "CALF", "ANKLE", "EXTREMITY",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key."""
+
+
+@dataclass
+class NodeSettings:
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        _one_of("node.log_level", self.log_level.upper(), {"DEBUG", "INFO", "WARNING", "ERROR"})
+
+
+@dataclass
+class ScpSettings:
+    ae_title: str = "SEGNODE"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    allowed_peers: list[str] = field(default_factory=list)
+    min_free_disk_mb: int = 1024
+    fsync: bool = True
+    max_associations: int = 16
+    network_timeout: int = 60
+
+    def validate(self) -> None:
+        _ae_title("scp.ae_title", self.ae_title)
+        _port("scp.port", self.port)
+        for aet in self.allowed_calling_aets:
+            _ae_title("scp.allowed_calling_aets", aet)
+        for net in self.allowed_peers:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"scp.allowed_peers: {net!r} is not an IP address or network ({exc})") from exc
+        _positive("scp.max_associations", self.max_associations)
+        if self.min_free_disk_mb < 0:
+            raise ConfigError("scp.min_free_disk_mb must be >= 0")
+
+
+@dataclass
+class SeriesSettings:
+    stable_seconds: float = 10.0
+    scan_interval_seconds: float = 2.0
+
+    def validate(self) -> None:
+        _positive("series.stable_seconds", self.stable_seconds)
+        _positive("series.scan_interval_seconds", self.scan_interval_seconds)
+
+
+@dataclass
+class Rule:
+    name: str = "lower-limb MR"
+    modalities: list[str] = field(default_factory=lambda: ["MR"])
+    terms: list[str] = field(default_factory=lambda: list(DEFAULT_TERMS))
+    min_slices: int = 20
+    urgent: bool = False
+
+    def validate(self, key: str = "rules") -> None:
+        if not self.modalities:
+            raise ConfigError(f"{key}.modalities must list at least one modality")
+        if self.min_slices < 1:
+            raise ConfigError(f"{key}.min_slices must be >= 1")
+
+
+@dataclass
+class InferenceSettings:
+    model_path: Path | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    threads: int = 0
+
+    def validate(self) -> None:
+        _positive("inference.batch_size", self.batch_size)
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"inference.device must be auto, cpu or cuda[:N], not {self.device!r}")
+        if self.model_path is not None and not Path(self.model_path).is_file():
+            raise ConfigError(f"inference.model_path: no such file {self.model_path}")
+
+
+@dataclass
+class WorkerSettings:
+    poll_seconds: float = 1.0
+    max_attempts: int = 3
+
+    def validate(self) -> None:
+        _positive("worker.poll_seconds", self.poll_seconds)
+        _positive("worker.max_attempts", self.max_attempts)
+
+
+@dataclass
+class OutputSettings:
+    series_description: str = "AI bone segmentation (automatic)"
+    series_number: int = 9901
+    manufacturer: str = "dicom-seg-node"
+
+    def validate(self) -> None:
+        if len(self.series_description) > 64:
+            raise ConfigError("output.series_description is longer than 64 characters (DICOM LO)")
+
+
+@dataclass
+class Destination:
+    name: str = "pacs"
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    retries: int = 3
+    backoff_seconds: float = 5.0
+    calling_ae_title: str = ""
+
+    def validate(self, key: str = "destinations") -> None:
+        _ae_title(f"{key}.ae_title", self.ae_title)
+        _port(f"{key}.port", self.port)
+        if self.retries < 0:
+            raise ConfigError(f"{key}.retries must be >= 0")
+
+
+@dataclass
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    series: SeriesSettings = field(default_factory=SeriesSettings)
+    rules: list[Rule] = field(default_factory=lambda: [Rule()])
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    source: Path | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.node.database_url or f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+    @property
+    def model_path(self) -> Path:
+        from inference.model import BUNDLED_MODEL
+
+        return Path(self.inference.model_path) if self.inference.model_path else BUNDLED_MODEL
+
+
+# ------------------------------------------------------------------------------------------ validators
+def _ae_title(key: str, v: str) -> None:
+    if not v or len(v) > 16 or "\\" in v or not v.isprintable():
+        raise ConfigError(f"{key}: {v!r} is not a valid AE title (1-16 printable characters, no backslash)")
+
+
+def _port(key: str, v: int) -> None:
+    if not 0 <= v <= 65535:
+        raise ConfigError(f"{key}: {v} is not a TCP port (0-65535)")
+
+
+def _positive(key: str, v: float) -> None:
+    if v <= 0:
+        raise ConfigError(f"{key} must be > 0, got {v}")
+
+
+def _one_of(key: str, v: str, allowed: set[str]) -> None:
+    if v not in allowed:
+        raise ConfigError(f"{key} must be one of {sorted(allowed)}, got {v!r}")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _coerce(key: str, tp, value):
+    """Coerce ``value`` (from TOML or an environment string) to the annotated type, or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(key, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):
+            value = _json(key, value)
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _json(key, value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a path string, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _json(key: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: not valid JSON ({exc})") from None
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{sorted(unknown)[0]} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix) if "key" in obj.validate.__code__.co_varnames else obj.validate()
+    return obj
+
+
+def _env_overrides(data: dict, environ: typing.Mapping[str, str]) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    sections = {f.name: f for f in dataclasses.fields(Settings) if f.name != "source"}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if rest in sections and not dataclasses.is_dataclass(typing.get_type_hints(Settings)[rest]):
+            data[rest] = value  # a list section given as JSON
+            continue
+        for sec in sorted(sections, key=len, reverse=True):
+            if rest.startswith(sec + "_"):
+                data.setdefault(sec, {})
+                if not isinstance(data[sec], dict):
+                    raise ConfigError(f"{name}: section [{sec}] is a list; set {ENV_PREFIX}{sec.upper()} as JSON")
+                data[sec][rest[len(sec) + 1:]] = value
+                break
+        else:
+            raise ConfigError(f"{name}: no such setting (variables look like {ENV_PREFIX}SCP_PORT)")
+    return data
+
+
+def find_config(path: Path | None) -> Path | None:
+    if path is not None:
+        return path
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    return Path("node.toml") if Path("node.toml").is_file() else None
+
+
+def load_settings(path: Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (or ./node.toml, or defaults), apply environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    path = find_config(path)
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _env_overrides(data, {k: v for k, v in environ.items() if k != ENV_PREFIX + "CONFIG"})
+    settings = _build(Settings, data, "")
+    settings.source = path
+    if path is not None and not Path(settings.node.data_dir).is_absolute():
+        # relative paths in a file are relative to the file, so the node behaves the same from any cwd
+        settings.node.data_dir = (Path(path).parent / settings.node.data_dir).resolve()
+    names = [d.name for d in settings.destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError("destinations: names must be unique")
+    return settings

@@ -1,0 +1,113 @@
+"""Deciding which complete series are segmented, and saying why the others are not.
+
+Two checks, in order: the configured rules (modality, lower-limb terms in body part or descriptions,
+minimum slice count), then the geometry (the slices must stack into one volume). Every series that is not
+segmented gets a reason an admin can read in ``dicom-node jobs``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage.models import Instance, Series
+
+from .config import Rule
+
+
+@dataclass
+class Decision:
+    segment: bool
+    reason: str = ""
+    rule: str = ""
+    urgent: bool = False
+    instances: list[Instance] = field(default_factory=list)  # the slices to segment, in stacking order
+
+
+def _has_term(text: str, terms: list[str]) -> str | None:
+    up = re.sub(r"[_^/\-]", " ", text.upper())
+    for term in terms:
+        if re.search(r"(?<![A-Z0-9])" + re.escape(term.upper()) + r"(?![A-Z0-9])", up):
+            return term
+    return None
+
+
+def match_rules(series: Series, study_description: str, rules: list[Rule]) -> tuple[Rule | None, str]:
+    """The first rule the series' headers satisfy (slice count aside), or the reasons none did."""
+    reasons = []
+    for rule in rules:
+        if series.modality.upper() not in {m.upper() for m in rule.modalities}:
+            reasons.append(f"modality {series.modality or 'missing'} not in {rule.modalities}")
+            continue
+        text = " | ".join((series.body_part, study_description, series.series_description))
+        if rule.terms and not _has_term(text, rule.terms):
+            reasons.append("no lower-limb term in body part, study or series description")
+            continue
+        return rule, ""
+    uniq = list(dict.fromkeys(reasons))
+    return None, "; ".join(uniq) if uniq else "no rules configured"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split("\\") if v != ""]
+    except ValueError:
+        return []
+
+
+def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
+    """Order slices into a volume, or say why they do not form one."""
+    images = [i for i in instances if i.rows and i.columns]
+    if not images:
+        return None, "no image instances in the series"
+    if any((i.frames or 1) > 1 for i in images):
+        return None, "multi-frame (e.g. Enhanced MR) series are not segmented by this version"
+    localizers = [i for i in images if "LOCALIZER" in (i.image_type or "").upper()]
+    images = [i for i in images if i not in localizers]
+    if not images:
+        return None, "only localizer images"
+    ori = [tuple(_floats(i.orientation)) for i in images]
+    if any(len(o) != 6 for o in ori):
+        return None, "missing or malformed ImageOrientationPatient"
+    ref = np.asarray(ori[0])
+    if any(np.abs(np.asarray(o) - ref).max() > 1e-3 for o in ori):
+        n = len({tuple(np.round(o, 3)) for o in ori})
+        return None, f"mixed orientations ({n} different ImageOrientationPatient values)"
+    normal = np.cross(ref[:3], ref[3:])
+    if abs(normal[2]) < 0.8:
+        plane = "sagittal" if abs(normal[0]) > abs(normal[1]) else "coronal"
+        return None, f"{plane} slices: the model segments axial slices only"
+    if len({(i.rows, i.columns) for i in images}) > 1:
+        return None, "slices differ in rows/columns"
+    if len({i.pixel_spacing for i in images}) > 1:
+        return None, "slices differ in pixel spacing"
+    if len({i.frame_of_reference_uid for i in images}) > 1:
+        return None, "slices from more than one frame of reference"
+    pos = [_floats(i.position) for i in images]
+    if any(len(p) != 3 for p in pos):
+        return None, "missing or malformed ImagePositionPatient"
+    d = np.asarray(pos) @ normal
+    order = np.argsort(d, kind="stable")
+    d = d[order]
+    if len(d) > 1:
+        gaps = np.diff(d)
+        if (gaps < 1e-3).any():
+            return None, f"{int((gaps < 1e-3).sum())} duplicate slice positions"
+        med = float(np.median(gaps))
+        if np.abs(gaps - med).max() > 0.1 * med + 0.01:
+            return None, f"inconsistent slice spacing ({gaps.min():.2f}–{gaps.max():.2f} mm): gaps or several stations"
+    return [images[k] for k in order], ""
+
+
+def decide(series: Series, study_description: str, instances: list[Instance], rules: list[Rule]) -> Decision:
+    rule, why = match_rules(series, study_description, rules)
+    if rule is None:
+        return Decision(False, why)
+    ordered, why = stack(instances)
+    if ordered is None:
+        return Decision(False, why, rule.name)
+    if len(ordered) < rule.min_slices:
+        return Decision(False, f"{len(ordered)} slices, rule '{rule.name}' needs at least {rule.min_slices}", rule.name)
+    return Decision(True, "", rule.name, rule.urgent, ordered)

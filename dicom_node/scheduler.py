@@ -1,0 +1,66 @@
+"""The periodic work of the node, driven by APScheduler: the completion scan and job dispatch.
+
+Both run in this one process's scheduler (``max_instances=1``, so a slow scan never overlaps itself);
+the database, not the scheduler, says which series and jobs are due, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from storage import queue
+from storage.db import Database
+
+from .config import Settings
+from .pipeline import Pipeline
+from .rules import decide
+
+log = logging.getLogger("dicom_node.scheduler")
+
+
+def completion_scan(settings: Settings, db: Database) -> int:
+    """Judge every series that has been quiet for ``stable_seconds``: queue a job or record why not."""
+    n = 0
+    for series_id in queue.stable_series(db, settings.series.stable_seconds):
+        series, instances = queue.series_instances(db, series_id)
+        d = decide(series, series.study.study_description, instances, settings.rules)
+        job = queue.mark_judged(db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
+                                expected_count=len(instances))
+        if job is not None:
+            n += 1
+            if d.segment:
+                log.info("series %s complete (%d slices): job %s queued", series_id, len(d.instances), job)
+            else:
+                log.info("series %s complete: not segmented: %s", series_id, d.reason)
+    return n
+
+
+class NodeScheduler:
+    def __init__(self, settings: Settings, db: Database, pipeline: Pipeline):
+        self.settings = settings
+        self.db = db
+        self.pipeline = pipeline
+        self.sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+
+    def start(self) -> None:
+        s = self.settings
+        self.sched.add_job(self._scan, "interval", seconds=s.series.scan_interval_seconds, id="completion-scan")
+        self.sched.add_job(self._dispatch, "interval", seconds=s.worker.poll_seconds, id="dispatch")
+        self.sched.start()
+
+    def _scan(self) -> None:
+        try:
+            completion_scan(self.settings, self.db)
+        except Exception:
+            log.exception("completion scan failed")
+
+    def _dispatch(self) -> None:
+        try:
+            self.pipeline.drain()
+        except Exception:
+            log.exception("dispatch failed")
+
+    def stop(self) -> None:
+        self.sched.shutdown(wait=True)

@@ -1,0 +1,188 @@
+"""The DICOM listener: C-ECHO and C-STORE, with caller allowlists, a disk floor and TCP_NODELAY.
+
+One handler per event, as pynetdicom's own apps do. The C-STORE handler writes the encoded bytes it
+received (no pixel decoding), reads the header once for the database, and answers success only after the
+file is on disk and recorded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.queue import Recorder
+
+from .config import Settings
+from .headers import UnreadableData, parse, to_meta
+
+log = logging.getLogger("dicom_node.scp")
+
+#: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
+#: pylibjpeg-openjpeg, pylibjpeg-rle) can decode for inference.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom logs every message, with patient identifiers at debug level: keep that out of our logs."""
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: disable Nagle, or every small PDU waits ~40 ms for the peer's delayed ACK."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:
+        log.debug("TCP_NODELAY not set: %s", exc)
+
+
+class StorageSCP:
+    """Accepts associations and stores what arrives."""
+
+    def __init__(self, settings: Settings, db: Database, store: FileStore):
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.recorder = Recorder(db)
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
+        self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
+        self.server = None
+        self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
+        self._stats_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ handlers
+    def on_requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: reject callers not on the allowlists, with the reason logged."""
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip() if assoc.requestor.primitive else ""
+        address = assoc.requestor.address
+        reason = None
+        if self._aets and calling not in self._aets:
+            reason, diag = f"calling AE title {calling!r} not in scp.allowed_calling_aets", 0x03
+        elif self._networks and not self._peer_allowed(address):
+            reason, diag = f"peer address {address} not in scp.allowed_peers", 0x01
+        if reason:
+            log.warning("association rejected: %s", reason)
+            assoc.acse.send_reject(0x01, 0x01, diag)  # rejected-permanent, service-user
+            assoc.kill()
+
+    def _peer_allowed(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int:
+        try:
+            return self._store(event)
+        except Exception:  # never let one instance take the listener down; never claim success
+            log.exception("C-STORE failed unexpectedly")
+            self._count("refused")
+            return PROCESSING_FAILURE
+
+    def _store(self, event: evt.Event) -> int:
+        req = event.request
+        if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
+            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
+            self._count("refused")
+            return OUT_OF_RESOURCES
+        data = event.encoded_dataset()
+        try:
+            ds = parse(data)
+            if ds.SOPInstanceUID != req.AffectedSOPInstanceUID:
+                raise UnreadableData("SOP Instance UID in the dataset differs from the C-STORE request")
+        except UnreadableData as exc:
+            path = self.store.quarantine_bytes(data, f"{exc} (calling AE {event.assoc.requestor.ae_title})")
+            log.warning("C-STORE refused (0xC000): %s; kept in %s", exc, path.name)
+            self._count("refused")
+            return CANNOT_UNDERSTAND
+        meta = to_meta(ds)
+        if self.recorder.is_known(meta.sop_uid):
+            self._count("duplicates")
+            return SUCCESS  # stored once already: the peer may safely forget it
+        path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
+        try:
+            self.store.write_atomic(path, data)
+        except OSError as exc:
+            log.error("cannot write received instance: %s", exc)
+            self._count("refused")
+            return OUT_OF_RESOURCES
+        new = self.recorder.record(meta, str(path), len(data), event.assoc.requestor.ae_title.strip())
+        self._count("stored" if new else "duplicates")
+        return SUCCESS
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    # ------------------------------------------------------------------------------ server
+    def make_ae(self) -> AE:
+        cfg = self.settings.scp
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs when receiving
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout
+        ae.dimse_timeout = cfg.network_timeout
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        cfg = self.settings.scp
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+        self.ae = self.make_ae()
+        self.server = self.ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.settings.scp.port
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,73 @@
+"""Encoding a label map as a DICOM SEG that viewers display (see ../shared/REFERENCE.md §2).
+
+BINARY, uncompressed; same rows/columns/spacing/orientation and Frame of Reference as the source; every
+frame references its source instance; each segment has a SNOMED CT code, a colour and the algorithm's
+name and version; a new series in the source study whose description says it is automatic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from highdicom.sr.coding import CodedConcept
+
+from inference.labels import CATEGORY_CODE
+from inference.model_card import ModelCard
+
+from . import __version__
+
+
+def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
+    """sRGB (0-255) to CIE L*a*b* (D65), the colour space DICOM's RecommendedDisplayCIELabValue uses."""
+    c = np.asarray(rgb, float) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    L, a, b = 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+    return hd.color.CIELabColor(float(np.clip(L, 0, 100)), float(np.clip(a, -128, 127)), float(np.clip(b, -128, 127)))
+
+
+def build_seg(source: list[Dataset], labels: np.ndarray, card: ModelCard, *, series_description: str,
+              series_number: int, manufacturer: str) -> Dataset | None:
+    """The SEG for ``labels`` (n, rows, cols) over ``source`` (same order); None when no structure was found."""
+    present = [lab for lab in card.labels if (labels == lab.value).any()]
+    if not present:
+        return None
+    algo = hd.AlgorithmIdentificationSequence(
+        name=card.name[:64], family=codes.cid7162.ArtificialIntelligence, version=card.version[:64],
+    )
+    remap = np.zeros(max(lab.value for lab in card.labels) + 1, dtype=np.uint8)
+    descriptions = []
+    for number, lab in enumerate(present, start=1):
+        remap[lab.value] = number
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=lab.name.capitalize(),
+            segmented_property_category=CodedConcept(*CATEGORY_CODE),
+            segmented_property_type=CodedConcept(lab.snomed_code, "SCT", lab.snomed_meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            display_color=rgb_to_cielab(lab.rgb),
+        ))
+    seg = hd.seg.Segmentation(
+        source_images=source,
+        pixel_array=remap[labels],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=f"{card.name} {card.version}"[:64],
+        software_versions=f"dicom-seg-node {__version__}",
+        device_serial_number="0",
+        content_label="BONES",
+        content_description="Automatic segmentation of femur, tibia, fibula and pelvis",
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = series_description[:64]
+    return seg

@@ -1,0 +1,80 @@
+"""``serve``: the listener, the scheduler and the worker in one process, sharing one database."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from storage import queue
+from storage.db import Database
+from storage.filestore import FileStore
+
+from .config import Settings
+from .pipeline import Pipeline
+from .scheduler import NodeScheduler
+from .scp import StorageSCP, quiet_pynetdicom
+
+log = logging.getLogger("dicom_node")
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.node.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_pynetdicom()
+    # APScheduler reports every run at INFO (and a skipped overlapping dispatch as a warning); highdicom logs
+    # each copied module with instance UIDs. Neither helps an admin.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def open_storage(settings: Settings) -> tuple[Database, FileStore]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    db.create_schema()
+    return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
+
+
+class Node:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db, self.store = open_storage(settings)
+        from inference.model_card import read_card
+
+        read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
+        self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor)
+        self.scp = StorageSCP(settings, self.db, self.store)
+        self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
+        self._stopped = threading.Event()
+
+    def _make_predictor(self):
+        from inference.predict import Predictor
+
+        inf = self.settings.inference
+        p = Predictor(self.settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads)
+        log.info("model %s v%s loaded on %s", p.card.name, p.card.version, p.device)
+        return p
+
+    def start(self, preload: bool = True) -> None:
+        n = queue.requeue_stale_running(self.db)
+        if n:
+            log.warning("%d jobs were interrupted by the last shutdown and are queued again", n)
+        self.scp.start()
+        if preload:
+            _ = self.pipeline.predictor
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.scheduler.stop()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopped.set())
+        self.start()
+        print(f"dicom-node listening as {self.settings.scp.ae_title} on {self.settings.scp.bind_address}:"
+              f"{self.scp.port}; data in {self.settings.data_dir}; Ctrl-C to stop", flush=True)
+        self._stopped.wait()
+        log.info("stopping")
+        self.scp.stop()
+        self.scheduler.stop()

@@ -1,0 +1,134 @@
+"""The database schema: what arrived (study → series → instance), what was done with it (jobs), what came out
+(volumes) and where it went (deliveries).
+
+Patient names are not stored: admins find studies by Study Instance UID or accession number, and the
+database then holds less PHI to protect.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """A received series. ``state``: receiving → complete → queued | skipped (then the job takes over)."""
+
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="receiving")
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+    jobs: Mapped[list["Job"]] = relationship(back_populates="series")
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+
+class Instance(Base):
+    """One stored SOP instance, with the header fields the rules and geometry checks need."""
+
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    position: Mapped[str] = mapped_column(String(128), default="")  # ImagePositionPatient, backslash-joined
+    orientation: Mapped[str] = mapped_column(String(160), default="")  # ImageOrientationPatient
+    pixel_spacing: Mapped[str] = mapped_column(String(64), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(String(64), default="")
+    image_type: Mapped[str] = mapped_column(String(128), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+JOB_STATES = ("queued", "running", "sending", "done", "failed", "skipped")
+
+
+class Job(Base):
+    """Segmentation of one series. ``timings`` holds seconds per stage as JSON."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")  # skip reason or last error
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    urgent: Mapped[bool] = mapped_column(default=False)
+    rule: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    timings: Mapped[str] = mapped_column(Text, default="{}")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    device: Mapped[str] = mapped_column(String(32), default="")
+    seg_series_uid: Mapped[str] = mapped_column(String(64), default="")
+    seg_sop_uid: Mapped[str] = mapped_column(String(64), default="")
+    seg_path: Mapped[str] = mapped_column(Text, default="")
+    series: Mapped[Series] = relationship(back_populates="jobs")
+    volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class StructureVolume(Base):
+    __tablename__ = "volumes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    structure: Mapped[str] = mapped_column(String(32))
+    snomed_code: Mapped[str] = mapped_column(String(16), default="")
+    volume_cm3: Mapped[float] = mapped_column(Float)
+    job: Mapped[Job] = relationship(back_populates="volumes")
+
+
+class Delivery(Base):
+    """One attempt to send a job's result to one destination."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    ok: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(32), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    job: Mapped[Job] = relationship(back_populates="deliveries")
