@@ -1,0 +1,180 @@
+"""Shared fixtures: a real node process, a real dcmtk storescp playing the PACS, phantom series on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "storescp")}
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def need_dcmtk() -> None:
+    for path in DCMTK.values():
+        if not Path(path).exists():
+            pytest.fail(f"{path} missing: install Debian's dcmtk (the README's test command does)")
+
+
+class PacsSCP:
+    """dcmtk's storescp, receiving what the node sends."""
+
+    def __init__(self, folder: Path, aet: str = "PACS"):
+        need_dcmtk()
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.port = free_port()
+        self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", str(self.port)],
+                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(0.3)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class NodeProcess:
+    """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
+
+    def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config = self.dir / "node.toml"
+        dest = (f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
+                f'port = {pacs.port}\nretries = 2\nbackoff_seconds = 0.5\n') if pacs else ""
+        self.config.write_text(
+            f'[node]\ndata_dir = "var"\nlog_level = "INFO"\n'
+            f'[scp]\nae_title = "SEGNODE"\nbind_address = "127.0.0.1"\nport = {self.port}\nfsync = false\n'
+            + ("" if "min_free_disk_mb" in extra else "min_free_disk_mb = 1\n") + f'{extra}\n'
+            f'[series]\nstable_seconds = 1.0\nscan_interval_seconds = 0.3\n'
+            f'[worker]\npoll_seconds = 0.3\n' + dest
+        )
+        self.log = self.dir / "node.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), "serve"],
+                                     cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=ENV)
+        if wait_echo:
+            wait_for(self._answers, 90, 0.5, "the node to answer C-ECHO")
+        else:
+            wait_for(lambda: "listening as" in self.log.read_text() or self.proc.poll() is not None, 90, 0.3, "start")
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        r = subprocess.run([DCMTK["echoscu"], "-aet", "GOODSCU", "-aec", "SEGNODE", "127.0.0.1", str(self.port)],
+                           env=ENV, capture_output=True)
+        return r.returncode == 0
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "var"
+
+    def db(self):
+        from storage.db import Database
+
+        return Database(f"sqlite:///{self.data_dir / 'node.db'}")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), *args], cwd=ROOT,
+                              capture_output=True, text=True, env=ENV, timeout=120)
+
+    def jobs(self) -> list[dict]:
+        import json
+
+        r = self.cli("jobs", "--json", "-n", "100")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def wait_job(self, series_uid: str, states=("done", "failed", "skipped"), timeout: float = 120) -> dict:
+        def find():
+            from sqlalchemy import select
+
+            from storage.models import Job, Series
+
+            db = self.db()
+            try:
+                with db.session() as s:
+                    row = s.execute(select(Job.id, Job.state).join(Series).where(Series.series_uid == series_uid)
+                                    .order_by(Job.id.desc())).first()
+            finally:
+                db.dispose()
+            return row if row and row[1] in states else None
+
+        wait_for(find, timeout, 0.3, f"a job for series {series_uid} to reach {states}")
+        return next(j for j in self.jobs() if j["series_uid"] == series_uid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    p = PacsSCP(tmp_path_factory.mktemp("pacs"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, pacs):
+    n = NodeProcess(tmp_path_factory.mktemp("node"), pacs,
+                    extra='allowed_calling_aets = ["GOODSCU", "STORESCU", "DICOMNODE", "ECHOSCU"]')
+    yield n
+    n.stop()
+    assert n.proc.returncode in (0, -15), n.log.read_text()[-3000:]
+
+
+def write_series(folder: Path, seed: int = 1, **kw) -> tuple:
+    """A small phantom series on disk; returns (phantom, paths)."""
+    from inference.phantom import small_series, write_dicom_series
+
+    ph = small_series(seed=seed, n_slices=kw.pop("n_slices", 24), size=kw.pop("size", 128),
+                      legs=kw.pop("legs", "both"))
+    paths = write_dicom_series(ph, folder, seed=seed, **kw)
+    return ph, paths
+
+
+def storescu(port: int, *paths: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    need_dcmtk()
+    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "SEGNODE", "+sd", "127.0.0.1", str(port),
+                           *map(str, paths)], env=ENV, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

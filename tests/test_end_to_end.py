@@ -1,0 +1,137 @@
+"""A lower-limb MR series goes in by C-STORE (dcmtk and pynetdicom), a SEG comes out at a dcmtk storescp.
+
+Everything is real: the node runs as its own process with the bundled model, the peers are dcmtk's tools.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import highdicom as hd
+
+from conftest import storescu, wait_for, write_series
+from dicom_node.rules import stack
+from dicom_node.volume import load_series
+from inference.labels import DEFAULT_LABELS
+from inference.model import BUNDLED_MODEL
+from inference.predict import Predictor
+
+
+def _seg_for(pacs, study_uid: str, series_uid: str):
+    def find():
+        for p in pacs.files():
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            if ds.Modality == "SEG" and ds.StudyInstanceUID == study_uid:
+                refs = {r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence}
+                if series_uid in refs:
+                    return p
+        return None
+
+    return wait_for(find, 60, 0.3, "the SEG at the PACS")
+
+
+def _instances_like_node(paths):
+    """Order the files as the node does (via its own stacking rule) for an independent prediction."""
+    from types import SimpleNamespace
+
+    from dicom_node.headers import to_meta
+
+    items = []
+    for p in paths:
+        m = to_meta(pydicom.dcmread(p, stop_before_pixels=True))
+        items.append(SimpleNamespace(path=str(p), rows=m.rows, columns=m.columns, frames=m.frames,
+                                     image_type=m.image_type, orientation=m.orientation, position=m.position,
+                                     pixel_spacing=m.pixel_spacing, frame_of_reference_uid=m.frame_of_reference_uid))
+    ordered, why = stack(items)
+    assert ordered is not None, why
+    return ordered
+
+
+def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
+    ph, paths = write_series(workdir / "s1", seed=11, order="shuffled")
+    src = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    study_uid, series_uid = src[0].StudyInstanceUID, src[0].SeriesInstanceUID
+
+    r = storescu(node.port, workdir / "s1")
+    assert r.returncode == 0, r.stderr
+    job = node.wait_job(series_uid)
+    assert job["state"] == "done", job
+    for stage in ("load", "preprocess", "predict", "postprocess", "encode", "send"):
+        assert stage in job["stages_s"], job["stages_s"]
+    assert job["deliveries"] and job["deliveries"][-1]["ok"]
+
+    seg = hd.seg.segread(_seg_for(pacs, study_uid, series_uid))
+    # same study and frame of reference, a new series that says it is automatic
+    assert seg.StudyInstanceUID == study_uid
+    assert seg.FrameOfReferenceUID == src[0].FrameOfReferenceUID
+    assert seg.SeriesInstanceUID not in (series_uid,)
+    assert "automatic" in seg.SeriesDescription.lower()
+    assert seg.SegmentationType == "BINARY"
+    # every source instance referenced, by series and per frame
+    referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert referenced == {d.SOPInstanceUID for d in src}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert uid in referenced
+    # geometry equals the source's
+    assert (seg.Rows, seg.Columns) == (src[0].Rows, src[0].Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], [float(v) for v in src[0].PixelSpacing])
+    assert np.allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+                       [float(v) for v in src[0].ImageOrientationPatient])
+    # segments carry SNOMED codes, colours and the algorithm
+    by_code = {lab.snomed_code: lab for lab in DEFAULT_LABELS}
+    seg_label_value = {}
+    for desc in seg.SegmentSequence:
+        code = desc.SegmentedPropertyTypeCodeSequence[0]
+        assert code.CodingSchemeDesignator == "SCT" and code.CodeValue in by_code
+        assert desc.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        assert desc.SegmentAlgorithmType == "AUTOMATIC" and desc.SegmentAlgorithmName
+        assert len(desc.RecommendedDisplayCIELabValue) == 3
+        seg_label_value[int(desc.SegmentNumber)] = by_code[code.CodeValue].value
+
+    # the labels sit where the model's prediction put them: predict the same series here and compare
+    ordered = _instances_like_node(paths)
+    vol = load_series(ordered)
+    pred = Predictor(BUNDLED_MODEL, device="cpu").predict(vol.array, vol.row_dir, vol.col_dir).labels
+    uids = [d.SOPInstanceUID for d in vol.datasets]
+    px = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    got = np.zeros_like(pred)
+    for number, value in seg_label_value.items():
+        got[px == number] = value
+    agreement = float((got == pred).mean())
+    assert agreement > 0.999, agreement
+    # and the prediction is where the bones are (no flip, no shift): ground truth from the phantom
+    truth = ph.labels[[int(round(np.dot(np.asarray(d.ImagePositionPatient, float) - np.asarray(ph.geometry.origin), [0, 0, -1])
+                                  / ph.geometry.slice_thickness)) for d in vol.datasets]]
+    fg = (truth > 0) | (got > 0)
+    assert ((got == truth) & fg).sum() / fg.sum() > 0.6
+
+    # the CLI shows the job with its stage durations
+    out = node.cli("jobs").stdout
+    assert f"#{job['job']}" in out and "predict=" in out and "sent to pacs" in out
+
+
+def test_pynetdicom_send_and_duplicates_stored_once(node, pacs, workdir):
+    ph, paths = write_series(workdir / "s2", seed=12)
+    series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    r = node.cli("send", "--port", str(node.port), "--aet", "SEGNODE", str(workdir / "s2"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = node.cli("send", "--port", str(node.port), "--aet", "SEGNODE", str(paths[0]))  # same instance again
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = node.wait_job(series_uid)
+    assert job["state"] == "done"
+    assert job["instances"] == len(paths)
+    assert set(job["volumes_cm3"]) == {"FEMUR", "TIBIA", "FIBULA", "PELVIS"}
+
+
+def test_dcmtk_echo(node):
+    import subprocess
+
+    from conftest import DCMTK, ENV
+
+    r = subprocess.run([DCMTK["echoscu"], "-aet", "ECHOSCU", "-aec", "SEGNODE", "127.0.0.1", str(node.port)],
+                       env=ENV, capture_output=True)
+    assert r.returncode == 0
+    r = node.cli("echo", "--port", str(node.port), "--aet", "SEGNODE")
+    assert r.returncode == 0 and "ok" in r.stdout
