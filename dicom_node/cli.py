@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from . import cli_model
+from inference.dataset import DatasetError
+from inference.model_card import ModelCardError
+
 from .config import ConfigError, load_settings
 
 
@@ -174,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ModelCardError as exc:
+        print(f"model error: {exc} (set inference.model_path to a checkpoint made by 'dicom-node train')",
+              file=sys.stderr)
+        return 2
+    except DatasetError as exc:
+        print(f"dataset error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -277,7 +277,11 @@ def _env_overrides(data: dict, environ: typing.Mapping[str, str]) -> dict:
                 data.setdefault(sec, {})
                 if not isinstance(data[sec], dict):
                     raise ConfigError(f"{name}: section [{sec}] is a list; set {ENV_PREFIX}{sec.upper()} as JSON")
-                data[sec][rest[len(sec) + 1:]] = value
+                key = rest[len(sec) + 1:]
+                fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Settings)[sec])}
+                if key not in fields:
+                    raise ConfigError(f"{name}: no setting {sec}.{key} (known: {', '.join(sorted(fields))})")
+                data[sec][key] = value
                 break
         else:
             raise ConfigError(f"{name}: no such setting (variables look like {ENV_PREFIX}SCP_PORT)")

@@ -135,3 +135,29 @@ def test_dcmtk_echo(node):
     assert r.returncode == 0
     r = node.cli("echo", "--port", str(node.port), "--aet", "SEGNODE")
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+def test_no_patient_identifiers_in_the_log(node, workdir):
+    _, paths = write_series(workdir / "phi", seed=13, n_slices=3, patient_name="Secret^Person", patient_id="MRN123456")
+    assert storescu(node.port, workdir / "phi").returncode == 0
+    job = node.wait_job(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert job["state"] == "skipped" and "3 slices" in job["reason"]
+    log = node.log.read_text()
+    assert "Secret" not in log and "MRN123456" not in log and "Phantom^Lower^Limb" not in log
+
+
+def test_compressed_series_decode_like_the_original(workdir):
+    """RLE and JPEG-LS lossless input (two of the accepted compressed syntaxes) load to the same volume."""
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    _, paths = write_series(workdir / "c", seed=14, n_slices=3, size=64)
+    ordered = _instances_like_node(paths)
+    ref = load_series(ordered).array
+    for ts in (RLELossless, JPEGLSLossless):
+        for inst in ordered:
+            ds = pydicom.dcmread(inst.path)
+            ds.compress(ts)
+            ds.save_as(workdir / "x.dcm")
+            inst.path = str(workdir / "x.dcm")
+            assert np.array_equal(load_series([inst]).array[0], ref[ordered.index(inst)])
+        ordered = _instances_like_node(paths)

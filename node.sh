@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./node.sh serve   set up (first run only) and start the node on embedded defaults (node.toml)
+#   ./node.sh test    set up (first run only) and run the whole test suite
+# Set-up: a virtual environment in .venv with the package and its dependencies (torch and torchvision
+# come together from the package registry), and, for the tests, dcmtk from Debian when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+
+setup_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  if [ ! -f "$STAMP" ]; then
+    echo "node.sh: installing the node and its dependencies into $VENV (first run: several minutes)" >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    rm -f "$VENV"/.installed-*
+    touch "$STAMP"
+  fi
+}
+
+setup_test_tools() {
+  local missing=()
+  for tool in storescu storescp echoscu; do [ -x "/usr/bin/$tool" ] || missing+=(dcmtk); done
+  [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local pkgs; pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "node.sh: installing Debian packages: $pkgs" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null
+  else
+    echo "node.sh: the tests need Debian packages: $pkgs; run: sudo apt-get install -y $pkgs" >&2
+    exit 1
+  fi
+}
+
+case "${1:-}" in
+  serve)
+    shift
+    setup_python
+    exec "$VENV/bin/dicom-node" -c node.toml serve "$@"
+    ;;
+  test)
+    shift
+    setup_python
+    setup_test_tools
+    export TCP_NODELAY=1
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./node.sh serve | ./node.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

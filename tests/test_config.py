@@ -1,0 +1,69 @@
+"""Configuration: the shipped node.toml loads, environment overrides apply, and errors name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_node_toml_loads_and_every_key_is_commented():
+    s = load_settings(ROOT / "node.toml", environ={})
+    assert s.scp.ae_title == "SEGNODE" and s.scp.port == 11112
+    assert s.rules[0].modalities == ["MR"] and "THIGH" in s.rules[0].terms
+    assert s.database_url.startswith("sqlite:///")
+    lines = (ROOT / "node.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#") and not line.startswith(" "):
+            j = i - 1  # walk up over the keys grouped under one comment
+            while j >= 0 and lines[j].strip() and not lines[j].startswith("#") and not lines[j].startswith("["):
+                j -= 1
+            assert j >= 0 and lines[j].startswith("#"), f"node.toml key without a comment: {line}"
+
+
+def test_environment_overrides_each_key(tmp_path):
+    env = {"DICOM_NODE_SCP_PORT": "11999", "DICOM_NODE_SCP_FSYNC": "false",
+           "DICOM_NODE_SCP_ALLOWED_CALLING_AETS": "A,B",
+           "DICOM_NODE_DESTINATIONS": '[{"name": "x", "ae_title": "X", "host": "10.0.0.1", "port": 104}]',
+           "DICOM_NODE_NODE_DATA_DIR": str(tmp_path)}
+    s = load_settings(ROOT / "node.toml", environ=env)
+    assert s.scp.port == 11999 and s.scp.fsync is False and s.scp.allowed_calling_aets == ["A", "B"]
+    assert [d.name for d in s.destinations] == ["x"] and s.destinations[0].port == 104
+    assert s.data_dir == tmp_path
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[scp]\nport = 70000\n", "scp.port"),
+    ("[scp]\nport = \"abc\"\n", "scp.port"),
+    ("[scp]\nae_title = \"THIS_AE_TITLE_IS_TOO_LONG\"\n", "scp.ae_title"),
+    ("[scp]\nallowed_peers = [\"not-an-ip\"]\n", "scp.allowed_peers"),
+    ("[scp]\nprot = 104\n", "scp.prot"),
+    ("[series]\nstable_seconds = -1\n", "series.stable_seconds"),
+    ("[[destinations]]\nname = \"p\"\nport = \"x\"\n", "destinations[0].port"),
+    ("[inference]\ndevice = \"tpu\"\n", "inference.device"),
+])
+def test_invalid_file_fails_naming_the_key(tmp_path, text, key):
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(p, environ={})
+
+
+def test_bad_environment_variable_is_named():
+    with pytest.raises(ConfigError, match="DICOM_NODE_SCP_PROT"):
+        load_settings(ROOT / "node.toml", environ={"DICOM_NODE_SCP_PROT": "1"})
+
+
+def test_serve_refuses_bad_config_with_a_clear_message(tmp_path):
+    p = tmp_path / "node.toml"
+    p.write_text("[scp]\nport = 99999\n")
+    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(p), "serve"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "configuration error" in r.stderr and "scp.port" in r.stderr

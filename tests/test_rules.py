@@ -1,0 +1,69 @@
+"""Rules and the geometry check: which series are segmented, and the reason for each one that is not."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dicom_node.config import Rule
+from dicom_node.rules import decide, match_rules, stack
+
+
+def series(modality="MR", body="", desc=""):
+    return SimpleNamespace(modality=modality, body_part=body, series_description=desc)
+
+
+def inst(z, ori=(1, 0, 0, 0, 1, 0), rows=64, image_type="ORIGINAL\\PRIMARY", frames=1, spacing="1\\1"):
+    return SimpleNamespace(rows=rows, columns=64, frames=frames, image_type=image_type,
+                           orientation="\\".join(map(str, ori)), position=f"0\\0\\{z}", pixel_spacing=spacing,
+                           frame_of_reference_uid="1.2.3", path="")
+
+
+@pytest.mark.parametrize("body,study,desc,ok", [
+    ("LEG", "", "", True),
+    ("", "MRI LOWER LIMBS", "", True),
+    ("", "", "cor stir left knee", True),
+    ("", "", "AX_T1_Thigh", True),
+    ("LOWEREXTREMITY", "", "", True),
+    ("HEAD", "MRI BRAIN", "AX T2", False),
+    ("", "", "SHIPMENT", False),  # HIP only as a whole word
+])
+def test_lower_limb_terms(body, study, desc, ok):
+    rule, why = match_rules(series(body=body, desc=desc), study, [Rule()])
+    assert (rule is not None) == ok, why
+
+
+def test_modality_reason():
+    rule, why = match_rules(series("CT", "LEG"), "", [Rule()])
+    assert rule is None and "modality CT" in why
+
+
+def test_stack_orders_by_position_and_drops_localizers():
+    items = [inst(z) for z in (9, 3, 6, 0)] + [inst(50, image_type="ORIGINAL\\PRIMARY\\LOCALIZER")]
+    ordered, why = stack(items)
+    assert why == "" and [float(i.position.split("\\")[2]) for i in ordered] == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("items,reason", [
+    ([inst(0), inst(3, ori=(0, 1, 0, 0, 0, -1))], "mixed orientations"),
+    ([inst(z, ori=(0, 1, 0, 0, 0, -1)) for z in range(3)], "sagittal"),
+    ([inst(0), inst(3), inst(3)], "duplicate slice positions"),
+    ([inst(0), inst(3), inst(6), inst(30)], "inconsistent slice spacing"),
+    ([inst(0), inst(3, rows=32)], "rows/columns"),
+    ([inst(0, frames=40)], "multi-frame"),
+])
+def test_geometry_reasons(items, reason):
+    ordered, why = stack(items)
+    assert ordered is None and reason in why
+
+
+def test_min_slices_reason():
+    d = decide(series(body="LEG"), "", [inst(z) for z in range(5)], [Rule(min_slices=20)])
+    assert not d.segment and "5 slices" in d.reason
+
+
+def test_urgent_rule_marks_job_urgent():
+    d = decide(series(body="KNEE"), "", [inst(z) for z in np.arange(30) * 3.0], [Rule(min_slices=20, urgent=True)])
+    assert d.segment and d.urgent and len(d.instances) == 30
