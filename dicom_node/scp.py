@@ -135,9 +135,6 @@ class StorageSCP:
             self._count("refused")
             return CANNOT_UNDERSTAND
         meta = to_meta(ds)
-        if self.recorder.is_known(meta.sop_uid):
-            self._count("duplicates")
-            return SUCCESS  # stored once already: the peer may safely forget it
         path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         try:
             self.store.write_atomic(path, data)
@@ -145,6 +142,8 @@ class StorageSCP:
             log.error("cannot write received instance: %s", exc)
             self._count("refused")
             return OUT_OF_RESOURCES
+        # A re-sent instance lands on the same path (same UIDs) and is recorded once; either way it is on disk
+        # and in the database now, so the peer may forget it.
         new = self.recorder.record(meta, str(path), len(data), event.assoc.requestor.ae_title.strip())
         self._count("stored" if new else "duplicates")
         return SUCCESS

@@ -4,6 +4,7 @@ Layout of a dataset folder (one case = one scan and its masks)::
 
     dicom/<case>/*.dcm                 a DICOM series        } one of these per case
     images/<case>.nii.gz               or a NIfTI scan       }
+    msk_<case>.nii.gz                  or a NIfTI scan named as in the published data }
     labels/<case>.nii.gz               one multi-class mask (values as the label table)   } one of these
     FEMUR/FEMUR_<case>.nii.gz, TIBIA/…, FIBULA/…, PELVIS/…   per-bone binary masks  } per case
 
@@ -52,6 +53,8 @@ def list_cases(root: Path) -> list[str]:
         names |= {p.name for p in (root / "dicom").iterdir() if p.is_dir()}
     if (root / "images").is_dir():
         names |= {_strip(p.name) for p in (root / "images").iterdir() if p.name.endswith((".nii", ".nii.gz"))}
+    # the published layout keeps scans as msk_<N>.nii.gz next to the bone folders
+    names |= {_strip(p.name)[4:] for p in root.glob("msk_*.nii*")}
     if not names:
         raise DatasetError(f"{root}: no cases found (expected dicom/<case>/ or images/<case>.nii.gz)")
     return sorted(names)
@@ -69,9 +72,9 @@ def read_scan(root: Path, case: str) -> sitk.Image:
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(d), ids[0]))
         return reader.Execute()
     for suf in (".nii.gz", ".nii"):
-        p = root / "images" / f"{case}{suf}"
-        if p.exists():
-            return sitk.ReadImage(str(p))
+        for p in (root / "images" / f"{case}{suf}", root / f"msk_{case}{suf}"):
+            if p.exists():
+                return sitk.ReadImage(str(p))
     raise DatasetError(f"case {case}: no scan found")
 
 

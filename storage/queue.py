@@ -11,7 +11,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -45,6 +45,10 @@ class InstanceMeta:
     image_type: str = ""
 
 
+_INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows", "columns", "frames", "position",
+                    "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type")
+
+
 class Recorder:
     """Records received instances; caches study/series ids so a 1000-slice series costs one insert per slice."""
 
@@ -52,6 +56,17 @@ class Recorder:
         self.db = db
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
+        se, jb = Series.__table__, Job.__table__
+        self._insert = insert(Instance.__table__)
+        self._touch = update(se).where(se.c.id == bindparam("sid")).values(
+            n_instances=se.c.n_instances + 1, last_received_at=bindparam("now"))
+        # A new instance reopens a series that was already judged: it must settle again. A job still queued
+        # is withdrawn (it would segment an incomplete series); the next completion makes a new job, so a
+        # late instance produces a fresh result rather than being silently ignored.
+        self._reopen = update(se).where(se.c.id == bindparam("sid"), se.c.state != "receiving").values(
+            state="receiving", completed_at=None)
+        self._withdraw = update(jb).where(jb.c.series_id == bindparam("sid"), jb.c.state == "queued").values(
+            state="skipped", reason="superseded: more instances arrived before it started", finished_at=bindparam("now"))
 
     def is_known(self, sop_uid: str) -> bool:
         with self.db.session() as s:
@@ -73,24 +88,25 @@ class Recorder:
         return False
 
     def _record(self, meta: InstanceMeta, path: str, size: int, calling_aet: str) -> bool:
+        # Hot path (every C-STORE): Core statements built once (see __init__), a plain INSERT relying on the
+        # unique SOP Instance UID for duplicates, and two UPDATEs without a prior SELECT.
         now = utcnow()
-        with self.db.session() as s:
-            if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
-                return False
-            series_id = self._series_ids.get(meta.series_uid)
-            if series_id is None:
+        series_id = self._series_ids.get(meta.series_uid)
+        if series_id is None:
+            with self.db.session() as s:
                 series_id = self._series_id(s, meta)
-            s.add(Instance(
-                sop_uid=meta.sop_uid, series_id=series_id, sop_class_uid=meta.sop_class_uid,
-                transfer_syntax=meta.transfer_syntax, path=path, size=size, instance_number=meta.instance_number,
-                rows=meta.rows, columns=meta.columns, frames=meta.frames, position=meta.position,
-                orientation=meta.orientation, pixel_spacing=meta.pixel_spacing,
-                frame_of_reference_uid=meta.frame_of_reference_uid, image_type=meta.image_type,
-                received_at=now, calling_aet=calling_aet,
-            ))
-            s.execute(update(Series).where(Series.id == series_id).values(
-                n_instances=Series.n_instances + 1, last_received_at=now))
-            self._reopen_if_done(s, series_id)
+        row = {f: getattr(meta, f) for f in _INSTANCE_FIELDS}
+        row.update(sop_uid=meta.sop_uid, series_id=series_id, path=path, size=size, received_at=now, calling_aet=calling_aet)
+        try:
+            with self.db.engine.begin() as conn:
+                conn.execute(self._insert, row)
+                conn.execute(self._touch, {"sid": series_id, "now": now})
+                if conn.execute(self._reopen, {"sid": series_id}).rowcount:
+                    conn.execute(self._withdraw, {"sid": series_id, "now": now})
+        except IntegrityError:
+            if self.is_known(meta.sop_uid):
+                return False
+            raise
         with self._lock:
             self._series_ids[meta.series_uid] = series_id
         return True
@@ -112,20 +128,6 @@ class Recorder:
         s.add(se)
         s.flush()
         return se.id
-
-    @staticmethod
-    def _reopen_if_done(s, series_id: int) -> None:
-        """A new instance for a series that was already judged: wait for it to settle again.
-
-        A job still queued is withdrawn (it would segment an incomplete series); a later completion makes a
-        new job, so a late instance produces a fresh result rather than being silently ignored.
-        """
-        state = s.scalar(select(Series.state).where(Series.id == series_id))
-        if state == "receiving":
-            return
-        s.execute(update(Series).where(Series.id == series_id).values(state="receiving", completed_at=None))
-        s.execute(update(Job).where(Job.series_id == series_id, Job.state == "queued").values(
-            state="skipped", reason="superseded: more instances arrived before it started", finished_at=utcnow()))
 
 
 # ------------------------------------------------------------------------------------------- completion

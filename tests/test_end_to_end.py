@@ -5,6 +5,8 @@ Everything is real: the node runs as its own process with the bundled model, the
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pydicom
 import highdicom as hd
@@ -60,7 +62,10 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
         assert stage in job["stages_s"], job["stages_s"]
     assert job["deliveries"] and job["deliveries"][-1]["ok"]
 
-    seg = hd.seg.segread(_seg_for(pacs, study_uid, series_uid))
+    seg_path = _seg_for(pacs, study_uid, series_uid)
+    v = subprocess.run(["dciodvfy", str(seg_path)], capture_output=True, text=True)
+    assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
+    seg = hd.seg.segread(seg_path)
     # same study and frame of reference, a new series that says it is automatic
     assert seg.StudyInstanceUID == study_uid
     assert seg.FrameOfReferenceUID == src[0].FrameOfReferenceUID

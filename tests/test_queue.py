@@ -1,0 +1,85 @@
+"""The database side of ingest and the queue: stored once, late instances reopen a series, claims are atomic."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import select
+
+from storage import queue
+from storage.db import Database
+from storage.models import Job, Series
+from storage.queue import InstanceMeta, Recorder
+
+
+def meta(i: int, series: str = "1.2.3.1") -> InstanceMeta:
+    return InstanceMeta(sop_uid=f"1.2.3.1.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid="1.2.3",
+                        series_uid=series, modality="MR", body_part="LEG", rows=8, columns=8,
+                        position=f"0\\0\\{i}", orientation="1\\0\\0\\0\\1\\0", pixel_spacing="1\\1")
+
+
+def test_same_instance_is_recorded_once_even_concurrently(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(rec.record(meta(i % 5), "p", 1))) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 5
+    with db.session() as s:
+        assert s.scalar(select(Series.n_instances)) == 5
+
+
+def test_late_instance_withdraws_queued_job_and_reopens_series(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    for i in range(3):
+        rec.record(meta(i), "p", 1)
+    time.sleep(0.05)
+    (sid,) = queue.stable_series(db, 0.01)
+    job = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    assert job is not None
+    assert rec.record(meta(3), "p", 1)
+    with db.session() as s:
+        assert s.get(Series, sid).state == "receiving"
+        j = s.get(Job, job)
+        assert j.state == "skipped" and "superseded" in j.reason
+    # the count guard: a decision made on 3 instances is not applied to a series that now has 4
+    assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=3) is None
+    assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=4) is not None
+
+
+def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    ids = []
+    for k, urgent in enumerate((False, False, True)):
+        rec.record(meta(0, series=f"1.2.3.{10 + k}"), "p", 1)
+        with db.session() as s:
+            sid = s.scalar(select(Series.id).where(Series.series_uid == f"1.2.3.{10 + k}"))
+        ids.append(queue.mark_judged(db, sid, queue=True, reason="", urgent=urgent))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(queue.claim_job(db))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [g for g in got if g is not None]
+    assert sorted(claimed) == sorted(ids)  # each job exactly once
+    db2 = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db2.create_schema()
+    # order: urgent first, then oldest
+    rec2 = Recorder(db2)
+    order = []
+    for k, urgent in enumerate((False, True, False)):
+        rec2.record(meta(0, series=f"9.{k}"), "p", 1)
+        with db2.session() as s:
+            sid = s.scalar(select(Series.id).where(Series.series_uid == f"9.{k}"))
+        order.append(queue.mark_judged(db2, sid, queue=True, reason="", urgent=urgent))
+    assert [queue.claim_job(db2) for _ in range(3)] == [order[1], order[0], order[2]]
