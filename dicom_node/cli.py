@@ -23,6 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the node: DICOM listener, completion scan, worker")
     s.set_defaults(func=cmd_serve)
 
+    w = sub.add_parser("worker", help="run only the job loop (scale-out workers sharing the database)")
+    w.set_defaults(func=cmd_worker)
+
+    sh = sub.add_parser("show", help="a study's or job's timeline, reasons, volumes and files")
+    sh.add_argument("what", help="job number, Study/Series Instance UID, or accession number")
+    sh.set_defaults(func=cmd_show)
+
+    rt = sub.add_parser("retry", help="queue a failed or skipped job again (attempts reset)")
+    rt.add_argument("jobs", nargs="+", type=int)
+    rt.set_defaults(func=cmd_retry)
+
+    rq = sub.add_parser("requeue", help="queue jobs again in bulk")
+    rq.add_argument("--failed", action="store_true", required=True, help="every failed job")
+    rq.set_defaults(func=cmd_requeue)
+
     st = sub.add_parser("status", help="counts of series and jobs by state")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
@@ -62,6 +77,47 @@ def cmd_serve(args) -> int:
     settings = _settings(args)
     setup_logging(settings)
     Node(settings).serve_forever()
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .service import run_worker, setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings)
+    run_worker(settings)
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from storage.queue import requeue
+
+    _, db = _db(args)
+    done = requeue(db, job_ids=args.jobs)
+    for j in args.jobs:
+        print(f"job {j}: {'queued again' if j in done else 'not requeued (running, or no such job)'}")
+    return 0 if set(done) == set(args.jobs) else 1
+
+
+def cmd_requeue(args) -> int:
+    from storage.queue import requeue
+
+    _, db = _db(args)
+    done = requeue(db, failed=True)
+    print(f"{len(done)} failed jobs queued again")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .admin import show
+
+    _, db = _db(args)
+    text = show(db, args.what)
+    if text is None:
+        print(f"nothing found for {args.what!r} (a job number, Study/Series Instance UID or accession number)",
+              file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

@@ -108,12 +108,18 @@ class InferenceSettings:
 
 @dataclass
 class WorkerSettings:
+    enabled: bool = True
     poll_seconds: float = 1.0
     max_attempts: int = 3
+    retry_backoff_seconds: float = 30.0
+    lease_seconds: float = 60.0
 
     def validate(self) -> None:
         _positive("worker.poll_seconds", self.poll_seconds)
         _positive("worker.max_attempts", self.max_attempts)
+        _positive("worker.lease_seconds", self.lease_seconds)
+        if self.retry_backoff_seconds < 0:
+            raise ConfigError("worker.retry_backoff_seconds must be >= 0")
 
 
 @dataclass
@@ -125,6 +131,15 @@ class OutputSettings:
     def validate(self) -> None:
         if len(self.series_description) > 64:
             raise ConfigError("output.series_description is longer than 64 characters (DICOM LO)")
+
+
+@dataclass
+class RetentionSettings:
+    purge_images_after_hours: float = 0.0
+
+    def validate(self) -> None:
+        if self.purge_images_after_hours < 0:
+            raise ConfigError("retention.purge_images_after_hours must be >= 0")
 
 
 @dataclass
@@ -153,6 +168,7 @@ class Settings:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None
 

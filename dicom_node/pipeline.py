@@ -1,20 +1,25 @@
 """One job from queued to delivered: load → preprocess/predict/postprocess → encode → send.
 
-Each stage's duration goes into the job's ``timings`` so ``dicom-node jobs`` shows where time went; each
-send attempt is a row in ``deliveries``. An exception marks the job for retry (with backoff) or failure,
-and never escapes into the scheduler.
+Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table);
+each send attempt is a row in ``deliveries``. While a job runs, a heartbeat renews its lease so that
+another worker takes it over only if this one dies. An exception marks the job for retry (with backoff)
+or failure, and never escapes into the scheduler.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 import traceback
+from pathlib import Path
 
+from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
-from storage import queue
-from storage.models import utcnow
+from storage.models import Job, utcnow
 
 from .config import Settings
 from .rules import stack
@@ -25,13 +30,53 @@ from .volume import load_series
 log = logging.getLogger("dicom_node.pipeline")
 
 
+class LeaseLost(RuntimeError):
+    """Another worker took this job over (our lease expired): stop without touching it."""
+
+
+def worker_id(role: str = "worker") -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class _Heartbeat:
+    """Renews the job's lease every third of the lease period while the job runs."""
+
+    def __init__(self, db: Database, job_id: int, owner: str, lease_seconds: float):
+        self.db, self.job_id, self.owner, self.lease = db, job_id, owner, lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{job_id}")
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            try:
+                if not queue.heartbeat(self.db, self.job_id, self.owner, self.lease):
+                    self.lost.set()
+                    return
+            except Exception:  # a database hiccup: try again at the next beat
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def check(self) -> None:
+        if self.lost.is_set() or not queue.heartbeat(self.db, self.job_id, self.owner, self.lease):
+            raise LeaseLost(f"job {self.job_id} was taken over by another worker")
+
+
 class Pipeline:
-    def __init__(self, settings: Settings, db: Database, store: FileStore, predictor_factory):
+    def __init__(self, settings: Settings, db: Database, store: FileStore, predictor_factory, owner: str | None = None):
         self.settings = settings
         self.db = db
         self.store = store
         self._predictor_factory = predictor_factory
         self._predictor = None
+        self.owner = owner or worker_id()
 
     @property
     def predictor(self):
@@ -41,8 +86,9 @@ class Pipeline:
         return self._predictor
 
     def run_next(self) -> bool:
-        """Run one queued job if there is one; returns whether a job was run."""
-        job_id = queue.claim_job(self.db)
+        """Run one due job if there is one; returns whether a job was run."""
+        w = self.settings.worker
+        job_id = queue.claim_job(self.db, self.owner, w.lease_seconds, w.max_attempts)
         if job_id is None:
             return False
         self.run(job_id)
@@ -56,12 +102,16 @@ class Pipeline:
 
     def run(self, job_id: int) -> None:
         try:
-            self._run(job_id)
+            with _Heartbeat(self.db, job_id, self.owner, self.settings.worker.lease_seconds) as hb:
+                self._run(job_id, hb)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
         except Exception as exc:  # a job failure must not stop the worker
             err = f"{type(exc).__name__}: {exc}"
             log.error("job %s failed: %s", job_id, err)
             log.debug("%s", traceback.format_exc())
-            state = queue.fail_or_retry(self.db, job_id, err, self.settings.worker.max_attempts)
+            w = self.settings.worker
+            state = queue.fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
@@ -69,17 +119,19 @@ class Pipeline:
         queue.add_timing(self.db, job_id, name, now - t0)
         return now
 
-    def _run(self, job_id: int) -> None:
-        from storage.models import Job
-
+    def _run(self, job_id: int, hb: _Heartbeat) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
-            series_id = job.series_id
+            series_id, seg_path = job.series_id, job.seg_path
+        if seg_path and Path(seg_path).is_file():
+            # the result exists (an earlier attempt failed while sending): only the delivery is repeated
+            self._deliver(job_id, seg_path, hb, time.perf_counter())
+            return
         series, instances = queue.series_instances(self.db, series_id)
         t = time.perf_counter()
         ordered, why = stack(instances)
         if ordered is None:  # cannot happen for a job the rules queued, unless files changed since
-            queue.set_state(self.db, job_id, "skipped", reason=why, finished_at=utcnow())
+            queue.set_state(self.db, job_id, "skipped", event_detail=why, reason=why, finished_at=utcnow())
             return
         vol = load_series(ordered)
         t = self._stage(job_id, "load", t)
@@ -99,27 +151,42 @@ class Pipeline:
         seg = build_seg(vol.datasets, pred.labels, card, series_description=out.series_description,
                         series_number=out.series_number, manufacturer=out.manufacturer)
         if seg is None:
-            queue.set_state(self.db, job_id, "done", reason="no bone structure found; nothing sent",
-                            finished_at=utcnow(), model_version=card.version, device=str(predictor.device))
+            queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
+                            reason="no bone structure found; nothing sent", finished_at=utcnow(),
+                            model_version=card.version, device=str(predictor.device))
             return
         path = self.store.result_path(series.study.study_uid, f"SEG_{seg.SOPInstanceUID}.dcm")
         path.parent.mkdir(parents=True, exist_ok=True)
         seg.save_as(path, enforce_file_format=True)
         t = self._stage(job_id, "encode", t)
-        queue.set_state(self.db, job_id, "sending", seg_series_uid=seg.SeriesInstanceUID,
-                        seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
-                        device=str(predictor.device))
-        errors = self._send(job_id, [str(path)])
+        queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID, seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path),
+                        model_version=card.version, device=str(predictor.device))
+        queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
+                    detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
+        self._deliver(job_id, str(path), hb, t)
+        log.info("job %s done: %s", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+
+    def _deliver(self, job_id: int, path: str, hb: _Heartbeat, t: float) -> None:
+        hb.check()  # never send a result whose job another worker has taken over
+        newer = queue.superseded_by(self.db, job_id)
+        if newer is not None:
+            queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
+                            reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
+            return
+        queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in self.settings.destinations))
+        errors = self._send(job_id, [path])
         self._stage(job_id, "send", t)
         if errors:
             raise RuntimeError("delivery failed: " + "; ".join(errors))
-        queue.set_state(self.db, job_id, "done", reason="", finished_at=utcnow())
-        log.info("job %s done: %s", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+        queue.set_state(self.db, job_id, "done", event_detail="", reason="", finished_at=utcnow())
 
     def _send(self, job_id: int, files: list[str]) -> list[str]:
         """Send to every destination, retrying each with exponential backoff; returns what still failed."""
         errors = []
+        done = queue.delivered_to(self.db, job_id)  # a repeated delivery skips destinations that have it
         for dest in self.settings.destinations:
+            if dest.name in done:
+                continue
             for attempt in range(1, dest.retries + 2):
                 started = utcnow()
                 try:

@@ -7,6 +7,7 @@ the database, not the scheduler, says which series and jobs are due, so a restar
 from __future__ import annotations
 
 import logging
+import socket
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -47,8 +48,30 @@ class NodeScheduler:
     def start(self) -> None:
         s = self.settings
         self.sched.add_job(self._scan, "interval", seconds=s.series.scan_interval_seconds, id="completion-scan")
-        self.sched.add_job(self._dispatch, "interval", seconds=s.worker.poll_seconds, id="dispatch")
+        if s.worker.enabled:
+            self.sched.add_job(self._dispatch, "interval", seconds=s.worker.poll_seconds, id="dispatch")
+        self.sched.add_job(self._watchdog, "interval", seconds=max(5.0, s.worker.lease_seconds / 3), id="watchdog")
+        if s.retention.purge_images_after_hours > 0:
+            self.sched.add_job(self._purge, "interval", minutes=10, id="retention-purge")
         self.sched.start()
+
+    def _watchdog(self) -> None:
+        """Jobs of workers on this host that died are released at once; expired leases elsewhere are reported
+        (any worker's next claim takes them)."""
+        try:
+            queue.release_dead_local_leases(self.db, socket.gethostname())
+            for job_id, owner in queue.expired_leases(self.db):
+                log.warning("job %s: lease of %s expired; waiting for a worker to take it over", job_id, owner)
+        except Exception:
+            log.exception("watchdog failed")
+
+    def _purge(self) -> None:
+        try:
+            n = queue.purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours)
+            if n:
+                log.info("retention: removed %d stored images of delivered series", n)
+        except Exception:
+            log.exception("retention purge failed")
 
     def _scan(self) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 
 from storage import queue
@@ -11,7 +12,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 
 from .config import Settings
-from .pipeline import Pipeline
+from .pipeline import Pipeline, worker_id
 from .scheduler import NodeScheduler
 from .scp import StorageSCP, quiet_pynetdicom
 
@@ -41,7 +42,7 @@ class Node:
         from inference.model_card import read_card
 
         read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
-        self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor)
+        self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
         self._stopped = threading.Event()
@@ -55,9 +56,9 @@ class Node:
         return p
 
     def start(self, preload: bool = True) -> None:
-        n = queue.requeue_stale_running(self.db)
+        n = queue.release_dead_local_leases(self.db, socket.gethostname())
         if n:
-            log.warning("%d jobs were interrupted by the last shutdown and are queued again", n)
+            log.warning("%d jobs were interrupted by the last shutdown and will be taken again", n)
         self.scp.start()
         if preload:
             _ = self.pipeline.predictor
@@ -78,3 +79,23 @@ class Node:
         log.info("stopping")
         self.scp.stop()
         self.scheduler.stop()
+
+
+def run_worker(settings: Settings) -> None:
+    """``dicom-node worker``: only the job loop, for scale-out. Workers on any machine that share the
+    database claim jobs with row locks; the images must be reachable at the same paths (shared storage)."""
+    db, store = open_storage(settings)
+    from inference.model_card import read_card
+
+    read_card(settings.model_path)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node = Node.__new__(Node)  # reuse the predictor factory without opening a listener
+    node.settings = settings
+    pipeline = Pipeline(settings, db, store, node._make_predictor, worker_id("worker"))
+    _ = pipeline.predictor
+    print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
+    while not stop.is_set():
+        if not pipeline.run_next():
+            stop.wait(settings.worker.poll_seconds)

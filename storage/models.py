@@ -103,9 +103,29 @@ class Job(Base):
     seg_series_uid: Mapped[str] = mapped_column(String(64), default="")
     seg_sop_uid: Mapped[str] = mapped_column(String(64), default="")
     seg_path: Mapped[str] = mapped_column(Text, default="")
-    series: Mapped[Series] = relationship(back_populates="jobs")
+    # lease: the worker holding a running job renews it by heartbeat; an expired lease means the worker died
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # set when later instances made this job's result out of date; points at the job that replaces it
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    series: Mapped[Series] = relationship(back_populates="jobs", foreign_keys=[series_id])
     volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class Event(Base):
+    """One step in a study's life (received, complete, queued, running, encoded, sending, delivered, skipped,
+    failed, retried, superseded, ...), timestamped: the timeline ``dicom-node show`` prints."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), nullable=True, index=True)
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"), nullable=True, index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 class StructureVolume(Base):

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import Delivery, Instance, Job, Series, StructureVolume, Study, utcnow
+from .models import Delivery, Event, Instance, Job, Series, StructureVolume, Study, utcnow
 
 
 @dataclass
@@ -127,6 +127,7 @@ class Recorder:
                     series_number=meta.series_number)
         s.add(se)
         s.flush()
+        add_event(s, "received", series_id=se.id, study_id=study_id, detail="first instance")
         return se.id
 
 
@@ -146,12 +147,26 @@ def series_instances(db: Database, series_id: int) -> tuple[Series, list[Instanc
         return se, insts
 
 
+def add_event(s, kind: str, *, series_id: int | None = None, job_id: int | None = None, study_id: int | None = None,
+              detail: str = "", at: dt.datetime | None = None) -> None:
+    """Append one timeline event (inside the caller's transaction, so state and event agree)."""
+    if study_id is None and series_id is not None:
+        study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
+    s.add(Event(kind=kind, study_id=study_id, series_id=series_id, job_id=job_id, detail=detail[:2000], at=at or utcnow()))
+
+
+def event(db: Database, kind: str, **kw) -> None:
+    with db.session() as s:
+        add_event(s, kind, **kw)
+
+
 def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule: str = "", urgent: bool = False,
                 expected_count: int | None = None) -> int | None:
     """Close a complete series: create a queued job, or a skipped one carrying the reason.
 
     ``expected_count`` guards against an instance that arrived while the rules were evaluated: if the count
-    changed, nothing is decided now and the series stays open.
+    changed, nothing is decided now and the series stays open. A job that already produced (or is producing)
+    a result for this series is marked superseded by the new one.
     """
     now = utcnow()
     with db.session() as s:
@@ -165,29 +180,80 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
                   rule=rule, urgent=urgent, created_at=now, finished_at=None if queue else now)
         s.add(job)
         s.flush()
+        add_event(s, "complete", series_id=series_id, job_id=job.id, detail=f"{expected_count or ''} instances", at=now)
+        add_event(s, "queued" if queue else "skipped", series_id=series_id, job_id=job.id,
+                  detail=("urgent" if urgent else "") if queue else reason, at=now)
+        if queue:
+            older = s.scalars(select(Job).where(Job.series_id == series_id, Job.id != job.id, Job.superseded_by.is_(None),
+                                                Job.state.in_(("running", "sending", "done")))).all()
+            for old in older:
+                old.superseded_by = job.id
+                add_event(s, "superseded", series_id=series_id, job_id=old.id,
+                          detail=f"later instances arrived; job {job.id} makes a new result")
         return job.id
 
 
 # ------------------------------------------------------------------------------------------- jobs
-def claim_job(db: Database) -> int | None:
-    """Take the next queued job (urgent first, then oldest) atomically; None when the queue is empty."""
+def claim_job(db: Database, owner: str = "", lease_seconds: float = 60.0, max_attempts: int = 3) -> int | None:
+    """Take the next due job atomically: urgent first, then oldest; None when nothing is due.
+
+    Due means queued (and past its backoff), or running/sending with an expired lease (its worker died).
+    On PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never
+    wait for or take the same job; on SQLite the single writer serialises the compare-and-set update.
+    """
     now = utcnow()
-    with db.session() as s:
-        candidates = s.scalars(
-            select(Job.id).where(Job.state == "queued", (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now))
-            .order_by(Job.urgent.desc(), Job.created_at, Job.id).limit(5)
-        ).all()
-        for jid in candidates:
-            res = s.execute(update(Job).where(Job.id == jid, Job.state == "queued").values(
-                state="running", started_at=now, attempts=Job.attempts + 1))
+    due = ((Job.state == "queued") & (Job.next_attempt_at.is_(None) | (Job.next_attempt_at <= now))) | (
+        Job.state.in_(("running", "sending")) & (Job.lease_expires_at < now))
+    q = select(Job.id, Job.state, Job.attempts, Job.series_id).where(due).order_by(
+        Job.urgent.desc(), Job.created_at, Job.id).limit(1)
+    if db.engine.dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    for _ in range(5):
+        with db.session() as s:
+            row = s.execute(q).first()
+            if row is None:
+                return None
+            jid, state, attempts, series_id = row
+            if state != "queued" and attempts >= max_attempts:
+                s.execute(update(Job).where(Job.id == jid, Job.state == state).values(
+                    state="failed", finished_at=now, lease_owner="",
+                    reason=f"dead-lettered: its worker stopped during {attempts} attempts (lease expired)"))
+                add_event(s, "failed", series_id=series_id, job_id=jid, detail="lease expired; attempts used up")
+                continue
+            res = s.execute(update(Job).where(Job.id == jid, Job.state == state).values(
+                state="running", started_at=now, attempts=Job.attempts + 1, lease_owner=owner,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds), heartbeat_at=now))
             if res.rowcount == 1:
+                detail = f"attempt {attempts + 1} by {owner}" + ("" if state == "queued" else " (previous worker's lease expired)")
+                add_event(s, "running", series_id=series_id, job_id=jid, detail=detail, at=now)
                 return jid
     return None
 
 
-def set_state(db: Database, job_id: int, state: str, **values) -> None:
+def heartbeat(db: Database, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend our lease; False if the job is no longer ours (lease expired and taken, or finished)."""
+    now = utcnow()
+    with db.session() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                          Job.state.in_(("running", "sending"))).values(
+            heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_seconds)))
+        return res.rowcount == 1
+
+
+def superseded_by(db: Database, job_id: int) -> int | None:
+    with db.session() as s:
+        return s.scalar(select(Job.superseded_by).where(Job.id == job_id))
+
+
+def set_state(db: Database, job_id: int, state: str, event_detail: str | None = None, **values) -> None:
+    """Change a job's state; ``event_detail`` (even empty) also records it on the timeline."""
+    if state in ("done", "failed", "skipped"):
+        values.setdefault("lease_owner", "")
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state=state, **values))
+        if event_detail is not None:
+            add_event(s, {"done": "delivered"}.get(state, state), series_id=s.get(Job, job_id).series_id,
+                      job_id=job_id, detail=event_detail)
 
 
 def add_timing(db: Database, job_id: int, stage: str, seconds: float) -> None:
@@ -212,25 +278,96 @@ def record_delivery(db: Database, job_id: int, destination: str, attempt: int, o
 
 
 def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, backoff_seconds: float = 30.0) -> str:
-    """After an error: back to the queue with exponential backoff, or failed when attempts are used up."""
+    """After an error: back to the queue with exponential backoff, or failed (dead letter) when attempts are used up."""
     with db.session() as s:
         job = s.get(Job, job_id)
+        job.lease_owner = ""
         if job.attempts < max_attempts:
             job.state = "queued"
-            job.next_attempt_at = utcnow() + dt.timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))
+            wait = backoff_seconds * 2 ** (job.attempts - 1)
+            job.next_attempt_at = utcnow() + dt.timedelta(seconds=wait)
+            add_event(s, "retry", series_id=job.series_id, job_id=job_id, detail=f"in {wait:.0f} s after: {error}")
         else:
             job.state = "failed"
             job.finished_at = utcnow()
+            add_event(s, "failed", series_id=job.series_id, job_id=job_id, detail=f"after {job.attempts} attempts: {error}")
         job.reason = error[:4000]
         return job.state
 
 
-def requeue_stale_running(db: Database) -> int:
-    """At start-up: jobs left 'running'/'sending' by a previous process that died go back to the queue."""
+def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False) -> list[int]:
+    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``), attempts reset."""
     with db.session() as s:
-        res = s.execute(update(Job).where(Job.state.in_(("running", "sending"))).values(
-            state="queued", reason="requeued: the node stopped while this job ran"))
-        return res.rowcount
+        q = select(Job)
+        if job_ids is not None:
+            q = q.where(Job.id.in_(job_ids))
+        if failed:
+            q = q.where(Job.state == "failed")
+        jobs = s.scalars(q).all()
+        for job in jobs:
+            if job.state in ("running", "sending"):
+                continue
+            job.state, job.attempts, job.next_attempt_at, job.finished_at, job.lease_owner = "queued", 0, None, None, ""
+            add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail="by an admin")
+        return [j.id for j in jobs if j.state == "queued"]
+
+
+def release_dead_local_leases(db: Database, host: str) -> int:
+    """Expire at once the leases of processes on this host that no longer exist (a crash or reboot), so
+    their jobs are taken again without waiting for the lease to run out. Owners look like host:pid:role."""
+    import os
+
+    now = utcnow()
+    released = 0
+    with db.session() as s:
+        for job in s.scalars(select(Job).where(Job.state.in_(("running", "sending")), Job.lease_owner.like(f"{host}:%"))):
+            try:
+                pid = int(job.lease_owner.split(":")[1])
+                os.kill(pid, 0)
+                continue  # still alive
+            except ProcessLookupError:
+                pass
+            except (ValueError, IndexError, PermissionError):
+                continue
+            job.lease_expires_at = now
+            add_event(s, "lease-expired", series_id=job.series_id, job_id=job.id, detail=f"{job.lease_owner} is gone")
+            released += 1
+    return released
+
+
+def expired_leases(db: Database) -> list[tuple[int, str]]:
+    with db.session() as s:
+        return list(s.execute(select(Job.id, Job.lease_owner).where(
+            Job.state.in_(("running", "sending")), Job.lease_expires_at < utcnow())).all())
+
+
+def purge_delivered_images(db: Database, hours: float) -> int:
+    """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago."""
+    import os
+
+    cutoff = utcnow() - dt.timedelta(hours=hours)
+    removed = 0
+    with db.session() as s:
+        newest = select(Job.series_id, func.max(Job.id).label("jid")).group_by(Job.series_id).subquery()
+        rows = s.execute(select(Job.series_id).join(newest, newest.c.jid == Job.id).where(
+            Job.state == "done", Job.finished_at < cutoff)).scalars().all()
+        for series_id in rows:
+            insts = s.scalars(select(Instance).where(Instance.series_id == series_id, Instance.path != "")).all()
+            for inst in insts:
+                try:
+                    os.remove(inst.path)
+                except FileNotFoundError:
+                    pass
+                inst.path = ""
+                removed += 1
+            if insts:
+                add_event(s, "purged", series_id=series_id, detail=f"{len(insts)} images removed (retention)")
+    return removed
+
+
+def delivered_to(db: Database, job_id: int) -> set[str]:
+    with db.session() as s:
+        return set(s.scalars(select(Delivery.destination).where(Delivery.job_id == job_id, Delivery.ok.is_(True))))
 
 
 def counts(db: Database) -> dict[str, dict[str, int]]:

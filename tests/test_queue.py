@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from storage import queue
 from storage.db import Database
-from storage.models import Job, Series
+from storage.models import Event, Job, Series
 from storage.queue import InstanceMeta, Recorder
 
 
@@ -83,3 +83,25 @@ def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
             sid = s.scalar(select(Series.id).where(Series.series_uid == f"9.{k}"))
         order.append(queue.mark_judged(db2, sid, queue=True, reason="", urgent=urgent))
     assert [queue.claim_job(db2) for _ in range(3)] == [order[1], order[0], order[2]]
+
+
+def test_rerun_after_late_instances_supersedes_the_delivered_result(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    for i in range(3):
+        rec.record(meta(i), "p", 1)
+    time.sleep(0.02)
+    (sid,) = queue.stable_series(db, 0.01)
+    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    assert queue.claim_job(db, "w1") == first
+    queue.set_state(db, first, "done", event_detail="")
+    rec.record(meta(0), "p", 1)  # identical re-send: no new job, series stays judged
+    assert queue.stable_series(db, 0.0) == []
+    rec.record(meta(7), "p", 1)  # a genuinely new instance reopens it
+    time.sleep(0.02)
+    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=4)
+    with db.session() as s:
+        assert s.get(Job, first).superseded_by == second
+        kinds = [e.kind for e in s.scalars(select(Event).where(Event.series_id == sid).order_by(Event.id))]
+    assert kinds == ["received", "complete", "queued", "running", "delivered", "complete", "queued", "superseded"]

@@ -1,0 +1,59 @@
+"""What admins read: a study's timeline with the duration of each stage (``dicom-node show``)."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import or_, select
+
+from storage.db import Database
+from storage.models import Delivery, Event, Instance, Job, Series, StructureVolume, Study
+
+
+def _fmt_dur(seconds: float) -> str:
+    return f"{seconds:.2f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+
+
+def show(db: Database, what: str) -> str | None:
+    with db.session() as s:
+        study = None
+        if what.isdigit() and s.get(Job, int(what)) is not None:
+            study = s.get(Job, int(what)).series.study
+        if study is None:
+            study = s.scalar(select(Study).where(or_(Study.study_uid == what, Study.accession_number == what)))
+        if study is None:
+            se = s.scalar(select(Series).where(Series.series_uid == what))
+            study = se.study if se else None
+        if study is None:
+            return None
+        out = [f"study {study.study_uid}  accession {study.accession_number or '-'}  {study.study_description}"]
+        for se in s.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)):
+            n_files = s.scalar(select(Instance.id).where(Instance.series_id == se.id, Instance.path != "").limit(1))
+            out.append(f"\nseries {se.series_uid}  {se.modality} #{se.series_number} '{se.series_description}'  "
+                       f"{se.n_instances} instances  state {se.state}")
+            if n_files:
+                folder = s.scalar(select(Instance.path).where(Instance.series_id == se.id, Instance.path != "").limit(1))
+                out.append(f"  files: {folder.rsplit('/', 1)[0]}/")
+            events = s.scalars(select(Event).where(Event.series_id == se.id).order_by(Event.at, Event.id)).all()
+            prev = None
+            out.append("  timeline:")
+            for ev in events:
+                dur = f"+{_fmt_dur((ev.at - prev).total_seconds())}" if prev else ""
+                job = f"job {ev.job_id}" if ev.job_id else ""
+                out.append(f"    {ev.at.isoformat(sep=' ', timespec='milliseconds')}  {dur:>10}  {ev.kind:<13} {job:<8} {ev.detail}")
+                prev = ev.at
+            for job in s.scalars(select(Job).where(Job.series_id == se.id).order_by(Job.id)):
+                t = json.loads(job.timings or "{}")
+                out.append(f"  job {job.id}: {job.state}, attempts {job.attempts}"
+                           + (f", superseded by job {job.superseded_by}" if job.superseded_by else "")
+                           + (f", reason: {job.reason}" if job.reason else ""))
+                if t:
+                    out.append("    stages: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()))
+                vols = s.scalars(select(StructureVolume).where(StructureVolume.job_id == job.id)).all()
+                if vols:
+                    out.append("    volumes: " + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
+                if job.seg_path:
+                    out.append(f"    result: {job.seg_path} (SEG series {job.seg_series_uid})")
+                for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):
+                    out.append(f"    delivery to {d.destination}, attempt {d.attempt}: {'ok' if d.ok else d.error}")
+        return "\n".join(out)
