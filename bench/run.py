@@ -99,7 +99,7 @@ class NodeProc:
             f'[node]\ndata_dir = "var"\nlog_level = "WARNING"\n[scp]\nbind_address = "127.0.0.1"\nport = {self.port}\n'
             f'fsync = {"true" if fsync else "false"}\nmin_free_disk_mb = 1\n'
             f'[series]\nstable_seconds = {stable}\nscan_interval_seconds = 0.2\n[worker]\npoll_seconds = 0.2\n'
-            f'[[rules]]\nmin_slices = 2\n' + dest)
+            f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest)
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(workdir / "node.toml"), "serve"],
                                      cwd=ROOT, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"), stderr=subprocess.STDOUT)
         wait_port(self.port, 120)

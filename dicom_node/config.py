@@ -134,6 +134,24 @@ class OutputSettings:
 
 
 @dataclass
+class WebSettings:
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
+
+    def validate(self) -> None:
+        _port("web.port", self.port)
+        try:
+            loopback = ipaddress.ip_address(self.bind_address).is_loopback
+        except ValueError:
+            loopback = self.bind_address == "localhost"
+        if self.enabled and not loopback and len(self.token) < 16:
+            raise ConfigError("web.token: a token of at least 16 characters is required when web.bind_address "
+                              f"({self.bind_address}) is not a loopback address")
+
+
+@dataclass
 class RetentionSettings:
     purge_images_after_hours: float = 0.0
 
@@ -169,6 +187,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None
 

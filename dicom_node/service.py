@@ -45,6 +45,12 @@ class Node:
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
+        self.web = None
+        if settings.web.enabled:
+            from .web import WebServer, create_app
+
+            app = create_app(settings, self.db, self.scp.stats, lambda: self.scp.server is not None)
+            self.web = WebServer(app, settings.web.bind_address, settings.web.port)
         self._stopped = threading.Event()
 
     def _make_predictor(self):
@@ -63,10 +69,14 @@ class Node:
         if preload:
             _ = self.pipeline.predictor
         self.scheduler.start()
+        if self.web:
+            self.web.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.scheduler.stop()
+        if self.web:
+            self.web.stop()
         self._stopped.set()
 
     def serve_forever(self) -> None:
@@ -75,10 +85,11 @@ class Node:
         self.start()
         print(f"dicom-node listening as {self.settings.scp.ae_title} on {self.settings.scp.bind_address}:"
               f"{self.scp.port}; data in {self.settings.data_dir}; Ctrl-C to stop", flush=True)
+        if self.web:
+            print(f"dashboard on http://{self.settings.web.bind_address}:{self.settings.web.port}/", flush=True)
         self._stopped.wait()
         log.info("stopping")
-        self.scp.stop()
-        self.scheduler.stop()
+        self.stop()
 
 
 def run_worker(settings: Settings) -> None:

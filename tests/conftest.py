@@ -63,10 +63,12 @@ class PacsSCP:
 class NodeProcess:
     """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
 
-    def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True):
+    def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
+                 worker: str = "", web: str = ""):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.web_port = free_port()
         self.config = self.dir / "node.toml"
         dest = (f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
                 f'port = {pacs.port}\nretries = 2\nbackoff_seconds = 0.5\n') if pacs else ""
@@ -75,7 +77,7 @@ class NodeProcess:
             f'[scp]\nae_title = "SEGNODE"\nbind_address = "127.0.0.1"\nport = {self.port}\nfsync = false\n'
             + ("" if "min_free_disk_mb" in extra else "min_free_disk_mb = 1\n") + f'{extra}\n'
             f'[series]\nstable_seconds = 1.0\nscan_interval_seconds = 0.3\n'
-            f'[worker]\npoll_seconds = 0.3\n' + dest
+            f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest
         )
         self.log = self.dir / "node.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), "serve"],

@@ -1,0 +1,380 @@
+"""The admin dashboard, its JSON API, Prometheus ``/metrics`` and ``/healthz`` (FastAPI, served by uvicorn
+inside ``dicom-node serve``).
+
+Bound to localhost by default; on any other address a token is required (``web.token``), given as a
+``Authorization: Bearer`` header or once as ``?token=`` (then kept in a cookie). The page is rendered on the
+server with inline SVG charts: nothing is fetched from the internet, which hospital networks block anyway.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import ipaddress
+import json
+import shutil
+import statistics
+import threading
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from storage import queue
+from storage.db import Database
+from storage.models import Event, Job, Series, utcnow
+
+from .config import Settings
+
+STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
+STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "sending": "#6610f2", "done": "#198754",
+                 "failed": "#dc3545", "skipped": "#adb5bd"}
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
+# ------------------------------------------------------------------------------------------- data
+def job_rows(db: Database, limit: int = 50, state: str | None = None) -> list[dict]:
+    with db.session() as s:
+        q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
+                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit))
+        if state:
+            q = q.where(Job.state == state)
+        rows = []
+        for job in s.scalars(q):
+            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+            rows.append({
+                "job": job.id, "state": job.state, "attempts": job.attempts, "urgent": job.urgent,
+                "study_uid": job.series.study.study_uid, "accession": job.series.study.accession_number,
+                "series_uid": job.series.series_uid, "series": job.series.series_description,
+                "modality": job.series.modality, "instances": job.series.n_instances,
+                "created": job.created_at.isoformat(timespec="seconds"), "total_s": total,
+                "stages_s": json.loads(job.timings or "{}"), "reason": job.reason,
+                "superseded_by": job.superseded_by,
+                "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
+                "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error,
+                                "at": d.started_at.isoformat(timespec="seconds")} for d in job.deliveries],
+                "seg_series_uid": job.seg_series_uid, "has_result": bool(job.seg_path),
+            })
+        return rows
+
+
+def job_timeline(db: Database, job_id: int) -> list[dict]:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return []
+        evs = s.scalars(select(Event).where(Event.series_id == job.series_id).order_by(Event.at, Event.id)).all()
+        return [{"at": e.at.isoformat(timespec="milliseconds"), "kind": e.kind, "job": e.job_id, "detail": e.detail}
+                for e in evs]
+
+
+def hourly(db: Database, hours: int = 24) -> list[dict]:
+    """Per hour over the last ``hours``: jobs finished, and the median/95th percentile job duration."""
+    since = utcnow() - dt.timedelta(hours=hours)
+    with db.session() as s:
+        rows = s.execute(select(Job.finished_at, Job.started_at).where(Job.state == "done", Job.finished_at >= since)).all()
+    buckets: dict[int, list[float]] = {h: [] for h in range(hours)}
+    for fin, start in rows:
+        h = int((fin - since).total_seconds() // 3600)
+        if 0 <= h < hours and start:
+            buckets[h].append((fin - start).total_seconds())
+    out = []
+    for h in range(hours):
+        d = sorted(buckets[h])
+        out.append({"hour": (since + dt.timedelta(hours=h)).strftime("%H:00"), "done": len(d),
+                    "p50_s": statistics.median(d) if d else None,
+                    "p95_s": d[min(len(d) - 1, int(round(0.95 * (len(d) - 1))))] if d else None})
+    return out
+
+
+def disk(settings: Settings) -> dict:
+    u = shutil.disk_usage(settings.data_dir)
+    incoming = settings.data_dir / "incoming"
+    used = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
+    return {"total_bytes": u.total, "free_bytes": u.free, "stored_images_bytes": used,
+            "floor_bytes": settings.scp.min_free_disk_mb * 1_000_000}
+
+
+# ------------------------------------------------------------------------------------------- rendering
+def svg_bars(values: list[float | None], labels: list[str], colour: str, unit: str, w: int = 560, h: int = 140) -> str:
+    vals = [v or 0 for v in values]
+    top = max(vals + [1e-9])
+    bw = w / max(len(vals), 1)
+    parts = [f'<svg viewBox="0 0 {w} {h + 20}" width="{w}" height="{h + 20}" role="img">']
+    for i, (v, lab) in enumerate(zip(vals, labels)):
+        bh = (h - 10) * v / top
+        parts.append(f'<rect x="{i * bw + 1:.1f}" y="{h - bh:.1f}" width="{bw - 2:.1f}" height="{bh:.1f}" fill="{colour}">'
+                     f'<title>{lab}: {v:.2f} {unit}</title></rect>')
+        if i % 4 == 0:
+            parts.append(f'<text x="{i * bw:.1f}" y="{h + 14}" font-size="10">{lab}</text>')
+    parts.append(f'<text x="{w - 4}" y="10" font-size="10" text-anchor="end">max {top:.1f} {unit}</text></svg>')
+    return "".join(parts)
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>dicom-seg-node</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse;width:100%}}
+td,th{{border-bottom:1px solid #ddd;padding:3px 6px;font-size:13px;text-align:left;vertical-align:top}}
+.card{{display:inline-block;padding:8px 14px;margin:0 8px 8px 0;border-radius:6px;color:#fff;min-width:80px}}
+.n{{font-size:22px;font-weight:600}} h2{{margin-top:1.4em}} .err{{color:#b02a37}} button{{cursor:pointer}}</style>
+</head><body><h1>dicom-seg-node <small style="font-size:14px;color:#666">{ae} · {now} UTC</small></h1>
+{body}
+<script>
+async function retry(id){{const r=await fetch('api/jobs/'+id+'/retry',{{method:'POST',credentials:'same-origin'}});
+ document.getElementById('r'+id).textContent = r.ok ? 'queued again' : 'retry refused';}}
+setTimeout(()=>location.reload(), 15000);
+</script></body></html>"""
+
+
+def esc(v) -> str:
+    return html.escape(str(v if v is not None else ""))
+
+
+def render_dashboard(settings: Settings, db: Database) -> str:
+    c = queue.counts(db)
+    cards = "".join(f'<div class="card" style="background:{STATE_COLOURS.get(k, "#444")}" id="state-{k}">'
+                    f'<div class="n">{c["jobs"].get(k, 0)}</div>{k}</div>' for k in STATE_COLOURS)
+    jobs = job_rows(db, 30)
+    rows = []
+    for j in jobs:
+        stages = " ".join(f"{k} {j['stages_s'][k]:.2f}s" for k in STAGES if k in j["stages_s"])
+        vols = ", ".join(f"{k.lower()} {v}" for k, v in j["volumes_cm3"].items())
+        total = "" if j["total_s"] is None else f"{j['total_s']:.1f}s"
+        rows.append(f'<tr class="job" data-state="{j["state"]}"><td><a href="jobs/{j["job"]}">#{j["job"]}</a></td>'
+                    f'<td style="color:{STATE_COLOURS.get(j["state"], "#000")}">{esc(j["state"])}</td>'
+                    f'<td>{esc(j["series"])}<br><small>{esc(j["modality"])} · {j["instances"]} images</small></td>'
+                    f'<td>{esc(j["created"])}</td><td>{total}</td>'
+                    f'<td><small>{esc(stages)}</small></td><td><small>{esc(vols)}</small></td>'
+                    f'<td class="err"><small>{esc(j["reason"])}</small></td></tr>')
+    failed = [j for j in job_rows(db, 20, "failed")]
+    fail_rows = "".join(f'<tr><td><a href="jobs/{j["job"]}">#{j["job"]}</a></td><td class="err">{esc(j["reason"])}</td>'
+                        f'<td><button onclick="retry({j["job"]})">retry</button> <span id="r{j["job"]}"></span></td></tr>'
+                        for j in failed) or "<tr><td>none</td></tr>"
+    hr = hourly(db)
+    d = disk(settings)
+    body = (f"<h2>Queue</h2>{cards}"
+            f'<p>studies {c["totals"]["studies"]} · images {c["totals"]["instances"]} · '
+            f'disk free {d["free_bytes"] / 1e9:.1f} of {d["total_bytes"] / 1e9:.1f} GB · stored images '
+            f'{d["stored_images_bytes"] / 1e6:.1f} MB · refuses below {d["floor_bytes"] / 1e6:.0f} MB</p>'
+            f"<h2>Failures</h2><table id='failures'>{fail_rows}</table>"
+            f"<h2>Throughput (jobs done per hour, last 24 h)</h2>{svg_bars([h['done'] for h in hr], [h['hour'] for h in hr], '#198754', 'jobs')}"
+            f"<h2>Latency (median job duration per hour)</h2>{svg_bars([h['p50_s'] for h in hr], [h['hour'] for h in hr], '#0d6efd', 's')}"
+            f"<h2>Recent jobs</h2><table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>created</th>"
+            f"<th>total</th><th>stages</th><th>volumes cm³</th><th>reason</th></tr>{''.join(rows)}</table>")
+    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body)
+
+
+def render_job(settings: Settings, db: Database, job_id: int) -> str | None:
+    rows = [j for j in job_rows(db, 1_000_000) if j["job"] == job_id]
+    if not rows:
+        return None
+    j = rows[0]
+    tl = "".join(f"<tr><td>{esc(e['at'])}</td><td>{esc(e['kind'])}</td><td>{esc(e['job'] or '')}</td><td>{esc(e['detail'])}</td></tr>"
+                 for e in job_timeline(db, job_id))
+    stages = "".join(f"<tr><td>{k}</td><td>{v:.3f} s</td></tr>" for k, v in j["stages_s"].items())
+    vols = "".join(f"<tr><td>{k.lower()}</td><td>{v} cm³</td></tr>" for k, v in j["volumes_cm3"].items())
+    dels = "".join(f"<tr><td>{esc(d['destination'])}</td><td>{d['attempt']}</td><td>{'ok' if d['ok'] else esc(d['error'])}</td></tr>"
+                   for d in j["deliveries"])
+    preview = f'<img id="preview" src="{job_id}/preview.png" alt="segmentation preview" style="max-width:100%">' if j["has_result"] else ""
+    body = (f'<p><a href="../">← dashboard</a></p><h2>Job #{job_id}: {esc(j["state"])}</h2>'
+            f'<p>study {esc(j["study_uid"])} · series {esc(j["series"])} ({j["instances"]} images) · attempts {j["attempts"]}'
+            f'{" · superseded by #" + str(j["superseded_by"]) if j["superseded_by"] else ""}</p>'
+            f'<p class="err">{esc(j["reason"])}</p>{preview}'
+            f"<h2>Stages</h2><table>{stages}</table><h2>Volumes</h2><table>{vols}</table>"
+            f"<h2>Deliveries</h2><table>{dels}</table><h2>Timeline</h2><table id='timeline'>{tl}</table>")
+    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body)
+
+
+def preview_png(db: Database, job_id: int, n: int = 4) -> bytes | None:
+    """A few source slices with the SEG overlaid, like the published work's GUI (cached beside the SEG)."""
+    import io
+
+    import highdicom as hd
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from inference.labels import DEFAULT_LABELS
+    from storage.models import Instance
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or not job.seg_path or not Path(job.seg_path).is_file():
+            return None
+        cache = Path(job.seg_path).with_name(f"preview_{job_id}.png")
+        if cache.is_file():
+            return cache.read_bytes()
+        paths = {i.sop_uid: i.path for i in s.scalars(select(Instance).where(Instance.series_id == job.series_id))}
+    seg = hd.seg.segread(job.seg_path)
+    colour = {lab.snomed_code: lab.rgb for lab in DEFAULT_LABELS}
+    seg_rgb = {int(d.SegmentNumber): colour.get(d.SegmentedPropertyTypeCodeSequence[0].CodeValue, (255, 255, 0))
+               for d in seg.SegmentSequence}
+    uids = [u for u in dict.fromkeys(r[2] for r in seg.get_source_image_uids()) if paths.get(u)]
+    if not uids:
+        return None
+    labels = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    counts = (labels > 0).reshape(len(uids), -1).sum(1)
+    picks = sorted(np.argsort(counts)[::-1][:n])
+    tiles = []
+    for k in picks:
+        img = pydicom.dcmread(paths[uids[k]]).pixel_array.astype(np.float32)
+        g = np.clip(img / (np.percentile(img, 99.5) or 1) * 255, 0, 255)
+        rgb = np.stack([g] * 3, -1)
+        for num, c in seg_rgb.items():
+            m = labels[k] == num
+            rgb[m] = 0.5 * rgb[m] + 0.5 * np.asarray(c, np.float32)
+        tiles.append(rgb.astype(np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(tiles, 1)).save(buf, format="PNG")
+    cache.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- metrics
+class NodeCollector:
+    """Prometheus metrics read from the database at scrape time (so every worker's work is counted) plus the
+    listener's C-STORE counters."""
+
+    def __init__(self, settings: Settings, db: Database, scp_stats: dict | None):
+        self.settings, self.db, self.scp_stats = settings, db, scp_stats
+
+    def collect(self):
+        c = queue.counts(self.db)
+        g = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
+        for st in STATE_COLOURS:
+            g.add_metric([st], c["jobs"].get(st, 0))
+        yield g
+        g = GaugeMetricFamily("dicomnode_series", "Series by state", labels=["state"])
+        for st, n in c["series"].items():
+            g.add_metric([st], n)
+        yield g
+        yield GaugeMetricFamily("dicomnode_instances", "Stored instances", value=c["totals"]["instances"])
+        yield GaugeMetricFamily("dicomnode_disk_free_bytes", "Free disk in the data folder",
+                                value=shutil.disk_usage(self.settings.data_dir).free)
+        with self.db.session() as s:
+            timings = s.scalars(select(Job.timings).where(Job.state == "done")).all()
+            oldest = s.scalar(select(func.min(Job.created_at)).where(Job.state == "queued"))
+        sums = CounterMetricFamily("dicomnode_stage_seconds", "Seconds spent per stage in done jobs", labels=["stage"])
+        for st in STAGES:
+            sums.add_metric([st], sum(json.loads(t or "{}").get(st, 0.0) for t in timings))
+        yield sums
+        yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
+                                value=(utcnow() - oldest).total_seconds() if oldest else 0.0)
+        if self.scp_stats is not None:
+            cs = CounterMetricFamily("dicomnode_cstore", "C-STORE requests handled", labels=["result"])
+            for k, v in self.scp_stats.items():
+                cs.add_metric([k], v)
+            yield cs
+
+
+# ------------------------------------------------------------------------------------------- app
+def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, scp_alive=lambda: True) -> FastAPI:
+    app = FastAPI(title="dicom-seg-node", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    token = settings.web.token
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(settings, db, scp_stats))
+
+    def auth(request: Request) -> None:
+        if not token:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
+            or request.query_params.get("token") or request.cookies.get("dicomnode_token")
+        if given != token:
+            raise HTTPException(401, "token required (web.token)")
+
+    @app.middleware("http")
+    async def keep_token(request: Request, call_next):
+        response = await call_next(request)
+        if token and request.query_params.get("token") == token:
+            response.set_cookie("dicomnode_token", token, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        ok_db = True
+        try:
+            queue.counts(db)
+        except Exception:
+            ok_db = False
+        free = shutil.disk_usage(settings.data_dir).free
+        body = {"status": "ok", "database": ok_db, "listener": bool(scp_alive()),
+                "disk_free_mb": round(free / 1e6), "disk_floor_mb": settings.scp.min_free_disk_mb}
+        healthy = ok_db and body["listener"] and free / 1e6 >= settings.scp.min_free_disk_mb
+        body["status"] = "ok" if healthy else "degraded"
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics", dependencies=[Depends(auth)])
+    def metrics():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(auth)])
+    def dashboard():
+        return render_dashboard(settings, db)
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse, dependencies=[Depends(auth)])
+    def job_page(job_id: int):
+        page = render_job(settings, db, job_id)
+        if page is None:
+            raise HTTPException(404, "no such job")
+        return page
+
+    @app.get("/jobs/{job_id}/preview.png", dependencies=[Depends(auth)])
+    def preview(job_id: int):
+        png = preview_png(db, job_id)
+        if png is None:
+            raise HTTPException(404, "no result to preview")
+        return Response(png, media_type="image/png")
+
+    @app.get("/api/status", dependencies=[Depends(auth)])
+    def api_status():
+        return {**queue.counts(db), "disk": disk(settings)}
+
+    @app.get("/api/jobs", dependencies=[Depends(auth)])
+    def api_jobs(limit: int = 50, state: str | None = None):
+        return job_rows(db, min(limit, 1000), state)
+
+    @app.get("/api/jobs/{job_id}", dependencies=[Depends(auth)])
+    def api_job(job_id: int):
+        rows = [j for j in job_rows(db, 1_000_000) if j["job"] == job_id]
+        if not rows:
+            raise HTTPException(404, "no such job")
+        return {**rows[0], "timeline": job_timeline(db, job_id)}
+
+    @app.post("/api/jobs/{job_id}/retry", dependencies=[Depends(auth)])
+    def api_retry(job_id: int):
+        done = queue.requeue(db, job_ids=[job_id])
+        if job_id not in done:
+            raise HTTPException(409, "job is running or does not exist")
+        return {"job": job_id, "state": "queued"}
+
+    @app.get("/api/throughput", dependencies=[Depends(auth)])
+    def api_throughput(hours: int = 24):
+        return hourly(db, min(hours, 24 * 14))
+
+    return app
+
+
+class WebServer:
+    """uvicorn in a background thread of the serve process."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="web")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
