@@ -169,7 +169,7 @@ def cmd_jobs(args) -> int:
                 "reason": job.reason, "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
                 "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error}
                                for d in job.deliveries],
-                "seg_series_uid": job.seg_series_uid,
+                "seg_series_uid": job.seg_series_uid, "superseded_by": job.superseded_by,
             })
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -64,16 +64,17 @@ class NodeProcess:
     """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
 
     def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
-                 worker: str = "", web: str = ""):
+                 worker: str = "", web: str = "", database_url: str = ""):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.web_port = free_port()
+        self.database_url = database_url
         self.config = self.dir / "node.toml"
         dest = (f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
                 f'port = {pacs.port}\nretries = 2\nbackoff_seconds = 0.5\n') if pacs else ""
         self.config.write_text(
-            f'[node]\ndata_dir = "var"\nlog_level = "INFO"\n'
+            f'[node]\ndata_dir = "var"\nlog_level = "INFO"\ndatabase_url = "{database_url}"\n'
             f'[scp]\nae_title = "SEGNODE"\nbind_address = "127.0.0.1"\nport = {self.port}\nfsync = false\n'
             + ("" if "min_free_disk_mb" in extra else "min_free_disk_mb = 1\n") + f'{extra}\n'
             f'[series]\nstable_seconds = 1.0\nscan_interval_seconds = 0.3\n'
@@ -101,7 +102,7 @@ class NodeProcess:
     def db(self):
         from storage.db import Database
 
-        return Database(f"sqlite:///{self.data_dir / 'node.db'}")
+        return Database(self.database_url or f"sqlite:///{self.data_dir / 'node.db'}")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), *args], cwd=ROOT,

@@ -56,9 +56,11 @@ def queue_jobs(db: Database, paths: list[Path], n_jobs: int) -> list[int]:
     metas = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     ids = []
     with db.session() as s:
-        study = Study(study_uid=metas[0].StudyInstanceUID)
-        s.add(study)
-        s.flush()
+        study = s.scalar(select(Study).where(Study.study_uid == metas[0].StudyInstanceUID))
+        if study is None:
+            study = Study(study_uid=metas[0].StudyInstanceUID)
+            s.add(study)
+            s.flush()
         for j in range(n_jobs):
             se = Series(series_uid=f"2.25.{uuid.uuid4().int}", study_id=study.id, modality="MR", state="queued",
                         n_instances=len(paths))
@@ -164,12 +166,13 @@ def test_killed_worker_job_finishes_on_another_after_lease_expiry(db_url, tmp_pa
     db.dispose()
 
 
-def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(tmp_path):
+def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(db_url, tmp_path):
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage
 
     _, paths = write_series(tmp_path / "s", seed=33, n_slices=150, size=128)
-    node = NodeProcess(tmp_path, None, name="n")
+    url = "" if db_url.startswith("sqlite") else db_url
+    node = NodeProcess(tmp_path, None, name="n", database_url=url)
     acked: list[str] = []
     ae = AE(ae_title="GOODSCU")
     ae.add_requested_context(MRImageStorage)
@@ -192,7 +195,7 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(tmp_path):
             assoc.abort()
     node.proc.wait(10)
     assert 60 <= len(acked) < len(paths)
-    restarted = NodeProcess(tmp_path, None, name="n")  # same folder and database
+    restarted = NodeProcess(tmp_path, None, name="n", database_url=url)  # same folder and database
     try:
         db = restarted.db()
         with db.session() as s:
@@ -203,3 +206,36 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(tmp_path):
             assert pydicom.dcmread(stored[uid], stop_before_pixels=True).SOPInstanceUID == uid
     finally:
         restarted.stop()
+
+
+def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
+    from storage import queue
+
+    _, paths = write_series(tmp_path / "one", seed=34, n_slices=1, size=32)
+    copies = []
+    for i in range(3):
+        p = tmp_path / f"copy{i}.dcm"
+        p.write_bytes(paths[0].read_bytes())
+        copies.append(p)
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    db = Database(url)
+    db.create_schema()
+    ids = [queue_jobs(db, [c], 1)[0] for c in copies]
+    with db.session() as s:
+        for j in ids[:2]:
+            s.get(Job, j).state = "failed"
+        s.get(Job, ids[2]).state = "done"
+        s.get(Job, ids[2]).finished_at = utcnow()
+    cfg = config(tmp_path, url)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(cfg), *a], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=60)
+    r = run("retry", str(ids[0]))
+    assert r.returncode == 0 and "queued again" in r.stdout
+    r = run("requeue", "--failed")
+    assert r.returncode == 0 and "1 failed jobs queued again" in r.stdout
+    with db.session() as s:
+        assert [s.get(Job, j).state for j in ids] == ["queued", "queued", "done"]
+    # retention: the delivered series' image is removed, the queued ones' are kept
+    assert queue.purge_delivered_images(db, hours=0) == 1
+    assert not copies[2].exists() and copies[0].exists() and copies[1].exists()
+    db.dispose()

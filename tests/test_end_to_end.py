@@ -170,3 +170,30 @@ def test_compressed_series_decode_like_the_original(workdir):
             inst.path = str(workdir / "x.dcm")
             assert np.array_equal(load_series([inst]).array[0], ref[ordered.index(inst)])
         ordered = _instances_like_node(paths)
+
+
+def test_late_instance_makes_a_new_seg_and_supersedes_the_first(node, pacs, workdir):
+    from inference.phantom import small_series, write_dicom_series
+
+    ph = small_series(seed=15, n_slices=25, size=128)
+    first = ph.__class__(ph.anatomy, ph.geometry.__class__(**{**ph.geometry.__dict__, "n_slices": 24}),
+                         ph.image[:24], ph.labels[:24])
+    study = pydicom.uid.generate_uid()
+    paths = write_dicom_series(first, workdir / "a", study_uid=study)
+    ds0 = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert storescu(node.port, workdir / "a").returncode == 0
+    job1 = node.wait_job(ds0.SeriesInstanceUID)
+    assert job1["state"] == "done"
+    # the 25th slice arrives late, in the same series
+    last = write_dicom_series(ph, workdir / "b", study_uid=study)[-1]
+    ds = pydicom.dcmread(last)
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID = ds0.SeriesInstanceUID, ds0.FrameOfReferenceUID
+    ds.save_as(last)
+    assert storescu(node.port, last).returncode == 0
+    job2 = wait_for(lambda: next((j for j in node.jobs() if j["series_uid"] == ds0.SeriesInstanceUID
+                                  and j["job"] != job1["job"] and j["state"] == "done"), None), 120, 0.5, "the re-run")
+    assert job2["instances"] == 25 and job2["seg_series_uid"] != job1["seg_series_uid"]
+    first_job = next(j for j in node.jobs() if j["job"] == job1["job"])
+    assert first_job["superseded_by"] == job2["job"]
+    segs = [p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study]
+    assert len(segs) == 2
