@@ -169,8 +169,11 @@ class Destination:
     retries: int = 3
     backoff_seconds: float = 5.0
     calling_ae_title: str = ""
+    seg_type: str = "binary"
+    send_sr: bool = True
 
     def validate(self, key: str = "destinations") -> None:
+        _one_of(f"{key}.seg_type", self.seg_type, {"binary", "labelmap"})
         _ae_title(f"{key}.ae_title", self.ae_title)
         _port(f"{key}.port", self.port)
         if self.retries < 0:

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
@@ -25,6 +27,8 @@ from .config import Settings
 from .rules import stack
 from .sender import send_items
 from .seg_writer import build_seg
+from .segments import split_sides
+from .sr_writer import build_sr
 from .volume import load_series
 
 log = logging.getLogger("dicom_node.pipeline")
@@ -142,25 +146,37 @@ class Pipeline:
                 queue.add_timing(self.db, job_id, stage, pred.timings[stage])
         t = time.perf_counter()
         card = predictor.card
-        from inference.postprocess import volumes_cm3
-
-        vols = volumes_cm3(pred.labels, predictor.label_names, vol.voxel_mm3)
-        codes = {lab.name: lab.snomed_code for lab in card.labels}
-        queue.save_volumes(self.db, job_id, {n: (codes[n], v) for n, v in vols.items()})
-        out = self.settings.output
-        seg = build_seg(vol.datasets, pred.labels, card, series_description=out.series_description,
-                        series_number=out.series_number, manufacturer=out.manufacturer)
-        if seg is None:
+        origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in vol.datasets])
+        first = vol.datasets[0]
+        declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper()
+        seg_labels, segments = split_sides(pred.labels, card.labels, origins, vol.row_dir, vol.col_dir,
+                                           vol.pixel_spacing, declared)
+        counts = np.bincount(seg_labels.ravel(), minlength=len(segments) + 1)
+        vols = {sg.name: float(counts[sg.number]) * vol.voxel_mm3 / 1000.0 for sg in segments}
+        queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
+        if not segments:
             queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
                             model_version=card.version, device=str(predictor.device))
             return
-        path = self.store.result_path(series.study.study_uid, f"SEG_{seg.SOPInstanceUID}.dcm")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        seg.save_as(path, enforce_file_format=True)
+        job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        out = self.settings.output
+        first_seg = None
+        for seg_type in dict.fromkeys(d.seg_type for d in self.settings.destinations) or ["binary"]:
+            seg = build_seg(vol.datasets, seg_labels, segments, card, series_description=out.series_description,
+                            series_number=out.series_number, manufacturer=out.manufacturer,
+                            segmentation_type=seg_type.upper())
+            seg.save_as(job_dir / f"SEG_{seg_type}.dcm", enforce_file_format=True)
+            sr = build_sr(seg, vol.datasets, segments, vols, card, series_number=out.series_number + 1,
+                          manufacturer=out.manufacturer)
+            sr.save_as(job_dir / f"SR_{seg_type}.dcm", enforce_file_format=True)
+            first_seg = first_seg or (seg, job_dir / f"SEG_{seg_type}.dcm")
+        seg, path = first_seg
         t = self._stage(job_id, "encode", t)
-        queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID, seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path),
-                        model_version=card.version, device=str(predictor.device))
+        queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
+                        seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
+                        device=str(predictor.device))
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         self._deliver(job_id, str(path), hb, t)
@@ -174,19 +190,21 @@ class Pipeline:
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
             return
         queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in self.settings.destinations))
-        errors = self._send(job_id, [path])
+        errors = self._send(job_id, Path(path).parent)
         self._stage(job_id, "send", t)
         if errors:
             raise RuntimeError("delivery failed: " + "; ".join(errors))
         queue.set_state(self.db, job_id, "done", event_detail="", reason="", finished_at=utcnow())
 
-    def _send(self, job_id: int, files: list[str]) -> list[str]:
-        """Send to every destination, retrying each with exponential backoff; returns what still failed."""
+    def _send(self, job_id: int, job_dir: Path) -> list[str]:
+        """Send each destination its profile's files (SEG type, SR or not), retrying each with exponential
+        backoff; returns what still failed."""
         errors = []
         done = queue.delivered_to(self.db, job_id)  # a repeated delivery skips destinations that have it
         for dest in self.settings.destinations:
             if dest.name in done:
                 continue
+            files = [str(job_dir / f"SEG_{dest.seg_type}.dcm")] + ([str(job_dir / f"SR_{dest.seg_type}.dcm")] if dest.send_sr else [])
             for attempt in range(1, dest.retries + 2):
                 started = utcnow()
                 try:

@@ -17,6 +17,7 @@ from inference.labels import CATEGORY_CODE
 from inference.model_card import ModelCard
 
 from . import __version__
+from .segments import Segment
 
 
 def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
@@ -30,32 +31,33 @@ def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
     return hd.color.CIELabColor(float(np.clip(L, 0, 100)), float(np.clip(a, -128, 127)), float(np.clip(b, -128, 127)))
 
 
-def build_seg(source: list[Dataset], labels: np.ndarray, card: ModelCard, *, series_description: str,
-              series_number: int, manufacturer: str) -> Dataset | None:
-    """The SEG for ``labels`` (n, rows, cols) over ``source`` (same order); None when no structure was found."""
-    present = [lab for lab in card.labels if (labels == lab.value).any()]
-    if not present:
+def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segment], card: ModelCard, *,
+              series_description: str, series_number: int, manufacturer: str,
+              segmentation_type: str = "BINARY") -> Dataset | None:
+    """The SEG for ``seg_labels`` (n, rows, cols; values = segment numbers) over ``source`` (same order).
+
+    None when no structure was found. ``segmentation_type`` is BINARY (every viewer) or LABELMAP (recent
+    OHIF only). Laterality goes into SegmentedPropertyTypeModifierCodeSequence, which highdicom's
+    SegmentDescription has no argument for, so it is set after construction.
+    """
+    if not segments:
         return None
     algo = hd.AlgorithmIdentificationSequence(
         name=card.name[:64], family=codes.cid7162.ArtificialIntelligence, version=card.version[:64],
     )
-    remap = np.zeros(max(lab.value for lab in card.labels) + 1, dtype=np.uint8)
-    descriptions = []
-    for number, lab in enumerate(present, start=1):
-        remap[lab.value] = number
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=lab.name.capitalize(),
-            segmented_property_category=CodedConcept(*CATEGORY_CODE),
-            segmented_property_type=CodedConcept(lab.snomed_code, "SCT", lab.snomed_meaning),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo,
-            display_color=rgb_to_cielab(lab.rgb),
-        ))
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=sg.number,
+        segment_label=sg.display_name.capitalize()[:64],
+        segmented_property_category=CodedConcept(*CATEGORY_CODE),
+        segmented_property_type=CodedConcept(sg.label.snomed_code, "SCT", sg.label.snomed_meaning),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algo,
+        display_color=rgb_to_cielab(_side_colour(sg)),
+    ) for sg in segments]
     seg = hd.seg.Segmentation(
         source_images=source,
-        pixel_array=remap[labels],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=seg_labels,
+        segmentation_type=getattr(hd.seg.SegmentationTypeValues, segmentation_type),
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=series_number,
@@ -69,5 +71,15 @@ def build_seg(source: list[Dataset], labels: np.ndarray, card: ModelCard, *, ser
         content_description="Automatic segmentation of femur, tibia, fibula and pelvis",
         omit_empty_frames=True,
     )
+    for item, sg in zip(seg.SegmentSequence, segments):
+        if sg.modifier:
+            item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
     seg.SeriesDescription = series_description[:64]
     return seg
+
+
+def _side_colour(sg: Segment) -> tuple[int, int, int]:
+    """Left a little lighter than right, so the two sides of one bone can be told apart."""
+    if sg.side != "L":
+        return sg.label.rgb
+    return tuple(int(c + (255 - c) * 0.35) for c in sg.label.rgb)  # type: ignore[return-value]

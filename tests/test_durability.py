@@ -175,6 +175,7 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(db_url, tmp_pa
     node = NodeProcess(tmp_path, None, name="n", database_url=url)
     acked: list[str] = []
     ae = AE(ae_title="GOODSCU")
+    ae.dimse_timeout = ae.network_timeout = 5  # the peer dies mid-association: do not wait 30 s to notice
     ae.add_requested_context(MRImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGNODE")
     assert assoc.is_established

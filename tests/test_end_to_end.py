@@ -65,6 +65,15 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
     seg_path = _seg_for(pacs, study_uid, series_uid)
     v = subprocess.run(["dciodvfy", str(seg_path)], capture_output=True, text=True)
     assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
+    # the measurements SR comes with it, references the SEG, and validates too
+    sr_path = wait_for(lambda: next((p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
+                                     and pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid), None),
+                       30, 0.3, "the SR")
+    v = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True)
+    assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
+    sr = hd.sr.srread(sr_path)
+    seg_uid = pydicom.dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID
+    assert seg_uid in str(sr.CurrentRequestedProcedureEvidenceSequence)
     seg = hd.seg.segread(seg_path)
     # same study and frame of reference, a new series that says it is automatic
     assert seg.StudyInstanceUID == study_uid
@@ -87,13 +96,18 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
     # segments carry SNOMED codes, colours and the algorithm
     by_code = {lab.snomed_code: lab for lab in DEFAULT_LABELS}
     seg_label_value = {}
+    sides = set()
     for desc in seg.SegmentSequence:
         code = desc.SegmentedPropertyTypeCodeSequence[0]
         assert code.CodingSchemeDesignator == "SCT" and code.CodeValue in by_code
+        if "SegmentedPropertyTypeModifierCodeSequence" in code:
+            sides.add((code.CodeValue, code.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue))
         assert desc.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
         assert desc.SegmentAlgorithmType == "AUTOMATIC" and desc.SegmentAlgorithmName
         assert len(desc.RecommendedDisplayCIELabValue) == 3
         seg_label_value[int(desc.SegmentNumber)] = by_code[code.CodeValue].value
+
+    assert ("71341001", "7771000") in sides and ("71341001", "24028007") in sides  # left and right femur
 
     # the labels sit where the model's prediction put them: predict the same series here and compare
     ordered = _instances_like_node(paths)
@@ -131,7 +145,8 @@ def test_pynetdicom_send_and_duplicates_stored_once(node, pacs, workdir):
     job = node.wait_job(series_uid)
     assert job["state"] == "done"
     assert job["instances"] == len(paths)
-    assert set(job["volumes_cm3"]) == {"FEMUR", "TIBIA", "FIBULA", "PELVIS"}
+    # both legs in this phantom: femur and tibia are reported per side
+    assert {"FEMUR LEFT", "FEMUR RIGHT", "TIBIA LEFT", "TIBIA RIGHT"} <= set(job["volumes_cm3"])
 
 
 def test_dcmtk_echo(node):
@@ -195,5 +210,6 @@ def test_late_instance_makes_a_new_seg_and_supersedes_the_first(node, pacs, work
     assert job2["instances"] == 25 and job2["seg_series_uid"] != job1["seg_series_uid"]
     first_job = next(j for j in node.jobs() if j["job"] == job1["job"])
     assert first_job["superseded_by"] == job2["job"]
-    segs = [p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study]
+    got = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.files()]
+    segs = [d for d in got if d.StudyInstanceUID == study and d.Modality == "SEG"]
     assert len(segs) == 2
