@@ -171,9 +171,16 @@ class Destination:
     calling_ae_title: str = ""
     seg_type: str = "binary"
     send_sr: bool = True
+    protocol: str = "dimse"
+    url: str = ""
+    username: str = ""
+    password: str = ""
 
     def validate(self, key: str = "destinations") -> None:
         _one_of(f"{key}.seg_type", self.seg_type, {"binary", "labelmap"})
+        _one_of(f"{key}.protocol", self.protocol, {"dimse", "stow"})
+        if self.protocol == "stow" and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.url must be the DICOMweb base URL (http[s]://...) for protocol \"stow\"")
         _ae_title(f"{key}.ae_title", self.ae_title)
         _port(f"{key}.port", self.port)
         if self.retries < 0:

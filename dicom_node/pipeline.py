@@ -25,7 +25,7 @@ from storage.models import Job, utcnow
 
 from .config import Settings
 from .rules import stack
-from .sender import send_items
+from .sender import send_items, stow
 from .seg_writer import build_seg
 from .segments import split_sides
 from .sr_writer import build_sr
@@ -208,8 +208,11 @@ class Pipeline:
             for attempt in range(1, dest.retries + 2):
                 started = utcnow()
                 try:
-                    res = send_items(dest.host, dest.port, dest.ae_title, files,
-                                     calling=dest.calling_ae_title or self.settings.scp.ae_title)
+                    if dest.protocol == "stow":
+                        res = stow(dest.url, files, dest.username, dest.password)
+                    else:
+                        res = send_items(dest.host, dest.port, dest.ae_title, files,
+                                         calling=dest.calling_ae_title or self.settings.scp.ae_title)
                     ok, status = res.ok, "ok" if res.ok else "; ".join(f for _, f in res.failed)
                 except Exception as exc:
                     ok, status = False, f"{type(exc).__name__}: {exc}"

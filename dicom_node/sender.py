@@ -119,3 +119,20 @@ def dicom_files(folder: Path) -> list[Path]:
         except Exception:
             log.info("not DICOM, skipped: %s", p.name)
     return out
+
+
+def stow(url: str, files: list[str], username: str = "", password: str = "") -> SendResult:
+    """DICOMweb STOW-RS of the files to ``url`` (the server's DICOMweb root), via dicomweb-client."""
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    session = create_session_from_user_pass(username, password) if username else None
+    client = DICOMwebClient(url=url, session=session)
+    datasets = [pydicom.dcmread(f) for f in files]
+    try:
+        resp = client.store_instances(datasets)
+    except Exception as exc:  # HTTP errors, refused connections
+        return SendResult(0, [("*", f"{type(exc).__name__}: {exc}")])
+    failed = [(str(item.get("00081155", {}).get("Value", ["?"])[0]), "refused by the server")
+              for item in (resp.get("00081198", {}).get("Value", []) if resp is not None else [])]
+    return SendResult(len(datasets) - len(failed), failed)

@@ -26,6 +26,7 @@ def setup_logging(settings: Settings) -> None:
     # each copied module with instance UIDs. Neither helps an admin.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def open_storage(settings: Settings) -> tuple[Database, FileStore]:

@@ -64,21 +64,22 @@ class NodeProcess:
     """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
 
     def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
-                 worker: str = "", web: str = "", database_url: str = ""):
+                 worker: str = "", web: str = "", database_url: str = "", port: int | None = None,
+                 dest_extra: str = "", more: str = ""):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.web_port = free_port()
         self.database_url = database_url
         self.config = self.dir / "node.toml"
         dest = (f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
-                f'port = {pacs.port}\nretries = 2\nbackoff_seconds = 0.5\n') if pacs else ""
+                f'port = {pacs.port}\nretries = 2\nbackoff_seconds = 0.5\n{dest_extra}\n') if pacs else ""
         self.config.write_text(
             f'[node]\ndata_dir = "var"\nlog_level = "INFO"\ndatabase_url = "{database_url}"\n'
             f'[scp]\nae_title = "SEGNODE"\nbind_address = "127.0.0.1"\nport = {self.port}\nfsync = false\n'
             + ("" if "min_free_disk_mb" in extra else "min_free_disk_mb = 1\n") + f'{extra}\n'
             f'[series]\nstable_seconds = 1.0\nscan_interval_seconds = 0.3\n'
-            f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest
+            f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest + more
         )
         self.log = self.dir / "node.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), "serve"],
