@@ -13,7 +13,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed of the first case (case i uses seed+i)")
-    p.add_argument("--wide", action="store_true", help="geometry and contrast ranges wider than training (held-out sets)")
+    p.add_argument("--wide", action="store_true",
+                   help="geometry (FOV, pixel spacing, slice thickness, position, rotation) wider than training")
+    p.add_argument("--harsh", action="store_true", help="--wide, and body size, noise and bias field wider too")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_phantoms)
 
@@ -40,6 +42,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--version", default="0.1.0")
     t.add_argument("--trained-on", default="", help="what the model was trained on, for the model card")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (fine-tuning)")
+    t.add_argument("--aug-scale", default="0.6,1.6", help="range of random zoom, e.g. 0.6,1.6")
+    t.add_argument("--aug-rotation", type=float, default=15.0, help="largest random in-plane rotation (degrees)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="Dice and volume error of a model on labelled cases")
@@ -54,7 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_phantoms(args: argparse.Namespace) -> int:
     from inference.phantom import generate_dataset
 
-    names = generate_dataset(args.out, args.cases, seed=args.seed, wide=args.wide, workers=args.workers)
+    names = generate_dataset(args.out, args.cases, seed=args.seed, wide=args.wide, workers=args.workers,
+                             harsh=args.harsh)
     print(f"wrote {len(names)} cases to {args.out}")
     return 0
 
@@ -72,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             steps_per_epoch=args.steps_per_epoch, patience=args.patience, folds=args.folds, fold=fold,
             val_fraction=args.val_fraction, seed=args.seed, device=args.device, encoder_weights=args.encoder_weights,
             half=args.half, version=args.version, trained_on=args.trained_on, resume=args.resume, threads=args.threads,
+            init_from=args.init_from, aug_scale=tuple(float(v) for v in args.aug_scale.split(",")),  # type: ignore[arg-type]
+            aug_rotation_deg=args.aug_rotation,
         )
         best = train(cfg)
         print(f"best checkpoint: {best}")

@@ -58,7 +58,11 @@ def _floats(text: str) -> list[float]:
 
 
 def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
-    """Order slices into a volume, or say why they do not form one."""
+    """Order slices into a volume, or say why they do not form one (None, reason).
+
+    Localizers are left out and a repeated position keeps the instance received last; the second value
+    then notes what was dropped.
+    """
     images = [i for i in instances if i.rows and i.columns]
     if not images:
         return None, "no image instances in the series"
@@ -89,16 +93,19 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     if any(len(p) != 3 for p in pos):
         return None, "missing or malformed ImagePositionPatient"
     d = np.asarray(pos) @ normal
-    order = np.argsort(d, kind="stable")
+    # a position sent twice (a repeated slice, a re-sent corrected image): the instance received last wins
+    received = [(getattr(i, "received_at", None) or 0, getattr(i, "id", 0) or 0) for i in images]
+    order = sorted(range(len(images)), key=lambda k: (round(float(d[k]), 3), received[k]))
+    keep = [k for n, k in enumerate(order) if n + 1 == len(order) or round(float(d[order[n + 1]]), 3) != round(float(d[k]), 3)]
+    note = f"{len(order) - len(keep)} duplicate slice positions: kept the instance received last" if len(keep) < len(order) else ""
+    order = np.asarray(keep)
     d = d[order]
     if len(d) > 1:
         gaps = np.diff(d)
-        if (gaps < 1e-3).any():
-            return None, f"{int((gaps < 1e-3).sum())} duplicate slice positions"
         med = float(np.median(gaps))
         if np.abs(gaps - med).max() > 0.1 * med + 0.01:
             return None, f"inconsistent slice spacing ({gaps.min():.2f}–{gaps.max():.2f} mm): gaps or several stations"
-    return [images[k] for k in order], ""
+    return [images[k] for k in order], note
 
 
 def decide(series: Series, study_description: str, instances: list[Instance], rules: list[Rule]) -> Decision:
@@ -110,4 +117,4 @@ def decide(series: Series, study_description: str, instances: list[Instance], ru
         return Decision(False, why, rule.name)
     if len(ordered) < rule.min_slices:
         return Decision(False, f"{len(ordered)} slices, rule '{rule.name}' needs at least {rule.min_slices}", rule.name)
-    return Decision(True, "", rule.name, rule.urgent, ordered)
+    return Decision(True, why, rule.name, rule.urgent, ordered)  # why: a note such as dropped duplicates

@@ -308,13 +308,18 @@ def render(anat: Anatomy, geom: Geometry, seed: int = 0) -> Phantom:
     return Phantom(anat, geom, scaled, labs)
 
 
-def random_anatomy(rng: np.random.Generator, wide: bool = False) -> Anatomy:
-    """Random body and contrast. ``wide`` widens the ranges (held-out evaluation sets)."""
-    w = 1.5 if wide else 1.0
+def random_anatomy(rng: np.random.Generator, wide: bool = False, harsh: bool = False) -> Anatomy:
+    """Random body, pose and contrast.
+
+    ``wide`` widens the pose (position, rotation) beyond training; ``harsh`` also widens body size, noise
+    and bias field (a robustness check beyond what the demo model was trained for).
+    """
+    w = 1.5 if wide or harsh else 1.0
+    h = 1.5 if harsh else 1.0
     fat = rng.uniform(0.8, 1.0)
     muscle = rng.uniform(0.25, 0.45)
     return Anatomy(
-        scale=float(rng.uniform(0.6 - 0.05 * (w - 1) * 2, 1.0 + 0.05 * (w - 1) * 2)),
+        scale=float(rng.uniform(0.6 - 0.05 * (h - 1) * 2, 1.0 + 0.05 * (h - 1) * 2)),
         yaw_deg=float(rng.uniform(-8, 8) * w),
         shift=(float(rng.uniform(-20, 20) * w), float(rng.uniform(-15, 15) * w), 0.0),
         leg_spread=float(rng.uniform(-10, 25)),
@@ -328,8 +333,8 @@ def random_anatomy(rng: np.random.Generator, wide: bool = False) -> Anatomy:
             "skin": float(rng.uniform(0.45, 0.65)),
             "viscera": float(rng.uniform(0.3, 0.6)),
         },
-        noise=float(rng.uniform(0.01, 0.045) * (1.2 if wide else 1.0)),
-        bias=tuple(float(v) for v in rng.normal(scale=0.15 * w, size=5)),
+        noise=float(rng.uniform(0.01, 0.045) * (1.2 if harsh else 1.0)),
+        bias=tuple(float(v) for v in rng.normal(scale=0.15 * h, size=5)),
         texture_seed=int(rng.integers(1 << 30)),
     )
 
@@ -368,10 +373,11 @@ def random_geometry(
     return Geometry(rows, cols, n_slices, (ps, ps), origin, slice_step=(0.0, 0.0, -thick), slice_thickness=thick)
 
 
-def make_case(seed: int, wide: bool = False, **geom_kwargs) -> Phantom:
+def make_case(seed: int, wide: bool = False, harsh: bool = False, **geom_kwargs) -> Phantom:
+    """One random case; ``wide``: geometry (FOV, spacing, thickness, position) wider than training."""
     rng = np.random.default_rng(seed)
-    anat = random_anatomy(rng, wide)
-    geom = random_geometry(rng, anat, wide, **geom_kwargs)
+    anat = random_anatomy(rng, wide, harsh)
+    geom = random_geometry(rng, anat, wide or harsh, **geom_kwargs)
     return render(anat, geom, seed=seed)
 
 
@@ -530,14 +536,14 @@ def write_training_case(ph: Phantom, root: Path, case: str, *, dicom: bool = Tru
 
 
 def _write_one(args: tuple) -> str:
-    root, case, seed, wide = args
-    ph = make_case(seed, wide=wide)
+    root, case, seed, wide, harsh = args
+    ph = make_case(seed, wide=wide, harsh=harsh)
     write_training_case(ph, Path(root), case, seed=seed)
     return case
 
 
 def generate_dataset(root: Path, n_cases: int, seed: int = 0, wide: bool = False, workers: int = 2,
-                     prefix: str = "ph") -> list[str]:
+                     prefix: str = "ph", harsh: bool = False) -> list[str]:
     """Write ``n_cases`` random full-length phantoms (DICOM + per-bone NIfTI masks) under ``root``.
 
     Case ``i`` uses seed ``seed + i``, so a dataset is reproducible from its first seed and size.
@@ -545,7 +551,7 @@ def generate_dataset(root: Path, n_cases: int, seed: int = 0, wide: bool = False
     import multiprocessing as mp
 
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), f"{prefix}{seed + i:05d}", seed + i, wide) for i in range(n_cases)]
+    jobs = [(str(root), f"{prefix}{seed + i:05d}", seed + i, wide, harsh) for i in range(n_cases)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             return list(pool.imap(_write_one, jobs))

@@ -56,6 +56,9 @@ class TrainConfig:
     version: str = "0.1.0"
     trained_on: str = ""
     resume: bool = False
+    init_from: Path | None = None  # start from this checkpoint's weights (fine-tuning, transfer)
+    aug_scale: tuple[float, float] = (0.6, 1.6)
+    aug_rotation_deg: float = 15.0
     threads: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -154,7 +157,17 @@ def train(cfg: TrainConfig) -> Path:
     n_slices = train_x.shape[0]
     steps = cfg.steps_per_epoch or max(1, n_slices // cfg.batch_size)
 
-    net = build_network(card, cfg.encoder_weights).to(device)
+    net = build_network(card, cfg.encoder_weights)
+    if cfg.init_from is not None:
+        from .model_card import load_checkpoint
+
+        state, init_card = load_checkpoint(cfg.init_from)
+        if (init_card.architecture, init_card.encoder, init_card.num_classes) != (card.architecture, card.encoder, card.num_classes):
+            raise ValueError(f"--init-from {cfg.init_from}: a {init_card.architecture}/{init_card.encoder} with "
+                             f"{init_card.num_classes} classes cannot start a {card.architecture}/{card.encoder} with {card.num_classes}")
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        card.training["init_from"] = f"{cfg.init_from.name} (v{init_card.version})"
+    net = net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -183,7 +196,7 @@ def train(cfg: TrainConfig) -> Path:
             idx = torch.randint(0, n_slices, (cfg.batch_size,), generator=gen)
             x = train_x[idx].float().to(device)
             y = train_y[idx].long().to(device)
-            x, y = augment.spatial(x, y, gen)
+            x, y = augment.spatial(x, y, gen, scale=cfg.aug_scale, rot_deg=cfg.aug_rotation_deg)
             x = augment.intensity(x, gen)
             if cfg.crop_size and cfg.crop_size < cfg.input_size:
                 cs = cfg.crop_size

@@ -182,7 +182,7 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
         s.flush()
         add_event(s, "complete", series_id=series_id, job_id=job.id, detail=f"{expected_count or ''} instances", at=now)
         add_event(s, "queued" if queue else "skipped", series_id=series_id, job_id=job.id,
-                  detail=("urgent" if urgent else "") if queue else reason, at=now)
+                  detail=" ".join(x for x in ("urgent" if urgent else "", reason) if x) if queue else reason, at=now)
         if queue:
             older = s.scalars(select(Job).where(Job.series_id == series_id, Job.id != job.id, Job.superseded_by.is_(None),
                                                 Job.state.in_(("running", "sending", "done")))).all()

@@ -172,9 +172,9 @@ def write_series(folder: Path, seed: int = 1, **kw) -> tuple:
     return ph, paths
 
 
-def storescu(port: int, *paths: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     need_dcmtk()
-    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "SEGNODE", "+sd", "127.0.0.1", str(port),
+    return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "SEGNODE", "+sd", *flags, "127.0.0.1", str(port),
                            *map(str, paths)], env=ENV, capture_output=True, text=True, timeout=120)
 
 

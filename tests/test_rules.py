@@ -49,7 +49,6 @@ def test_stack_orders_by_position_and_drops_localizers():
 @pytest.mark.parametrize("items,reason", [
     ([inst(0), inst(3, ori=(0, 1, 0, 0, 0, -1))], "mixed orientations"),
     ([inst(z, ori=(0, 1, 0, 0, 0, -1)) for z in range(3)], "sagittal"),
-    ([inst(0), inst(3), inst(3)], "duplicate slice positions"),
     ([inst(0), inst(3), inst(6), inst(30)], "inconsistent slice spacing"),
     ([inst(0), inst(3, rows=32)], "rows/columns"),
     ([inst(0, frames=40)], "multi-frame"),
@@ -67,3 +66,10 @@ def test_min_slices_reason():
 def test_urgent_rule_marks_job_urgent():
     d = decide(series(body="KNEE"), "", [inst(z) for z in np.arange(30) * 3.0], [Rule(min_slices=20, urgent=True)])
     assert d.segment and d.urgent and len(d.instances) == 30
+
+
+def test_duplicate_position_keeps_the_instance_received_last():
+    a, b, c = inst(0), inst(3), inst(3)
+    b.received_at, c.received_at = 1, 2
+    ordered, note = stack([a, c, b])
+    assert ordered == [a, c] and "1 duplicate slice positions" in note

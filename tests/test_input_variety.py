@@ -1,0 +1,130 @@
+"""What PACS and scanners really send: compressed syntaxes (compressed by dcmtk's own tools), a localizer
+mixed into the series, a repeated slice position, a leg scanned in two stations, sagittal slices."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
+
+from conftest import NodeProcess, PacsSCP, storescu, write_series
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("variety")
+    pacs = PacsSCP(tmp / "pacs")
+    node = NodeProcess(tmp, pacs)
+    yield node, pacs
+    node.stop()
+    pacs.stop()
+
+
+def seg_frames(pacs, series_uid: str) -> int:
+    """How many source instances the SEG for this series references (slices without bone have no frame,
+    but every segmented source instance is listed in ReferencedSeriesSequence)."""
+    for p in pacs.files():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        if ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid:
+            return len(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence)
+    return 0
+
+
+@pytest.mark.parametrize("how", ["jpeg-lossless (dcmcjpeg)", "jpeg-ls (dcmcjpls)", "rle (dcmcrle)", "jpeg2000 (pydicom)"])
+def test_compressed_series_are_segmented(pair, workdir, how):
+    node, pacs = pair
+    _, paths = write_series(workdir / "raw", seed=61)
+    tool = {"jpeg-lossless (dcmcjpeg)": ["dcmcjpeg", "+e1"], "jpeg-ls (dcmcjpls)": ["dcmcjpls"],
+            "rle (dcmcrle)": ["dcmcrle"]}.get(how)
+    out = workdir / "c"
+    out.mkdir()
+    expected_ts = None
+    for p in paths:
+        if tool:
+            subprocess.run([*tool, str(p), str(out / p.name)], check=True, capture_output=True)
+        else:
+            ds = pydicom.dcmread(p)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(out / p.name)
+        expected_ts = pydicom.dcmread(out / p.name, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert expected_ts.is_compressed
+    # storescu proposes only uncompressed syntaxes unless told which compressed one to offer
+    flag = {"jpeg-lossless (dcmcjpeg)": "-xs", "jpeg-ls (dcmcjpls)": "-xt", "rle (dcmcrle)": "-xr",
+            "jpeg2000 (pydicom)": "-xv"}[how]
+    r = storescu(node.port, out, flags=(flag,))
+    assert r.returncode == 0, r.stderr
+    series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    job = node.wait_job(series_uid)
+    assert job["state"] == "done", job["reason"]
+    db = node.db()
+    from sqlalchemy import select
+
+    from storage.models import Instance, Series
+
+    with db.session() as s:
+        ts = set(s.scalars(select(Instance.transfer_syntax).join(Series).where(Series.series_uid == series_uid)))
+    db.dispose()
+    assert ts == {str(expected_ts)}  # stored as received, not transcoded
+    assert seg_frames(pacs, series_uid) == len(paths)
+
+
+def test_localizer_mixed_in_is_left_out(pair, workdir):
+    node, pacs = pair
+    _, paths = write_series(workdir / "l", seed=62)
+    loc = pydicom.dcmread(paths[0])
+    loc.SOPInstanceUID = loc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    loc.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    loc.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal scout
+    loc.save_as(workdir / "l" / "scout.dcm")
+    assert storescu(node.port, workdir / "l").returncode == 0
+    series_uid = loc.SeriesInstanceUID
+    job = node.wait_job(series_uid)
+    assert job["state"] == "done" and job["instances"] == len(paths) + 1
+    assert seg_frames(pacs, series_uid) == len(paths)
+
+
+def test_repeated_slice_position_keeps_the_later_instance(pair, workdir):
+    node, pacs = pair
+    _, paths = write_series(workdir / "d", seed=63)
+    again = pydicom.dcmread(paths[5])
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    again.save_as(workdir / "d" / "again.dcm")
+    assert storescu(node.port, workdir / "d").returncode == 0
+    job = node.wait_job(again.SeriesInstanceUID)
+    assert job["state"] == "done"
+    assert seg_frames(pacs, again.SeriesInstanceUID) == len(paths)
+    assert "duplicate slice positions: kept the instance received last" in node.cli("show", str(job["job"])).stdout
+
+
+def test_two_stations_as_two_series_each_get_a_seg(pair, workdir):
+    from inference.phantom import small_series, write_dicom_series
+
+    node, pacs = pair
+    study, frame = generate_uid(), generate_uid()
+    upper = small_series(seed=64, n_slices=24, size=128, region="thigh-knee")
+    lower = small_series(seed=64, n_slices=24, size=128, region="leg")
+    a = write_dicom_series(upper, workdir / "a", study_uid=study, frame_of_reference_uid=frame, series_number=3)
+    b = write_dicom_series(lower, workdir / "b", study_uid=study, frame_of_reference_uid=frame, series_number=4)
+    assert storescu(node.port, workdir / "a", workdir / "b").returncode == 0
+    for paths in (a, b):
+        uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+        assert node.wait_job(uid)["state"] == "done"
+        assert seg_frames(pacs, uid) > 0
+
+
+def test_sagittal_series_is_skipped_with_its_reason(pair, workdir):
+    from dataclasses import replace
+
+    from inference.phantom import Anatomy, Geometry, render, write_dicom_series
+
+    node, _ = pair
+    g = Geometry(128, 96, 24, (3.0, 3.0), (-60.0, -150.0, -200.0), row_dir=(0, 1, 0), col_dir=(0, 0, -1),
+                 slice_step=(5.0, 0, 0), slice_thickness=5.0)
+    paths = write_dicom_series(render(replace(Anatomy(), noise=0.0), g), workdir / "sag")
+    assert storescu(node.port, workdir / "sag").returncode == 0
+    job = node.wait_job(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert job["state"] == "skipped" and "sagittal slices: the model segments axial slices only" in job["reason"]
+    assert np.isfinite(job["instances"])
