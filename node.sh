@@ -3,8 +3,8 @@
 #   ./node.sh serve   set up (first run only) and start the node on embedded defaults (node.toml)
 #   ./node.sh test    set up (first run only) and run the whole test suite
 # Set-up: a virtual environment in .venv with the package and its dependencies (torch and torchvision
-# come together from the package registry), and, for the tests, Debian's dcmtk, dicom3tools and chromium
-# when they are missing.
+# come together from the package registry), and, for the tests, Debian's dcmtk, dicom3tools, chromium,
+# orthanc and orthanc-dicomweb when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +31,8 @@ setup_test_tools() {
   for tool in storescu storescp echoscu; do [ -x "/usr/bin/$tool" ] || missing+=(dcmtk); done
   [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
   [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   [ ${#missing[@]} -eq 0 ] && return 0
   local pkgs; pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -29,7 +29,8 @@ from .sender import send_items, stow
 from .seg_writer import build_seg
 from .segments import split_sides
 from .sr_writer import build_sr
-from .volume import load_series
+from .validate import InvalidResult, check_seg, check_sr
+from .volume import NotStackable, load_series
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -137,7 +138,11 @@ class Pipeline:
         if ordered is None:  # cannot happen for a job the rules queued, unless files changed since
             queue.set_state(self.db, job_id, "skipped", event_detail=why, reason=why, finished_at=utcnow())
             return
-        vol = load_series(ordered)
+        try:
+            vol = load_series(ordered)
+        except NotStackable as exc:
+            queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            return
         t = self._stage(job_id, "load", t)
         predictor = self.predictor
         pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir)
@@ -146,10 +151,9 @@ class Pipeline:
                 queue.add_timing(self.db, job_id, stage, pred.timings[stage])
         t = time.perf_counter()
         card = predictor.card
-        origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in vol.datasets])
         first = vol.datasets[0]
         declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper()
-        seg_labels, segments = split_sides(pred.labels, card.labels, origins, vol.row_dir, vol.col_dir,
+        seg_labels, segments = split_sides(pred.labels, card.labels, vol.origins, vol.row_dir, vol.col_dir,
                                            vol.pixel_spacing, declared)
         counts = np.bincount(seg_labels.ravel(), minlength=len(segments) + 1)
         vols = {sg.name: float(counts[sg.number]) * vol.voxel_mm3 / 1000.0 for sg in segments}
@@ -164,13 +168,20 @@ class Pipeline:
         out = self.settings.output
         first_seg = None
         for seg_type in dict.fromkeys(d.seg_type for d in self.settings.destinations) or ["binary"]:
-            seg = build_seg(vol.datasets, seg_labels, segments, card, series_description=out.series_description,
+            seg = build_seg(vol.datasets, vol.to_source_order(seg_labels), segments, card, series_description=out.series_description,
                             series_number=out.series_number, manufacturer=out.manufacturer,
                             segmentation_type=seg_type.upper())
             seg.save_as(job_dir / f"SEG_{seg_type}.dcm", enforce_file_format=True)
             sr = build_sr(seg, vol.datasets, segments, vols, card, series_number=out.series_number + 1,
                           manufacturer=out.manufacturer)
             sr.save_as(job_dir / f"SR_{seg_type}.dcm", enforce_file_format=True)
+            try:  # re-read what was written and compare it with the source before anything is sent
+                check_seg(str(job_dir / f"SEG_{seg_type}.dcm"), vol.datasets)
+                check_sr(str(job_dir / f"SR_{seg_type}.dcm"), str(job_dir / f"SEG_{seg_type}.dcm"), vol.datasets)
+            except InvalidResult as exc:
+                queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+                log.error("job %s: %s", job_id, exc)
+                return
             first_seg = first_seg or (seg, job_dir / f"SEG_{seg_type}.dcm")
         seg, path = first_seg
         t = self._stage(job_id, "encode", t)

@@ -67,7 +67,9 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     if not images:
         return None, "no image instances in the series"
     if any((i.frames or 1) > 1 for i in images):
-        return None, "multi-frame (e.g. Enhanced MR) series are not segmented by this version"
+        if len(images) == 1:
+            return images, ""  # one multi-frame instance: its frames are checked and ordered when loaded
+        return None, "several multi-frame instances in one series (stacks or time points) are not segmented"
     localizers = [i for i in images if "LOCALIZER" in (i.image_type or "").upper()]
     images = [i for i in images if i not in localizers]
     if not images:
@@ -115,6 +117,7 @@ def decide(series: Series, study_description: str, instances: list[Instance], ru
     ordered, why = stack(instances)
     if ordered is None:
         return Decision(False, why, rule.name)
-    if len(ordered) < rule.min_slices:
-        return Decision(False, f"{len(ordered)} slices, rule '{rule.name}' needs at least {rule.min_slices}", rule.name)
+    n_slices = sum(i.frames or 1 for i in ordered)
+    if n_slices < rule.min_slices:
+        return Decision(False, f"{n_slices} slices, rule '{rule.name}' needs at least {rule.min_slices}", rule.name)
     return Decision(True, why, rule.name, rule.urgent, ordered)  # why: a note such as dropped duplicates

@@ -1,8 +1,10 @@
 """Loading a stored series as a volume in patient geometry.
 
-The slices come already ordered along the slice normal (see :func:`dicom_node.rules.stack`); here they are
-decoded (compressed syntaxes through the pylibjpeg plugins) into one float32 array, and the metadata-only
-datasets that the SEG encoder needs are kept alongside.
+Single-frame slices come already ordered along the slice normal (see :func:`dicom_node.rules.stack`); a
+multi-frame instance (Enhanced or Legacy Converted Enhanced MR) is ordered here from its per-frame plane
+positions. Pixels are decoded (compressed syntaxes through the pylibjpeg plugins) into one float32 array;
+the metadata-only datasets that the SEG encoder needs are kept alongside, with the frame order, so labels
+can be handed back in the source's own frame order.
 """
 
 from __future__ import annotations
@@ -24,13 +26,29 @@ class SeriesVolume:
     col_dir: tuple[float, float, float]
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
     slice_spacing: float
+    origins: np.ndarray  # (n, 3) ImagePositionPatient of each slice, stacking order
+    frame_order: np.ndarray | None = None  # multi-frame: source frame index of each stacked slice
+
+    def to_source_order(self, labels: np.ndarray) -> np.ndarray:
+        """Labels in stacking order -> the order the SEG encoder expects (the source's frames)."""
+        if self.frame_order is None:
+            return labels
+        out = np.empty_like(labels)
+        out[self.frame_order] = labels
+        return out
 
     @property
     def voxel_mm3(self) -> float:
         return float(self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_spacing)
 
 
+class NotStackable(ValueError):
+    """The frames do not form one volume; the message says why."""
+
+
 def load_series(instances: list[Instance]) -> SeriesVolume:
+    if len(instances) == 1 and (instances[0].frames or 1) > 1:
+        return load_multiframe(instances[0].path)
     datasets: list[Dataset] = []
     array = None
     for k, inst in enumerate(instances):
@@ -55,4 +73,46 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         spacing = abs(float(np.dot(p1 - p0, normal))) / (len(datasets) - 1)
     else:
         spacing = float(datasets[0].get("SliceThickness", 1.0) or 1.0)
-    return SeriesVolume(array, datasets, tuple(iop[:3]), tuple(iop[3:]), ps, spacing)  # type: ignore[arg-type]
+    origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
+    return SeriesVolume(array, datasets, tuple(iop[:3]), tuple(iop[3:]), ps, spacing, origins)  # type: ignore[arg-type]
+
+
+def _frame_attr(ds: Dataset, k: int, seq: str, item: str):
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and seq in per[k]:
+        return getattr(per[k][seq][0], item)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared is not None and seq in shared[0]:
+        return getattr(shared[0][seq][0], item)
+    raise NotStackable(f"multi-frame instance without {seq}.{item}")
+
+
+def load_multiframe(path: str) -> SeriesVolume:
+    """An Enhanced/Legacy Converted Enhanced MR instance as a volume, frames sorted along the normal."""
+    ds = pydicom.dcmread(path)
+    n = int(ds.NumberOfFrames)
+    iops = np.array([[float(v) for v in _frame_attr(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
+                     for k in range(n)])
+    if np.abs(iops - iops[0]).max() > 1e-3:
+        raise NotStackable("mixed orientations between frames")
+    iop = iops[0]
+    normal = np.cross(iop[:3], iop[3:])
+    if abs(normal[2]) < 0.8:
+        raise NotStackable("sagittal or coronal frames: the model segments axial slices only")
+    pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")] for k in range(n)])
+    d = pos @ normal
+    order = np.argsort(d, kind="stable")
+    gaps = np.diff(d[order])
+    if len(gaps) and (gaps < 1e-3).any():
+        raise NotStackable("frames share slice positions (several stacks or time points in one instance)")
+    if len(gaps) and np.abs(gaps - np.median(gaps)).max() > 0.1 * np.median(gaps) + 0.01:
+        raise NotStackable("inconsistent frame spacing")
+    ps = tuple(float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
+    pixels = ds.pixel_array.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1 or intercept != 0:
+        pixels = pixels * slope + intercept
+    del ds.PixelData
+    spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
+    return SeriesVolume(pixels[order], [ds], tuple(iop[:3]), tuple(iop[3:]), ps, spacing, pos[order], order)  # type: ignore[arg-type]

@@ -128,3 +128,31 @@ def test_sagittal_series_is_skipped_with_its_reason(pair, workdir):
     job = node.wait_job(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
     assert job["state"] == "skipped" and "sagittal slices: the model segments axial slices only" in job["reason"]
     assert np.isfinite(job["instances"])
+
+
+def test_multiframe_enhanced_mr_is_segmented(pair, workdir):
+    """A multi-frame MR (highdicom's Legacy Converted Enhanced MR of a phantom series, frames shuffled)."""
+    import highdicom as hd
+
+    node, pacs = pair
+    _, paths = write_series(workdir / "single", seed=65, order="shuffled")
+    singles = [pydicom.dcmread(p) for p in paths]
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=singles, series_instance_uid=generate_uid(), series_number=7,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    mf.BodyPartExamined = "LEG"
+    (workdir / "mf").mkdir()
+    mf.save_as(workdir / "mf" / "enhanced.dcm", enforce_file_format=True)
+    assert int(mf.NumberOfFrames) == len(paths)
+    # storescu proposes a fixed list of common SOP classes; -R proposes exactly those of the files
+    r = storescu(node.port, workdir / "mf", flags=("-R",))
+    assert r.returncode == 0, r.stderr
+    job = node.wait_job(mf.SeriesInstanceUID)
+    assert job["state"] == "done", job["reason"]
+    seg = next(pydicom.dcmread(p) for p in pacs.files()
+               if pydicom.dcmread(p, stop_before_pixels=True).get("ReferencedSeriesSequence")
+               and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID == mf.SeriesInstanceUID
+               and pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+    refs = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+            for f in seg.PerFrameFunctionalGroupsSequence}
+    assert refs and refs <= set(range(1, len(paths) + 1))

@@ -51,7 +51,7 @@ def test_stack_orders_by_position_and_drops_localizers():
     ([inst(z, ori=(0, 1, 0, 0, 0, -1)) for z in range(3)], "sagittal"),
     ([inst(0), inst(3), inst(6), inst(30)], "inconsistent slice spacing"),
     ([inst(0), inst(3, rows=32)], "rows/columns"),
-    ([inst(0, frames=40)], "multi-frame"),
+    ([inst(0, frames=40), inst(3, frames=40)], "several multi-frame instances"),
 ])
 def test_geometry_reasons(items, reason):
     ordered, why = stack(items)

@@ -52,3 +52,29 @@ def test_pelvis_gives_the_midline_and_stays_one_segment():
     seg, segments = split_sides(ph.labels, list(DEFAULT_LABELS), origins, (1, 0, 0), (0, 1, 0), g.pixel_spacing)
     assert [s.name for s in segments if s.label.name == "PELVIS"] == ["PELVIS"]
     assert {s.name for s in segments if s.label.name == "FEMUR"} == {"FEMUR LEFT"}
+
+
+def test_result_check_refuses_a_seg_that_does_not_match_its_source(tmp_path):
+    """The node's own last check: a SEG with another matrix or frame of reference is refused with the reason."""
+    import pydicom
+
+    from conftest import write_series
+    from dicom_node.seg_writer import build_seg
+    from dicom_node.validate import InvalidResult, check_seg
+    from inference.model_card import ModelCard
+
+    ph, paths = write_series(tmp_path / "s", seed=71, n_slices=4, size=64)
+    src = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in src])
+    labels = ph.labels[[int(round((ph.geometry.origin[2] - o[2]) / ph.geometry.slice_thickness)) for o in origins]]
+    seg_labels, segments = split_sides(labels, list(DEFAULT_LABELS), origins, (1, 0, 0), (0, 1, 0), ph.geometry.pixel_spacing)
+    seg = build_seg(src, seg_labels, segments, ModelCard(version="t"), series_description="t", series_number=1, manufacturer="t")
+    good = tmp_path / "seg.dcm"
+    seg.save_as(good)
+    check_seg(str(good), src)  # matches: no exception
+    other = [d.copy() for d in src]
+    for d in other:
+        d.FrameOfReferenceUID = "1.2.3.4"
+        d.Rows = 65
+    with pytest.raises(InvalidResult, match="different Frame of Reference; matrix 64x64 vs source 65x64"):
+        check_seg(str(good), other)
