@@ -1,4 +1,4 @@
-"""Cleaning a predicted label map: drop small islands, keep the large components, fill holes.
+"""Cleaning a predicted label map: drop small islands, keep the large components, fill holes in long bones.
 
 A 2D model can light up a few stray pixels in unrelated slices; left in, they show up as specks in the
 viewer and inflate volumes. Bones here come in one or two large pieces (one per leg; one pelvis), so each
@@ -13,6 +13,10 @@ from scipy import ndimage
 #: Largest number of separate pieces kept per structure (one per leg for long bones; the bony pelvis
 #: may show hip bones and sacrum apart on some slabs).
 MAX_COMPONENTS = {"PELVIS": 3}
+
+#: Structures whose slices are not solid: the pelvis rings around the pelvic cavity and the obturator
+#: foramen, so filling its "holes" would add the cavity to the bone.
+NO_HOLE_FILLING = {"PELVIS"}
 
 
 def clean_labels(labels: np.ndarray, names: dict[int, str], min_fraction: float = 0.1,
@@ -34,7 +38,7 @@ def clean_labels(labels: np.ndarray, names: dict[int, str], min_fraction: float 
         if not keep:
             continue
         mask = np.isin(comp, keep)
-        if fill_holes:
+        if fill_holes and name not in NO_HOLE_FILLING:
             for k in range(mask.shape[0]):
                 if mask[k].any():
                     mask[k] = ndimage.binary_fill_holes(mask[k])

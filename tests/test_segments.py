@@ -78,3 +78,17 @@ def test_result_check_refuses_a_seg_that_does_not_match_its_source(tmp_path):
         d.Rows = 65
     with pytest.raises(InvalidResult, match="different Frame of Reference; matrix 64x64 vs source 65x64"):
         check_seg(str(good), other)
+
+
+def test_postprocess_fills_long_bones_but_not_the_pelvic_ring():
+    from inference.postprocess import clean_labels
+
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    ring = (r > 10) & (r < 14)
+    lab = np.zeros((3, 64, 64), np.uint8)
+    lab[0][ring] = 4  # pelvis: a ring around the cavity
+    lab[1][ring] = 1  # femur: cortex around a marrow the model missed
+    out = clean_labels(lab, {1: "FEMUR", 4: "PELVIS"}, min_voxels=1)
+    assert (out[0] == 4).sum() == ring.sum()  # cavity not added to the pelvis
+    assert (out[1] == 1).sum() == (r < 14).sum()  # marrow filled in the femur
