@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if model is None:
         from dicom_node.config import load_settings
 
-        model = load_settings(args.config).inference.model_path
+        model = load_settings(args.config).model_path  # the configured model, else the bundled one
     report = evaluate(model, args.data, args.out, device=args.device, png=not args.no_png)
     print((args.out / "evaluation.md").read_text())
     print(json.dumps(report["summary"]["mean"]))
