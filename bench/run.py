@@ -253,6 +253,7 @@ def bench_seg(sizes: list[int]) -> dict:
     from dataclasses import replace
 
     from dicom_node.seg_writer import build_seg
+    from dicom_node.segments import split_sides
     from inference.model_card import ModelCard
     from inference.phantom import Anatomy, Geometry, Phantom, write_dicom_series
     import pydicom
@@ -268,13 +269,16 @@ def bench_seg(sizes: list[int]) -> dict:
             lab[:, (yy - 128) ** 2 + (xx - cx) ** 2 < 100 + 40 * v] = v
         write_dicom_series(Phantom(Anatomy(), replace(g), img, lab), tmp)
         src = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(tmp.iterdir())]
+        origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in src])
         t = time.perf_counter()
-        seg = build_seg(src, lab, ModelCard(version="bench"), series_description="bench", series_number=1, manufacturer="bench")
+        card = ModelCard(version="bench")
+        seg_labels, segments = split_sides(lab, card.labels, origins, (1, 0, 0), (0, 1, 0), (1.5, 1.5))
+        seg = build_seg(src, seg_labels, segments, card, series_description="bench", series_number=1, manufacturer="bench")
         enc = time.perf_counter() - t
         p = tmp / "seg.dcm"
         t = time.perf_counter()
         seg.save_as(p, enforce_file_format=True)
-        out[str(n)] = {"build_s": enc, "write_s": time.perf_counter() - t, "size_mb": p.stat().st_size / 1e6,
+        out[str(n)] = {"build_s": enc, "segments": len(segments), "write_s": time.perf_counter() - t, "size_mb": p.stat().st_size / 1e6,
                        "frames": int(seg.NumberOfFrames)}
         shutil.rmtree(tmp)
     return out
@@ -424,23 +428,24 @@ def main(argv=None) -> int:
     only = set(args.only.split(","))
     res: dict = {"machine": machine(), "smoke": args.smoke}
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    try:
-        if "ingest" in only:
-            res["ingest"] = bench_ingest(work, 20 if args.smoke else 600, 1 if args.smoke else 2)
-        if "send" in only:
-            res["send"] = bench_send(work, 10 if args.smoke else 600)
-        if "inference" in only:
-            res["inference"] = bench_inference(16 if args.smoke else 96, args.smoke)
-        if "seg" in only:
-            res["seg"] = bench_seg([4] if args.smoke else [120, 1000])
-        if "end_to_end" in only:
-            res["end_to_end"] = bench_end_to_end(work, 2 if args.smoke else 11, 4 if args.smoke else 120,
-                                                 1 if args.smoke else 4)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{'smoke-' if args.smoke else ''}{res['machine']['host']}-{res['machine']['date'][:10]}.json"
-    (args.out / name).write_text(json.dumps(res, indent=1))
+    steps = {
+        "ingest": lambda: bench_ingest(work, 20 if args.smoke else 600, 1 if args.smoke else 2),
+        "send": lambda: bench_send(work, 10 if args.smoke else 600),
+        "inference": lambda: bench_inference(16 if args.smoke else 96, args.smoke),
+        "seg": lambda: bench_seg([4] if args.smoke else [120, 1000]),
+        "end_to_end": lambda: bench_end_to_end(work, 2 if args.smoke else 11, 4 if args.smoke else 120,
+                                               1 if args.smoke else 4),
+    }
+    try:
+        for key, step in steps.items():
+            if key in only:
+                res[key] = step()
+                (args.out / name).write_text(json.dumps(res, indent=1))  # keep what is done if a later step fails
+                print(f"{key}: done", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(table(res))
     print(f"results: {args.out / name}")
     return 0
