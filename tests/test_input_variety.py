@@ -17,10 +17,15 @@ from conftest import NodeProcess, PacsSCP, storescu, write_series
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("variety")
     pacs = PacsSCP(tmp / "pacs")
-    node = NodeProcess(tmp, pacs)
+    viewer = PacsSCP(tmp / "viewer", aet="VIEWER")  # a second destination that wants LABELMAP SEGs
+    more = (f'[[destinations]]\nname = "viewer"\nae_title = "VIEWER"\nport = {viewer.port}\n'
+            f'seg_type = "labelmap"\nsend_sr = false\n')
+    node = NodeProcess(tmp, pacs, more=more)
+    node.viewer = viewer
     yield node, pacs
     node.stop()
     pacs.stop()
+    viewer.stop()
 
 
 def seg_frames(pacs, series_uid: str) -> int:
@@ -156,3 +161,34 @@ def test_multiframe_enhanced_mr_is_segmented(pair, workdir):
     refs = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
             for f in seg.PerFrameFunctionalGroupsSequence}
     assert refs and refs <= set(range(1, len(paths) + 1))
+
+
+def test_odd_matrix_binary_and_labelmap_segs_agree(pair, workdir):
+    """250×250: BINARY frames share bytes (62500 bits is not a multiple of 8): the bit packing must be right,
+    and the LABELMAP SEG sent to the second destination must say exactly the same."""
+    import highdicom as hd
+
+    node, pacs = pair
+    _, paths = write_series(workdir / "odd", seed=66, size=250)
+    uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    assert storescu(node.port, workdir / "odd").returncode == 0
+    assert node.wait_job(uid)["state"] == "done"
+
+    def find(scp):
+        for p in scp.files():
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            if ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uid:
+                return p
+        return None
+
+    binary = hd.seg.segread(find(pacs))
+    labelmap = hd.seg.segread(find(node.viewer))
+    assert binary.SegmentationType == "BINARY" and labelmap.SegmentationType == "LABELMAP"
+    assert (binary.Rows, binary.Columns) == (250, 250)
+    v = subprocess.run(["dciodvfy", str(find(pacs))], capture_output=True, text=True)
+    assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+    a = binary.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    b = labelmap.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    assert a.shape == (len(paths), 250, 250) and (a > 0).sum() > 1000
+    assert np.array_equal(a, b)
