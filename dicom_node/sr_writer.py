@@ -36,7 +36,10 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
         modifier = CodedConcept(*sg.modifier) if sg.modifier else None
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=sg.display_name[:64]),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=sg.number),
+            # by SEG instance, segment number and source series: valid for BINARY and LABELMAP SEGs alike
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=sg.number,
+                source_series=hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)),
             finding_type=site,
             finding_category=CodedConcept(*CATEGORY_CODE),
             algorithm_id=algo,

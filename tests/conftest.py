@@ -42,13 +42,13 @@ def need_dcmtk() -> None:
 class PacsSCP:
     """dcmtk's storescp, receiving what the node sends."""
 
-    def __init__(self, folder: Path, aet: str = "PACS"):
+    def __init__(self, folder: Path, aet: str = "PACS", flags: tuple[str, ...] = ()):
         need_dcmtk()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.port = free_port()
-        self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", str(self.port)],
+        self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
                                      env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         time.sleep(0.3)
 

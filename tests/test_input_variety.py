@@ -17,7 +17,9 @@ from conftest import NodeProcess, PacsSCP, storescu, write_series
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("variety")
     pacs = PacsSCP(tmp / "pacs")
-    viewer = PacsSCP(tmp / "viewer", aet="VIEWER")  # a second destination that wants LABELMAP SEGs
+    # a second destination that wants LABELMAP SEGs; dcmtk 3.6.7 predates that SOP class (DICOM 2024), so its
+    # storescp must be told to accept unknown SOP classes (-pm) — as an older PACS would have to be
+    viewer = PacsSCP(tmp / "viewer", aet="VIEWER", flags=("-pm",))
     more = (f'[[destinations]]\nname = "viewer"\nae_title = "VIEWER"\nport = {viewer.port}\n'
             f'seg_type = "labelmap"\nsend_sr = false\n')
     node = NodeProcess(tmp, pacs, more=more)
