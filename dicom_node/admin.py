@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import selectinload
 
 from storage.db import Database
 from storage.models import Delivery, Event, Instance, Job, Series, StructureVolume, Study
@@ -57,3 +58,32 @@ def show(db: Database, what: str) -> str | None:
                 for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):
                     out.append(f"    delivery to {d.destination}, attempt {d.attempt}: {'ok' if d.ok else d.error}")
         return "\n".join(out)
+
+
+def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: int | None = None) -> list[dict]:
+    """Recent jobs (newest first) as plain dicts: what ``dicom-node jobs``, the dashboard and the API show."""
+    with db.session() as s:
+        q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
+                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit))
+        if state:
+            q = q.where(Job.state == state)
+        if job_id is not None:
+            q = q.where(Job.id == job_id)
+        rows = []
+        for job in s.scalars(q):
+            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+            rows.append({
+                "job": job.id, "state": job.state, "attempts": job.attempts, "urgent": job.urgent, "rule": job.rule,
+                "study_uid": job.series.study.study_uid, "accession": job.series.study.accession_number,
+                "series_uid": job.series.series_uid, "series": job.series.series_description,
+                "modality": job.series.modality, "instances": job.series.n_instances,
+                "created": job.created_at.isoformat(timespec="seconds"),
+                "total_s": round(total, 2) if total is not None else None,
+                "stages_s": json.loads(job.timings or "{}"), "reason": job.reason,
+                "superseded_by": job.superseded_by,
+                "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
+                "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error,
+                                "at": d.started_at.isoformat(timespec="seconds")} for d in job.deliveries],
+                "seg_series_uid": job.seg_series_uid, "has_result": bool(job.seg_path),
+            })
+        return rows

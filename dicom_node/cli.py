@@ -144,33 +144,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from sqlalchemy import select
-    from sqlalchemy.orm import selectinload
-
-    from storage.models import Job, Series
+    from .admin import job_rows
 
     settings, db = _db(args)
-    with db.session() as s:
-        q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
-                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(args.limit))
-        if args.state:
-            q = q.where(Job.state == args.state)
-        jobs = list(s.scalars(q))
-        rows = []
-        for job in jobs:
-            t = json.loads(job.timings or "{}")
-            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
-            rows.append({
-                "job": job.id, "state": job.state, "attempts": job.attempts, "rule": job.rule,
-                "study_uid": job.series.study.study_uid, "series_uid": job.series.series_uid,
-                "series": job.series.series_description, "modality": job.series.modality,
-                "instances": job.series.n_instances, "created": job.created_at.isoformat(timespec="seconds"),
-                "total_s": round(total, 2) if total is not None else None, "stages_s": t,
-                "reason": job.reason, "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
-                "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error}
-                               for d in job.deliveries],
-                "seg_series_uid": job.seg_series_uid, "superseded_by": job.superseded_by,
-            })
+    rows = job_rows(db, args.limit, args.state)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

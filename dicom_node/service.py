@@ -36,6 +36,16 @@ def open_storage(settings: Settings) -> tuple[Database, FileStore]:
     return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
 
 
+def make_predictor(settings: Settings):
+    """The worker's one model, loaded as configured (bundled demo model unless inference.model_path)."""
+    from inference.predict import Predictor
+
+    inf = settings.inference
+    p = Predictor(settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads)
+    log.info("model %s v%s loaded on %s", p.card.name, p.card.version, p.device)
+    return p
+
+
 class Node:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -55,12 +65,7 @@ class Node:
         self._stopped = threading.Event()
 
     def _make_predictor(self):
-        from inference.predict import Predictor
-
-        inf = self.settings.inference
-        p = Predictor(self.settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads)
-        log.info("model %s v%s loaded on %s", p.card.name, p.card.version, p.device)
-        return p
+        return make_predictor(self.settings)
 
     def start(self, preload: bool = True) -> None:
         n = queue.release_dead_local_leases(self.db, socket.gethostname())
@@ -103,9 +108,7 @@ def run_worker(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node.__new__(Node)  # reuse the predictor factory without opening a listener
-    node.settings = settings
-    pipeline = Pipeline(settings, db, store, node._make_predictor, worker_id("worker"))
+    pipeline = Pipeline(settings, db, store, lambda: make_predictor(settings), worker_id("worker"))
     _ = pipeline.predictor
     print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
     while not stop.is_set():

@@ -22,12 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
-from sqlalchemy.orm import selectinload
 
 from storage import queue
 from storage.db import Database
 from storage.models import Event, Job, Series, utcnow
 
+from .admin import job_rows
 from .config import Settings
 
 STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
@@ -43,31 +43,6 @@ def is_loopback(address: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- data
-def job_rows(db: Database, limit: int = 50, state: str | None = None) -> list[dict]:
-    with db.session() as s:
-        q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
-                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit))
-        if state:
-            q = q.where(Job.state == state)
-        rows = []
-        for job in s.scalars(q):
-            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
-            rows.append({
-                "job": job.id, "state": job.state, "attempts": job.attempts, "urgent": job.urgent,
-                "study_uid": job.series.study.study_uid, "accession": job.series.study.accession_number,
-                "series_uid": job.series.series_uid, "series": job.series.series_description,
-                "modality": job.series.modality, "instances": job.series.n_instances,
-                "created": job.created_at.isoformat(timespec="seconds"), "total_s": total,
-                "stages_s": json.loads(job.timings or "{}"), "reason": job.reason,
-                "superseded_by": job.superseded_by,
-                "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
-                "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error,
-                                "at": d.started_at.isoformat(timespec="seconds")} for d in job.deliveries],
-                "seg_series_uid": job.seg_series_uid, "has_result": bool(job.seg_path),
-            })
-        return rows
-
-
 def job_timeline(db: Database, job_id: int) -> list[dict]:
     with db.session() as s:
         job = s.get(Job, job_id)
@@ -174,7 +149,7 @@ def render_dashboard(settings: Settings, db: Database) -> str:
 
 
 def render_job(settings: Settings, db: Database, job_id: int) -> str | None:
-    rows = [j for j in job_rows(db, 1_000_000) if j["job"] == job_id]
+    rows = job_rows(db, 1, job_id=job_id)
     if not rows:
         return None
     j = rows[0]
@@ -344,7 +319,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
 
     @app.get("/api/jobs/{job_id}", dependencies=[Depends(auth)])
     def api_job(job_id: int):
-        rows = [j for j in job_rows(db, 1_000_000) if j["job"] == job_id]
+        rows = job_rows(db, 1, job_id=job_id)
         if not rows:
             raise HTTPException(404, "no such job")
         return {**rows[0], "timeline": job_timeline(db, job_id)}
