@@ -102,7 +102,14 @@ class NodeProc:
             f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest)
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(workdir / "node.toml"), "serve"],
                                      cwd=ROOT, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"), stderr=subprocess.STDOUT)
-        wait_port(self.port, 120)
+        # Wait for the node's ready line, not just the open port: the port opens before the model has loaded,
+        # and sending while torch loads would measure the model load, not ingest.
+        deadline = time.time() + 180
+        while "dicom-node listening" not in (workdir / "node.log").read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"node did not start: {(workdir / 'node.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        wait_port(self.port, 10)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -431,7 +438,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{'smoke-' if args.smoke else ''}{res['machine']['host']}-{res['machine']['date'][:10]}.json"
     steps = {
-        "ingest": lambda: bench_ingest(work, 20 if args.smoke else 600, 1 if args.smoke else 2),
+        "ingest": lambda: bench_ingest(work, 20 if args.smoke else 600, 1 if args.smoke else 4),
         "send": lambda: bench_send(work, 10 if args.smoke else 600),
         "inference": lambda: bench_inference(16 if args.smoke else 96, args.smoke),
         "seg": lambda: bench_seg([4] if args.smoke else [120, 1000]),

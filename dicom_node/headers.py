@@ -9,10 +9,14 @@ that fails is answered with 0xC000 (cannot understand) and never reported as sto
 from __future__ import annotations
 
 import io
+import zlib
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from storage.queue import InstanceMeta
 
@@ -21,6 +25,19 @@ REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstance
 
 class UnreadableData(ValueError):
     """The bytes are not a complete, understandable DICOM dataset."""
+
+
+#: Tags read straight from the raw bytes: text VRs (UI, CS, DA, DS, IS) that are ASCII by definition.
+_TEXT_TAGS = {
+    "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E, "Modality": 0x00080060, "BodyPartExamined": 0x00180015,
+    "AccessionNumber": 0x00080050, "StudyDate": 0x00080020, "SeriesNumber": 0x00200011,
+    "InstanceNumber": 0x00200013, "NumberOfFrames": 0x00280008, "ImagePositionPatient": 0x00200032,
+    "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030, "FrameOfReferenceUID": 0x00200052,
+    "ImageType": 0x00080008,
+}
+#: Unsigned shorts (US) read from the raw bytes in the data set's byte order.
+_US_TAGS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002}
 
 
 def _multi(ds: Dataset, kw: str) -> str:
@@ -32,13 +49,55 @@ def _multi(ds: Dataset, kw: str) -> str:
     return str(v)
 
 
+def text(ds: Dataset, kw: str) -> str:
+    """A text attribute as one string (values joined by backslash), "" when absent.
+
+    On the hot path (every C-STORE) the element is still raw bytes: decoding those few ASCII VRs directly
+    costs a fraction of pydicom's value conversion, which is kept for everything else.
+    """
+    tag = _TEXT_TAGS.get(kw)
+    elem = ds._dict.get(tag) if tag is not None else None
+    if isinstance(elem, RawDataElement):
+        return "" if elem.value is None else elem.value.decode("latin-1").strip(" \x00")
+    return _multi(ds, kw)
+
+
+def ushort(ds: Dataset, kw: str) -> int | None:
+    elem = ds._dict.get(_US_TAGS[kw])
+    if isinstance(elem, RawDataElement):
+        v = elem.value
+        if not v or len(v) < 2:
+            return None
+        return int.from_bytes(v[:2], "little" if elem.is_little_endian else "big")
+    v = ds.get(kw)
+    return int(v) if v not in (None, "") else None
+
+
 def parse(data: bytes) -> Dataset:
+    """A whole Part 10 file (preamble, file meta, data set)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
     except Exception as exc:  # pydicom raises a variety of errors on garbage; none may reach the handler
         raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
+    _check_complete(ds)
+    return ds
+
+
+def parse_received(data: bytes, transfer_syntax: str) -> Dataset:
+    """A data set as received over DIMSE (no file meta), in the presentation context's transfer syntax.
+
+    Elements stay raw (pydicom converts on access); no pixel decoding.
+    """
+    ts = UID(transfer_syntax)
+    try:
+        body = zlib.decompress(data, -zlib.MAX_WBITS) if ts == DeflatedExplicitVRLittleEndian else data
+        ds = read_dataset(io.BytesIO(body), ts.is_implicit_VR, ts.is_little_endian)
+    except Exception as exc:  # pydicom raises a variety of errors on garbage; none may reach the handler
+        raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
     _check_complete(ds)
     return ds
 
@@ -54,36 +113,38 @@ def _check_complete(ds: Dataset) -> None:
         raise UnreadableData(f"truncated: element {tags[-1]} declares {declared} bytes, {len(value)} received")
     for kw in REQUIRED:
         try:
-            if not ds.get(kw):
+            if not text(ds, kw):
                 raise UnreadableData(f"missing {kw}")
         except UnreadableData:
             raise
         except Exception as exc:
             raise UnreadableData(f"unreadable {kw}: {exc}") from None
-    if "PixelData" in ds:
+    if 0x7FE00010 in ds._dict:
         _check_pixels(ds)
-    elif "Rows" in ds and "Columns" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    elif 0x00280010 in ds._dict and 0x00280011 in ds._dict and "FloatPixelData" not in ds \
+            and "DoubleFloatPixelData" not in ds:
         raise UnreadableData("image without pixel data (truncated?)")
 
 
 def _check_pixels(ds: Dataset) -> None:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    pix = ds["PixelData"]
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        spp = int(ds.get("SamplesPerPixel", 1))
-        bits = int(ds.BitsAllocated)
+        rows, cols = ushort(ds, "Rows"), ushort(ds, "Columns")
+        frames = int(text(ds, "NumberOfFrames") or 1)
+        spp = ushort(ds, "SamplesPerPixel") or 1
+        bits = ushort(ds, "BitsAllocated")
+        if rows is None or cols is None or bits is None:
+            raise ValueError("Rows, Columns or BitsAllocated missing")
     except Exception as exc:
         raise UnreadableData(f"image pixel description unreadable: {exc}") from None
+    raw = ds._dict[0x7FE00010].value
     if ts is not None and ts.is_compressed:
-        raw = pix.value
         if not isinstance(raw, (bytes, bytearray)) or len(raw) < 8:
             raise UnreadableData("encapsulated pixel data missing")
         return
     expected = (rows * cols * frames * spp * bits + 7) // 8
-    if len(pix.value or b"") < expected:
-        raise UnreadableData(f"pixel data holds {len(pix.value or b'')} bytes, {expected} expected (truncated)")
+    if len(raw or b"") < expected:
+        raise UnreadableData(f"pixel data holds {len(raw or b'')} bytes, {expected} expected (truncated)")
 
 
 def to_meta(ds: Dataset) -> InstanceMeta:
@@ -94,20 +155,22 @@ def to_meta(ds: Dataset) -> InstanceMeta:
         return "" if v is None else str(v)
 
     def i(kw: str) -> int | None:
-        v = ds.get(kw)
         try:
-            return int(v) if v not in (None, "") else None
+            v = text(ds, kw)
+            return int(float(v)) if v else None
         except (TypeError, ValueError):
             return None
 
     return InstanceMeta(
-        sop_uid=s("SOPInstanceUID"), sop_class_uid=s("SOPClassUID"), study_uid=s("StudyInstanceUID"),
-        series_uid=s("SeriesInstanceUID"), transfer_syntax=str(ts), modality=s("Modality"),
-        body_part=s("BodyPartExamined"), series_description=s("SeriesDescription"),
-        study_description=s("StudyDescription"), series_number=i("SeriesNumber"),
-        accession_number=s("AccessionNumber"), study_date=s("StudyDate"), instance_number=i("InstanceNumber"),
-        rows=i("Rows"), columns=i("Columns"), frames=i("NumberOfFrames") or 1,
-        position=_multi(ds, "ImagePositionPatient"), orientation=_multi(ds, "ImageOrientationPatient"),
-        pixel_spacing=_multi(ds, "PixelSpacing"), frame_of_reference_uid=s("FrameOfReferenceUID"),
-        image_type=_multi(ds, "ImageType"),
+        sop_uid=text(ds, "SOPInstanceUID"), sop_class_uid=text(ds, "SOPClassUID"),
+        study_uid=text(ds, "StudyInstanceUID"), series_uid=text(ds, "SeriesInstanceUID"),
+        transfer_syntax=str(ts), modality=text(ds, "Modality"), body_part=text(ds, "BodyPartExamined"),
+        # descriptions may be in any Specific Character Set: pydicom decodes those
+        series_description=s("SeriesDescription"), study_description=s("StudyDescription"),
+        series_number=i("SeriesNumber"), accession_number=text(ds, "AccessionNumber"),
+        study_date=text(ds, "StudyDate"), instance_number=i("InstanceNumber"),
+        rows=ushort(ds, "Rows"), columns=ushort(ds, "Columns"), frames=i("NumberOfFrames") or 1,
+        position=text(ds, "ImagePositionPatient"), orientation=text(ds, "ImageOrientationPatient"),
+        pixel_spacing=text(ds, "PixelSpacing"), frame_of_reference_uid=text(ds, "FrameOfReferenceUID"),
+        image_type=text(ds, "ImageType"),
     )

@@ -1,8 +1,8 @@
 """The DICOM listener: C-ECHO and C-STORE, with caller allowlists, a disk floor and TCP_NODELAY.
 
-One handler per event, as pynetdicom's own apps do. The C-STORE handler writes the encoded bytes it
-received (no pixel decoding), reads the header once for the database, and answers success only after the
-file is on disk and recorded.
+One handler per event, as pynetdicom's own apps do; the association itself is served by acceptor.py
+(why: see there). The C-STORE handler writes the encoded bytes it received (no pixel decoding), reads
+the header once for the database, and answers success only after the file is on disk and recorded.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 import socket
 import threading
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom import _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -35,8 +35,9 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import Recorder
 
+from .acceptor import Acceptor, Peer, Rejection, StoreRequest
 from .config import Settings
-from .headers import UnreadableData, parse, to_meta
+from .headers import UnreadableData, parse_received, to_meta
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -61,13 +62,21 @@ def quiet_pynetdicom() -> None:
 
 
 def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: disable Nagle, or every small PDU waits ~40 ms for the peer's delayed ACK."""
+    """EVT_CONN_OPEN (pynetdicom, when we send): disable Nagle, or every small PDU waits ~40 ms for the
+    peer's delayed ACK."""
     try:
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError) as exc:
         log.debug("TCP_NODELAY not set: %s", exc)
+
+
+def supported_contexts() -> list:
+    """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode."""
+    contexts = [build_context(Verification)]
+    contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    return contexts
 
 
 class StorageSCP:
@@ -80,25 +89,22 @@ class StorageSCP:
         self.recorder = Recorder(db)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
-        self.server = None
+        self.server: Acceptor | None = None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ handlers
-    def on_requested(self, event: evt.Event) -> None:
-        """EVT_REQUESTED: reject callers not on the allowlists, with the reason logged."""
-        assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title.strip() if assoc.requestor.primitive else ""
-        address = assoc.requestor.address
+    def on_requested(self, peer: Peer) -> Rejection | None:
+        """A-ASSOCIATE-RQ: reject callers not on the allowlists, with the reason logged."""
         reason = None
-        if self._aets and calling not in self._aets:
-            reason, diag = f"calling AE title {calling!r} not in scp.allowed_calling_aets", 0x03
-        elif self._networks and not self._peer_allowed(address):
-            reason, diag = f"peer address {address} not in scp.allowed_peers", 0x01
+        if self._aets and peer.calling_ae not in self._aets:
+            reason, diag = f"calling AE title {peer.calling_ae!r} not in scp.allowed_calling_aets", 0x03
+        elif self._networks and not self._peer_allowed(peer.address):
+            reason, diag = f"peer address {peer.address} not in scp.allowed_peers", 0x01
         if reason:
             log.warning("association rejected: %s", reason)
-            assoc.acse.send_reject(0x01, 0x01, diag)  # rejected-permanent, service-user
-            assoc.kill()
+            return Rejection(0x01, 0x01, diag)  # rejected-permanent, service-user
+        return None
 
     def _peer_allowed(self, address: str) -> bool:
         try:
@@ -107,30 +113,29 @@ class StorageSCP:
             return False
         return any(ip in net for net in self._networks)
 
-    def on_echo(self, event: evt.Event) -> int:
+    def on_echo(self, peer: Peer) -> int:
         return SUCCESS
 
-    def on_store(self, event: evt.Event) -> int:
+    def on_store(self, request: StoreRequest) -> int:
         try:
-            return self._store(event)
+            return self._store(request)
         except Exception:  # never let one instance take the listener down; never claim success
             log.exception("C-STORE failed unexpectedly")
             self._count("refused")
             return PROCESSING_FAILURE
 
-    def _store(self, event: evt.Event) -> int:
-        req = event.request
+    def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
             log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
             self._count("refused")
             return OUT_OF_RESOURCES
-        data = event.encoded_dataset()
+        data = req.as_file()
         try:
-            ds = parse(data)
-            if ds.SOPInstanceUID != req.AffectedSOPInstanceUID:
+            ds = parse_received(req.dataset, req.transfer_syntax)
+            if ds.SOPInstanceUID != req.sop_instance_uid:
                 raise UnreadableData("SOP Instance UID in the dataset differs from the C-STORE request")
         except UnreadableData as exc:
-            path = self.store.quarantine_bytes(data, f"{exc} (calling AE {event.assoc.requestor.ae_title})")
+            path = self.store.quarantine_bytes(data, f"{exc} (calling AE {req.peer.calling_ae})")
             log.warning("C-STORE refused (0xC000): %s; kept in %s", exc, path.name)
             self._count("refused")
             return CANNOT_UNDERSTAND
@@ -144,7 +149,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         # A re-sent instance lands on the same path (same UIDs) and is recorded once; either way it is on disk
         # and in the database now, so the peer may forget it.
-        new = self.recorder.record(meta, str(path), len(data), event.assoc.requestor.ae_title.strip())
+        new = self.recorder.record(meta, str(path), len(data), req.peer.calling_ae)
         self._count("stored" if new else "duplicates")
         return SUCCESS
 
@@ -153,28 +158,12 @@ class StorageSCP:
             self.stats[key] += 1
 
     # ------------------------------------------------------------------------------ server
-    def make_ae(self) -> AE:
-        cfg = self.settings.scp
-        ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs when receiving
-        ae.maximum_associations = cfg.max_associations
-        ae.network_timeout = cfg.network_timeout
-        ae.dimse_timeout = cfg.network_timeout
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        return ae
-
     def start(self) -> None:
         cfg = self.settings.scp
-        handlers = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
-            (evt.EVT_REQUESTED, self.on_requested),
-            (evt.EVT_C_ECHO, self.on_echo),
-            (evt.EVT_C_STORE, self.on_store),
-        ]
-        self.ae = self.make_ae()
-        self.server = self.ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+        self.server = Acceptor(supported_contexts(), self, max_associations=cfg.max_associations,
+                               network_timeout=cfg.network_timeout)
+        self.store.start_spares()
+        self.server.start((cfg.bind_address, cfg.port))
         log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
 
     @property
@@ -183,5 +172,6 @@ class StorageSCP:
 
     def stop(self) -> None:
         if self.server:
-            self.server.shutdown()
+            self.server.stop()
             self.server = None
+        self.store.stop_spares()
