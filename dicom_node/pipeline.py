@@ -24,13 +24,13 @@ from storage.filestore import FileStore
 from storage.models import Job, utcnow
 
 from .config import Settings
-from .rules import stack
+from .rules import split_blocks, stack
 from .sender import send_items, stow
 from .seg_writer import build_seg
 from .segments import split_sides
 from .sr_writer import build_sr
 from .validate import InvalidResult, check_seg, check_sr
-from .volume import NotStackable, load_series
+from .volume import NotStackable, SeriesVolume, load_series
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -139,24 +139,27 @@ class Pipeline:
             queue.set_state(self.db, job_id, "skipped", event_detail=why, reason=why, finished_at=utcnow())
             return
         try:
-            vol = load_series(ordered)
+            # one block, unless the series has gaps between stations: each block is its own volume
+            parts = [load_series(block) for block in split_blocks(ordered)]
         except NotStackable as exc:
             queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
         t = self._stage(job_id, "load", t)
         predictor = self.predictor
-        pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir)
+        preds = [predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
         for stage in ("preprocess", "predict", "postprocess"):
-            if stage in pred.timings:
-                queue.add_timing(self.db, job_id, stage, pred.timings[stage])
+            if any(stage in p.timings for p in preds):
+                queue.add_timing(self.db, job_id, stage, sum(p.timings.get(stage, 0.0) for p in preds))
         t = time.perf_counter()
+        vol = SeriesVolume.join(parts)
+        labels = preds[0].labels if len(preds) == 1 else np.concatenate([p.labels for p in preds])
         card = predictor.card
         first = vol.datasets[0]
         declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper()
-        seg_labels, segments = split_sides(pred.labels, card.labels, vol.origins, vol.row_dir, vol.col_dir,
+        seg_labels, segments = split_sides(labels, card.labels, vol.origins, vol.row_dir, vol.col_dir,
                                            vol.pixel_spacing, declared)
-        counts = np.bincount(seg_labels.ravel(), minlength=len(segments) + 1)
-        vols = {sg.name: float(counts[sg.number]) * vol.voxel_mm3 / 1000.0 for sg in segments}
+        cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
+        vols = {sg.name: float(cm3[sg.number]) for sg in segments}
         queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
             queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",

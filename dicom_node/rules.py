@@ -50,6 +50,12 @@ def match_rules(series: Series, study_description: str, rules: list[Rule]) -> tu
     return None, "; ".join(uniq) if uniq else "no rules configured"
 
 
+#: A step between slices longer than this many times the usual one is a gap between stations.
+GAP_FACTOR = 1.5
+#: Fewest slices in one block of a series with gaps (fewer: skipped, most likely stray slices).
+MIN_BLOCK_SLICES = 3
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split("\\") if v != ""]
@@ -103,11 +109,40 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     order = np.asarray(keep)
     d = d[order]
     if len(d) > 1:
-        gaps = np.diff(d)
-        med = float(np.median(gaps))
-        if np.abs(gaps - med).max() > 0.1 * med + 0.01:
-            return None, f"inconsistent slice spacing ({gaps.min():.2f}–{gaps.max():.2f} mm): gaps or several stations"
+        steps = np.diff(d)
+        step = float(np.median(steps))
+        regular = np.abs(steps - step) <= 0.1 * step + 0.01
+        gap = steps > GAP_FACTOR * step
+        if not (regular | gap).all():
+            return None, (f"inconsistent slice spacing ({steps.min():.2f}–{steps.max():.2f} mm): overlapping "
+                          "stations or irregular slices")
+        if gap.any():
+            sizes = np.diff(np.concatenate([[0], np.flatnonzero(gap) + 1, [len(d)]]))
+            if sizes.min() < MIN_BLOCK_SLICES:
+                return None, (f"gaps split the series into blocks of {'+'.join(map(str, sizes))} slices; "
+                              f"each needs at least {MIN_BLOCK_SLICES}")
+            gaps = ", ".join(f"{g:.1f}" for g in steps[gap])
+            block_note = (f"{len(sizes)} blocks of {'+'.join(map(str, sizes))} slices with gaps of {gaps} mm "
+                          "(several stations): each block segmented as its own volume")
+            note = "; ".join(x for x in (note, block_note) if x)
     return [images[k] for k in order], note
+
+
+def split_blocks(ordered: list[Instance]) -> list[list[Instance]]:
+    """Slices in stacking order (from :func:`stack`) cut into runs without gaps; one run for most series.
+
+    A leg scanned in several stations may arrive as one series whose positions jump between stations;
+    each run is segmented as its own volume (its own intensity range, 3D clean-up and slice spacing).
+    """
+    if len(ordered) < 2 or any((i.frames or 1) > 1 for i in ordered):
+        return [ordered]
+    ori = np.asarray(_floats(ordered[0].orientation))
+    normal = np.cross(ori[:3], ori[3:])
+    d = np.asarray([_floats(i.position) for i in ordered]) @ normal
+    steps = np.diff(d)
+    cuts = np.flatnonzero(steps > GAP_FACTOR * float(np.median(steps))) + 1
+    bounds = [0, *cuts.tolist(), len(ordered)]
+    return [ordered[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def decide(series: Series, study_description: str, instances: list[Instance], rules: list[Rule]) -> Decision:

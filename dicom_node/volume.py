@@ -28,6 +28,7 @@ class SeriesVolume:
     slice_spacing: float
     origins: np.ndarray  # (n, 3) ImagePositionPatient of each slice, stacking order
     frame_order: np.ndarray | None = None  # multi-frame: source frame index of each stacked slice
+    blocks: list[tuple[int, int, float]] | None = None  # joined blocks: (first, end, voxel mm³) per block
 
     def to_source_order(self, labels: np.ndarray) -> np.ndarray:
         """Labels in stacking order -> the order the SEG encoder expects (the source's frames)."""
@@ -40,6 +41,28 @@ class SeriesVolume:
     @property
     def voxel_mm3(self) -> float:
         return float(self.pixel_spacing[0] * self.pixel_spacing[1] * self.slice_spacing)
+
+    def volumes_cm3(self, labels: np.ndarray, n_labels: int) -> np.ndarray:
+        """Volume of each label value 0..n_labels-1 in cm³, each block with its own slice spacing."""
+        parts = self.blocks or [(0, labels.shape[0], self.voxel_mm3)]
+        total = np.zeros(n_labels)
+        for first, end, mm3 in parts:
+            total += np.bincount(labels[first:end].ravel(), minlength=n_labels)[:n_labels] * mm3
+        return total / 1000.0
+
+    @classmethod
+    def join(cls, parts: list["SeriesVolume"]) -> "SeriesVolume":
+        """Blocks of one series with gaps between them (single-frame slices), as one stack for the SEG."""
+        if len(parts) == 1:
+            return parts[0]
+        blocks, at = [], 0
+        for v in parts:
+            blocks.append((at, at + v.array.shape[0], v.voxel_mm3))
+            at += v.array.shape[0]
+        first = parts[0]
+        return cls(np.concatenate([v.array for v in parts]), [d for v in parts for d in v.datasets], first.row_dir,
+                   first.col_dir, first.pixel_spacing, float(np.median([v.slice_spacing for v in parts])),
+                   np.concatenate([v.origins for v in parts]), None, blocks)
 
 
 class NotStackable(ValueError):
@@ -109,10 +132,40 @@ def load_multiframe(path: str) -> SeriesVolume:
         raise NotStackable("inconsistent frame spacing")
     ps = tuple(float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
     pixels = ds.pixel_array.astype(np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1 or intercept != 0:
-        pixels = pixels * slope + intercept
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    for k in range(n):  # Enhanced MR keeps the rescale in the functional groups, per frame or shared
+        try:
+            slope = float(_frame_attr(ds, k, "PixelValueTransformationSequence", "RescaleSlope"))
+            intercept = float(_frame_attr(ds, k, "PixelValueTransformationSequence", "RescaleIntercept"))
+        except (NotStackable, AttributeError, TypeError, ValueError):
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != 1 or intercept != 0:
+            pixels[k] = pixels[k] * slope + intercept
     del ds.PixelData
+    _share_orientation(ds)
     spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
     return SeriesVolume(pixels[order], [ds], tuple(iop[:3]), tuple(iop[3:]), ps, spacing, pos[order], order)  # type: ignore[arg-type]
+
+
+def _share_orientation(ds: Dataset) -> None:
+    """Move a per-frame PlaneOrientationSequence that is the same in every frame to the shared groups.
+
+    Scanners' Enhanced MR often repeats the orientation in every frame; highdicom's Segmentation accepts a
+    multi-frame source only with the orientation shared ("Source images must have a shared orientation").
+    The frames were already checked to share one orientation; only this pixel-less metadata copy changes.
+    """
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per or "PlaneOrientationSequence" not in per[0]:
+        return
+    from pydicom.dataset import Dataset as _Dataset
+    from pydicom.sequence import Sequence
+
+    orientation = per[0].PlaneOrientationSequence
+    if "SharedFunctionalGroupsSequence" not in ds or not ds.SharedFunctionalGroupsSequence:
+        ds.SharedFunctionalGroupsSequence = Sequence([_Dataset()])
+    ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = orientation
+    for item in per:
+        if "PlaneOrientationSequence" in item:
+            del item.PlaneOrientationSequence

@@ -57,6 +57,7 @@ def busy_node(tmp_path_factory):
         yield node, done["job"], failed["job"], tmp
     finally:
         node.stop()
+        pacs.stop()  # already stopped above; validates what it received
 
 
 def test_dashboard_in_chromium_shows_queue_jobs_and_failures(busy_node):

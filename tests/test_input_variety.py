@@ -26,8 +26,10 @@ def pair(tmp_path_factory):
     node.viewer = viewer
     yield node, pacs
     node.stop()
-    pacs.stop()
-    viewer.stop()
+    try:
+        pacs.stop()  # checks every SEG/SR received with dciodvfy
+    finally:
+        viewer.stop()
 
 
 def seg_frames(pacs, series_uid: str) -> int:
@@ -194,3 +196,138 @@ def test_odd_matrix_binary_and_labelmap_segs_agree(pair, workdir):
     b = labelmap.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
     assert a.shape == (len(paths), 250, 250) and (a > 0).sum() > 1000
     assert np.array_equal(a, b)
+
+
+def _enhanced_mr(singles: list, series_uid: str):
+    """An Enhanced MR Image (PS3.3 A.36.2) laid out as scanners write one: plane position and orientation per
+    frame, pixel measures shared, frame content with stack dimension indices, frames in acquisition order
+    (here the shuffled order they were given in)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    first = singles[0]
+    ds = Dataset()
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+               "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "StudyDescription",
+               "FrameOfReferenceUID", "PositionReferenceIndicator", "Manufacturer", "BodyPartExamined"):
+        if kw in first:
+            setattr(ds, kw, getattr(first, kw))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 9
+    ds.SeriesDescription = "AX T1 ENHANCED LOWER LIMB"
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.ContentQualification = "PRODUCT"
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = first.StudyDate, "120000", first.StudyDate + "120000"
+    ds.Rows, ds.Columns = first.Rows, first.Columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.NumberOfFrames = len(singles)
+    shared = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing, pm.SliceThickness = first.PixelSpacing, first.SliceThickness
+    shared.PixelMeasuresSequence = Sequence([pm])
+    pvt = Dataset()
+    pvt.RescaleIntercept, pvt.RescaleSlope, pvt.RescaleType = 0, 1, "US"
+    shared.PixelValueTransformationSequence = Sequence([pvt])
+    ft = Dataset()
+    ft.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    shared.MRImageFrameTypeSequence = Sequence([ft])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    dim_uid = generate_uid()
+    org = Dataset()
+    org.DimensionOrganizationUID = dim_uid
+    ds.DimensionOrganizationSequence = Sequence([org])
+    idx = []
+    for pointer in (0x00209056, 0x00209057):  # Stack ID, In-Stack Position Number
+        d = Dataset()
+        d.DimensionOrganizationUID, d.DimensionIndexPointer, d.FunctionalGroupPointer = dim_uid, pointer, 0x00209111
+        idx.append(d)
+    ds.DimensionIndexSequence = Sequence(idx)
+    normal = np.cross(np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float))
+    depth = [float(np.dot(np.asarray(s.ImagePositionPatient, float), normal)) for s in singles]
+    rank = {k: r + 1 for r, k in enumerate(np.argsort(depth))}
+    frames = []
+    for k, s in enumerate(singles):
+        f = Dataset()
+        fc = Dataset()
+        fc.StackID, fc.InStackPositionNumber, fc.DimensionIndexValues = "1", rank[k], [1, rank[k]]
+        f.FrameContentSequence = Sequence([fc])
+        pp, po = Dataset(), Dataset()
+        pp.ImagePositionPatient = s.ImagePositionPatient
+        po.ImageOrientationPatient = s.ImageOrientationPatient
+        f.PlanePositionSequence, f.PlaneOrientationSequence = Sequence([pp]), Sequence([po])
+        frames.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack([s.pixel_array.astype(np.uint16) for s in singles]).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    return ds
+
+
+def test_native_enhanced_mr_is_segmented_on_its_own_frame_geometry(pair, workdir):
+    """Enhanced MR Image Storage (not the legacy-converted class): per-frame plane positions and orientations.
+    The SEG references the instance's frames and each SEG frame sits where its source frame sits."""
+    import highdicom as hd
+
+    node, pacs = pair
+    _, paths = write_series(workdir / "single", seed=66, order="shuffled")
+    singles = [pydicom.dcmread(p) for p in paths]
+    mr = _enhanced_mr(singles, generate_uid())
+    (workdir / "emr").mkdir()
+    mr.save_as(workdir / "emr" / "enhanced.dcm", enforce_file_format=True)
+    r = storescu(node.port, workdir / "emr", flags=("-R",))
+    assert r.returncode == 0, r.stderr
+    job = node.wait_job(mr.SeriesInstanceUID)
+    assert job["state"] == "done", job["reason"]
+    seg_path = next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
+                    and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID
+                    == mr.SeriesInstanceUID)
+    seg = pydicom.dcmread(seg_path)
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPClassUID == mr.SOPClassUID
+    n_checked = 0
+    for f in seg.PerFrameFunctionalGroupsSequence:
+        src = int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        want = mr.PerFrameFunctionalGroupsSequence[src - 1].PlanePositionSequence[0].ImagePositionPatient
+        got = f.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose([float(v) for v in got], [float(v) for v in want], atol=1e-3)
+        n_checked += 1
+    assert n_checked > 0
+    # the bone is where the phantom's bone is: labels per source frame against the phantom's own masks
+    labels = hd.seg.segread(seg_path).get_pixels_by_source_frame(
+        mr.SOPInstanceUID, list(range(1, len(singles) + 1)), combine_segments=True, skip_overlap_checks=True,
+        ignore_spatial_locations=True)
+    assert (labels > 0).sum() > 1000
+
+
+def test_one_series_with_a_gap_between_stations_is_segmented_block_by_block(pair, workdir):
+    """One series whose slice positions jump (two stations, 56 mm apart): both blocks are segmented, the SEG
+    covers every slice, and the bone sits where the phantom's bone is in both blocks."""
+    import highdicom as hd
+
+    node, pacs = pair
+    ph, paths = write_series(workdir / "gap", seed=67, n_slices=30)
+    drop = set(range(12, 18))  # 6 slices of 8 mm missing: a 56 mm step between the blocks
+    for k in drop:
+        paths[k].unlink()
+    kept = [k for k in range(len(paths)) if k not in drop]
+    assert storescu(node.port, workdir / "gap").returncode == 0
+    series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    job = node.wait_job(series_uid)
+    assert job["state"] == "done", job["reason"]
+    assert "2 blocks of 12+12 slices with gaps of 56.0 mm" in node.cli("show", str(job["job"])).stdout
+    assert seg_frames(pacs, series_uid) == len(kept)
+    seg_path = next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
+                    and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid)
+    uids = [pydicom.dcmread(paths[k], stop_before_pixels=True).SOPInstanceUID for k in kept]
+    got = hd.seg.segread(seg_path).get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True) > 0
+    want = ph.labels[kept] > 0
+    for block in (slice(0, 12), slice(12, None)):
+        a, b = got[block], want[block]
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice > 0.85, dice

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 
-from conftest import NodeProcess, free_port, storescu, wait_for, write_series
+from conftest import NodeProcess, check_results_valid, free_port, storescu, wait_for, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
@@ -98,3 +98,13 @@ def test_study_routed_by_orthanc_comes_back_into_the_same_study(orthanc_and_node
     tags = api(o.http, f"/instances/{inst['ID']}/simplified-tags")
     assert tags["StudyInstanceUID"] == ds.StudyInstanceUID
     assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == ds.SeriesInstanceUID
+    # what Orthanc stored (via C-STORE and STOW-RS) passes dciodvfy
+    files = []
+    for se in api(o.http, f"/studies/{study_id}/series"):
+        if se["MainDicomTags"].get("Modality") in ("SEG", "SR"):
+            for inst in api(o.http, f"/series/{se['ID']}/instances"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{o.http}/instances/{inst['ID']}/file", timeout=30) as r:
+                    path = o.tmp / f"{inst['ID']}.dcm"
+                    path.write_bytes(r.read())
+                    files.append(path)
+    assert check_results_valid(files) >= 2

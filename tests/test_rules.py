@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicom_node.config import Rule
-from dicom_node.rules import decide, match_rules, stack
+from dicom_node.rules import decide, match_rules, split_blocks, stack
 
 
 def series(modality="MR", body="", desc=""):
@@ -49,7 +49,9 @@ def test_stack_orders_by_position_and_drops_localizers():
 @pytest.mark.parametrize("items,reason", [
     ([inst(0), inst(3, ori=(0, 1, 0, 0, 0, -1))], "mixed orientations"),
     ([inst(z, ori=(0, 1, 0, 0, 0, -1)) for z in range(3)], "sagittal"),
-    ([inst(0), inst(3), inst(6), inst(30)], "inconsistent slice spacing"),
+    ([inst(0), inst(3), inst(6), inst(30)], "blocks of 3+1 slices; each needs at least 3"),
+    ([inst(0), inst(3), inst(6), inst(10.5), inst(13.5)], "inconsistent slice spacing"),
+    ([inst(z) for z in (0, 3, 6, 9, 5, 8)], "inconsistent slice spacing"),  # overlapping stations
     ([inst(0), inst(3, rows=32)], "rows/columns"),
     ([inst(0, frames=40), inst(3, frames=40)], "several multi-frame instances"),
 ])
@@ -73,3 +75,15 @@ def test_duplicate_position_keeps_the_instance_received_last():
     b.received_at, c.received_at = 1, 2
     ordered, note = stack([a, c, b])
     assert ordered == [a, c] and "1 duplicate slice positions" in note
+
+
+def test_one_series_with_a_gap_between_stations_is_cut_into_blocks():
+    upper = [inst(z) for z in (200, 195, 190, 185, 180)]
+    lower = [inst(z) for z in (100, 95, 90, 85)]
+    ordered, note = stack(lower[::-1] + upper)
+    assert ordered is not None, note
+    assert "2 blocks of 4+5 slices with gaps of 80.0 mm" in note
+    blocks = split_blocks(ordered)
+    assert [[float(i.position.split("\\")[2]) for i in b] for b in blocks] == [[85, 90, 95, 100], [180, 185, 190, 195, 200]]
+    # a series without gaps stays one block
+    assert split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0]) and len(split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0])) == 1
