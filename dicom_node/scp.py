@@ -37,7 +37,7 @@ from storage.queue import Recorder
 
 from .acceptor import Acceptor, Peer, Rejection, StoreRequest
 from .config import Settings
-from .headers import UnreadableData, parse_received, to_meta
+from .headers import UnreadableData, read_received
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -131,15 +131,14 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         data = req.as_file()
         try:
-            ds = parse_received(req.dataset, req.transfer_syntax)
-            if ds.SOPInstanceUID != req.sop_instance_uid:
+            meta = read_received(req.dataset, req.transfer_syntax)
+            if meta.sop_uid != req.sop_instance_uid:
                 raise UnreadableData("SOP Instance UID in the dataset differs from the C-STORE request")
         except UnreadableData as exc:
             path = self.store.quarantine_bytes(data, f"{exc} (calling AE {req.peer.calling_ae})")
             log.warning("C-STORE refused (0xC000): %s; kept in %s", exc, path.name)
             self._count("refused")
             return CANNOT_UNDERSTAND
-        meta = to_meta(ds)
         path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         try:
             self.store.write_atomic(path, data)
