@@ -220,24 +220,42 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
         with FlopCounterMode(display=False) as fc, torch.inference_mode():
             net(x1)
         flops = fc.get_total_flops()
-        variants = [("fp32", torch.float32, False)] + ([("fp32 channels_last", torch.float32, True)])
+        variants = [("fp32", torch.float32, False, False)] + ([("fp32 channels_last", torch.float32, True, False)])
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            variants += [("bf16 channels_last", torch.bfloat16, True), ("fp16 channels_last", torch.float16, True)]
+            variants += [("bf16 channels_last", torch.bfloat16, True, False),
+                         ("fp16 channels_last", torch.float16, True, False)]
+        if not smoke:  # torch.compile (inductor): minutes to compile, so not in the smoke run
+            best = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            variants.append((f"{'bf16' if dev.type == 'cuda' else 'fp32'} channels_last torch.compile", best, True, True))
         batches = [16] if smoke else ([1, 8, 16, 32] if dev.type == "cpu" else [16, 64, 128])
         res = {"gflop_per_slice": flops / 1e9, "variants": []}
         peak = {}
-        for name, dtype, cl in variants:
+        for name, dtype, cl, compiled in variants:
             if dtype not in peak:
                 peak[dtype] = matmul_gflops(dev, dtype, 1024 if smoke else 2048)
             m = net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            for bs in batches:
+            if compiled:
+                try:
+                    m = torch.compile(m)
+                except Exception as exc:  # no compiler toolchain, unsupported platform: say so, go on
+                    res.setdefault("notes", []).append(f"torch.compile unavailable: {exc}")
+                    continue
+            for bs in batches if not compiled else [b for b in batches if b in (8, 16, 64)]:
                 x = torch.rand(bs, 3, card.input_size, card.input_size, device=dev)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
                 iters = max(1, n_slices // bs)
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                    m(x)
+                    tc = time.perf_counter()
+                    try:
+                        m(x)  # warm-up (and, for torch.compile, the compilation)
+                    except Exception as exc:
+                        res.setdefault("notes", []).append(f"{name} batch {bs} failed: {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    if compiled:
+                        res.setdefault("compile_s", {})[str(bs)] = time.perf_counter() - tc
+                        m(x)
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     t = time.perf_counter()
@@ -404,6 +422,11 @@ def table(res: dict) -> str:
                 lines.append(f"| {v['variant']} | {v['batch']} | {v['slices_s']:.1f} | {v['matmul_gflops']:.0f} | "
                              f"{v['floor_slices_s']:.1f} | {v['fraction_of_floor']:.2f} | {tgt} |")
             lines.append("")
+            if r.get("compile_s"):
+                lines += ["torch.compile time (first call) s: " + ", ".join(
+                    f"batch {b}: {t:.0f}" for b, t in r["compile_s"].items()), ""]
+            for note in r.get("notes", []):
+                lines += [f"note: {note}", ""]
     if "seg" in res:
         lines += ["SEG encoding (highdicom BINARY, 256², 4 segments)", "", "| slices | frames | build s | write s | size MB |",
                   "|---|---|---|---|---|"]
