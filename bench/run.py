@@ -164,7 +164,11 @@ def bench_ingest(work: Path, n: int, rounds: int) -> dict:
                 finally:
                     nd.stop()
             key = f"{'fsync' if fsync else 'nofsync'}_{senders}sender"
-            out[key] = {"dcmtk_img_s": n / min(dcm), "node_img_s": n / min(node), "ratio": min(dcm) / min(node)}
+            # this machine's speed drifts between rounds (dcmtk alone varies up to 1.6x across runs), so
+            # the ratio judged is the median of the rounds' paired ratios; best-of values are kept too
+            paired = sorted(d / m for d, m in zip(dcm, node))
+            out[key] = {"dcmtk_img_s": n / min(dcm), "node_img_s": n / min(node), "ratio_best": min(dcm) / min(node),
+                        "ratio": float(np.median(paired)), "round_ratios": paired}
     return out
 
 
@@ -397,12 +401,14 @@ def table(res: dict) -> str:
     if "ingest" in res:
         r = res["ingest"]
         lines += [f"Ingest, {r['images']} MR images 256² (dcmtk storescu, TCP_NODELAY=1)", "",
-                  "| setting | dcmtk storescp img/s | node img/s | node/dcmtk | target ≥ 0.5 |", "|---|---|---|---|---|"]
+                  "| setting | dcmtk storescp img/s (best) | node img/s (best) | node/dcmtk, median of rounds "
+                  "(range) | target ≥ 0.5 |", "|---|---|---|---|---|"]
         for k, v in r.items():
             if isinstance(v, dict):
-                ok = "met" if v["ratio"] >= 0.5 or "fsync_" in k and not k.startswith("no") else "MISSED"
-                lines.append(f"| {k} | {v['dcmtk_img_s']:.0f} | {v['node_img_s']:.0f} | {v['ratio']:.2f} | "
-                             f"{ok if k.startswith('nofsync') else 'n/a (fsync on)'} |")
+                ok = "met" if v["ratio"] >= 0.5 else "MISSED"
+                rr = v.get("round_ratios") or [v["ratio"]]
+                lines.append(f"| {k} | {v['dcmtk_img_s']:.0f} | {v['node_img_s']:.0f} | {v['ratio']:.2f} "
+                             f"({min(rr):.2f}–{max(rr):.2f}) | {ok if k.startswith('nofsync') else 'n/a (fsync on)'} |")
         lines.append("")
     if "send" in res:
         r = res["send"]

@@ -56,17 +56,15 @@ class Recorder:
         self.db = db
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
-        se, jb = Series.__table__, Job.__table__
+        se = Series.__table__
         self._insert = insert(Instance.__table__)
+        # One UPDATE per instance: count, time, and (re)open the series. A new instance reopens a series that
+        # was already judged: it must settle again, and the next completion makes a new job, so a late
+        # instance produces a fresh result rather than being silently ignored. A job still queued for the
+        # series is withdrawn when a worker would claim it, or when the next job is made (claim_job,
+        # mark_judged): that keeps a second statement off every C-STORE.
         self._touch = update(se).where(se.c.id == bindparam("sid")).values(
-            n_instances=se.c.n_instances + 1, last_received_at=bindparam("now"))
-        # A new instance reopens a series that was already judged: it must settle again. A job still queued
-        # is withdrawn (it would segment an incomplete series); the next completion makes a new job, so a
-        # late instance produces a fresh result rather than being silently ignored.
-        self._reopen = update(se).where(se.c.id == bindparam("sid"), se.c.state != "receiving").values(
-            state="receiving", completed_at=None)
-        self._withdraw = update(jb).where(jb.c.series_id == bindparam("sid"), jb.c.state == "queued").values(
-            state="skipped", reason="superseded: more instances arrived before it started", finished_at=bindparam("now"))
+            n_instances=se.c.n_instances + 1, last_received_at=bindparam("now"), state="receiving", completed_at=None)
 
     def is_known(self, sop_uid: str) -> bool:
         with self.db.session() as s:
@@ -101,8 +99,6 @@ class Recorder:
             with self.db.engine.begin() as conn:
                 conn.execute(self._insert, row)
                 conn.execute(self._touch, {"sid": series_id, "now": now})
-                if conn.execute(self._reopen, {"sid": series_id}).rowcount:
-                    conn.execute(self._withdraw, {"sid": series_id, "now": now})
         except IntegrityError:
             if self.is_known(meta.sop_uid):
                 return False
@@ -176,6 +172,7 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
         res = s.execute(q.values(state="queued" if queue else "skipped", completed_at=now))
         if res.rowcount != 1:
             return None
+        _withdraw_queued(s, series_id, now)
         job = Job(series_id=series_id, state="queued" if queue else "skipped", reason="" if queue else reason,
                   rule=rule, urgent=urgent, created_at=now, finished_at=None if queue else now)
         s.add(job)
@@ -193,6 +190,22 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
         return job.id
 
 
+WITHDRAWN = "superseded: more instances arrived before it started"
+
+
+def _withdraw_queued(s, series_id: int, now: dt.datetime, job_id: int | None = None) -> None:
+    """Jobs still queued for a series that received more instances: they would segment an old, incomplete
+    set of slices; skipped with the reason (the series' next completion makes a new job)."""
+    q = select(Job.id).where(Job.series_id == series_id, Job.state == "queued")
+    if job_id is not None:
+        q = q.where(Job.id == job_id)
+    for jid in s.scalars(q).all():
+        res = s.execute(update(Job).where(Job.id == jid, Job.state == "queued").values(
+            state="skipped", reason=WITHDRAWN, finished_at=now))
+        if res.rowcount:
+            add_event(s, "skipped", series_id=series_id, job_id=jid, detail=WITHDRAWN, at=now)
+
+
 # ------------------------------------------------------------------------------------------- jobs
 def claim_job(db: Database, owner: str = "", lease_seconds: float = 60.0, max_attempts: int = 3) -> int | None:
     """Take the next due job atomically: urgent first, then oldest; None when nothing is due.
@@ -204,16 +217,19 @@ def claim_job(db: Database, owner: str = "", lease_seconds: float = 60.0, max_at
     now = utcnow()
     due = ((Job.state == "queued") & (Job.next_attempt_at.is_(None) | (Job.next_attempt_at <= now))) | (
         Job.state.in_(("running", "sending")) & (Job.lease_expires_at < now))
-    q = select(Job.id, Job.state, Job.attempts, Job.series_id).where(due).order_by(
-        Job.urgent.desc(), Job.created_at, Job.id).limit(1)
+    q = select(Job.id, Job.state, Job.attempts, Job.series_id, Series.state).join(Series, Series.id == Job.series_id) \
+        .where(due).order_by(Job.urgent.desc(), Job.created_at, Job.id).limit(1)
     if db.engine.dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
-    for _ in range(5):
+        q = q.with_for_update(skip_locked=True, of=Job)
+    for _ in range(20):
         with db.session() as s:
             row = s.execute(q).first()
             if row is None:
                 return None
-            jid, state, attempts, series_id = row
+            jid, state, attempts, series_id, series_state = row
+            if state == "queued" and series_state == "receiving":  # more instances came after it was queued
+                _withdraw_queued(s, series_id, now, jid)
+                continue
             if state != "queued" and attempts >= max_attempts:
                 s.execute(update(Job).where(Job.id == jid, Job.state == state).values(
                     state="failed", finished_at=now, lease_owner="",

@@ -47,8 +47,12 @@ def test_late_instance_withdraws_queued_job_and_reopens_series(tmp_path):
     assert rec.record(meta(3), "p", 1)
     with db.session() as s:
         assert s.get(Series, sid).state == "receiving"
+    # the queued job is never run on the old three slices: withdrawn when a worker would take it
+    assert queue.claim_job(db) is None
+    with db.session() as s:
         j = s.get(Job, job)
         assert j.state == "skipped" and "superseded" in j.reason
+        assert s.scalar(select(Event.detail).where(Event.job_id == job, Event.kind == "skipped")).startswith("superseded")
     # the count guard: a decision made on 3 instances is not applied to a series that now has 4
     assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=3) is None
     assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=4) is not None
@@ -105,3 +109,19 @@ def test_rerun_after_late_instances_supersedes_the_delivered_result(tmp_path):
         assert s.get(Job, first).superseded_by == second
         kinds = [e.kind for e in s.scalars(select(Event).where(Event.series_id == sid).order_by(Event.id))]
     assert kinds == ["received", "complete", "queued", "running", "delivered", "complete", "queued", "superseded"]
+
+
+def test_next_completion_withdraws_a_job_still_queued(tmp_path):
+    """No worker ran in between: the new job replaces the queued one, so the series is segmented once."""
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    for i in range(3):
+        rec.record(meta(i), "p", 1)
+    (sid,) = queue.stable_series(db, 0.0)
+    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    rec.record(meta(3), "p", 1)
+    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=4)
+    with db.session() as s:
+        assert s.get(Job, first).state == "skipped" and s.get(Job, second).state == "queued"
+    assert queue.claim_job(db) == second and queue.claim_job(db) is None
