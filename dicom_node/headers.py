@@ -16,7 +16,6 @@ import zlib
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -54,8 +53,9 @@ def _multi(ds: Dataset, kw: str) -> str:
 def text(ds: Dataset, kw: str) -> str:
     """A text attribute as one string (values joined by backslash), "" when absent.
 
-    On the hot path (every C-STORE) the element is still raw bytes: decoding those few ASCII VRs directly
-    costs a fraction of pydicom's value conversion, which is kept for everything else.
+    Elements read by :func:`parse_received` are still raw bytes: decoding these few ASCII VRs directly costs
+    a fraction of pydicom's value conversion, which is kept for everything else (and for datasets pydicom
+    has already converted, as in the tests).
     """
     tag = _TEXT_TAGS.get(kw)
     elem = ds._dict.get(tag) if tag is not None else None
@@ -73,18 +73,6 @@ def ushort(ds: Dataset, kw: str) -> int | None:
         return int.from_bytes(v[:2], "little" if elem.is_little_endian else "big")
     v = ds.get(kw)
     return int(v) if v not in (None, "") else None
-
-
-def parse(data: bytes) -> Dataset:
-    """A whole Part 10 file (preamble, file meta, data set)."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
-    except Exception as exc:  # pydicom raises a variety of errors on garbage; none may reach the handler
-        raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
-    _check_complete(ds)
-    return ds
 
 
 def parse_received(data: bytes, transfer_syntax: str) -> Dataset:
