@@ -159,12 +159,11 @@ def _share_orientation(ds: Dataset) -> None:
     per = ds.get("PerFrameFunctionalGroupsSequence")
     if not per or "PlaneOrientationSequence" not in per[0]:
         return
-    from pydicom.dataset import Dataset as _Dataset
     from pydicom.sequence import Sequence
 
     orientation = per[0].PlaneOrientationSequence
     if "SharedFunctionalGroupsSequence" not in ds or not ds.SharedFunctionalGroupsSequence:
-        ds.SharedFunctionalGroupsSequence = Sequence([_Dataset()])
+        ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
     ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = orientation
     for item in per:
         if "PlaneOrientationSequence" in item:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from storage import queue
 from storage.db import Database
-from storage.models import Event, Job, Series, utcnow
+from storage.models import Event, Job, utcnow
 
 from .admin import job_rows
 from .config import Settings

@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
 from conftest import DCMTK, ENV, NodeProcess, storescu, write_series

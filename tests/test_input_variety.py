@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from conftest import NodeProcess, PacsSCP, storescu, write_series
 
