@@ -116,6 +116,7 @@ def file_preamble(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
 class Handlers(Protocol):
     def on_requested(self, peer: Peer) -> Rejection | None: ...
     def on_echo(self, peer: Peer) -> int: ...
+    def on_release(self, peer: Peer) -> None: ...
     def on_store(self, request: StoreRequest) -> int: ...
 
 
@@ -261,7 +262,8 @@ class _Association:
             pdu_type, body = self._read_pdu()
             if pdu_type == 0x04:
                 self._on_p_data(body)
-            elif pdu_type == 0x05:  # A-RELEASE-RQ
+            elif pdu_type == 0x05:  # A-RELEASE-RQ: the handlers may finish work before we confirm
+                self.acceptor.handlers.on_release(self.peer)
                 self.sock.sendall(RELEASE_RP)
                 return
             elif pdu_type == 0x07:  # A-ABORT from the peer

@@ -1,8 +1,10 @@
 """The DICOM listener: C-ECHO and C-STORE, with caller allowlists, a disk floor and TCP_NODELAY.
 
 One handler per event, as pynetdicom's own apps do; the association itself is served by acceptor.py
-(why: see there). The C-STORE handler writes the encoded bytes it received (no pixel decoding), reads
-the header once for the database, and answers success only after the file is on disk and recorded.
+(why: see there). The C-STORE handler reads the header fields once, writes the encoded bytes it received
+(no pixel decoding) and answers success once the file is on disk (fsynced when ``scp.fsync``); its database
+row is committed a few milliseconds later in a batch (storage/recording.py), and before an association's
+release is confirmed, so a sender that has finished knows its instances are recorded.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from pydicom.uid import (
 
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.queue import Recorder
+from storage.queue import Received, Recorder
+from storage.recording import BackgroundRecorder
 
 from .acceptor import Acceptor, Peer, Rejection, StoreRequest
 from .config import Settings
 from .headers import UnreadableData, read_received
+from .recovery import record_unrecorded
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -87,6 +91,7 @@ class StorageSCP:
         self.db = db
         self.store = store
         self.recorder = Recorder(db)
+        self.writer = BackgroundRecorder(self.recorder, self._recorded)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
@@ -116,6 +121,12 @@ class StorageSCP:
     def on_echo(self, peer: Peer) -> int:
         return SUCCESS
 
+    def on_release(self, peer: Peer) -> None:
+        """A-RELEASE-RQ: confirm only once this association's instances are in the database."""
+        if not self.writer.flush(timeout=self.settings.scp.network_timeout or 30):
+            log.warning("release confirmed to %s before its instances were recorded (database slow or down: %s);"
+                        " the files are on disk and are recorded when it answers", peer.calling_ae, self.writer.failing)
+
     def on_store(self, request: StoreRequest) -> int:
         try:
             return self._store(request)
@@ -127,6 +138,10 @@ class StorageSCP:
     def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
             log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
+            self._count("refused")
+            return OUT_OF_RESOURCES
+        if self.writer.failing is not None:
+            log.error("refusing C-STORE: the database does not accept received instances (%s)", self.writer.failing)
             self._count("refused")
             return OUT_OF_RESOURCES
         data = req.as_file()
@@ -146,11 +161,15 @@ class StorageSCP:
             log.error("cannot write received instance: %s", exc)
             self._count("refused")
             return OUT_OF_RESOURCES
-        # A re-sent instance lands on the same path (same UIDs) and is recorded once; either way it is on disk
-        # and in the database now, so the peer may forget it.
-        new = self.recorder.record(meta, str(path), len(data), req.peer.calling_ae)
-        self._count("stored" if new else "duplicates")
+        # On disk now, so the peer may forget it. A re-sent instance lands on the same path (same UIDs) and is
+        # recorded once.
+        self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
         return SUCCESS
+
+    def _recorded(self, new: int, duplicates: int) -> None:
+        with self._stats_lock:
+            self.stats["stored"] += new
+            self.stats["duplicates"] += duplicates
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
@@ -162,6 +181,8 @@ class StorageSCP:
         self.server = Acceptor(supported_contexts(), self, max_associations=cfg.max_associations,
                                network_timeout=cfg.network_timeout)
         self.store.start_spares()
+        record_unrecorded(self.store, self.recorder)
+        self.writer.start()
         self.server.start((cfg.bind_address, cfg.port))
         log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
 
@@ -173,4 +194,5 @@ class StorageSCP:
         if self.server:
             self.server.stop()
             self.server = None
+        self.writer.stop()
         self.store.stop_spares()

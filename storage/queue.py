@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -49,8 +49,19 @@ _INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows
                     "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type")
 
 
+@dataclass
+class Received:
+    """One stored file waiting to be recorded: its header fields, where it lies, and when it arrived."""
+
+    meta: InstanceMeta
+    path: str
+    size: int
+    calling_aet: str = ""
+    received_at: dt.datetime = field(default_factory=utcnow)
+
+
 class Recorder:
-    """Records received instances; caches study/series ids so a 1000-slice series costs one insert per slice."""
+    """Records received instances, many in one transaction; caches series ids so a series costs one lookup."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -58,54 +69,76 @@ class Recorder:
         self._lock = threading.Lock()
         se = Series.__table__
         self._insert = insert(Instance.__table__)
-        # One UPDATE per instance: count, time, and (re)open the series. A new instance reopens a series that
-        # was already judged: it must settle again, and the next completion makes a new job, so a late
-        # instance produces a fresh result rather than being silently ignored. A job still queued for the
+        # One UPDATE per series and batch: count, time, and (re)open the series. A new instance reopens a
+        # series that was already judged: it must settle again, and the next completion makes a new job, so a
+        # late instance produces a fresh result rather than being silently ignored. A job still queued for the
         # series is withdrawn when a worker would claim it, or when the next job is made (claim_job,
-        # mark_judged): that keeps a second statement off every C-STORE.
+        # mark_judged): that keeps a second statement off the ingest path.
         self._touch = update(se).where(se.c.id == bindparam("sid")).values(
-            n_instances=se.c.n_instances + 1, last_received_at=bindparam("now"), state="receiving", completed_at=None)
+            n_instances=se.c.n_instances + bindparam("k"), last_received_at=bindparam("now"), state="receiving",
+            completed_at=None)
 
     def is_known(self, sop_uid: str) -> bool:
         with self.db.session() as s:
             return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
 
     def record(self, meta: InstanceMeta, path: str, size: int, calling_aet: str = "") -> bool:
-        """Insert the instance; returns False if this SOP Instance UID was already stored."""
+        """Record one instance now; returns False if this SOP Instance UID was already stored."""
+        return self.record_batch([Received(meta, path, size, calling_aet)])[0]
+
+    def record_batch(self, items: list[Received]) -> list[bool]:
+        """Record instances in one transaction; for each, whether it was new (False: already stored).
+
+        A re-sent instance lands on the same path and is recorded once. Safe against other writers: a
+        concurrent insert of the same study, series or instance makes the transaction fail on a unique
+        constraint, and the retry sees the other writer's rows.
+        """
         for attempt in range(3):
             try:
-                return self._record(meta, path, size, calling_aet)
+                return self._record_batch(items)
             except IntegrityError:
-                # a concurrent association created the same study/series, or the same instance: look again
                 with self._lock:
-                    self._series_ids.pop(meta.series_uid, None)
-                if self.is_known(meta.sop_uid):
-                    return False
+                    for it in items:
+                        self._series_ids.pop(it.meta.series_uid, None)
                 if attempt == 2:
                     raise
-        return False
+        raise AssertionError("unreachable")
 
-    def _record(self, meta: InstanceMeta, path: str, size: int, calling_aet: str) -> bool:
-        # Hot path (every C-STORE): Core statements built once (see __init__), a plain INSERT relying on the
-        # unique SOP Instance UID for duplicates, and two UPDATEs without a prior SELECT.
-        now = utcnow()
-        series_id = self._series_ids.get(meta.series_uid)
-        if series_id is None:
-            with self.db.session() as s:
-                series_id = self._series_id(s, meta)
-        row = {f: getattr(meta, f) for f in _INSTANCE_FIELDS}
-        row.update(sop_uid=meta.sop_uid, series_id=series_id, path=path, size=size, received_at=now, calling_aet=calling_aet)
-        try:
-            with self.db.engine.begin() as conn:
-                conn.execute(self._insert, row)
-                conn.execute(self._touch, {"sid": series_id, "now": now})
-        except IntegrityError:
-            if self.is_known(meta.sop_uid):
-                return False
-            raise
+    def _record_batch(self, items: list[Received]) -> list[bool]:
+        with self.db.session() as s:
+            sids: dict[str, int] = {}
+            for it in items:
+                uid = it.meta.series_uid
+                if uid not in sids:
+                    sid = self._series_ids.get(uid)
+                    sids[uid] = sid if sid is not None else self._series_id(s, it.meta)
+            uids = list({it.meta.sop_uid for it in items})
+            seen = set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(uids))))
+            fresh: list[bool] = []
+            rows: list[dict] = []
+            touched: dict[int, list] = {}  # series id -> [count, latest arrival]
+            for it in items:
+                m = it.meta
+                new = m.sop_uid not in seen
+                fresh.append(new)
+                if not new:
+                    continue
+                seen.add(m.sop_uid)
+                sid = sids[m.series_uid]
+                row = {f: getattr(m, f) for f in _INSTANCE_FIELDS}
+                row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size, received_at=it.received_at,
+                           calling_aet=it.calling_aet)
+                rows.append(row)
+                t = touched.setdefault(sid, [0, it.received_at])
+                t[0] += 1
+                t[1] = max(t[1], it.received_at)
+            if rows:
+                s.execute(self._insert, rows)
+                for sid, (k, last) in touched.items():
+                    s.execute(self._touch, {"sid": sid, "k": k, "now": last})
         with self._lock:
-            self._series_ids[meta.series_uid] = series_id
-        return True
+            self._series_ids.update(sids)
+        return fresh
 
     def _series_id(self, s, meta: InstanceMeta) -> int:
         sid = s.scalar(select(Series.id).where(Series.series_uid == meta.series_uid))
