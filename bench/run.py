@@ -234,7 +234,7 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from inference.model import BUNDLED_MODEL, load_model
+    from inference.model import BUNDLED_MODEL, load_model, native_bf16_cpu, pick_precision
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     out = {}
@@ -250,11 +250,15 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
             torch.backends.cudnn.benchmark = True
             variants += [("bf16 channels_last", torch.bfloat16, True, False),
                          ("fp16 channels_last", torch.float16, True, False)]
+        elif native_bf16_cpu():
+            variants.append(("bf16 channels_last", torch.bfloat16, True, False))
+        node_dtype = pick_precision("auto", dev)  # what the node runs on this machine by default
+        res_node = {"node_precision": str(node_dtype).split(".")[-1]}
         if not smoke:  # torch.compile (inductor): minutes to compile, so not in the smoke run
-            best = torch.bfloat16 if dev.type == "cuda" else torch.float32
-            variants.append((f"{'bf16' if dev.type == 'cuda' else 'fp32'} channels_last torch.compile", best, True, True))
+            tag = "bf16" if node_dtype == torch.bfloat16 else "fp32"
+            variants.append((f"{tag} channels_last torch.compile", node_dtype, True, True))
         batches = [16] if smoke else ([1, 8, 16, 32] if dev.type == "cpu" else [16, 64, 128])
-        res = {"gflop_per_slice": flops / 1e9, "variants": []}
+        res = {"gflop_per_slice": flops / 1e9, "variants": [], **res_node}
         peak = {}
         for name, dtype, cl, compiled in variants:
             if dtype not in peak:
@@ -442,7 +446,9 @@ def table(res: dict) -> str:
         lines.append("")
     if "inference" in res:
         for dev, r in res["inference"].items():
-            lines += [f"Inference on {dev}, {r['gflop_per_slice']:.1f} GFLOP per 256² slice", "",
+            lines += [f"Inference on {dev}, {r['gflop_per_slice']:.1f} GFLOP per 256² slice; the node runs "
+                      f"{r.get('node_precision', 'float32')} channels_last here (inference.precision = auto); each "
+                      "variant's floor uses the matmul rate of its own precision", "",
                       "| variant | batch | slices/s | matmul GFLOP/s | floor slices/s | fraction of floor | target ≥ 0.6 (CPU) |",
                       "|---|---|---|---|---|---|---|"]
             for v in r["variants"]:

@@ -52,6 +52,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--device", default="auto")
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic of the network (auto: as the node would run it on this machine)")
     e.add_argument("--no-png", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -94,7 +96,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from dicom_node.config import load_settings
 
         model = load_settings(args.config).model_path  # the configured model, else the bundled one
-    report = evaluate(model, args.data, args.out, device=args.device, png=not args.no_png)
+    report = evaluate(model, args.data, args.out, device=args.device, png=not args.no_png,
+                      precision=args.precision)
     print((args.out / "evaluation.md").read_text())
     print(json.dumps(report["summary"]["mean"]))
     return 0

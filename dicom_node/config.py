@@ -97,9 +97,14 @@ class InferenceSettings:
     device: str = "auto"
     batch_size: int = 16
     threads: int = 0
+    precision: str = "auto"
 
     def validate(self) -> None:
         _positive("inference.batch_size", self.batch_size)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"inference.precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("inference.precision fp16 needs a CUDA device: use bf16 or fp32 with device = \"cpu\"")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"inference.device must be auto, cpu or cuda[:N], not {self.device!r}")
         if self.model_path is not None and not Path(self.model_path).is_file():

@@ -41,8 +41,9 @@ def make_predictor(settings: Settings):
     from inference.predict import Predictor
 
     inf = settings.inference
-    p = Predictor(settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads)
-    log.info("model %s v%s loaded on %s", p.card.name, p.card.version, p.device)
+    p = Predictor(settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads,
+                  precision=inf.precision)
+    log.info("model %s v%s loaded on %s (%s)", p.card.name, p.card.version, p.device, str(p.dtype).split(".")[-1])
     return p
 
 

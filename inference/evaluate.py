@@ -48,8 +48,8 @@ def overlay_png(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, colours:
 
 
 def evaluate(model: Path, data: Path, out: Path, device: str = "auto", cases: list[str] | None = None,
-             png: bool = True) -> dict:
-    predictor = Predictor(model, device=device)
+             png: bool = True, precision: str = "auto") -> dict:
+    predictor = Predictor(model, device=device, precision=precision)
     card = predictor.card
     names = {lab.value: lab.name for lab in card.labels}
     colours = {lab.value: lab.rgb for lab in card.labels}
@@ -75,7 +75,8 @@ def evaluate(model: Path, data: Path, out: Path, device: str = "auto", cases: li
         if png:
             overlay_png(case.image, pred, case.labels, colours, out / f"overlay_{case_name}.png")
     summary = summarise(results, list(names.values()))
-    report = {"model": str(model), "model_version": card.version, "data": str(data), "cases": results, "summary": summary}
+    report = {"model": str(model), "model_version": card.version, "data": str(data),
+              "precision": str(predictor.dtype).split(".")[-1], "cases": results, "summary": summary}
     (out / "evaluation.json").write_text(json.dumps(report, indent=1))
     (out / "evaluation.md").write_text(markdown(report))
     return report
@@ -100,7 +101,7 @@ def markdown(report: dict) -> str:
     s = report["summary"]
     names = [k for k in s if k != "mean"]
     lines = [f"Model `{Path(report['model']).name}` v{report['model_version']} on `{report['data']}` "
-             f"({len(report['cases'])} cases)", "",
+             f"({len(report['cases'])} cases, {report.get('precision', 'float32')})", "",
              "| structure | Dice (mean ± sd) | mean abs. volume error (cm³) | mean abs. volume error (%) |",
              "|---|---|---|---|"]
     for n in names:

@@ -46,6 +46,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+#: Precisions the predictor runs in (autocast for the network; pre- and post-processing stay float32).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), where oneDNN runs bf16 convolutions
+    about twice as fast as float32; elsewhere bf16 is emulated and slower, so ``auto`` keeps float32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:  # private helpers: absent in some torch builds
+        return False
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16, else float32. fp16 is for CUDA only."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (on CPU use bf16 or fp32)")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
     """Load a checkpoint (refusing one without a model card) in eval mode, float32 on CPU."""
     state, card = load_checkpoint(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import load_model, pick_device
+from .model import load_model, pick_device, pick_precision
 from .model_card import ModelCard
 from .postprocess import clean_labels
 from .preprocessing import from_model_output, intensity_range, orient, plan_transform, to_model_input, unorient
@@ -29,8 +29,10 @@ class Prediction:
 class Predictor:
     """A loaded model and the code that runs it on volumes."""
 
-    def __init__(self, model_path: Path, device: str = "auto", batch_size: int = 16, threads: int = 0):
+    def __init__(self, model_path: Path, device: str = "auto", batch_size: int = 16, threads: int = 0,
+                 precision: str = "auto"):
         self.device = pick_device(device)
+        self.dtype = pick_precision(precision, self.device)
         if threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.net, self.card = load_model(Path(model_path), self.device)
@@ -45,12 +47,12 @@ class Predictor:
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True) -> Prediction:
         """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions."""
         return predict_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
-                              postprocess, self._lock)
+                              postprocess, self._lock, self.dtype)
 
 
 def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
                    device: torch.device, batch_size: int = 16, postprocess: bool = True,
-                   lock: threading.Lock | None = None) -> Prediction:
+                   lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32) -> Prediction:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n, rows, cols = volume.shape
@@ -60,7 +62,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
     out = np.empty((n,) + t.shape, dtype=np.uint8)
     timings["preprocess"] = time.perf_counter() - t0
     t_pred = 0.0
-    use_amp = device.type == "cuda"
+    use_amp = dtype != torch.float32
     lock = lock or threading.Lock()
     with lock, torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -68,7 +70,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             x = to_model_input(canon[start:start + batch_size], lo, hi, t, card.in_channels, device)
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
                 logits = net(x)
             logits = from_model_output(logits.float(), t)
             out[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()

@@ -47,6 +47,8 @@ def test_environment_overrides_each_key(tmp_path):
     ("[series]\nstable_seconds = -1\n", "series.stable_seconds"),
     ("[[destinations]]\nname = \"p\"\nport = \"x\"\n", "destinations[0].port"),
     ("[inference]\ndevice = \"tpu\"\n", "inference.device"),
+    ("[inference]\nprecision = \"int8\"\n", "inference.precision"),
+    ("[inference]\ndevice = \"cpu\"\nprecision = \"fp16\"\n", "inference.precision"),
 ])
 def test_invalid_file_fails_naming_the_key(tmp_path, text, key):
     p = tmp_path / "node.toml"

@@ -76,3 +76,25 @@ def test_bundled_model_segments_the_left_leg_on_the_left_for_every_orientation()
         truth = ph.labels > 0
         dice = 2 * (bone & truth).sum() / (bone.sum() + truth.sum())
         assert dice > 0.8, (row_dir, col_dir, dice)
+
+
+def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused():
+    """The precision knob: bf16 (the default on CPUs with bf16 instructions, and on CUDA) labels a phantom
+    as float32 does; fp16 on a CPU is refused with a message saying what to use."""
+    from inference.model import BUNDLED_MODEL
+    from inference.phantom import small_series
+    from inference.predict import Predictor
+
+    ph = small_series(seed=7, n_slices=12, size=128)
+    rd, cd = ph.geometry.row_dir, ph.geometry.col_dir
+    ref = Predictor(BUNDLED_MODEL, device="cpu", precision="fp32")
+    assert ref.dtype == torch.float32
+    half = Predictor(BUNDLED_MODEL, device="cpu", precision="bf16")
+    assert half.dtype == torch.bfloat16
+    a = ref.predict(ph.image, rd, cd).labels
+    b = half.predict(ph.image, rd, cd).labels
+    bone = (a > 0) | (b > 0)
+    assert bone.sum() > 1000
+    assert ((a == b) & bone).sum() / bone.sum() > 0.99
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Predictor(BUNDLED_MODEL, device="cpu", precision="fp16")
