@@ -98,6 +98,7 @@ class InferenceSettings:
     batch_size: int = 16
     threads: int = 0
     precision: str = "auto"
+    compile: bool = False
 
     def validate(self) -> None:
         _positive("inference.batch_size", self.batch_size)

@@ -42,7 +42,7 @@ def make_predictor(settings: Settings):
 
     inf = settings.inference
     p = Predictor(settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads,
-                  precision=inf.precision)
+                  precision=inf.precision, compile=inf.compile)
     log.info("model %s v%s loaded on %s (%s)", p.card.name, p.card.version, p.device, str(p.dtype).split(".")[-1])
     return p
 

@@ -98,3 +98,22 @@ def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused():
     assert ((a == b) & bone).sum() / bone.sum() > 0.99
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         Predictor(BUNDLED_MODEL, device="cpu", precision="fp16")
+
+
+def test_compiled_predictor_pads_the_last_batch_and_labels_as_eager():
+    """inference.compile: one compilation at load for batches of batch_size; a series whose last batch is
+    short is padded, not recompiled, and labelled as the uncompiled model labels it."""
+    from inference.model import BUNDLED_MODEL
+    from inference.phantom import small_series
+    from inference.predict import Predictor
+
+    ph = small_series(seed=8, n_slices=6, size=128)  # batches of 4: the second holds 2 slices
+    rd, cd = ph.geometry.row_dir, ph.geometry.col_dir
+    eager = Predictor(BUNDLED_MODEL, device="cpu", batch_size=4, precision="fp32")
+    compiled = Predictor(BUNDLED_MODEL, device="cpu", batch_size=4, precision="fp32", compile=True)
+    assert compiled.compiled, "torch.compile failed on this machine (see the log): is gcc installed?"
+    a = eager.predict(ph.image, rd, cd).labels
+    b = compiled.predict(ph.image, rd, cd).labels
+    assert b.shape == a.shape == ph.image.shape
+    bone = (a > 0) | (b > 0)
+    assert bone.sum() > 200 and ((a == b) & bone).sum() / bone.sum() > 0.99
