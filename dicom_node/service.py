@@ -61,7 +61,8 @@ class Node:
         if settings.web.enabled:
             from .web import WebServer, create_app
 
-            app = create_app(settings, self.db, self.scp.stats, lambda: self.scp.server is not None)
+            app = create_app(settings, self.db, self.scp.stats, lambda: self.scp.server is not None,
+                             lambda: self.scp.writer.backlog)
             self.web = WebServer(app, settings.web.bind_address, settings.web.port)
         self._stopped = threading.Event()
 

@@ -219,8 +219,9 @@ class NodeCollector:
     """Prometheus metrics read from the database at scrape time (so every worker's work is counted) plus the
     listener's C-STORE counters."""
 
-    def __init__(self, settings: Settings, db: Database, scp_stats: dict | None):
+    def __init__(self, settings: Settings, db: Database, scp_stats: dict | None, record_backlog=lambda: 0):
         self.settings, self.db, self.scp_stats = settings, db, scp_stats
+        self.record_backlog = record_backlog
 
     def collect(self):
         c = queue.counts(self.db)
@@ -233,6 +234,9 @@ class NodeCollector:
             g.add_metric([st], n)
         yield g
         yield GaugeMetricFamily("dicomnode_instances", "Stored instances", value=c["totals"]["instances"])
+        yield GaugeMetricFamily("dicomnode_unrecorded_instances",
+                                "Instances on disk whose database row is not committed yet (normally 0)",
+                                value=self.record_backlog())
         yield GaugeMetricFamily("dicomnode_disk_free_bytes", "Free disk in the data folder",
                                 value=shutil.disk_usage(self.settings.data_dir).free)
         with self.db.session() as s:
@@ -252,11 +256,12 @@ class NodeCollector:
 
 
 # ------------------------------------------------------------------------------------------- app
-def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, scp_alive=lambda: True) -> FastAPI:
+def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, scp_alive=lambda: True,
+               record_backlog=lambda: 0) -> FastAPI:
     app = FastAPI(title="dicom-seg-node", docs_url="/api/docs", openapi_url="/api/openapi.json")
     token = settings.web.token
     registry = CollectorRegistry()
-    registry.register(NodeCollector(settings, db, scp_stats))
+    registry.register(NodeCollector(settings, db, scp_stats, record_backlog))
 
     def auth(request: Request) -> None:
         if not token:
@@ -282,7 +287,8 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
             ok_db = False
         free = shutil.disk_usage(settings.data_dir).free
         body = {"status": "ok", "database": ok_db, "listener": bool(scp_alive()),
-                "disk_free_mb": round(free / 1e6), "disk_floor_mb": settings.scp.min_free_disk_mb}
+                "disk_free_mb": round(free / 1e6), "disk_floor_mb": settings.scp.min_free_disk_mb,
+                "unrecorded_instances": record_backlog()}
         healthy = ok_db and body["listener"] and free / 1e6 >= settings.scp.min_free_disk_mb
         body["status"] = "ok" if healthy else "degraded"
         return JSONResponse(body, status_code=200 if healthy else 503)

@@ -86,8 +86,9 @@ def test_preview_api_metrics_health_and_token(busy_node):
     assert status == 200 and job["state"] == "done" and [e["kind"] for e in job["timeline"]][:3] == ["received", "complete", "queued"]
     status, body = get(f"{base}/metrics")
     assert status == 200 and b'dicomnode_jobs{state="done"} 1.0' in body and b"dicomnode_cstore_total" in body
+    assert b"dicomnode_unrecorded_instances 0.0" in body  # every stored instance's row is committed
     status, body = get(f"{base}/healthz", token=None)
-    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert status == 200 and json.loads(body)["status"] == "ok" and json.loads(body)["unrecorded_instances"] == 0
     status, body = get(f"{base}/api/jobs/{bad_job}/retry", method="POST")
     assert status == 200
     assert json.loads(get(f"{base}/api/jobs/{bad_job}")[1])["timeline"][-1]["kind"] in ("requeued", "running", "sending", "failed")
