@@ -56,9 +56,11 @@ class BackgroundRecorder:
     def submit(self, item: Received) -> int:
         """Queue one stored instance; returns its sequence number (for ``wait``)."""
         with self._cond:
+            wake = not self._items  # the writer waits for a first item; later ones join its lingering batch
             self._items.append(item)
             self._submitted += 1
-            self._cond.notify_all()
+            if wake:
+                self._cond.notify_all()
             return self._submitted
 
     @property
