@@ -228,13 +228,18 @@ def read_received(data: bytes, transfer_syntax: str) -> InstanceMeta:
     any data set the walk does not handle, goes through pydicom (:func:`parse_received`). Both give the
     same result (tests/test_headers.py).
     """
+    meta = None
     if _walkable(transfer_syntax):
         elements = _scan_explicit_le(data)
         if elements is not None:
             meta = _meta_from_scan(data, elements, transfer_syntax)
-            if meta is not None:
-                return meta
-    return to_meta(parse_received(data, transfer_syntax))
+    if meta is None:
+        meta = to_meta(parse_received(data, transfer_syntax))
+    for kw, uid in (("SOPInstanceUID", meta.sop_uid), ("SeriesInstanceUID", meta.series_uid),
+                    ("StudyInstanceUID", meta.study_uid)):
+        if len(uid) > 64:  # PS3.5 9.1: a longer UID is invalid, and would not fit its database column
+            raise UnreadableData(f"{kw} longer than 64 characters")
+    return meta
 
 
 def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax: str) -> InstanceMeta | None:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
@@ -20,6 +21,7 @@ from sqlalchemy import select
 from storage.filestore import FileStore
 from storage.models import Instance
 from storage.queue import Received, Recorder
+from storage.recording import commit_rows
 
 from .headers import UnreadableData, read_received
 
@@ -47,7 +49,8 @@ def read_stored(path: Path) -> Received:
     return Received(meta, str(path), len(raw), aet, when)
 
 
-def record_unrecorded(store: FileStore, recorder: Recorder, batch_size: int = 500) -> int:
+def record_unrecorded(store: FileStore, recorder: Recorder, batch_size: int = 500,
+                      on_rejected: Callable[[Received, str], None] | None = None) -> int:
     """Record every file under incoming/ that has no row; returns how many were recorded."""
     t0 = time.monotonic()
     recorded = 0
@@ -55,26 +58,30 @@ def record_unrecorded(store: FileStore, recorder: Recorder, batch_size: int = 50
         tmp.unlink(missing_ok=True)  # an interrupted write: the sender got no success for it
     for series_dir in sorted(p for p in store.incoming.glob("*/*") if p.is_dir()):
         files = {p.stem: p for p in series_dir.glob("*.dcm")}
-        if not files:
-            continue
-        with recorder.db.session() as s:
-            known = set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(list(files)))))
+        names = sorted(files)
+        known: set[str] = set()
+        for i in range(0, len(names), batch_size):  # bounded IN lists: a series may hold thousands of files
+            with recorder.db.session() as s:
+                known.update(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(names[i:i + batch_size]))))
         pending: list[Received] = []
-        for stem, path in sorted(files.items()):
+        for stem in names:
             if stem in known:
                 continue
+            path = files[stem]
             try:
                 pending.append(read_stored(path))
-            except (UnreadableData, OSError) as exc:
-                kept = store.quarantine_bytes(path.read_bytes(), f"unreadable at start-up recovery: {exc}")
-                path.unlink(missing_ok=True)
-                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc, kept.name)
+            except OSError as exc:  # unreadable now (I/O error, permissions): leave it for the next start
+                log.error("stored file %s not readable at start-up recovery, left in place: %s", path, exc)
+                continue
+            except UnreadableData as exc:
+                kept = store.quarantine_file(path, f"unreadable at start-up recovery: {exc}")
+                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc, kept.name if kept else "-")
                 continue
             if len(pending) >= batch_size:
-                recorded += sum(recorder.record_batch(pending))
+                recorded += sum(1 for f in commit_rows(recorder, pending, on_rejected) if f)
                 pending = []
         if pending:
-            recorded += sum(recorder.record_batch(pending))
+            recorded += sum(1 for f in commit_rows(recorder, pending, on_rejected) if f)
     if recorded:
         log.warning("recorded %d stored instances that had no database row (the node stopped before recording "
                     "them) in %.1f s", recorded, time.monotonic() - t0)

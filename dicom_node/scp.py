@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import threading
+from pathlib import Path
 
 from pynetdicom import _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
@@ -91,7 +92,7 @@ class StorageSCP:
         self.db = db
         self.store = store
         self.recorder = Recorder(db)
-        self.writer = BackgroundRecorder(self.recorder, self._recorded)
+        self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
@@ -122,10 +123,12 @@ class StorageSCP:
         return SUCCESS
 
     def on_release(self, peer: Peer) -> None:
-        """A-RELEASE-RQ: confirm only once this association's instances are in the database."""
+        """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
+        scp.network_timeout at the latest (the peer must not hang on a database outage)."""
         if not self.writer.flush(timeout=self.settings.scp.network_timeout or 30):
-            log.warning("release confirmed to %s before its instances were recorded (database slow or down: %s);"
-                        " the files are on disk and are recorded when it answers", peer.calling_ae, self.writer.failing)
+            log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
+                        "(database slow or down: %s); the files are on disk and are recorded when it answers",
+                        peer.calling_ae, self.writer.failing)
 
     def on_store(self, request: StoreRequest) -> int:
         try:
@@ -140,8 +143,9 @@ class StorageSCP:
             log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
             self._count("refused")
             return OUT_OF_RESOURCES
-        if self.writer.failing is not None:
-            log.error("refusing C-STORE: the database does not accept received instances (%s)", self.writer.failing)
+        refusal = self.writer.refusal()
+        if refusal is not None:
+            log.error("refusing C-STORE: %s", refusal)
             self._count("refused")
             return OUT_OF_RESOURCES
         data = req.as_file()
@@ -166,6 +170,11 @@ class StorageSCP:
         self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
         return SUCCESS
 
+    def _rejected(self, item: Received, reason: str) -> None:
+        """A stored file whose row the database refused: keep it in quarantine with the reason."""
+        self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
+        self._count("refused")
+
     def _recorded(self, new: int, duplicates: int) -> None:
         with self._stats_lock:
             self.stats["stored"] += new
@@ -181,7 +190,7 @@ class StorageSCP:
         self.server = Acceptor(supported_contexts(), self, max_associations=cfg.max_associations,
                                network_timeout=cfg.network_timeout)
         self.store.start_spares()
-        record_unrecorded(self.store, self.recorder)
+        record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
         self.writer.start()
         self.server.start((cfg.bind_address, cfg.port))
         log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)

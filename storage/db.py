@@ -22,7 +22,10 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            # a server that does not answer must fail the connect (and the ingest refuse with 0xA700),
+            # not hang the recorder: libpq waits forever by default
+            args = {"connect_timeout": 10} if url.startswith("postgresql") and "connect_timeout" not in url else {}
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=args)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:

@@ -90,6 +90,16 @@ class FileStore:
         (self.quarantine / f"{name}.txt").write_text(reason + "\n")
         return path
 
+    def quarantine_file(self, path: Path, reason: str) -> Path | None:
+        """Move a stored file to quarantine with the reason beside it (None if it is already gone)."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        kept = self.quarantine_bytes(data, reason)
+        Path(path).unlink(missing_ok=True)
+        return kept
+
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 1e6
 

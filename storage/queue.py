@@ -11,7 +11,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -45,6 +45,13 @@ class InstanceMeta:
     image_type: str = ""
 
 
+def _fit(field_name: str, value):
+    """Header text cut to its column's length (PostgreSQL refuses longer values; an over-long Image Type
+    must not make a whole batch of rows fail)."""
+    limit = _LENGTHS.get(field_name)
+    return value[:limit] if limit and isinstance(value, str) else value
+
+
 _INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows", "columns", "frames", "position",
                     "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type")
 
@@ -58,6 +65,9 @@ class Received:
     size: int
     calling_aet: str = ""
     received_at: dt.datetime = field(default_factory=utcnow)
+
+
+_LENGTHS = {c.name: c.type.length for c in Instance.__table__.columns if getattr(c.type, "length", None)}
 
 
 class Recorder:
@@ -75,8 +85,14 @@ class Recorder:
         # series is withdrawn when a worker would claim it, or when the next job is made (claim_job,
         # mark_judged): that keeps a second statement off the ingest path.
         self._touch = update(se).where(se.c.id == bindparam("sid")).values(
-            n_instances=se.c.n_instances + bindparam("k"), last_received_at=bindparam("now"), state="receiving",
-            completed_at=None)
+            n_instances=se.c.n_instances + bindparam("k"), state="receiving", completed_at=None,
+            # never backwards: start-up recovery records files with their (older) modification times
+            last_received_at=case((se.c.last_received_at > bindparam("now"), se.c.last_received_at),
+                                  else_=bindparam("now")))
+        ins = Instance.__table__
+        # A file re-sent after the retention purge emptied its row's path: the row points at it again.
+        self._repath = update(ins).where(ins.c.sop_uid == bindparam("uid"), ins.c.path == "").values(
+            path=bindparam("new_path"), size=bindparam("new_size"))
 
     def is_known(self, sop_uid: str) -> bool:
         with self.db.session() as s:
@@ -113,7 +129,9 @@ class Recorder:
                     sid = self._series_ids.get(uid)
                     sids[uid] = sid if sid is not None else self._series_id(s, it.meta)
             uids = list({it.meta.sop_uid for it in items})
-            seen = set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(uids))))
+            known = {u: path for u, path in s.execute(
+                select(Instance.sop_uid, Instance.path).where(Instance.sop_uid.in_(uids)))}
+            seen = set(known)
             fresh: list[bool] = []
             rows: list[dict] = []
             touched: dict[int, list] = {}  # series id -> [count, latest arrival]
@@ -122,12 +140,15 @@ class Recorder:
                 new = m.sop_uid not in seen
                 fresh.append(new)
                 if not new:
+                    if known.get(m.sop_uid) == "":
+                        s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
+                        known[m.sop_uid] = it.path
                     continue
                 seen.add(m.sop_uid)
                 sid = sids[m.series_uid]
-                row = {f: getattr(m, f) for f in _INSTANCE_FIELDS}
+                row = {f: _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
                 row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size, received_at=it.received_at,
-                           calling_aet=it.calling_aet)
+                           calling_aet=it.calling_aet[:16])
                 rows.append(row)
                 t = touched.setdefault(sid, [0, it.received_at])
                 t[0] += 1

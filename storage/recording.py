@@ -9,8 +9,12 @@ follows within milliseconds, in one transaction with whatever else arrived meanw
 What keeps that honest:
 - before the node confirms an association's release it waits until everything received so far is committed
   (``flush``), so a sender that has finished knows its instances are in the database;
-- a batch that fails (database down) stays queued and is retried with back-off, never dropped; while it
-  fails the listener refuses new instances with Out of Resources, so the backlog cannot grow unbounded;
+- a batch the database refuses (down, unreachable, locked) stays queued and is retried with back-off;
+  while it fails, or while more than ``MAX_BACKLOG`` rows wait, the listener refuses new instances with
+  Out of Resources, so the backlog stays bounded;
+- a row the database rejects for its content (a constraint, a value it cannot store) is found by
+  recording the batch's rows one by one and left out, logged, its file moved to quarantine with the
+  reason (the listener's ``on_rejected``): only that one instance is affected, never the rows around it;
 - a file whose row never got written (the node was killed in between) is recorded at the next start
   (``dicom_node.recovery``).
 """
@@ -21,6 +25,9 @@ import logging
 import threading
 from collections import deque
 from typing import Callable
+
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .queue import Received, Recorder
 
@@ -34,10 +41,15 @@ class BackgroundRecorder:
     #: a series needs to settle, large enough to commit several instances of a busy sender together.
     LINGER_S = 0.005
     BATCH_MAX = 500
+    #: Rows allowed to wait before the listener answers Out of Resources (a database that hangs rather
+    #: than fails would otherwise let them pile up in memory).
+    MAX_BACKLOG = 20000
 
-    def __init__(self, recorder: Recorder, on_recorded: Callable[[int, int], None] | None = None):
+    def __init__(self, recorder: Recorder, on_recorded: Callable[[int, int], None] | None = None,
+                 on_rejected: Callable[[Received, str], None] | None = None):
         self.recorder = recorder
         self.on_recorded = on_recorded  # (new, duplicates) after each committed batch
+        self.on_rejected = on_rejected  # (item, reason) for a row the database refused for its content
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
         self._submitted = 0  # sequence number of the last submitted instance
@@ -67,6 +79,16 @@ class BackgroundRecorder:
     def backlog(self) -> int:
         return len(self._items)
 
+    def refusal(self) -> str | None:
+        """Why new instances should be refused now (None: accept them)."""
+        if self.failing is not None:
+            return f"the database does not accept received instances ({self.failing})"
+        if self._thread is None or not self._thread.is_alive():
+            return "the recorder thread is not running"
+        if len(self._items) > self.MAX_BACKLOG:
+            return f"{len(self._items)} received instances wait for the database"
+        return None
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is committed; False if that took longer than ``timeout``."""
         with self._cond:
@@ -86,7 +108,8 @@ class BackgroundRecorder:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(5)
-        self._thread = None
+        if not self._thread.is_alive():  # else keep it: a later start() must not run a second writer
+            self._thread = None
 
     def _run(self) -> None:
         backoff = 0.5
@@ -100,11 +123,12 @@ class BackgroundRecorder:
                 self._urgent = False
                 batch = [self._items[i] for i in range(min(len(self._items), self.BATCH_MAX))]
             try:
-                fresh = self.recorder.record_batch(batch)
-            except Exception as exc:  # keep the batch and try again; never lose a stored instance's row
+                fresh = commit_rows(self.recorder, batch, self.on_rejected)
+            except Exception as exc:  # the database refuses: keep the batch and try again; lose no row
                 if self.failing is None:
-                    log.error("cannot record %d received instances in the database (retrying): %s", len(batch), exc)
-                self.failing = str(exc)
+                    log.error("cannot record %d received instances in the database (retrying): %s",
+                              len(batch), str(exc)[:300])
+                self.failing = str(exc)[:300]
                 with self._cond:
                     self._cond.wait_for(lambda: self._stop, backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -118,5 +142,37 @@ class BackgroundRecorder:
                 self._committed += len(batch)
                 self._cond.notify_all()
             if self.on_recorded is not None:
-                new = sum(fresh)
-                self.on_recorded(new, len(fresh) - new)
+                try:
+                    self.on_recorded(sum(1 for f in fresh if f is True), sum(1 for f in fresh if f is False))
+                except Exception:  # a counter must never stop the recording
+                    log.exception("on_recorded callback failed")
+
+
+def commit_rows(recorder: Recorder, batch: list[Received],
+                on_rejected: Callable[[Received, str], None] | None = None) -> list[bool | None]:
+    """Record a batch; for each item whether it was new, or None if the database rejected that row.
+
+    Errors of the connection or the server (OperationalError and the like) propagate: the whole batch
+    waits. Any other error is about some row's content: the rows are then recorded one by one, and
+    those the database still rejects are logged and left out.
+    """
+    try:
+        return list(recorder.record_batch(batch))
+    except (OperationalError, DisconnectionError, PoolTimeout):
+        raise
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        first = exc
+    except Exception as exc:
+        first = exc
+    if len(batch) == 1:
+        reason = f"database rejected its row: {type(first).__name__}: {str(first)[:300]}"
+        log.error("received instance %s not recorded: %s", batch[0].path, reason)
+        if on_rejected is not None:
+            on_rejected(batch[0], reason)
+        return [None]
+    out: list[bool | None] = []
+    for item in batch:
+        out += commit_rows(recorder, [item], on_rejected)
+    return out

@@ -75,3 +75,13 @@ def test_truncated_data_is_refused_by_both_paths(files, cut):
         read_received(short, ts)
     with pytest.raises(UnreadableData):
         parse_received(short, ts)
+
+
+def test_uid_longer_than_64_characters_is_refused(files, tmp_path):
+    ds = pydicom.dcmread(files[0])
+    with pytest.warns(UserWarning, match="exceeds the maximum length"):
+        ds.SOPInstanceUID = "1.2." + "3" * 70  # invalid (PS3.5 9.1), and too long for its database column
+    ds.save_as(tmp_path / "long.dcm")
+    body, ts = body_of(tmp_path / "long.dcm")
+    with pytest.raises(UnreadableData, match="SOPInstanceUID longer than 64"):
+        read_received(body, ts)

@@ -157,3 +157,37 @@ def test_start_up_recovery_records_files_without_rows(tmp_path):
     assert len(list(store.quarantine.glob("*.bin"))) == 1
     assert "unreadable at start-up recovery" in next(store.quarantine.glob("*.txt")).read_text()
     assert record_unrecorded(store, rec) == 0  # nothing left: a second start records nothing
+
+
+def test_a_row_the_database_rejects_is_left_out_and_the_rest_recorded(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rejected = []
+    w = BackgroundRecorder(Recorder(db), on_rejected=lambda item, why: rejected.append((item.path, why)))
+    w.start()
+    try:
+        bad = meta(2)
+        bad.sop_class_uid = None  # NOT NULL: the database refuses this row for its content
+        for i, m in enumerate([meta(0), meta(1), bad, meta(3)]):
+            w.submit(Received(m, f"p{i}", 1))
+        assert w.flush(30)
+        assert w.failing is None and w.refusal() is None  # the listener goes on accepting
+        assert n_instances(db) == 3
+        assert [p for p, _ in rejected] == ["p2"] and "database rejected its row" in rejected[0][1]
+    finally:
+        w.stop()
+
+
+def test_a_file_re_sent_after_the_purge_gets_its_path_back(tmp_path):
+    from sqlalchemy import update
+
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    assert rec.record(meta(0), "first", 1)
+    with db.session() as s:
+        s.execute(update(Instance).values(path=""))  # what the retention purge leaves
+    assert not rec.record(meta(0), "again", 2)  # still a duplicate: no second row, no new count
+    with db.session() as s:
+        assert s.scalar(select(Instance.path)) == "again"
+        assert s.scalar(select(Series.n_instances)) == 1
