@@ -213,21 +213,28 @@ def bench_send(work: Path, n: int) -> dict:
     return out
 
 
+def timed(device, fn, reps: int, warmup: int = 2) -> float:
+    """Seconds for ``reps`` calls of ``fn`` after ``warmup`` calls, waiting for the GPU at both ends."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def matmul_gflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
     import torch
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / timed(device, lambda: a @ b, reps) / 1e9
 
 
 def conv_gflops(device, dtype, smoke: bool = False, reps: int = 5) -> float:
@@ -243,16 +250,7 @@ def conv_gflops(device, dtype, smoke: bool = False, reps: int = 5) -> float:
     conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(b, c, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for _ in range(2):
-            conv(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            conv(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        sec = time.perf_counter() - t
+        sec = timed(device, lambda: conv(x), reps)
     return 2 * c * c * 9 * hw * hw * b * reps / sec / 1e9
 
 
@@ -313,15 +311,7 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
                         continue
                     if compiled:
                         res.setdefault("compile_s", {})[str(bs)] = time.perf_counter() - tc
-                        m(x)
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for _ in range(iters):
-                        m(x)
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    sec = time.perf_counter() - t
+                    sec = timed(dev, lambda: m(x), iters, warmup=1)
                 sps = bs * iters / sec
                 floor_sps = peak[dtype] * 1e9 / flops
                 res["variants"].append({"variant": name, "batch": bs, "slices_s": sps, "reference_gflops": peak[dtype],
