@@ -5,6 +5,8 @@ batch (storage/recording.py). If the node is killed in between, the file is ther
 the next start this finds such files by their names (each is ``<SOP Instance UID>.dcm``), reads their
 headers and records them, so the series they belong to is judged and processed like any other. Temporary
 files of interrupted writes are removed; a file that cannot be read is moved to quarantine with the reason.
+The listener runs this only after an unclean stop (no ``.clean-stop`` marker in the data folder), so a large
+store is not walked at every start.
 """
 
 from __future__ import annotations

@@ -191,3 +191,35 @@ def test_a_file_re_sent_after_the_purge_gets_its_path_back(tmp_path):
     with db.session() as s:
         assert s.scalar(select(Instance.path)) == "again"
         assert s.scalar(select(Series.n_instances)) == 1
+
+
+def test_start_walks_incoming_only_after_an_unclean_stop(tmp_path):
+    from dicom_node.scp import CLEAN_STOP_MARKER
+
+    (tmp_path / "node.toml").write_text(
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[scp]\nbind_address = "127.0.0.1"\nport = 0\nfsync = false\n')
+    settings = load_settings(tmp_path / "node.toml")
+    db, store = open_storage(settings)
+    marker = store.root / CLEAN_STOP_MARKER
+    _, paths = write_series(tmp_path / "s", seed=44, n_slices=2, size=32)
+    ds = pydicom.dcmread(paths[0])
+    planted = store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    try:
+        scp = StorageSCP(settings, db, store)
+        scp.start()
+        assert not marker.exists()
+        scp.stop()
+        assert marker.exists()  # clean stop: every row committed
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(paths[0], planted)  # a file without a row, as a kill would leave it
+        scp = StorageSCP(settings, db, store)
+        scp.start()  # after a clean stop the walk is skipped: the planted file stays unrecorded
+        scp.stop()
+        assert n_instances(db) == 0
+        marker.unlink()  # an unclean stop leaves no marker
+        scp = StorageSCP(settings, db, store)
+        scp.start()
+        assert n_instances(db) == 1 and not marker.exists()
+        scp.stop()
+    finally:
+        db.dispose()
