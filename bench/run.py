@@ -100,7 +100,7 @@ class NodeProc:
             f'fsync = {"true" if fsync else "false"}\nmin_free_disk_mb = 1\n'
             f'[series]\nstable_seconds = {stable}\nscan_interval_seconds = 0.2\n[worker]\npoll_seconds = 0.2\n'
             f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest)
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(workdir / "node.toml"), "serve"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"), "serve"],
                                      cwd=ROOT, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"), stderr=subprocess.STDOUT)
         # Wait for the node's ready line, not just the open port: the port opens before the model has loaded,
         # and sending while torch loads would measure the model load, not ingest.
@@ -194,7 +194,7 @@ def bench_ingest(work: Path, n: int, rounds: int) -> dict:
 
 
 def bench_send(work: Path, n: int) -> dict:
-    from dicom_node.sender import send_items
+    from dicom_node.deliver.sender import send_items
 
     study = work / "send" / "s"
     make_study(study, n, seed=5)
@@ -325,8 +325,8 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
 def bench_seg(sizes: list[int]) -> dict:
     from dataclasses import replace
 
-    from dicom_node.seg_writer import build_seg
-    from dicom_node.segments import split_sides
+    from dicom_node.encode.seg_writer import build_seg
+    from dicom_node.infer.segments import split_sides
     from inference.model_card import ModelCard
     from inference.phantom import Anatomy, Geometry, Phantom, write_dicom_series
     import pydicom
@@ -508,7 +508,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="ingest,send,inference,seg,end_to_end")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
-    from dicom_node.scp import quiet_pynetdicom
+    from dicom_node.receive.scp import quiet_pynetdicom
 
     quiet_pynetdicom()
     only = set(args.only.split(","))

@@ -1,4 +1,5 @@
-"""One job from queued to delivered: load → preprocess/predict/postprocess → encode → send.
+"""One job from queued to delivered, orchestrating the stages: infer (load → preprocess/predict/postprocess,
+sides, volumes) → encode (SEG + SR, checked) → deliver.
 
 Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table);
 each send attempt is a row in ``deliveries``. While a job runs, a heartbeat renews its lease so that
@@ -16,21 +17,16 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Job, utcnow
 
 from .config import Settings
-from .rules import split_blocks, stack
-from .sender import send_items, stow
-from .seg_writer import build_seg
-from .segments import split_sides
-from .sr_writer import build_sr
-from .validate import InvalidResult, check_seg, check_sr
-from .volume import NotStackable, SeriesVolume, load_series
+from .deliver.delivery import deliver_job
+from .encode.results import encode_results
+from .encode.validate import InvalidResult
+from .infer.compute import NotSegmentable, segment_series
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -133,64 +129,32 @@ class Pipeline:
             self._deliver(job_id, seg_path, hb, time.perf_counter())
             return
         series, instances = queue.series_instances(self.db, series_id)
-        t = time.perf_counter()
-        ordered, why = stack(instances)
-        if ordered is None:  # cannot happen for a job the rules queued, unless files changed since
-            queue.set_state(self.db, job_id, "skipped", event_detail=why, reason=why, finished_at=utcnow())
-            return
         try:
-            # one block, unless the series has gaps between stations: each block is its own volume
-            parts = [load_series(block) for block in split_blocks(ordered)]
-        except NotStackable as exc:
+            result = segment_series(instances, self.predictor,
+                                    lambda stage, sec: queue.add_timing(self.db, job_id, stage, sec))
+        except NotSegmentable as exc:
             queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
-        t = self._stage(job_id, "load", t)
-        predictor = self.predictor
-        preds = [predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
-        for stage in ("preprocess", "predict", "postprocess"):
-            if any(stage in p.timings for p in preds):
-                queue.add_timing(self.db, job_id, stage, sum(p.timings.get(stage, 0.0) for p in preds))
         t = time.perf_counter()
-        vol = SeriesVolume.join(parts)
-        labels = preds[0].labels if len(preds) == 1 else np.concatenate([p.labels for p in preds])
-        card = predictor.card
-        first = vol.datasets[0]
-        declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper()
-        seg_labels, segments = split_sides(labels, card.labels, vol.origins, vol.row_dir, vol.col_dir,
-                                           vol.pixel_spacing, declared)
-        cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
-        vols = {sg.name: float(cm3[sg.number]) for sg in segments}
+        segments, vols, card = result.segments, result.volumes_cm3, result.card
         queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
             queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
-                            model_version=card.version, device=str(predictor.device))
+                            model_version=card.version, device=result.device)
             return
         job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
         job_dir.mkdir(parents=True, exist_ok=True)
-        out = self.settings.output
-        first_seg = None
-        for seg_type in dict.fromkeys(d.seg_type for d in self.settings.destinations) or ["binary"]:
-            seg = build_seg(vol.datasets, vol.to_source_order(seg_labels), segments, card, series_description=out.series_description,
-                            series_number=out.series_number, manufacturer=out.manufacturer,
-                            segmentation_type=seg_type.upper())
-            seg.save_as(job_dir / f"SEG_{seg_type}.dcm", enforce_file_format=True)
-            sr = build_sr(seg, vol.datasets, segments, vols, card, series_number=out.series_number + 1,
-                          manufacturer=out.manufacturer)
-            sr.save_as(job_dir / f"SR_{seg_type}.dcm", enforce_file_format=True)
-            try:  # re-read what was written and compare it with the source before anything is sent
-                check_seg(str(job_dir / f"SEG_{seg_type}.dcm"), vol.datasets)
-                check_sr(str(job_dir / f"SR_{seg_type}.dcm"), str(job_dir / f"SEG_{seg_type}.dcm"), vol.datasets)
-            except InvalidResult as exc:
-                queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
-                log.error("job %s: %s", job_id, exc)
-                return
-            first_seg = first_seg or (seg, job_dir / f"SEG_{seg_type}.dcm")
-        seg, path = first_seg
+        try:
+            seg, path = encode_results(self.settings, result, job_dir)
+        except InvalidResult as exc:
+            queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            log.error("job %s: %s", job_id, exc)
+            return
         t = self._stage(job_id, "encode", t)
         queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
                         seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
-                        device=str(predictor.device))
+                        device=result.device)
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         self._deliver(job_id, str(path), hb, t)
@@ -204,39 +168,8 @@ class Pipeline:
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
             return
         queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in self.settings.destinations))
-        errors = self._send(job_id, Path(path).parent)
+        errors = deliver_job(self.settings, self.db, job_id, Path(path).parent)
         self._stage(job_id, "send", t)
         if errors:
             raise RuntimeError("delivery failed: " + "; ".join(errors))
         queue.set_state(self.db, job_id, "done", event_detail="", reason="", finished_at=utcnow())
-
-    def _send(self, job_id: int, job_dir: Path) -> list[str]:
-        """Send each destination its profile's files (SEG type, SR or not), retrying each with exponential
-        backoff; returns what still failed."""
-        errors = []
-        done = queue.delivered_to(self.db, job_id)  # a repeated delivery skips destinations that have it
-        for dest in self.settings.destinations:
-            if dest.name in done:
-                continue
-            files = [str(job_dir / f"SEG_{dest.seg_type}.dcm")] + ([str(job_dir / f"SR_{dest.seg_type}.dcm")] if dest.send_sr else [])
-            for attempt in range(1, dest.retries + 2):
-                started = utcnow()
-                try:
-                    if dest.protocol == "stow":
-                        res = stow(dest.url, files, dest.username, dest.password)
-                    else:
-                        res = send_items(dest.host, dest.port, dest.ae_title, files,
-                                         calling=dest.calling_ae_title or self.settings.scp.ae_title)
-                    ok, status = res.ok, "ok" if res.ok else "; ".join(f for _, f in res.failed)
-                except Exception as exc:
-                    ok, status = False, f"{type(exc).__name__}: {exc}"
-                queue.record_delivery(self.db, job_id, dest.name, attempt, ok, "ok" if ok else "failed",
-                                      "" if ok else status, started)
-                if ok:
-                    break
-                log.warning("delivery to %s failed (attempt %d): %s", dest.name, attempt, status)
-                if attempt <= dest.retries:
-                    time.sleep(dest.backoff_seconds * 2 ** (attempt - 1))
-            else:
-                errors.append(f"{dest.name}: {status}")
-        return errors

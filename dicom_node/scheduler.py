@@ -16,7 +16,7 @@ from storage.db import Database
 
 from .config import Settings
 from .pipeline import Pipeline
-from .rules import decide
+from .decide.rules import decide
 
 log = logging.getLogger("dicom_node.scheduler")
 

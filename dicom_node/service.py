@@ -14,7 +14,7 @@ from storage.filestore import FileStore
 from .config import Settings
 from .pipeline import Pipeline, worker_id
 from .scheduler import NodeScheduler
-from .scp import StorageSCP, quiet_pynetdicom
+from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
 
@@ -59,7 +59,7 @@ class Node:
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
         self.web = None
         if settings.web.enabled:
-            from .web import WebServer, create_app
+            from .watch.web import WebServer, create_app
 
             app = create_app(settings, self.db, self.scp.stats, lambda: self.scp.server is not None,
                              lambda: self.scp.writer.backlog)

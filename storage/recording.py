@@ -16,7 +16,7 @@ What keeps that honest:
   recording the batch's rows one by one and left out, logged, its file moved to quarantine with the
   reason (the listener's ``on_rejected``): only that one instance is affected, never the rows around it;
 - a file whose row never got written (the node was killed in between) is recorded at the next start
-  (``dicom_node.recovery``).
+  (``dicom_node.receive.recovery``).
 """
 
 from __future__ import annotations

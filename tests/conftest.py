@@ -122,7 +122,7 @@ class NodeProcess:
             f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest + more
         )
         self.log = self.dir / "node.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), "serve"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(self.config), "serve"],
                                      cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=ENV)
         if wait_echo:
             wait_for(self._answers, 90, 0.5, "the node to answer C-ECHO")
@@ -146,7 +146,7 @@ class NodeProcess:
         return Database(self.database_url or f"sqlite:///{self.data_dir / 'node.db'}")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(self.config), *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(self.config), *args], cwd=ROOT,
                               capture_output=True, text=True, env=ENV, timeout=120)
 
     def jobs(self) -> list[dict]:

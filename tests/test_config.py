@@ -65,7 +65,7 @@ def test_bad_environment_variable_is_named():
 def test_serve_refuses_bad_config_with_a_clear_message(tmp_path):
     p = tmp_path / "node.toml"
     p.write_text("[scp]\nport = 99999\n")
-    r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(p), "serve"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(p), "serve"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "configuration error" in r.stderr and "scp.port" in r.stderr

@@ -81,7 +81,7 @@ def queue_jobs(db: Database, paths: list[Path], n_jobs: int) -> list[int]:
 
 
 def start_worker(cfg: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "-c", str(cfg), "worker"], cwd=ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(cfg), "worker"], cwd=ROOT, env=ENV,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -228,7 +228,7 @@ def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
         s.get(Job, ids[2]).state = "done"
         s.get(Job, ids[2]).finished_at = utcnow()
     cfg = config(tmp_path, url)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dicom_node.cli", "-c", str(cfg), *a], cwd=ROOT,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), *a], cwd=ROOT,
                                     capture_output=True, text=True, timeout=60)
     r = run("retry", str(ids[0]))
     assert r.returncode == 0 and "queued again" in r.stdout

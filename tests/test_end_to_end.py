@@ -12,8 +12,8 @@ import pydicom
 import highdicom as hd
 
 from conftest import storescu, wait_for, write_series
-from dicom_node.rules import stack
-from dicom_node.volume import load_series
+from dicom_node.decide.rules import stack
+from dicom_node.infer.volume import load_series
 from inference.labels import DEFAULT_LABELS
 from inference.model import BUNDLED_MODEL
 from inference.predict import Predictor
@@ -36,7 +36,7 @@ def _instances_like_node(paths):
     """Order the files as the node does (via its own stacking rule) for an independent prediction."""
     from types import SimpleNamespace
 
-    from dicom_node.headers import to_meta
+    from dicom_node.receive.headers import to_meta
 
     items = []
     for p in paths:

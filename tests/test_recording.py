@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from conftest import storescu, wait_for, write_series
 from dicom_node.config import load_settings
-from dicom_node.recovery import record_unrecorded
-from dicom_node.scp import StorageSCP
+from dicom_node.receive.recovery import record_unrecorded
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage
 from storage.db import Database
 from storage.filestore import FileStore
@@ -140,7 +140,7 @@ def test_start_up_recovery_records_files_without_rows(tmp_path):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dest)
         stored.append(dest)
-    from dicom_node.recovery import read_stored
+    from dicom_node.receive.recovery import read_stored
 
     for dest in stored[:2]:  # these two made it into the database before the "crash"
         rec.record_batch([read_stored(dest)])
@@ -194,7 +194,7 @@ def test_a_file_re_sent_after_the_purge_gets_its_path_back(tmp_path):
 
 
 def test_start_walks_incoming_only_after_an_unclean_stop(tmp_path):
-    from dicom_node.scp import CLEAN_STOP_MARKER
+    from dicom_node.receive.scp import CLEAN_STOP_MARKER
 
     (tmp_path / "node.toml").write_text(
         f'[node]\ndata_dir = "{tmp_path / "var"}"\n[scp]\nbind_address = "127.0.0.1"\nport = 0\nfsync = false\n')

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicom_node.config import Rule
-from dicom_node.rules import decide, match_rules, split_blocks, stack
+from dicom_node.decide.rules import decide, match_rules, split_blocks, stack
 
 
 def series(modality="MR", body="", desc=""):

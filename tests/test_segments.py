@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dicom_node.segments import split_sides
+from dicom_node.infer.segments import split_sides
 from inference.labels import DEFAULT_LABELS
 from inference.phantom import Anatomy, Geometry, render
 
@@ -59,8 +59,8 @@ def test_result_check_refuses_a_seg_that_does_not_match_its_source(tmp_path):
     import pydicom
 
     from conftest import write_series
-    from dicom_node.seg_writer import build_seg
-    from dicom_node.validate import InvalidResult, check_seg
+    from dicom_node.encode.seg_writer import build_seg
+    from dicom_node.encode.validate import InvalidResult, check_seg
     from inference.model_card import ModelCard
 
     ph, paths = write_series(tmp_path / "s", seed=71, n_slices=4, size=64)

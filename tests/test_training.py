@@ -32,7 +32,7 @@ def dataset(tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "dicom_node", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 

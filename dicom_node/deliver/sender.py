@@ -6,6 +6,7 @@ One association per batch of files, TCP_NODELAY on the socket, every presentatio
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,19 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .scp import set_nodelay
 
-log = logging.getLogger("dicom_node.sender")
+log = logging.getLogger("dicom_node.deliver.sender")
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN (pynetdicom, when we send): disable Nagle, or every small PDU waits ~40 ms for the
+    peer's delayed ACK."""
+    try:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as exc:
+        log.debug("TCP_NODELAY not set: %s", exc)
 
 
 @dataclass

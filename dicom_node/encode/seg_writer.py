@@ -16,8 +16,8 @@ from highdicom.sr.coding import CodedConcept
 from inference.labels import CATEGORY_CODE
 from inference.model_card import ModelCard
 
-from . import __version__
-from .segments import Segment
+from .. import __version__
+from ..infer.segments import Segment
 
 
 def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:

@@ -11,7 +11,7 @@ from . import cli_model
 from inference.dataset import DatasetError
 from inference.model_card import ModelCardError
 
-from .config import ConfigError, load_settings
+from ..config import ConfigError, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def _settings(args):
 
 
 def cmd_serve(args) -> int:
-    from .service import Node, setup_logging
+    from ..service import Node, setup_logging
 
     settings = _settings(args)
     setup_logging(settings)
@@ -81,7 +81,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from .service import run_worker, setup_logging
+    from ..service import run_worker, setup_logging
 
     settings = _settings(args)
     setup_logging(settings)
@@ -122,7 +122,7 @@ def cmd_show(args) -> int:
 
 
 def _db(args):
-    from .service import open_storage
+    from ..service import open_storage
 
     settings = _settings(args)
     return settings, open_storage(settings)[0]
@@ -171,7 +171,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_send(args) -> int:
-    from .sender import dicom_files, send_items
+    from ..deliver.sender import dicom_files, send_items
 
     files = []
     for p in args.paths:
@@ -193,7 +193,7 @@ def cmd_send(args) -> int:
 
 
 def cmd_echo(args) -> int:
-    from .sender import echo
+    from ..deliver.sender import echo
 
     if args.port is None or args.aet is None:
         settings = _settings(args)

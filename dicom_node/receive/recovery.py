@@ -27,7 +27,7 @@ from storage.recording import commit_rows
 
 from .headers import UnreadableData, read_received
 
-log = logging.getLogger("dicom_node.recovery")
+log = logging.getLogger("dicom_node.receive.recovery")
 
 
 def _dataset_offset(raw: bytes) -> int:

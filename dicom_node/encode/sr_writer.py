@@ -14,8 +14,8 @@ from pydicom.sr.codedict import codes
 from inference.labels import CATEGORY_CODE
 from inference.model_card import ModelCard
 
-from . import __version__
-from .segments import Segment
+from .. import __version__
+from ..infer.segments import Segment
 
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
 CM3 = CodedConcept("cm3", "UCUM", "cubic centimeter")

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import threading
 from pathlib import Path
 
-from pynetdicom import _config, evt
+from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 from pydicom.uid import (
@@ -39,12 +38,13 @@ from storage.filestore import FileStore
 from storage.queue import Received, Recorder
 from storage.recording import BackgroundRecorder
 
-from .acceptor import Acceptor, Peer, Rejection, StoreRequest
-from .config import Settings
+from .acceptor import Acceptor
+from .dimse import Peer, Rejection, StoreRequest
+from ..config import Settings
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
 
-log = logging.getLogger("dicom_node.scp")
+log = logging.getLogger("dicom_node.receive.scp")
 
 #: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
 #: pylibjpeg-openjpeg, pylibjpeg-rle) can decode for inference.
@@ -67,17 +67,6 @@ def quiet_pynetdicom() -> None:
     """pynetdicom logs every message, with patient identifiers at debug level: keep that out of our logs."""
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN (pynetdicom, when we send): disable Nagle, or every small PDU waits ~40 ms for the
-    peer's delayed ACK."""
-    try:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:
-        log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def supported_contexts() -> list:

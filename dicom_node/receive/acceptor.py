@@ -9,8 +9,8 @@ handler returns, so the node is limited by its own work, the disk and the networ
 Only the socket loop is ours. The standard-defined, intricate parts come from the libraries: pynetdicom
 decodes the A-ASSOCIATE-RQ (with all its sub-items), negotiates presentation contexts and SCP/SCU roles
 and encodes the A-ASSOCIATE-AC; pydicom writes the Part 10 file meta. What is left is framing: PDU headers,
-PDV fragments, and the small implicit-VR command sets of C-STORE/C-ECHO (PS3.7 §9.3, §E). pynetdicom
-remains the node's C-STORE SCU (sender.py).
+PDV fragments (PS3.8 §E); the DIMSE command sets are read and answered in :mod:`.dimse`. pynetdicom
+remains the node's C-STORE SCU (deliver/sender.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import socket
 import socketserver
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Protocol
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -34,145 +32,17 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from . import __version__
+from .dimse import (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, NO_DATASET, Handlers, Peer, ProtocolError,
+                    Rejection, _us, dispatch, parse_command)
 
-log = logging.getLogger("dicom_node.acceptor")
+log = logging.getLogger("dicom_node.receive.acceptor")
 
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
-#: Our implementation class UID (PS3.7 D.3.3.2), fixed for a version: derived from the name and version.
-IMPLEMENTATION_UID = generate_uid(entropy_srcs=["dicom-seg-node", __version__])
-IMPLEMENTATION_VERSION = f"SEGNODE_{__version__.replace('.', '')}"[:16]
 #: Largest P-DATA-TF we ask peers to send (PS3.8 D.1): a 256² 16-bit image fits in one PDU.
 MAX_PDU = 1 << 20
 
-C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
-NO_DATASET = 0x0101
-UNRECOGNIZED_OPERATION = 0x0211
 
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is calling: what the handlers decide on."""
-
-    calling_ae: str
-    called_ae: str
-    address: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent / 2 transient, source, reason."""
-
-    result: int
-    source: int
-    reason: int
-
-
-@dataclass
-class StoreRequest:
-    """One received C-STORE: the dataset exactly as it came over the wire, in the context's transfer syntax."""
-
-    peer: Peer
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    dataset: bytes
-
-    def as_file(self) -> bytes:
-        """The instance as a DICOM Part 10 file (preamble, file meta, data set), without re-encoding the data set."""
-        return file_preamble(self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax,
-                             self.peer.calling_ae) + self.dataset
-
-
-def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":
-        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
-
-
-def _padded(value: str, pad: bytes) -> bytes:
-    b = value.encode("ascii", "replace")
-    return b + pad if len(b) % 2 else b
-
-
-def file_preamble(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str = "") -> bytes:
-    """Preamble, "DICM" and the file meta group (PS3.10 7.1), explicit VR little endian.
-
-    Written by hand because pydicom's general writer costs ~0.5 ms per instance, a third of the node's
-    whole per-instance budget; the group is fixed and small. Tests read it back with pydicom and dcmtk.
-    """
-    body = _explicit(0x00020001, b"OB", b"\x00\x01")
-    body += _explicit(0x00020002, b"UI", _padded(sop_class, b"\x00"))
-    body += _explicit(0x00020003, b"UI", _padded(sop_instance, b"\x00"))
-    body += _explicit(0x00020010, b"UI", _padded(transfer_syntax, b"\x00"))
-    body += _explicit(0x00020012, b"UI", _padded(IMPLEMENTATION_UID, b"\x00"))
-    body += _explicit(0x00020013, b"SH", _padded(IMPLEMENTATION_VERSION, b" "))
-    if source_ae:
-        body += _explicit(0x00020016, b"AE", _padded(source_ae[:16], b" "))
-    return b"\x00" * 128 + b"DICM" + _explicit(0x00020000, b"UL", struct.pack("<I", len(body))) + body
-
-
-class Handlers(Protocol):
-    def on_requested(self, peer: Peer) -> Rejection | None: ...
-    def on_echo(self, peer: Peer) -> int: ...
-    def on_release(self, peer: Peer) -> None: ...
-    def on_store(self, request: StoreRequest) -> int: ...
-
-
-class ProtocolError(Exception):
-    """The peer broke the upper-layer protocol: answered with A-ABORT (source 2, the given reason)."""
-
-    def __init__(self, message: str, reason: int = 0x02):
-        super().__init__(message)
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------------------------- encoding
-def _ui(uid: str) -> bytes:
-    b = uid.encode("ascii")
-    return b + b"\x00" if len(b) % 2 else b
-
-
-def _element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def encode_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str = "") -> bytes:
-    """An implicit-VR-little-endian DIMSE response command set (PS3.7 9.3, 9.1.1.2) with its group length."""
-    body = _element(0x00000002, _ui(sop_class))
-    body += _element(0x00000100, struct.pack("<H", command_field))
-    body += _element(0x00000120, struct.pack("<H", message_id))
-    body += _element(0x00000800, struct.pack("<H", NO_DATASET))
-    body += _element(0x00000900, struct.pack("<H", status))
-    if sop_instance:
-        body += _element(0x00001000, _ui(sop_instance))
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def parse_command(raw: bytes) -> dict[int, bytes]:
-    """Elements of an implicit-VR-little-endian command set, by tag; values still encoded."""
-    out: dict[int, bytes] = {}
-    i, n = 0, len(raw)
-    while i + 8 <= n:
-        group, elem, length = struct.unpack_from("<HHI", raw, i)
-        i += 8
-        if length == 0xFFFFFFFF or i + length > n:
-            raise ProtocolError("malformed DIMSE command set", 0x06)
-        out[(group << 16) | elem] = raw[i:i + length]
-        i += length
-    return out
-
-
-def _uid(cmd: dict[int, bytes], tag: int) -> str:
-    return cmd.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-def _us(cmd: dict[int, bytes], tag: int, default: int = 0) -> int:
-    v = cmd.get(tag)
-    return struct.unpack("<H", v[:2])[0] if v and len(v) >= 2 else default
-
-
+# --------------------------------------------------------------------------------------------- framing
 def _pdu(pdu_type: int, body: bytes) -> bytes:
     return struct.pack(">BBI", pdu_type, 0, len(body)) + body
 
@@ -368,21 +238,8 @@ class _Association:
         cmd, self._cmd = self._cmd, None
         context_id = self._context_id
         assert cmd is not None and self.peer is not None
-        field = _us(cmd, 0x00000100)
-        message_id = _us(cmd, 0x00000110)
-        sop_class = _uid(cmd, 0x00000002)
-        if field == C_STORE_RQ and data is not None:
-            sop_instance = _uid(cmd, 0x00001000)
-            request = StoreRequest(peer=self.peer, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                                   transfer_syntax=str(self.contexts[context_id].transfer_syntax[0]), dataset=data)
-            status = self.acceptor.handlers.on_store(request)
-            response = encode_response(0x8001, message_id, status, sop_class, sop_instance)
-        elif field == C_ECHO_RQ:
-            status = self.acceptor.handlers.on_echo(self.peer)
-            response = encode_response(0x8030, message_id, status, sop_class)
-        else:
-            log.warning("DIMSE command 0x%04x from %s not supported here: answered 0x0211", field, self.peer.address)
-            response = encode_response(field | 0x8000, message_id, UNRECOGNIZED_OPERATION, sop_class)
+        response = dispatch(self.acceptor.handlers, self.peer, cmd,
+                            str(self.contexts[context_id].transfer_syntax[0]), data)
         self.sock.sendall(_p_data(context_id, response))
 
 

@@ -28,7 +28,7 @@ from storage.db import Database
 from storage.models import Event, Job, utcnow
 
 from .admin import job_rows
-from .config import Settings
+from ..config import Settings
 
 STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
 STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "sending": "#6610f2", "done": "#198754",

@@ -14,7 +14,7 @@ import numpy as np
 
 from storage.models import Instance, Series
 
-from .config import Rule
+from ..config import Rule
 
 
 @dataclass

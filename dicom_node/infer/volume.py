@@ -1,6 +1,6 @@
 """Loading a stored series as a volume in patient geometry.
 
-Single-frame slices come already ordered along the slice normal (see :func:`dicom_node.rules.stack`); a
+Single-frame slices come already ordered along the slice normal (see :func:`dicom_node.decide.rules.stack`); a
 multi-frame instance (Enhanced or Legacy Converted Enhanced MR) is ordered here from its per-frame plane
 positions. Pixels are decoded (compressed syntaxes through the pylibjpeg plugins) into one float32 array;
 the metadata-only datasets that the SEG encoder needs are kept alongside, with the frame order, so labels

@@ -1,0 +1,1 @@
+"""Decide: which received series are complete and which of them are segmented (rules, stacking)."""

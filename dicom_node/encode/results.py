@@ -1,0 +1,44 @@
+"""Write a job's results: one SEG and one SR per SEG profile the destinations need, each checked after writing.
+
+Nothing leaves the node from here; a result that does not match its source raises
+:class:`~dicom_node.encode.validate.InvalidResult` and is never sent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from ..config import Settings
+from ..infer.compute import SeriesResult
+from .seg_writer import build_seg
+from .sr_writer import build_sr
+from .validate import check_seg, check_sr
+
+
+def seg_types(settings: Settings) -> list[str]:
+    """The SEG profiles (binary, labelmap) the configured destinations ask for; binary when there are none."""
+    return list(dict.fromkeys(d.seg_type for d in settings.destinations)) or ["binary"]
+
+
+def encode_results(settings: Settings, result: SeriesResult, job_dir: Path) -> tuple[Dataset, Path]:
+    """Write ``SEG_<type>.dcm`` and ``SR_<type>.dcm`` into ``job_dir`` for each profile, re-read and check
+    each against the source; returns the first SEG (its UIDs go on the job) and its path."""
+    vol, out = result.volume, settings.output
+    first: tuple[Dataset, Path] | None = None
+    for seg_type in seg_types(settings):
+        seg_path, sr_path = job_dir / f"SEG_{seg_type}.dcm", job_dir / f"SR_{seg_type}.dcm"
+        seg = build_seg(vol.datasets, result.source_order_labels, result.segments, result.card,
+                        series_description=out.series_description, series_number=out.series_number,
+                        manufacturer=out.manufacturer, segmentation_type=seg_type.upper())
+        seg.save_as(seg_path, enforce_file_format=True)
+        sr = build_sr(seg, vol.datasets, result.segments, result.volumes_cm3, result.card,
+                      series_number=out.series_number + 1, manufacturer=out.manufacturer)
+        sr.save_as(sr_path, enforce_file_format=True)
+        # re-read what was written and compare it with the source before anything is sent
+        check_seg(str(seg_path), vol.datasets)
+        check_sr(str(sr_path), str(seg_path), vol.datasets)
+        first = first or (seg, seg_path)
+    assert first is not None
+    return first

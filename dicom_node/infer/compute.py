@@ -1,0 +1,70 @@
+"""The compute part of a job: a stacked series → volume(s) → the model's labels → sided segments and volumes.
+
+No database, no files written, no network: the orchestrator (``dicom_node.pipeline``) records what comes
+out, and the encode and deliver stages take it from there. A series that turns out not to be segmentable
+raises :class:`NotSegmentable` with the reason in words (the job is then ``skipped``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..decide.rules import split_blocks, stack
+from .segments import Segment, split_sides
+from .volume import NotStackable, SeriesVolume, load_series
+
+
+class NotSegmentable(Exception):
+    """The series cannot be segmented (its files no longer stack, or a block cannot be loaded)."""
+
+
+@dataclass
+class SeriesResult:
+    """What the model made of one series, on the source grid, ready to encode."""
+
+    volume: SeriesVolume
+    labels: np.ndarray            # sided label map in the volume's order (0 background, segment numbers)
+    segments: list[Segment]
+    volumes_cm3: dict[str, float]  # per segment name
+    card: object                   # the model card of the predictor that made it
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def source_order_labels(self) -> np.ndarray:
+        return self.volume.to_source_order(self.labels)
+
+
+def segment_series(instances: list, predictor, timing: Callable[[str, float], None] | None = None) -> SeriesResult:
+    """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends."""
+    import time
+
+    note = timing or (lambda stage, seconds: None)
+    t = time.perf_counter()
+    ordered, why = stack(instances)
+    if ordered is None:  # cannot happen for a job the rules queued, unless files changed since
+        raise NotSegmentable(why)
+    try:
+        # one block, unless the series has gaps between stations: each block is its own volume
+        parts = [load_series(block) for block in split_blocks(ordered)]
+    except NotStackable as exc:
+        raise NotSegmentable(str(exc)) from None
+    note("load", time.perf_counter() - t)
+    preds = [predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
+    for stage in ("preprocess", "predict", "postprocess"):
+        if any(stage in p.timings for p in preds):
+            note(stage, sum(p.timings.get(stage, 0.0) for p in preds))
+    vol = SeriesVolume.join(parts)
+    labels = preds[0].labels if len(preds) == 1 else np.concatenate([p.labels for p in preds])
+    card = predictor.card
+    first = vol.datasets[0]
+    declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper()
+    seg_labels, segments = split_sides(labels, card.labels, vol.origins, vol.row_dir, vol.col_dir,
+                                       vol.pixel_spacing, declared)
+    cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
+    vols = {sg.name: float(cm3[sg.number]) for sg in segments}
+    return SeriesResult(volume=vol, labels=seg_labels, segments=segments, volumes_cm3=vols, card=card,
+                        device=str(predictor.device))
