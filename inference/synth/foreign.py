@@ -175,13 +175,17 @@ def render_points(b: Body, x: np.ndarray, y: np.ndarray, z: float) -> tuple[np.n
     return img, lab
 
 
-def make_case(seed: int) -> Phantom:
-    """One foreign-family case on its own random acquisition grid (feet-first axial, superior slice first)."""
+def make_case(seed: int, coarsen: int = 1) -> Phantom:
+    """One foreign-family case on its own random acquisition grid (feet-first axial, superior slice first).
+
+    ``coarsen`` > 1 multiplies pixel size and slice step (same anatomy and coverage, fewer voxels): for
+    quick tests only, it leaves the family's acquisition ranges.
+    """
     rng = np.random.default_rng(seed)
     b = random_body(rng)
-    ps = float(rng.uniform(1.2, 1.8))
-    thick = float(rng.uniform(5.0, 8.0))
-    n = int(rng.integers(100, 141))
+    ps = float(rng.uniform(1.2, 1.8)) * coarsen
+    thick = float(rng.uniform(5.0, 8.0)) * coarsen
+    n = int(rng.integers(100, 141)) // coarsen
     width = 2 * 195 * (b.z_top / 140) * rng.uniform(1.1, 1.35)  # trunk and both thighs, with a margin
     cols = int(round(width / ps / 2) * 2)
     rows = int(round(cols * rng.uniform(0.55, 0.75)))
@@ -202,7 +206,7 @@ def make_case(seed: int) -> Phantom:
     return Phantom(anatomy=None, geometry=geom, image=np.clip(img * 2500, 0, 4095).astype(np.uint16), labels=lab)  # type: ignore[arg-type]
 
 
-def write_dataset(root: Path, n_cases: int, seed: int = 0, prefix: str = "fo", workers: int = 1) -> list[str]:
+def write_dataset(root: Path, n_cases: int, seed: int = 0, prefix: str = "fo", coarsen: int = 1) -> list[str]:
     """``n_cases`` foreign cases (DICOM + per-bone NIfTI masks) in the layout ``dicom-node evaluate`` reads."""
     from ..phantom import write_training_case
 
@@ -210,6 +214,6 @@ def write_dataset(root: Path, n_cases: int, seed: int = 0, prefix: str = "fo", w
     names = []
     for i in range(n_cases):
         name = f"{prefix}{seed + i:05d}"
-        write_training_case(make_case(seed + i), root, name, seed=seed + i)
+        write_training_case(make_case(seed + i, coarsen), root, name, seed=seed + i)
         names.append(name)
     return names
