@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
             save_checkpoint(best_path, net.state_dict(), card, half=not a.full_precision)
         (a.out / "history.json").write_text(json.dumps(history, indent=1))
 
+    if a.init_from is not None:
+        validate()  # the starting point's scores, for the record (and the floor the run must beat)
     net.train()
     while True:
         elapsed = time.perf_counter() - t_train
