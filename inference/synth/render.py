@@ -37,9 +37,10 @@ class LabelBank:
         sizes = {m.shape[1:] for m in maps}
         if len(sizes) != 1:
             raise ValueError(f"label maps must share their in-plane size, got {sizes}")
-        idx, up, down = [], [], []
+        idx, up, down, bone = [], [], [], []
         start = 0
         for m in maps:
+            bone.append((L.CLASS_OF[m] > 0).reshape(m.shape[0], -1).any(1))
             n = m.shape[0]
             i = np.arange(start, start + n)
             up.append(np.maximum(i - 1, start))
@@ -47,10 +48,8 @@ class LabelBank:
             idx.append(i)
             start += n
         vol = torch.from_numpy(np.concatenate(maps)).to(device)
-        cls_of = torch.from_numpy(L.CLASS_OF).to(device)
-        bone = (cls_of[vol.long()] > 0).flatten(1).any(1)
         return cls(vol, torch.from_numpy(np.concatenate(up)).to(device), torch.from_numpy(np.concatenate(down)).to(device),
-                   bone, slice_mm)
+                   torch.from_numpy(np.concatenate(bone)).to(device), slice_mm)
 
     def __len__(self) -> int:
         return int(self.slices.shape[0])
