@@ -107,14 +107,17 @@ def random_body(rng: np.random.Generator) -> Body:
         ta = np.array([sg * da, 6 * s, z_ank + 10 * s])
         c, sn = np.cos(yaw), np.sin(yaw)
         bones[TIBIA].append(_sweep(tp + [0, 0, 8 * s], tp, tp + [0, 0, -30 * s], 30 * s, 20 * s, 4, squash=(1.35, 0.85)))
-        bones[TIBIA].append(_sweep(tp, (tp + ta) / 2 + [0, -6 * s, 0], ta, 16 * s, 14 * s, 10))
-        crest_off = np.array([-sn * 10 * s, -c * 11 * s, 0])
-        bones[TIBIA].append(_sweep(tp + crest_off + [0, -6 * s, -40 * s], (tp + ta) / 2 + crest_off + [0, -6 * s, 0],
-                                   ta + crest_off + [0, 0, 60 * s], 6 * s, 4 * s, 10))
+        bones[TIBIA].append(_sweep(tp, (tp + ta) / 2 + [0, -6 * s, 0], ta, 15 * s, 13 * s, 10))
+        # three borders (anterior crest, posteromedial, posterolateral): a rounded-triangle shaft section
+        for ang_b, rad in ((-np.pi / 2, 6.5), (np.pi / 2 + sg * 1.1, 6.0), (np.pi / 2 - sg * 1.0, 5.5)):
+            ab = ang_b + yaw
+            off_b = np.array([np.cos(ab) * 11 * s, np.sin(ab) * 11 * s, 0])
+            bones[TIBIA].append(_sweep(tp + off_b + [0, -6 * s * (ang_b < 0), -40 * s], (tp + ta) / 2 + off_b + [0, -6 * s, 0],
+                                       ta + off_b + [0, 0, 60 * s], rad * s, 4.5 * s, 10))
         bones[TIBIA].append(Sweep(np.array([ta, ta + [0, 0, -12 * s]]), np.array([21 * s, 19 * s])))
         # fibula: posterolateral, a thin curved sweep from its head to the lateral malleolus
-        ang = rng.uniform(0.6, 1.2)
-        off = np.array([sg * np.cos(ang), np.sin(ang), 0]) * 30 * s
+        ang = rng.uniform(0.7, 1.3)  # posterolateral
+        off = np.array([sg * np.cos(ang), np.sin(ang), 0]) * 27 * s
         fr = rng.uniform(6.5, 9) * s
         bones[FIBULA].append(_sweep(tp + off + [0, 0, -12 * s], (tp + ta) / 2 + off * 0.75,
                                     ta + off * 0.85 + [0, 0, -28 * s], 1.3 * fr, fr, 10))
