@@ -51,6 +51,12 @@ class LabelBank:
         return cls(vol, torch.from_numpy(np.concatenate(up)).to(device), torch.from_numpy(np.concatenate(down)).to(device),
                    torch.from_numpy(np.concatenate(bone)).to(device), slice_mm)
 
+    def bone_index(self) -> torch.Tensor:
+        """Indices (CPU) of slices showing a bone, computed once: no device sync per batch."""
+        if getattr(self, "_bone_idx", None) is None:
+            self._bone_idx = torch.nonzero(self.bone).flatten().cpu()
+        return self._bone_idx
+
     def __len__(self) -> int:
         return int(self.slices.shape[0])
 
@@ -171,7 +177,7 @@ def render_batch(bank: LabelBank, batch: int, gen: torch.Generator, cfg: RenderC
     S = cfg.size
     if idx is None:
         n = len(bank)
-        bone_idx = torch.nonzero(bank.bone).flatten().cpu()
+        bone_idx = bank.bone_index()
         pick_bone = torch.rand(batch, generator=gen) < cfg.bone_fraction
         any_i = torch.randint(0, n, (batch,), generator=gen)
         if len(bone_idx):
