@@ -17,9 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from .labels import DEFAULT_LABELS, Label
+
+
+class _LazySimpleITK:
+    """SimpleITK, imported on first use: training on generated data (inference.synth) imports this module
+    for ``Case`` on machines without SimpleITK."""
+
+    def __getattr__(self, name: str):
+        import SimpleITK
+
+        return getattr(SimpleITK, name)
+
+
+sitk = _LazySimpleITK()
 
 
 class DatasetError(ValueError):

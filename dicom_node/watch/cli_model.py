@@ -17,6 +17,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="geometry (FOV, pixel spacing, slice thickness, position, rotation) wider than training")
     p.add_argument("--harsh", action="store_true", help="--wide, and body size, noise and bias field wider too")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--family", choices=["classic", "randomized", "foreign"], default="classic",
+                   help="classic: inference.phantom; randomized: the domain-randomised training generator; "
+                        "foreign: a differently built test-only family (inference.synth)")
     p.set_defaults(func=cmd_phantoms)
 
     t = sub.add_parser("train", help="train a segmentation model on DICOM/NIfTI cases with NIfTI masks")
@@ -59,6 +62,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
+    if args.family != "classic":
+        from inference.synth.cases import write_family
+
+        names = write_family(args.family, args.out, args.cases, seed=args.seed)
+        print(f"wrote {len(names)} {args.family} cases to {args.out}")
+        return 0
     from inference.phantom import generate_dataset
 
     names = generate_dataset(args.out, args.cases, seed=args.seed, wide=args.wide, workers=args.workers,

@@ -1,0 +1,268 @@
+"""Training on domain-randomised images drawn on the fly from random label maps (``python -m inference.synth.train``).
+
+Why a separate entry point: the site-data trainer (``inference.training``) reads fixed cases from disk;
+here every batch is new — N label maps are generated up front (in parallel, numpy only), kept on the
+device as one uint8 tensor, and each step renders a fresh randomised batch there. Network, loss, model
+card and checkpoint format are those of ``inference.training`` / ``model`` / ``model_card``, so the
+result is an ordinary checkpoint the node loads. The run is bounded by wall-clock (``--minutes``), with a
+cosine learning-rate decay over that budget, and keeps the checkpoint that scores best on validation:
+a few held-out randomised batches and a few classic phantoms (``inference.phantom``), never the foreign
+family (``inference.synth.foreign``), which stays an independent test.
+
+Imports nothing from pydicom, highdicom, SimpleITK or SQLAlchemy, so it runs on a bare GPU machine with
+torch, numpy, scipy, safetensors and segmentation-models-pytorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..dataset import Case
+from ..model import build_network, pick_device
+from ..model_card import ModelCard, load_checkpoint, save_checkpoint
+from ..training import dice_focal_loss, dice_per_class, evaluate_slices, prepare_case
+from . import labelmap
+from .render import LabelBank, RenderConfig, render_batch
+
+log = logging.getLogger("inference.synth.train")
+CLASS_NAMES = ("FEMUR", "TIBIA", "FIBULA", "PELVIS")
+
+
+def _one_map(args: tuple[int, int]) -> np.ndarray:
+    seed, size = args
+    return labelmap.generate(seed, size=size)[0]
+
+
+def _one_classic(args: tuple[int, int, str]):
+    from ..phantom import small_series
+
+    seed, size, region = args
+    ph = small_series(seed=seed, n_slices=16, size=size, region=region, thickness=8.0)
+    return ph.image.astype(np.float32), ph.labels, ph.geometry.row_dir, ph.geometry.col_dir, ph.geometry.pixel_spacing
+
+
+def make_maps(seeds: list[int], size: int, workers: int) -> list[np.ndarray]:
+    """Label maps for ``seeds`` (numpy only), in ``workers`` processes when > 1."""
+    jobs = [(s, size) for s in seeds]
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            return list(pool.imap(_one_map, jobs))
+    return [_one_map(j) for j in jobs]
+
+
+def classic_cases(n: int, seed: int, size: int, input_size: int, normalisation: dict, workers: int):
+    """``n`` small classic phantoms (pelvis, thigh-knee, leg in turn) on the model grid, as inference sees them."""
+    regions = ("pelvis", "thigh-knee", "leg")
+    jobs = [(seed + i, size, regions[i % 3]) for i in range(n)]
+    if workers > 1 and n > 1:
+        with mp.get_context("spawn").Pool(min(workers, n)) as pool:
+            raw = list(pool.imap(_one_classic, jobs))
+    else:
+        raw = [_one_classic(j) for j in jobs]
+    xs, ys = [], []
+    for i, (img, lab, rd, cd, ps) in enumerate(raw):
+        case = Case(f"classic{i}", img, lab, (ps[1], ps[0], 8.0), tuple(rd), tuple(cd))
+        x, y = prepare_case(case, input_size, normalisation)
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+@torch.inference_mode()
+def eval_random(net, batches, device, n_classes: int) -> list[float]:
+    """Per-class Dice over fixed, pre-rendered randomised validation batches."""
+    net.eval()
+    preds, ys = [], []
+    for x, y in batches:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            preds.append(net(x.contiguous(memory_format=torch.channels_last)).argmax(1).cpu())
+        ys.append(y.cpu())
+    net.train()
+    return dice_per_class(torch.cat(preds), torch.cat(ys), n_classes)
+
+
+def split_file(path: Path, dest: Path, max_mb: float) -> list[str]:
+    """Copy ``path`` into ``dest`` as parts of at most ``max_mb`` MB (outputs must stay under a size limit)."""
+    data = path.read_bytes()
+    step = int(max_mb * 1024 * 1024)
+    names = []
+    for k, i in enumerate(range(0, len(data), step)):
+        name = f"{path.name}.part{k:02d}"
+        (dest / name).write_bytes(data[i:i + step])
+        names.append(name)
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m inference.synth.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for best/last checkpoints and history")
+    p.add_argument("--export", type=Path, help="also copy best checkpoint (split in parts) + history here")
+    p.add_argument("--split-mb", type=float, default=15.0, help="largest part written to --export")
+    p.add_argument("--maps", type=int, default=64, help="training label maps generated up front")
+    p.add_argument("--val-maps", type=int, default=4, help="held-out label maps for randomised validation")
+    p.add_argument("--map-size", type=int, default=256, help="in-plane size of the label maps")
+    p.add_argument("--workers", type=int, default=0, help="processes for map generation (0: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="map i uses seed seed*100000+i; validation maps follow")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget of the training loop")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    p.add_argument("--val-every", type=int, default=250, help="steps between validations")
+    p.add_argument("--val-batches", type=int, default=4, help="randomised validation batches")
+    p.add_argument("--val-classic", type=int, default=3, help="classic phantom validation cases (0: none)")
+    p.add_argument("--classic-size", type=int, default=192, help="matrix of the classic validation phantoms")
+    p.add_argument("--init-from", type=Path, help="start from this checkpoint (e.g. the bundled demo model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--full-precision", action="store_true", help="store float32 weights (default float16)")
+    p.add_argument("--version", default="0.2.0")
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    return p.parse_args(argv)
+
+
+def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> ModelCard:
+    return ModelCard(
+        input_size=a.input_size, version=a.version,
+        trained_on=(f"{len(seeds)} domain-randomised synthetic lower-limb label maps (inference.synth, seeds "
+                    f"{seeds[0]}..{seeds[-1]}, {a.map_size}² in-plane, 3 mm slices): random anatomy and per-label "
+                    "random contrast, bias, gamma, resolution, noise, ghosting, deformation, flips; "
+                    "no real patient data"),
+        intended_use="Demonstration and testing; never seen a real MRI. Not for clinical use.",
+        training={
+            "command": " ".join(sys.argv), "date": _dt.date.today().isoformat(),
+            "generator": "inference.synth (labelmap + render), SynthSeg-style domain randomisation",
+            "train_map_seeds": [seeds[0], seeds[-1]], "val_map_seeds": val_seeds[:1] + val_seeds[-1:],
+            "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
+            "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
+            "batch_size": a.batch_size, "seed": a.seed,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    workers = a.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    seeds = [a.seed * 100000 + i for i in range(a.maps)]
+    val_seeds = [a.seed * 100000 + a.maps + i for i in range(a.val_maps)]
+    maps = make_maps(seeds + val_seeds, a.map_size, workers)
+    card = _card(a, seeds, val_seeds)
+    cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
+    log.info("%d label maps (%d slices) and %d classic phantoms in %.0f s", len(maps),
+             sum(m.shape[0] for m in maps), len(cx), time.perf_counter() - t0)
+
+    device = pick_device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    bank = LabelBank.from_maps(maps[:a.maps], device)
+    val_bank = LabelBank.from_maps(maps[a.maps:], device) if a.val_maps else None
+    del maps
+    rcfg = RenderConfig(size=a.input_size)
+    vgen = torch.Generator().manual_seed(12345)
+    val_batches = [render_batch(val_bank, a.batch_size, vgen, rcfg) for _ in range(a.val_batches)] if val_bank else []
+
+    net = build_network(card)
+    if a.init_from is not None:
+        state, init_card = load_checkpoint(a.init_from)
+        if (init_card.architecture, init_card.encoder, init_card.num_classes) != (card.architecture, card.encoder, card.num_classes):
+            raise SystemExit(f"--init-from {a.init_from}: a {init_card.architecture}/{init_card.encoder} cannot start this model")
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        card.training["init_from"] = f"{a.init_from.name} (v{init_card.version})"
+    net = net.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
+    gen = torch.Generator().manual_seed(a.seed)
+    dgen = torch.Generator(device=device).manual_seed(a.seed) if device.type == "cuda" else None
+    amp = device.type == "cuda"
+    a.out.mkdir(parents=True, exist_ok=True)
+    best_path, history, best_score = a.out / "best.safetensors", [], -1.0
+    budget = a.minutes * 60.0
+    t_train = time.perf_counter()
+    step, run_loss, n_loss = 0, 0.0, 0
+
+    def validate() -> None:
+        nonlocal best_score
+        rd = eval_random(net, val_batches, device, card.num_classes) if val_batches else []
+        cl_loss, cd = evaluate_slices(net, cx, cy, device, card.num_classes, a.focal_gamma) if cx else (float("nan"), [])
+        parts = [float(np.nanmean(d)) for d in (rd, cd) if len(d) and not np.all(np.isnan(d))]
+        score = float(np.mean(parts)) if parts else 0.0
+        rec = {"step": step, "minutes": round((time.perf_counter() - t_train) / 60, 2),
+               "train_loss": run_loss / max(n_loss, 1), "lr": opt.param_groups[0]["lr"], "score": score,
+               "val_random_dice": dict(zip(CLASS_NAMES, rd)), "val_classic_dice": dict(zip(CLASS_NAMES, cd)),
+               "val_classic_loss": cl_loss}
+        history.append(rec)
+        print(json.dumps(rec), flush=True)
+        if score > best_score:
+            best_score = score
+            card.metrics = {"step": step, "score": score, "val_random_dice": rec["val_random_dice"],
+                            "val_classic_dice": rec["val_classic_dice"]}
+            card.training["steps"] = step
+            save_checkpoint(best_path, net.state_dict(), card, half=not a.full_precision)
+        (a.out / "history.json").write_text(json.dumps(history, indent=1))
+
+    if a.init_from is not None:
+        validate()  # the starting point's scores, for the record (and the floor the run must beat)
+    net.train()
+    while True:
+        elapsed = time.perf_counter() - t_train
+        if elapsed >= budget or (a.max_steps and step >= a.max_steps):
+            break
+        lr = a.lr * min(1.0, (step + 1) / max(a.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
+        for g in opt.param_groups:
+            g["lr"] = max(lr, a.lr * 0.02)
+        x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+        loss = dice_focal_loss(logits, y, a.focal_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        run_loss += loss.item() if step % 10 == 0 or a.max_steps else 0.0
+        n_loss += 1 if step % 10 == 0 or a.max_steps else 0
+        if step % a.val_every == 0:
+            validate()
+            run_loss, n_loss = 0.0, 0
+    if not history or history[-1]["step"] != step:
+        validate()
+    card.training["steps"] = step
+    save_checkpoint(a.out / "last.safetensors", net.state_dict(), card, half=not a.full_precision)
+    log.info("%d steps in %.1f min, best score %.3f", step, (time.perf_counter() - t_train) / 60, best_score)
+    if a.export:
+        a.export.mkdir(parents=True, exist_ok=True)
+        parts = split_file(best_path, a.export, a.split_mb)
+        (a.export / "history.json").write_text(json.dumps(
+            {"best": card_metrics(best_path), "steps": step, "parts": parts,
+             "sha256": hashlib.sha256(best_path.read_bytes()).hexdigest(),
+             "join": "cat best.safetensors.part* > best.safetensors", "history": history}, indent=1))
+    return best_path
+
+
+def card_metrics(path: Path) -> dict:
+    from ..model_card import read_card
+
+    return read_card(path).metrics
+
+
+if __name__ == "__main__":
+    main()

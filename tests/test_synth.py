@@ -1,0 +1,137 @@
+"""Mechanics of the domain-randomised generator, the foreign test family and the synthetic trainer (tiny sizes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.synth import labelmap
+from inference.synth import labels as L
+from inference.synth.render import LabelBank, RenderConfig, render_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: every randomisation off: the image is each label's mean, placed exactly where the label is
+PLAIN = RenderConfig(size=32, bone_fraction=0.0, zoom=(1.0, 1.0), rotation_deg=0.0, stretch=0.0, shear=0.0, shift=0.0,
+                     elastic=0.0, flip=0.0, share_t1=0.0, share_water=0.0, std_max=0.0, thickness_mm=(0.01, 0.01),
+                     res_factor=(1.0, 1.0), bias_max=0.0, gamma_sd=0.0, noise_max=0.0, ghost_p=0.0, pad_p=0.0,
+                     hi_jitter=0.0)
+
+
+def stripes() -> LabelBank:
+    """One 32×32 slice with every generation label as a 1–2 column stripe, left to right."""
+    sl = (np.arange(32)[None, :].repeat(32, 0) * L.N_GEN // 32).astype(np.uint8)
+    return LabelBank.from_maps([np.stack([sl, sl])])
+
+
+def test_label_maps_map_to_the_five_classes_and_are_seeded():
+    vol, meta = labelmap.generate(3, size=48, region="full")
+    assert vol.dtype == np.uint8 and vol.max() < L.N_GEN and vol.shape[1:] == (48, 48)
+    present = set(np.unique(vol).tolist())
+    # the anatomy's own sub-labels (objects and vessels are optional)
+    for lab in (L.SKIN, L.FAT, L.SEPTUM, L.FLUID, L.OTHER_CORTEX, *L.CORTICES, *L.MARROWS):
+        assert lab in present, L.NAMES[lab]
+    assert len(present & set(L.MUSCLES)) >= 3
+    assert set(np.unique(L.CLASS_OF[vol]).tolist()) == {0, 1, 2, 3, 4}
+    assert np.array_equal(labelmap.generate(3, size=48, region="full")[0], vol)
+    assert not np.array_equal(labelmap.generate(4, size=48, region="full")[0][:10], vol[:10])
+    # superior slices first: pelvis is found above the femur, the femur above the tibia
+    first = {c: int(np.argmax((L.CLASS_OF[vol] == c).any(axis=(1, 2)))) for c in (1, 2, 4)}
+    assert first[4] < first[1] < first[2]
+
+
+def test_partial_fields_of_view():
+    pelvis = L.CLASS_OF[labelmap.generate(5, size=32, region="pelvis")[0]]
+    calf = L.CLASS_OF[labelmap.generate(5, size=32, region="calf")[0]]
+    assert 4 in pelvis and 2 not in pelvis and 3 not in pelvis
+    assert 2 in calf and 3 in calf and 4 not in calf
+
+
+def test_every_sub_label_gets_its_own_random_intensity():
+    bank = stripes()
+    cols = (np.arange(L.N_GEN) * 32 + 31) // L.N_GEN  # first column of each stripe
+    x1, y1 = render_batch(bank, 1, torch.Generator().manual_seed(1), PLAIN, idx=torch.tensor([0]))
+    x2, _ = render_batch(bank, 1, torch.Generator().manual_seed(2), PLAIN, idx=torch.tensor([0]))
+    v1, v2 = x1[0, 0, 5, cols], x2[0, 0, 5, cols]
+    assert len(torch.unique(v1)) == L.N_GEN  # 23 labels, 23 grey levels
+    assert not torch.allclose(v1, v2, atol=0.05)  # and another draw, another contrast
+    assert torch.equal(y1[0, 5, cols], torch.from_numpy(L.CLASS_OF[np.arange(L.N_GEN)]).long())
+    assert torch.equal(x1[0, 0], x1[0, 1]) and torch.equal(x1[0, 0], x1[0, 2])  # grey -> 3 channels
+
+
+def test_render_is_seeded_varies_and_flips():
+    maps = [labelmap.generate(s, size=32)[0] for s in (1, 2)]
+    bank = LabelBank.from_maps(maps)
+    cfg = RenderConfig(size=32)
+    a = render_batch(bank, 4, torch.Generator().manual_seed(7), cfg)
+    b = render_batch(bank, 4, torch.Generator().manual_seed(7), cfg)
+    c = render_batch(bank, 4, torch.Generator().manual_seed(8), cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (4, 3, 32, 32) and 0 <= float(a[0].min()) and float(a[0].max()) <= 1
+    assert set(torch.unique(a[1]).tolist()) <= {0, 1, 2, 3, 4}
+    idx = torch.tensor([int(torch.nonzero(bank.bone)[0])])
+    _, y0 = render_batch(bank, 1, torch.Generator().manual_seed(3), PLAIN, idx=idx)
+    _, yf = render_batch(bank, 1, torch.Generator().manual_seed(3), replace(PLAIN, flip=1.0), idx=idx)
+    assert y0.sum() > 0 and torch.equal(yf, y0.flip(-1))
+
+
+def test_padding_blanks_image_and_labels_outside_the_field_of_view():
+    bank = stripes()
+    x, y = render_batch(bank, 8, torch.Generator().manual_seed(0), replace(PLAIN, pad_p=1.0), idx=torch.zeros(8).long())
+    assert float(x[:, :, 0].abs().max()) == 0 and int(y[:, 0].max()) == 0 and int(y[:, 16].max()) > 0
+
+
+def test_foreign_family_writes_an_evaluable_case(tmp_path):
+    from inference.dataset import list_cases, load_case
+    from inference.synth.foreign import write_dataset
+
+    names = write_dataset(tmp_path, 1, seed=11, coarsen=4)
+    assert list_cases(tmp_path) == names
+    case = load_case(tmp_path, names[0])
+    assert case.image.shape == case.labels.shape and case.image.shape[0] >= 25
+    assert set(np.unique(case.labels).tolist()) == {0, 1, 2, 3, 4}
+    assert 4.8 <= case.spacing[0] <= 7.2 and 20 <= case.spacing[2] <= 32  # 4× the 1.2–1.8 mm / 5–8 mm ranges
+
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('pydicom', 'highdicom', 'SimpleITK', 'sqlalchemy'):
+            raise ImportError('blocked on the GPU machine: ' + name)
+sys.meta_path.insert(0, Block())
+from inference.synth.train import main
+main(sys.argv[1:])
+"""
+
+
+def test_two_training_steps_write_a_checkpoint_the_predictor_loads(tmp_path):
+    """Runs as the GPU command does, with pydicom/SimpleITK/highdicom/sqlalchemy made unimportable."""
+    from inference.model_card import read_card
+    from inference.phantom import small_series
+    from inference.predict import Predictor
+
+    out, exp = tmp_path / "run", tmp_path / "export"
+    r = subprocess.run([sys.executable, "-c", BLOCK, "--out", out, "--export", exp, "--maps", "2", "--val-maps", "1",
+                        "--map-size", "32", "--input-size", "32", "--batch-size", "2", "--max-steps", "2",
+                        "--val-every", "2", "--val-batches", "1", "--val-classic", "1", "--classic-size", "32",
+                        "--workers", "1", "--threads", "2", "--split-mb", "20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = out / "best.safetensors"
+    card = read_card(best)
+    assert card.version == "0.2.0" and "domain-randomised" in card.trained_on and card.training["steps"] == 2
+    assert set(card.metrics["val_classic_dice"]) == {"FEMUR", "TIBIA", "FIBULA", "PELVIS"}
+    parts = sorted(exp.glob("best.safetensors.part*"))
+    assert len(parts) == 3 and b"".join(p.read_bytes() for p in parts) == best.read_bytes()
+    assert best.stat().st_size < 50e6  # float16 weights
+    pred = Predictor(best, device="cpu", precision="fp32")
+    ph = small_series(seed=1, n_slices=2, size=32)
+    assert pred.predict(ph.image, ph.geometry.row_dir, ph.geometry.col_dir).labels.shape == ph.image.shape
