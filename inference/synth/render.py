@@ -154,7 +154,9 @@ def _gauss_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     y = x.transpose(0, 1)  # (1, b, S, S): images as channels for a grouped conv
     y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k[:, None, None, :], groups=b)
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k[:, None, :, None], groups=b)
-    return y.transpose(0, 1)
+    # back to (b, 1, S, S) as a contiguous tensor: the transposed view's strides are ones some CUDA
+    # kernels (adaptive pooling, upsampling) mis-handle
+    return y.transpose(0, 1).contiguous()
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, dgen: torch.Generator | None, dev) -> torch.Tensor:
@@ -207,7 +209,7 @@ def render_batch(bank: LabelBank, batch: int, gen: torch.Generator, cfg: RenderC
     fb = float(f.median())
     if fb > 1.2:
         low = max(8, int(round(S / fb)))
-        img = F.interpolate(F.interpolate(img, size=(low, low), mode="area"), size=(S, S), mode="bilinear",
+        img = F.interpolate(F.interpolate(img.contiguous(), size=(low, low), mode="area"), size=(S, S), mode="bilinear",
                             align_corners=False)
 
     # bias field, gamma, Rician noise, ghosts

@@ -88,7 +88,7 @@ def eval_random(net, batches, device, n_classes: int) -> list[float]:
     preds, ys = [], []
     for x, y in batches:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            preds.append(net(x.contiguous(memory_format=torch.channels_last)).argmax(1).cpu())
+            preds.append(net(x.to(device).contiguous(memory_format=torch.channels_last)).argmax(1).cpu())
         ys.append(y.cpu())
     net.train()
     return dice_per_class(torch.cat(preds), torch.cat(ys), n_classes)
@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classic-size", type=int, default=192, help="matrix of the classic validation phantoms")
     p.add_argument("--init-from", type=Path, help="start from this checkpoint (e.g. the bundled demo model)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); cpu is a fallback for GPU kernels that misbehave")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--full-precision", action="store_true", help="store float32 weights (default float16)")
     p.add_argument("--version", default="0.2.0")
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    bank = LabelBank.from_maps(maps[:a.maps], device)
-    val_bank = LabelBank.from_maps(maps[a.maps:], device) if a.val_maps else None
+    rdev = torch.device(a.render_device) if a.render_device else device
+    bank = LabelBank.from_maps(maps[:a.maps], rdev)
+    val_bank = LabelBank.from_maps(maps[a.maps:], rdev) if a.val_maps else None
     del maps
     rcfg = RenderConfig(size=a.input_size)
     vgen = torch.Generator().manual_seed(12345)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
     net = net.to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(a.seed)
-    dgen = torch.Generator(device=device).manual_seed(a.seed) if device.type == "cuda" else None
+    dgen = torch.Generator(device=rdev).manual_seed(a.seed) if rdev.type == "cuda" else None
     amp = device.type == "cuda"
     a.out.mkdir(parents=True, exist_ok=True)
     best_path, history, best_score = a.out / "best.safetensors", [], -1.0
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
         for g in opt.param_groups:
             g["lr"] = max(lr, a.lr * 0.02)
         x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
         loss = dice_focal_loss(logits, y, a.focal_gamma)
