@@ -209,8 +209,12 @@ def render_batch(bank: LabelBank, batch: int, gen: torch.Generator, cfg: RenderC
     fb = float(f.median())
     if fb > 1.2:
         low = max(8, int(round(S / fb)))
-        img = F.interpolate(F.interpolate(img.contiguous(), size=(low, low), mode="area"), size=(S, S), mode="bilinear",
+        # images as the channels of one sample: (b, 1, S, S) is ambiguous between NCHW and channels_last,
+        # and CUDA's adaptive pooling faulted on it (illegal memory access on an H100); (1, b, S, S) is not
+        one = img.reshape(1, b, S, S)
+        one = F.interpolate(F.interpolate(one, size=(low, low), mode="area"), size=(S, S), mode="bilinear",
                             align_corners=False)
+        img = one.reshape(b, 1, S, S)
 
     # bias field, gamma, Rician noise, ghosts
     img = img.clamp(min=0)

@@ -126,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-batches", type=int, default=4, help="randomised validation batches")
     p.add_argument("--val-classic", type=int, default=3, help="classic phantom validation cases (0: none)")
     p.add_argument("--classic-size", type=int, default=192, help="matrix of the classic validation phantoms")
+    p.add_argument("--classic-train", type=int, default=0,
+                   help="classic phantoms (inference.phantom) generated for training beside the randomised maps")
+    p.add_argument("--classic-mix", type=float, default=0.0,
+                   help="share of each batch taken from --classic-train slices, so fine-tuning does not forget them")
     p.add_argument("--init-from", type=Path, help="start from this checkpoint (e.g. the bundled demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); cpu is a fallback for GPU kernels that misbehave")
@@ -151,6 +155,7 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
             "batch_size": a.batch_size, "seed": a.seed,
+            "classic_mix": f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms" if a.classic_train else "none",
         },
     )
 
@@ -168,8 +173,10 @@ def main(argv: list[str] | None = None) -> Path:
     maps = make_maps(seeds + val_seeds, a.map_size, workers)
     card = _card(a, seeds, val_seeds)
     cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
-    log.info("%d label maps (%d slices) and %d classic phantoms in %.0f s", len(maps),
-             sum(m.shape[0] for m in maps), len(cx), time.perf_counter() - t0)
+    tx, ty = (classic_cases(a.classic_train, 9000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
+              if a.classic_train and a.classic_mix > 0 else ([], []))
+    log.info("%d label maps (%d slices), %d classic training and %d classic validation phantoms in %.0f s", len(maps),
+             sum(m.shape[0] for m in maps), len(tx), len(cx), time.perf_counter() - t0)
 
     device = pick_device(a.device)
     if device.type == "cuda":
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     rdev = torch.device(a.render_device) if a.render_device else device
+    ctx = torch.cat(tx).to(device) if tx else None  # (n, 1, S, S) classic slices as inference sees them
+    cty = torch.cat(ty).to(device) if ty else None
+    n_classic = int(round(a.classic_mix * a.batch_size)) if ctx is not None else 0
     bank = LabelBank.from_maps(maps[:a.maps], rdev)
     val_bank = LabelBank.from_maps(maps[a.maps:], rdev) if a.val_maps else None
     del maps
@@ -234,6 +244,10 @@ def main(argv: list[str] | None = None) -> Path:
             g["lr"] = max(lr, a.lr * 0.02)
         x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if n_classic:
+            j = torch.randint(0, ctx.shape[0], (n_classic,), generator=gen).to(device)
+            x[:n_classic] = ctx[j].float().expand(-1, 3, -1, -1)
+            y[:n_classic] = cty[j].long()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
         loss = dice_focal_loss(logits, y, a.focal_gamma)
