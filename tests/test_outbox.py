@@ -1,0 +1,257 @@
+"""Delivery through the outbox against real peers: a PACS (dcmtk storescp) that is down while series arrive,
+a destination that never comes back (give-up, webhooks, retry without re-encoding), and Storage Commitment
+with a real Orthanc, including an instance Orthanc lost before it was asked to commit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+
+from conftest import NodeProcess, PacsSCP, free_port, storescu, wait_for, write_series
+
+ROOT = Path(__file__).resolve().parents[1]
+ORTHANC = "/usr/sbin/Orthanc"
+FAST_RETRY = "retry_initial_seconds = 1\nretry_max_seconds = 4\n"
+
+
+def _timeline(node: NodeProcess, job_id: int) -> list[tuple[str, str]]:
+    from sqlalchemy import select
+
+    from storage.models import Event
+
+    db = node.db()
+    try:
+        with db.session() as s:
+            return [(e.kind, e.detail) for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+    finally:
+        db.dispose()
+
+
+def _received(folder: Path) -> dict[str, list[str]]:
+    """SOP Instance UIDs the PACS holds, by modality."""
+    out: dict[str, list[str]] = {}
+    for p in folder.iterdir():
+        if p.is_file():
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            out.setdefault(ds.Modality, []).append(ds.SOPInstanceUID)
+    return out
+
+
+def _metrics(node: NodeProcess) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_outage_series_segmented_during_it_and_delivered_once_when_the_pacs_is_back(workdir):
+    pacs = PacsSCP(workdir / "pacs")
+    port = pacs.port
+    pacs.stop(validate=False)  # the PACS is down before the first series arrives
+    node = NodeProcess(workdir, pacs, dest_extra=FAST_RETRY)
+    pacs2 = None
+    try:
+        down_at = time.monotonic()
+        uids = []
+        for seed in (61, 62):
+            _, paths = write_series(workdir / f"s{seed}", seed=seed)
+            assert storescu(node.port, workdir / f"s{seed}").returncode == 0
+            uids.append(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        # both are segmented during the outage: the worker never waits on the destination
+        jobs = [node.wait_job(uid, states=("delivering",), timeout=120) for uid in uids]
+        assert all(j["has_result"] for j in jobs)
+        for j in jobs:
+            wait_for(lambda: any(k == "retry" and "connection refused" in d for k, d in _timeline(node, j["job"])),
+                     30, 0.5, "the refused connection on the timeline")
+        # the outage goes on; the node keeps trying on the destination's clock
+        time.sleep(max(0.0, 25 - (time.monotonic() - down_at)))
+        r = node.cli("deliveries", "--json")
+        assert r.returncode == 0, r.stderr
+        listing = json.loads(r.stdout)
+        (dest,) = listing["destinations"]
+        assert dest["up"] is False and dest["waiting"] == 2 and "connection refused" in dest["last_error"]
+        assert dest["oldest_waiting_s"] > 5
+        assert {d["state"] for d in listing["deliveries"]} <= {"pending", "sending"}
+        m = _metrics(node)
+        assert 'dicomnode_destination_up{destination="pacs"} 0.0' in m
+        assert 'dicomnode_deliveries_waiting{destination="pacs"} 2.0' in m
+        # the PACS comes back on the same port: both go out by themselves
+        pacs2 = PacsSCP(workdir / "pacs", port=port)
+        done = [node.wait_job(uid, timeout=60) for uid in uids]
+        assert [j["state"] for j in done] == ["done", "done"]
+        got = _received(pacs2.folder)
+        assert sorted(got) == ["SEG", "SR"]
+        assert len(got["SEG"]) == 2 and len(set(got["SEG"])) == 2 and len(got["SR"]) == 2
+        assert set(got["SEG"]) == {_seg_sop(node, j["job"]) for j in done}
+        for j in done:
+            kinds = [k for k, _ in _timeline(node, j["job"])]
+            assert "requeued" not in kinds and kinds.count("encoded") == 1 and kinds[-1] == "delivered"
+        assert 'dicomnode_destination_up{destination="pacs"} 1.0' in _metrics(node)
+        r = node.cli("status", "--json")
+        assert json.loads(r.stdout)["series"].get("done") == 2  # a series no longer says "queued" once done
+    finally:
+        node.stop()
+        if pacs2:
+            pacs2.stop()
+
+
+def _seg_sop(node: NodeProcess, job_id: int) -> str:
+    from storage.models import Job
+
+    db = node.db()
+    try:
+        with db.session() as s:
+            return s.get(Job, job_id).seg_sop_uid
+    finally:
+        db.dispose()
+
+
+class _Webhook:
+    """A tiny HTTP server that keeps every JSON body POSTed to it."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        hook = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hook.events.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_give_up_tells_the_admin_and_retry_sends_the_same_result_again(workdir):
+    hook = _Webhook()
+    dead = SimpleNamespace(aet="PACS", port=free_port())  # nothing listens there
+    more = (f'[notifications]\nwebhooks = ["http://127.0.0.1:{hook.port}/hook"]\ntimeout_seconds = 2\n'
+            'destination_down_minutes = 0.05\n')
+    node = NodeProcess(workdir, dead, dest_extra=FAST_RETRY + "give_up_after_hours = 0.004\n", more=more)
+    pacs = None
+    try:
+        _, paths = write_series(workdir / "s", seed=71)
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        assert storescu(node.port, workdir / "s").returncode == 0
+        job = node.wait_job(ds.SeriesInstanceUID, states=("failed",), timeout=120)
+        assert "given up after 0.004 h" in job["reason"] and "connection refused" in job["reason"]
+        wait_for(lambda: {"destination-down", "delivery-failed", "job-failed"} <= set(hook.kinds()), 20, 0.3,
+                 "the webhooks")
+        down = next(e for e in hook.events if e["event"] == "destination-down")
+        assert down["destination"] == "pacs" and "connection refused" in down["last_error"]
+        given_up = next(e for e in hook.events if e["event"] == "delivery-failed")
+        assert given_up["job"] == job["job"] and given_up["node"] == "SEGNODE"
+        assert str(ds.PatientName) not in json.dumps(hook.events)  # no PHI in notifications
+        r = node.cli("deliveries", "--state", "failed")
+        assert r.returncode == 0 and "failed" in r.stdout and "given up" in r.stdout
+        # the PACS is there now; the admin retries the job: the same SEG goes out, nothing is computed again
+        pacs = PacsSCP(workdir / "pacs", port=dead.port)
+        r = node.cli("retry", str(job["job"]))
+        assert r.returncode == 0, r.stdout + r.stderr
+        done = node.wait_job(ds.SeriesInstanceUID, states=("done",), timeout=60)
+        assert _received(pacs.folder)["SEG"] == [_seg_sop(node, job["job"])]
+        kinds = [k for k, _ in _timeline(node, job["job"])]
+        assert kinds.count("running") == 1 and kinds.count("encoded") == 1 and "requeued" in kinds
+        assert done["state"] == "done"
+    finally:
+        node.stop()
+        hook.stop()
+        if pacs:
+            pacs.stop()
+
+
+# ------------------------------------------------------------------------------------- Storage Commitment
+#: Orthanc loses the first SR it stores (deleted through its REST API as soon as it is stored, before the
+#: node asks for commitment): its commitment report then names that SR as failed.
+LOSE_FIRST_SR = """
+lost = false
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if not lost and tags['Modality'] == 'SR' then
+    lost = true
+    RestApiDelete('/instances/' .. instanceId)
+    print('test: deleted the first SR ' .. instanceId)
+  end
+end
+"""
+
+
+def _api(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+@pytest.fixture
+def orthanc_committing(workdir):
+    if not Path(ORTHANC).exists():
+        pytest.fail("Orthanc missing: install Debian's orthanc (the README's test command does)")
+    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
+    lua = workdir / "lose.lua"
+    lua.write_text(LOSE_FIRST_SR)
+    cfg = {"Name": "commitment test", "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
+           "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
+           "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "LuaScripts": [str(lua)],
+           "DicomAlwaysAllowStore": True,
+           # where Orthanc sends its Storage Commitment report (a new association to the node's listener)
+           "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]}}
+    (workdir / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=open(workdir / "orthanc.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+    def up():
+        try:
+            return _api(http_port, "/system")
+        except Exception:
+            return None
+
+    wait_for(up, 60, 0.3, "Orthanc to start")
+    node = NodeProcess(workdir, SimpleNamespace(aet="ORTHANC", port=dicom_port), port=node_port,
+                       dest_extra=FAST_RETRY + "storage_commitment = true\ncommitment_timeout_seconds = 20\n")
+    yield SimpleNamespace(node=node, http=http_port, tmp=workdir, log=workdir / "orthanc.log")
+    node.stop()
+    proc.terminate()
+    proc.wait(20)
+    shutil.rmtree(workdir / "db", ignore_errors=True)
+
+
+def test_storage_commitment_with_orthanc_resends_what_it_lost(orthanc_committing):
+    o = orthanc_committing
+    sops = {}
+    for seed in (81, 82):
+        _, paths = write_series(o.tmp / f"s{seed}", seed=seed)
+        assert storescu(o.node.port, o.tmp / f"s{seed}").returncode == 0
+        sops[seed] = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    jobs = [o.node.wait_job(uid, states=("done", "failed"), timeout=180) for uid in sops.values()]
+    assert [j["state"] for j in jobs] == ["done", "done"], [j["reason"] for j in jobs]
+    listing = json.loads(o.node.cli("deliveries", "--json").stdout)
+    assert {d["state"] for d in listing["deliveries"]} == {"committed"}
+    # Orthanc lost one SR before commitment: its report named it, the node sent it again, then it was committed
+    events = [e for j in jobs for e in _timeline(o.node, j["job"])]
+    lost = [d for k, d in events if k == "retry" and "Storage Commitment failed for 1 of 2 instances" in d]
+    assert len(lost) == 1, events
+    assert sum(1 for k, _ in events if k == "committed") == 2
+    # and Orthanc holds every SEG and SR now
+    held = {_api(o.http, f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in _api(o.http, "/instances")}
+    for d in listing["deliveries"]:
+        assert set(d["instances"]) <= held
+    # the reports came to the node's own listener (an association Orthanc opened)
+    assert "Storage Commitment answer from ORTHANC" in o.node.log.read_text()
