@@ -113,20 +113,49 @@ def claim(db: Database, destination: str, owner: str, claim_seconds: float, limi
     out = []
     with db.session() as s:
         for row in s.scalars(q).all():
-            if row.state == "sending":
-                add_event(s, "retry", series_id=_series(s, row.job_id), job_id=row.job_id,
+            before = row.state
+            # compare-and-set: on SQLite the SELECT above holds no lock, so a second sender may have taken the
+            # row in between; only the one whose update matches the state it read gets it
+            took = s.execute(update(OutboxItem).where(
+                OutboxItem.id == row.id, OutboxItem.state == before, OutboxItem.attempts == row.attempts).values(
+                state="sending", claimed_by=owner, claim_expires_at=now + dt.timedelta(seconds=claim_seconds),
+                attempts=OutboxItem.attempts + 1).execution_options(synchronize_session=False)).rowcount
+            if took != 1:
+                continue
+            series_id = _series(s, row.job_id)
+            if before == "sending":
+                add_event(s, "retry", series_id=series_id, job_id=row.job_id,
                           detail=f"delivery to {destination}: its sender {row.claimed_by} stopped before the "
                                  "answer; sending the same files again")
-            if row.state == "sent":
-                add_event(s, "retry", series_id=_series(s, row.job_id), job_id=row.job_id,
+            elif before == "sent":
+                add_event(s, "retry", series_id=series_id, job_id=row.job_id,
                           detail=f"delivery to {destination}: no Storage Commitment answer by "
                                  f"{row.commit_deadline:%H:%M:%S}; sending again and asking again")
-            row.state, row.claimed_by = "sending", owner
-            row.claim_expires_at = now + dt.timedelta(seconds=claim_seconds)
-            row.attempts += 1
-            out.append(Claimed(row.id, row.job_id, _series(s, row.job_id), row.destination, json.loads(row.files),
-                               row.attempts, row.commit_requests))
+            out.append(Claimed(row.id, row.job_id, series_id, row.destination, json.loads(row.files),
+                               row.attempts + 1, row.commit_requests))
     return out
+
+
+def release_dead_local_claims(db: Database, host: str) -> int:
+    """Rows held by a sender on this host that no longer exists (killed between sending and the answer):
+    due again now, rather than after ``sender.claim_seconds``. Owners look like host:pid:role."""
+    import os
+
+    now = utcnow()
+    n = 0
+    with db.session() as s:
+        for row in s.scalars(select(OutboxItem).where(OutboxItem.state == "sending",
+                                                      OutboxItem.claimed_by.like(f"{host}:%"))):
+            try:
+                os.kill(int(row.claimed_by.split(":")[1]), 0)
+                continue  # still alive
+            except ProcessLookupError:
+                pass
+            except (ValueError, IndexError, PermissionError):
+                continue
+            row.claim_expires_at = now - dt.timedelta(seconds=1)
+            n += 1
+    return n
 
 
 def overdue_commitments(db: Database, destination: str, max_requests: int) -> list[tuple[int, int, str]]:

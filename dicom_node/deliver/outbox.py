@@ -111,6 +111,7 @@ class Outbox:
     def run_once(self) -> int:
         """One round over every destination; returns how many deliveries were tried."""
         tried = 0
+        deliveries.release_dead_local_claims(self.db, socket.gethostname())
         deliveries.cancel_superseded(self.db)
         for dest in self.settings.destinations:
             for _, job_id, reason in deliveries.give_up(self.db, dest.name, dest.give_up_after_hours):
