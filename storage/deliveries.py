@@ -218,6 +218,10 @@ def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
             return None
         if row.state != "sending":
             return None  # an admin got here first
+        job = s.get(Job, row.job_id)
+        timings = json.loads(job.timings or "{}")  # the "send" stage: time on the wire, every destination
+        timings["send"] = round(timings.get("send", 0.0) + (now - started).total_seconds(), 4)
+        job.timings = json.dumps(timings)
         row.sent_at, row.claimed_by, row.claim_expires_at, row.last_error = now, "", None, ""
         if commitment:
             row.state, row.transaction_uid, row.commit_deadline = "sent", commitment[0], commitment[1]
