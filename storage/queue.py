@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import Delivery, Event, Instance, Job, Series, StructureVolume, Study, utcnow
+from .models import Event, Instance, Job, Series, StructureVolume, Study, utcnow
 
 
 @dataclass

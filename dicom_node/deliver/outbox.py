@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -174,11 +175,11 @@ class Outbox:
         deliveries.mark_retry(self.db, it.id, started, error, utcnow() + dt.timedelta(seconds=wait))
 
     def _stow(self, dest: Destination, items: list[deliveries.Claimed], started: dt.datetime) -> None:
+        url = urlsplit(dest.url)
+        probe(url.hostname or "", url.port or (443 if url.scheme == "https" else 80), self.connect_timeout)
+        self._up(dest)
         for it in items:
             res: SendResult = stow(dest.url, [f["path"] for f in it.files], dest.username, dest.password)
-            if res.failed and res.failed[0][0] == "*" and ("Connection" in res.failed[0][1] or "timed out" in res.failed[0][1]):
-                raise DestinationError(res.failed[0][1])
-            self._up(dest)
             if res.ok:
                 deliveries.mark_sent(self.db, it.id, started, f"{res.sent} instances by STOW-RS")
             else:
@@ -221,7 +222,8 @@ class Outbox:
             raise DestinationError(f"no answer to the association request from {dest.host}:{dest.port} "
                                    f"within {ae.acse_timeout} s")
         self._up(dest)
-        waiting_commit = []
+        waiting_commit: list[int] = []
+        n = 0
         try:
             for n, it in enumerate(items):
                 if not assoc.is_established:
