@@ -255,3 +255,81 @@ def test_storage_commitment_with_orthanc_resends_what_it_lost(orthanc_committing
         assert set(d["instances"]) <= held
     # the reports came to the node's own listener (an association Orthanc opened)
     assert "Storage Commitment answer from ORTHANC" in o.node.log.read_text()
+
+
+# ------------------------------------------------------------------------------------- reasons in words
+def _small_file(path: Path, sop_class: str) -> dict:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "SEG"
+    ds.save_as(path, enforce_file_format=True)
+    return {"path": str(path), "sop_class": sop_class, "sop_uid": ds.SOPInstanceUID, "ts": ExplicitVRLittleEndian}
+
+
+def test_reasons_are_recorded_as_they_are(tmp_path):
+    """Rejected association (result/source/reason in words) and a refused C-STORE (status and meaning), from a
+    real pynetdicom SCP; a refusal of one instance leaves the destination up."""
+    from pynetdicom import AE, evt
+    from sqlalchemy import select
+
+    from dicom_node.config import Destination, Settings
+    from dicom_node.deliver.outbox import Outbox
+    from storage import deliveries
+    from storage.db import Database
+    from storage.models import Job, OutboxItem, Series, Study
+
+    seg = "1.2.840.10008.5.1.4.1.1.66.4"
+    files = [_small_file(tmp_path / "SEG_binary.dcm", seg)]
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    with db.session() as s:
+        st = Study(study_uid="2.25.5")
+        s.add(st)
+        s.flush()
+        se = Series(series_uid="2.25.5.1", study_id=st.id, modality="MR", state="queued")
+        s.add(se)
+        s.flush()
+        job = Job(series_id=se.id, state="running")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    deliveries.enqueue(db, job_id, {"pacs": files})
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(seg)
+    scp.require_calling_aet = ["SOMEONE"]  # rejects the node: calling AE title not recognised
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    try:
+        settings = Settings(destinations=[Destination(name="pacs", ae_title="PACS", port=port,
+                                                      retry_initial_seconds=0.2, retry_max_seconds=0.2)])
+        outbox = Outbox(settings, db, "host:1:sender")
+        outbox.run_once()
+        (d,) = deliveries.destination_summary(db, ["pacs"])
+        assert d["up"] is False
+        assert d["last_error"] == ("association rejected: rejected-permanent, source service-user, "
+                                   "reason calling AE title not recognised")
+        scp.require_calling_aet = []
+        time.sleep(0.3)
+        outbox.run_once()
+        (d,) = deliveries.destination_summary(db, ["pacs"])
+        assert d["up"] is True  # it answered; only this instance was refused
+        with db.session() as s:
+            row = s.scalar(select(OutboxItem))
+            assert row.state == "pending" and "C-STORE status 0xA700 (Refused: Out of Resources)" in row.last_error
+    finally:
+        server.shutdown()
+    time.sleep(0.3)  # past the row's own 0.2 s backoff
+    outbox.run_once()  # nobody listens now
+    (d,) = deliveries.destination_summary(db, ["pacs"])
+    assert d["up"] is False and d["last_error"] == f"connection refused by 127.0.0.1:{port}"
+    db.dispose()
+
