@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from storage import deliveries, queue
 from storage.db import Database
@@ -80,6 +81,8 @@ class Pipeline:
         self._predictor_factory = predictor_factory
         self._predictor = None
         self.owner = owner or worker_id()
+        #: called after a result went into the outbox (serve: wakes its sender thread at once)
+        self.on_outbox: Callable[[], None] = lambda: None
 
     @property
     def predictor(self):
@@ -174,3 +177,4 @@ class Pipeline:
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
             return
         deliveries.enqueue(self.db, job_id, outbox_files(self.settings, job_dir))
+        self.on_outbox()

@@ -60,6 +60,7 @@ class Node:
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
         # the outbox's sender: its own thread, so inference never waits on a destination
         self.outbox = Outbox(settings, self.db, worker_id("sender"))
+        self.pipeline.on_outbox = self.outbox.wake
         self._sender_stop = threading.Event()
         self._sender = threading.Thread(target=self.outbox.run_forever, args=(self._sender_stop,),
                                         name="sender", daemon=True)
@@ -90,6 +91,7 @@ class Node:
 
     def stop(self) -> None:
         self._sender_stop.set()
+        self.outbox.wake()
         self.scp.stop()
         self.scheduler.stop()
         if self._sender.is_alive():

@@ -99,15 +99,21 @@ class Outbox:
         self.settings, self.db, self.owner = settings, db, owner
         self.connect_timeout = 10.0
         self.same_association_wait = 2.0
+        self._wake = threading.Event()
 
     # ------------------------------------------------------------------------------ loop
+    def wake(self) -> None:
+        """A worker in this process just queued a result: look now rather than at the next poll."""
+        self._wake.set()
+
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.run_once()
             except Exception:  # the sender must outlive any one error (a database hiccup, a bad file)
                 log.exception("sender round failed")
-            stop.wait(self.settings.sender.poll_seconds)
+            self._wake.wait(self.settings.sender.poll_seconds)
+            self._wake.clear()
 
     def run_once(self) -> int:
         """One round over every destination; returns how many deliveries were tried."""
