@@ -333,3 +333,52 @@ def test_reasons_are_recorded_as_they_are(tmp_path):
     assert d["up"] is False and d["last_error"] == f"connection refused by 127.0.0.1:{port}"
     db.dispose()
 
+
+
+def test_a_node_killed_before_the_pacs_answered_sends_the_same_result_again(workdir):
+    """kill -9 while the PACS holds the SEG but has not answered yet: after the restart the very same files
+    (same SOP Instance UIDs) go again; nothing is encoded twice."""
+    import signal
+
+    from sqlalchemy import select
+
+    from storage.models import OutboxItem
+
+    # storescp sleeps 1 s at each progress step of a C-STORE (every 128 KiB PDU) before it answers; +uf keeps
+    # every copy it receives under its own name
+    pacs = PacsSCP(workdir / "pacs", flags=("--sleep-during", "1", "--max-pdu", "131072", "+uf"))
+    node = NodeProcess(workdir, pacs, dest_extra=FAST_RETRY)
+    node2 = None
+    try:
+        _, paths = write_series(workdir / "s", seed=91)
+        series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+        assert storescu(node.port, workdir / "s").returncode == 0
+
+        def sending():
+            db = node.db()
+            try:
+                with db.session() as s:
+                    return s.scalar(select(OutboxItem.id).where(OutboxItem.state == "sending"))
+            finally:
+                db.dispose()
+
+        wait_for(sending, 120, 0.1, "the delivery to be on the wire")
+        time.sleep(1.5)  # the PACS is receiving the SEG and has not answered
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        node2 = NodeProcess(workdir, pacs, dest_extra=FAST_RETRY)  # same folder and database
+        try:
+            job = node2.wait_job(series_uid, states=("done",), timeout=120)
+        except AssertionError:
+            raise AssertionError(node2.log.read_text()[-3000:]) from None
+        events = _timeline(node2, job["job"])
+        assert any("stopped before the answer; sending the same files again" in d for _, d in events), events
+        kinds = [k for k, _ in events]
+        assert kinds.count("encoded") == 1 and kinds.count("running") == 1
+        got = _received(pacs.folder)
+        assert set(got["SEG"]) == {_seg_sop(node2, job["job"])}  # copies, maybe, but never a different SEG
+    finally:
+        if node2:
+            node2.stop()
+        node.stop()
+        pacs.stop()
