@@ -382,3 +382,71 @@ def test_a_node_killed_before_the_pacs_answered_sends_the_same_result_again(work
             node2.stop()
         node.stop()
         pacs.stop()
+
+
+def test_commitment_answered_on_the_sending_association(tmp_path):
+    """An archive that answers the N-ACTION with an N-EVENT-REPORT on the same association (a real
+    pynetdicom SCP that accepts the node's proposed SCP role): the delivery is committed on the spot."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from sqlalchemy import select
+
+    from dicom_node.config import Destination, Settings
+    from dicom_node.deliver.outbox import Outbox
+    from dicom_node.receive.dimse import COMMITMENT_INSTANCE, COMMITMENT_SOP_CLASS
+    from storage import deliveries
+    from storage.db import Database
+    from storage.models import Job, OutboxItem, Series, Study
+
+    seg = "1.2.840.10008.5.1.4.1.1.66.4"
+    files = [_small_file(tmp_path / "SEG_binary.dcm", seg), _small_file(tmp_path / "SR_binary.dcm", seg)]
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    with db.session() as s:
+        st = Study(study_uid="2.25.6")
+        s.add(st)
+        s.flush()
+        se = Series(series_uid="2.25.6.1", study_id=st.id, modality="MR", state="queued")
+        s.add(se)
+        s.flush()
+        job = Job(series_id=se.id, state="running")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    deliveries.enqueue(db, job_id, {"archive": files})
+    stored: set[str] = set()
+
+    def on_store(event):
+        stored.add(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    def on_action(event):
+        req = event.action_information
+
+        def report():
+            time.sleep(0.2)
+            info = Dataset()
+            info.TransactionUID = req.TransactionUID
+            info.ReferencedSOPSequence = [r for r in req.ReferencedSOPSequence if r.ReferencedSOPInstanceUID in stored]
+            event.assoc.send_n_event_report(info, 1, COMMITMENT_SOP_CLASS, COMMITMENT_INSTANCE)
+
+        threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
+    scp = AE(ae_title="ARCHIVE")
+    scp.add_supported_context(seg)
+    scp.add_supported_context(COMMITMENT_SOP_CLASS, scu_role=True, scp_role=True)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+    try:
+        settings = Settings(destinations=[Destination(name="archive", ae_title="ARCHIVE", port=port,
+                                                      storage_commitment=True)])
+        Outbox(settings, db, "host:1:sender").run_once()
+        with db.session() as s:
+            row = s.scalar(select(OutboxItem))
+            assert row.state == "committed", row.last_error
+            assert s.get(Job, job_id).state == "done"
+    finally:
+        server.shutdown()
+        db.dispose()
