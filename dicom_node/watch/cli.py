@@ -211,7 +211,7 @@ def cmd_jobs(args) -> int:
         return 0
     for r in rows:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in r["stages_s"].items())
-        print(f"#{r['job']:<5} {r['state']:<8} {r['modality']:<3} {r['instances']:>4} img  "
+        print(f"#{r['job']:<5} {r['state']:<10} {r['modality']:<3} {r['instances']:>4} img  "
               f"{(r['series'] or '')[:28]:<28} {r['created']}  total={r['total_s']}s attempts={r['attempts']}")
         if stages:
             print(f"       stages: {stages}")
@@ -221,7 +221,8 @@ def cmd_jobs(args) -> int:
             label = "skipped" if r["state"] == "skipped" else "error"
             print(f"       {label}: {r['reason']}")
         for d in r["deliveries"]:
-            print(f"       sent to {d['destination']} (attempt {d['attempt']}): {'ok' if d['ok'] else d['error']}")
+            print(f"       sent to {d['destination']} (try {d['attempt']}): ok" if d["ok"] else
+                  f"       try {d['attempt']} to {d['destination']} failed: {d['error']}")
         for o in r.get("outbox", []):
             print(f"       delivery to {o['destination']}: {o['state']}" + (f" ({o['error']})" if o["error"] else ""))
     return 0
