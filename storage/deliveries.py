@@ -262,13 +262,6 @@ def _fail(s, row: OutboxItem, reason: str, now: dt.datetime) -> None:
     _finish_job(s, row.job_id)
 
 
-def mark_failed(db: Database, item_id: int, reason: str) -> str | None:
-    with db.session() as s:
-        row = s.get(OutboxItem, item_id)
-        _fail(s, row, reason, utcnow())
-        return s.get(Job, row.job_id).state
-
-
 def _finish_job(s, job_id: int) -> str | None:
     """Close the job when its last delivery closed: done (every row delivered), failed (a row given up),
     skipped (superseded before anything was sent). The series follows its job."""
@@ -462,7 +455,3 @@ def requeue(db: Database, ids: list[int] | None = None, job_ids: list[int] | Non
             out.append(row.id)
         return out
 
-
-def has_outbox(db: Database, job_id: int) -> bool:
-    with db.session() as s:
-        return s.scalar(select(func.count()).select_from(OutboxItem).where(OutboxItem.job_id == job_id)) > 0
