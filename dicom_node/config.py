@@ -172,8 +172,14 @@ class Destination:
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: int = 4242
-    retries: int = 3
-    backoff_seconds: float = 5.0
+    retries: int = 3  # ignored since the outbox (kept so that older node.toml files still load)
+    backoff_seconds: float = 5.0  # ignored since the outbox
+    retry_initial_seconds: float = 10.0
+    retry_max_seconds: float = 300.0
+    give_up_after_hours: float = 24.0
+    storage_commitment: bool = False
+    commitment_timeout_seconds: float = 120.0
+    commitment_max_requests: int = 3
     calling_ae_title: str = ""
     seg_type: str = "binary"
     send_sr: bool = True
@@ -191,6 +197,47 @@ class Destination:
         _port(f"{key}.port", self.port)
         if self.retries < 0:
             raise ConfigError(f"{key}.retries must be >= 0")
+        _positive(f"{key}.retry_initial_seconds", self.retry_initial_seconds)
+        _positive(f"{key}.retry_max_seconds", self.retry_max_seconds)
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ConfigError(f"{key}.retry_max_seconds ({self.retry_max_seconds}) must be >= "
+                              f"{key}.retry_initial_seconds ({self.retry_initial_seconds})")
+        _positive(f"{key}.give_up_after_hours", self.give_up_after_hours)
+        _positive(f"{key}.commitment_timeout_seconds", self.commitment_timeout_seconds)
+        _positive(f"{key}.commitment_max_requests", self.commitment_max_requests)
+        if self.storage_commitment and self.protocol != "dimse":
+            raise ConfigError(f"{key}.storage_commitment needs protocol \"dimse\" (DICOMweb has no Storage "
+                              "Commitment)")
+
+
+@dataclass
+class SenderSettings:
+    """The outbox's sender loop (in ``serve``, or alone as ``dicom-node sender``)."""
+
+    enabled: bool = True
+    poll_seconds: float = 1.0
+    claim_seconds: float = 600.0
+    batch_size: int = 50
+
+    def validate(self) -> None:
+        _positive("sender.poll_seconds", self.poll_seconds)
+        _positive("sender.claim_seconds", self.claim_seconds)
+        _positive("sender.batch_size", self.batch_size)
+
+
+@dataclass
+class NotificationSettings:
+    webhooks: list[str] = field(default_factory=list)
+    timeout_seconds: float = 5.0
+    destination_down_minutes: float = 15.0
+
+    def validate(self) -> None:
+        for i, url in enumerate(self.webhooks):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"notifications.webhooks[{i}]: {url!r} is not an http(s) URL")
+        _positive("notifications.timeout_seconds", self.timeout_seconds)
+        if self.destination_down_minutes < 0:
+            raise ConfigError("notifications.destination_down_minutes must be >= 0")
 
 
 @dataclass
@@ -205,6 +252,8 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     web: WebSettings = field(default_factory=WebSettings)
     destinations: list[Destination] = field(default_factory=list)
+    sender: SenderSettings = field(default_factory=SenderSettings)
+    notifications: NotificationSettings = field(default_factory=NotificationSettings)
     source: Path | None = None
 
     @property
@@ -214,6 +263,9 @@ class Settings:
     @property
     def database_url(self) -> str:
         return self.node.database_url or f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
 
     @property
     def model_path(self) -> Path:

@@ -1,8 +1,9 @@
-"""One job from queued to delivered, orchestrating the stages: infer (load → preprocess/predict/postprocess,
-sides, volumes) → encode (SEG + SR, checked) → deliver.
+"""One job from queued to encoded, orchestrating the stages: infer (load → preprocess/predict/postprocess,
+sides, volumes) → encode (SEG + SR, checked) → the outbox.
 
-Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table);
-each send attempt is a row in ``deliveries``. While a job runs, a heartbeat renews its lease so that
+The job's compute part ends with the encoded files put in the outbox (one row per destination, job state
+``delivering``); the sender loop (deliver/outbox.py) sends them, so a worker never waits on a PACS.
+Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table). While a job runs, a heartbeat renews its lease so that
 another worker takes it over only if this one dies. An exception marks the job for retry (with backoff)
 or failure, and never escapes into the scheduler.
 """
@@ -16,17 +17,19 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
-from storage import queue
+from storage import deliveries, queue
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Job, utcnow
 
 from .config import Settings
-from .deliver.delivery import deliver_job
+from .deliver.outbox import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
 from .infer.compute import NotSegmentable, segment_series
+from .notify import notify
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -78,6 +81,8 @@ class Pipeline:
         self._predictor_factory = predictor_factory
         self._predictor = None
         self.owner = owner or worker_id()
+        #: called after a result went into the outbox (serve: wakes its sender thread at once)
+        self.on_outbox: Callable[[], None] = lambda: None
 
     @property
     def predictor(self):
@@ -114,6 +119,8 @@ class Pipeline:
             w = self.settings.worker
             state = queue.fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
+            if state == "failed":
+                notify(self.settings, "job-failed", {"job": job_id, "reason": err})
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -125,8 +132,8 @@ class Pipeline:
             job = s.get(Job, job_id)
             series_id, seg_path = job.series_id, job.seg_path
         if seg_path and Path(seg_path).is_file():
-            # the result exists (an earlier attempt failed while sending): only the delivery is repeated
-            self._deliver(job_id, seg_path, hb, time.perf_counter())
+            # the result exists (the worker stopped after encoding): it goes to the outbox, never re-encoded
+            self._deliver(job_id, Path(seg_path).parent, hb)
             return
         series, instances = queue.series_instances(self.db, series_id)
         try:
@@ -150,6 +157,7 @@ class Pipeline:
         except InvalidResult as exc:
             queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
+            notify(self.settings, "job-failed", {"job": job_id, "reason": str(exc)})
             return
         t = self._stage(job_id, "encode", t)
         queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
@@ -157,19 +165,16 @@ class Pipeline:
                         device=result.device)
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
-        self._deliver(job_id, str(path), hb, t)
-        log.info("job %s done: %s", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+        self._deliver(job_id, path.parent, hb)
+        log.info("job %s encoded (%s); in the outbox", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 
-    def _deliver(self, job_id: int, path: str, hb: _Heartbeat, t: float) -> None:
-        hb.check()  # never send a result whose job another worker has taken over
+    def _deliver(self, job_id: int, job_dir: Path, hb: _Heartbeat) -> None:
+        """Hand the encoded files to the outbox: one row per destination, sent by the sender loop."""
+        hb.check()  # never queue a result whose job another worker has taken over
         newer = queue.superseded_by(self.db, job_id)
         if newer is not None:
             queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
             return
-        queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in self.settings.destinations))
-        errors = deliver_job(self.settings, self.db, job_id, Path(path).parent)
-        self._stage(job_id, "send", t)
-        if errors:
-            raise RuntimeError("delivery failed: " + "; ".join(errors))
-        queue.set_state(self.db, job_id, "done", event_detail="", reason="", finished_at=utcnow())
+        deliveries.enqueue(self.db, job_id, outbox_files(self.settings, job_dir))
+        self.on_outbox()

@@ -12,6 +12,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 
 from .config import Settings
+from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
 from .scheduler import NodeScheduler
 from .receive.scp import StorageSCP, quiet_pynetdicom
@@ -57,6 +58,12 @@ class Node:
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
+        # the outbox's sender: its own thread, so inference never waits on a destination
+        self.outbox = Outbox(settings, self.db, worker_id("sender"))
+        self.pipeline.on_outbox = self.outbox.wake
+        self._sender_stop = threading.Event()
+        self._sender = threading.Thread(target=self.outbox.run_forever, args=(self._sender_stop,),
+                                        name="sender", daemon=True)
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app
@@ -77,12 +84,18 @@ class Node:
         if preload:
             _ = self.pipeline.predictor
         self.scheduler.start()
+        if self.settings.sender.enabled:
+            self._sender.start()
         if self.web:
             self.web.start()
 
     def stop(self) -> None:
+        self._sender_stop.set()
+        self.outbox.wake()
         self.scp.stop()
         self.scheduler.stop()
+        if self._sender.is_alive():
+            self._sender.join(30)
         if self.web:
             self.web.stop()
         self._stopped.set()
@@ -116,3 +129,16 @@ def run_worker(settings: Settings) -> None:
     while not stop.is_set():
         if not pipeline.run_next():
             stop.wait(settings.worker.poll_seconds)
+
+
+def run_sender(settings: Settings) -> None:
+    """``dicom-node sender``: only the outbox's sender loop (e.g. on a host near the PACS, or with
+    ``sender.enabled = false`` in ``serve``). Several senders may run: rows are claimed with row locks."""
+    db, _ = open_storage(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    outbox = Outbox(settings, db, worker_id("sender"))
+    print(f"dicom-node sender {outbox.owner} for {', '.join(d.name for d in settings.destinations) or 'no destination'}",
+          flush=True)
+    outbox.run_forever(stop)

@@ -79,7 +79,10 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-JOB_STATES = ("queued", "running", "sending", "done", "failed", "skipped")
+#: queued → running (a worker holds its lease: load, predict, encode) → delivering (the result waits in the
+#: outbox; no worker is held) → done (every delivery sent, or committed where the destination confirms) |
+#: failed; or skipped. "sending" is the state of jobs from before the outbox (a worker sending in the job).
+JOB_STATES = ("queued", "running", "delivering", "sending", "done", "failed", "skipped")
 
 
 class Job(Base):
@@ -109,9 +112,12 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     # set when later instances made this job's result out of date; points at the job that replaces it
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    # how many instances the series had when this job was made (the series may grow later)
+    n_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
     series: Mapped[Series] = relationship(back_populates="jobs", foreign_keys=[series_id])
     volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    outbox: Mapped[list["OutboxItem"]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class Event(Base):
@@ -152,3 +158,55 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(32), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+#: pending (due at next_attempt_at) → sending (a sender holds its claim) → sent (the destination answered
+#: success; waiting for Storage Commitment where configured) → committed (the archive confirmed every
+#: instance) | failed (given up: the dead letter) | cancelled (the job was superseded before it was sent).
+#: A destination without Storage Commitment ends at "sent".
+OUTBOX_STATES = ("pending", "sending", "sent", "committed", "failed", "cancelled")
+
+
+class OutboxItem(Base):
+    """One job's result for one destination: what must arrive there, and where that stands.
+
+    The files are encoded once per job (same SOP Instance UIDs on every re-send). Each try is also a row in
+    ``deliveries`` (the attempt log shown on the timeline)."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # JSON list of {"path", "sop_class", "sop_uid"}: the files this destination receives
+    files: Mapped[str] = mapped_column(Text, default="[]")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")
+    claim_expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # Storage Commitment: the transaction asked for, until when its answer is awaited, what is confirmed
+    transaction_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    commit_deadline: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    commit_requests: Mapped[int] = mapped_column(Integer, default=0)
+    committed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    job: Mapped[Job] = relationship(back_populates="outbox")
+    __table_args__ = (Index("ix_outbox_dest_state_due", "destination", "state", "next_attempt_at"),)
+
+
+class DestinationState(Base):
+    """Whether a destination answers. While it is down, its deliveries wait together on its clock
+    (``next_attempt_at``, exponential backoff) instead of each failing on its own."""
+
+    __tablename__ = "destinations"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    up: Mapped[bool] = mapped_column(default=True)
+    since: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive failed connection attempts
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    last_ok_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    down_notified: Mapped[bool] = mapped_column(default=False)

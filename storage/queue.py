@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import Delivery, Event, Instance, Job, Series, StructureVolume, Study, utcnow
+from .models import Event, Instance, Job, Series, StructureVolume, Study, utcnow
 
 
 @dataclass
@@ -228,7 +228,8 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
             return None
         _withdraw_queued(s, series_id, now)
         job = Job(series_id=series_id, state="queued" if queue else "skipped", reason="" if queue else reason,
-                  rule=rule, urgent=urgent, created_at=now, finished_at=None if queue else now)
+                  rule=rule, urgent=urgent, created_at=now, finished_at=None if queue else now,
+                  n_instances=expected_count)
         s.add(job)
         s.flush()
         add_event(s, "complete", series_id=series_id, job_id=job.id, detail=f"{expected_count or ''} instances", at=now)
@@ -236,7 +237,7 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
                   detail=" ".join(x for x in ("urgent" if urgent else "", reason) if x) if queue else reason, at=now)
         if queue:
             older = s.scalars(select(Job).where(Job.series_id == series_id, Job.id != job.id, Job.superseded_by.is_(None),
-                                                Job.state.in_(("running", "sending", "done")))).all()
+                                                Job.state.in_(("running", "delivering", "sending", "done")))).all()
             for old in older:
                 old.superseded_by = job.id
                 add_event(s, "superseded", series_id=series_id, job_id=old.id,
@@ -321,9 +322,19 @@ def set_state(db: Database, job_id: int, state: str, event_detail: str | None = 
         values.setdefault("lease_owner", "")
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state=state, **values))
+        if state in ("done", "failed", "skipped"):
+            _series_follows(s, job_id, state)
         if event_detail is not None:
             add_event(s, {"done": "delivered"}.get(state, state), series_id=s.get(Job, job_id).series_id,
                       job_id=job_id, detail=event_detail)
+
+
+def _series_follows(s, job_id: int, state: str) -> None:
+    """A series whose newest job ended takes the job's end state (it would otherwise say "queued" forever)."""
+    series_id = s.scalar(select(Job.series_id).where(Job.id == job_id))
+    newest = s.scalar(select(func.max(Job.id)).where(Job.series_id == series_id))
+    if newest == job_id:
+        s.execute(update(Series).where(Series.id == series_id, Series.state == "queued").values(state=state))
 
 
 def add_timing(db: Database, job_id: int, stage: str, seconds: float) -> None:
@@ -340,13 +351,6 @@ def save_volumes(db: Database, job_id: int, volumes: dict[str, tuple[str, float]
             s.add(StructureVolume(job_id=job_id, structure=name, snomed_code=code, volume_cm3=cm3))
 
 
-def record_delivery(db: Database, job_id: int, destination: str, attempt: int, ok: bool, status: str,
-                    error: str, started_at: dt.datetime) -> None:
-    with db.session() as s:
-        s.add(Delivery(job_id=job_id, destination=destination, attempt=attempt, ok=ok, status=status,
-                       error=error, started_at=started_at, finished_at=utcnow()))
-
-
 def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, backoff_seconds: float = 30.0) -> str:
     """After an error: back to the queue with exponential backoff, or failed (dead letter) when attempts are used up."""
     with db.session() as s:
@@ -360,13 +364,20 @@ def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, back
         else:
             job.state = "failed"
             job.finished_at = utcnow()
+            _series_follows(s, job_id, "failed")
             add_event(s, "failed", series_id=job.series_id, job_id=job_id, detail=f"after {job.attempts} attempts: {error}")
         job.reason = error[:4000]
         return job.state
 
 
 def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False) -> list[int]:
-    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``), attempts reset."""
+    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``), attempts reset.
+
+    A job whose result exists and only its delivery failed is not computed again: its failed deliveries go
+    back to the outbox (same files, same UIDs) and the job to ``delivering``."""
+    from . import deliveries
+    from .models import OutboxItem
+
     with db.session() as s:
         q = select(Job)
         if job_ids is not None:
@@ -374,12 +385,21 @@ def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False
         if failed:
             q = q.where(Job.state == "failed")
         jobs = s.scalars(q).all()
+        redeliver = []
         for job in jobs:
-            if job.state in ("running", "sending"):
+            if job.state in ("running", "sending", "delivering"):
+                continue
+            has_failed_delivery = s.scalar(select(func.count()).select_from(OutboxItem).where(
+                OutboxItem.job_id == job.id, OutboxItem.state == "failed"))
+            if job.state == "failed" and has_failed_delivery:
+                redeliver.append(job.id)
                 continue
             job.state, job.attempts, job.next_attempt_at, job.finished_at, job.lease_owner = "queued", 0, None, None, ""
             add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail="by an admin")
-        return [j.id for j in jobs if j.state == "queued"]
+        queued = [j.id for j in jobs if j.state == "queued"]
+    if redeliver:
+        deliveries.requeue(db, job_ids=redeliver)
+    return sorted(queued + redeliver)
 
 
 def release_dead_local_leases(db: Database, host: str) -> int:
@@ -433,11 +453,6 @@ def purge_delivered_images(db: Database, hours: float) -> int:
             if insts:
                 add_event(s, "purged", series_id=series_id, detail=f"{len(insts)} images removed (retention)")
     return removed
-
-
-def delivered_to(db: Database, job_id: int) -> set[str]:
-    with db.session() as s:
-        return set(s.scalars(select(Delivery.destination).where(Delivery.job_id == job_id, Delivery.ok.is_(True))))
 
 
 def counts(db: Database) -> dict[str, dict[str, int]]:

@@ -79,12 +79,12 @@ class PacsSCP:
     """dcmtk's storescp, receiving what the node sends. On stop, every SEG and SR it received is checked with
     dciodvfy, so each result any test produces is validated, not only those a test looks at."""
 
-    def __init__(self, folder: Path, aet: str = "PACS", flags: tuple[str, ...] = ()):
+    def __init__(self, folder: Path, aet: str = "PACS", flags: tuple[str, ...] = (), port: int | None = None):
         need_dcmtk()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
                                      env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         time.sleep(0.3)

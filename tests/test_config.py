@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,25 @@ def test_serve_refuses_bad_config_with_a_clear_message(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "configuration error" in r.stderr and "scp.port" in r.stderr
+
+
+def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
+    p = tmp_path / "node.toml"
+    cases = {
+        'retry_initial_seconds = 60\nretry_max_seconds = 10': "destinations[0].retry_max_seconds",
+        'give_up_after_hours = 0': "destinations[0].give_up_after_hours",
+        'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true': "destinations[0].storage_commitment",
+        'commitment_max_requests = 0': "destinations[0].commitment_max_requests",
+    }
+    for extra, key in cases.items():
+        p.write_text(f'[[destinations]]\nname = "pacs"\n{extra}\n')
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_settings(p, environ={})
+    p.write_text('[notifications]\nwebhooks = ["ftp://x"]\n')
+    with pytest.raises(ConfigError, match=re.escape("notifications.webhooks[0]")):
+        load_settings(p, environ={})
+    p.write_text('[notifications]\nwebhooks = ["http://hooks.example/x"]\ndestination_down_minutes = 5\n'
+                 '[sender]\npoll_seconds = 0.5\n[[destinations]]\nname = "pacs"\nstorage_commitment = true\n')
+    s = load_settings(p, environ={})
+    assert s.notifications.webhooks == ["http://hooks.example/x"] and s.sender.poll_seconds == 0.5
+    assert s.destinations[0].storage_commitment and s.destinations[0].retry_max_seconds == 300.0

@@ -40,10 +40,12 @@ def get(url: str, method: str = "GET", token: str | None = TOKEN) -> tuple[int, 
 
 @pytest.fixture(scope="module")
 def busy_node(tmp_path_factory):
-    """A node with one delivered job and one failed delivery (the PACS went away)."""
+    """A node with one delivered job and one failed delivery (the PACS went away, and the node gave up on it
+    after give_up_after_hours, here 5 s)."""
     tmp = tmp_path_factory.mktemp("dash")
     pacs = PacsSCP(tmp / "pacs")
-    node = NodeProcess(tmp, pacs, worker="max_attempts = 1", web=f'token = "{TOKEN}"')
+    node = NodeProcess(tmp, pacs, worker="max_attempts = 1", web=f'token = "{TOKEN}"',
+                       dest_extra="retry_initial_seconds = 1\nretry_max_seconds = 2\ngive_up_after_hours = 0.0014")
     try:
         _, ok = write_series(tmp / "ok", seed=41)
         assert storescu(node.port, tmp / "ok").returncode == 0
@@ -66,7 +68,8 @@ def test_dashboard_in_chromium_shows_queue_jobs_and_failures(busy_node):
     dom = chromium(f"{base}/?token={TOKEN}", tmp, "--dump-dom")
     assert 'id="state-done"' in dom and 'id="state-failed"' in dom
     assert f'href="jobs/{ok_job}"' in dom and f'href="jobs/{bad_job}"' in dom
-    assert f"retry({bad_job})" in dom and "delivery failed" in dom
+    assert f"retry({bad_job})" in dom and "given up after" in dom and "connection refused" in dom
+    assert 'id="destinations"' in dom and 'data-up="false"' in dom
     assert "<svg" in dom and "predict" in dom
     shot = tmp / "dashboard.png"
     chromium(f"{base}/?token={TOKEN}", tmp, f"--screenshot={shot}", "--window-size=1280,1800")
@@ -87,8 +90,10 @@ def test_preview_api_metrics_health_and_token(busy_node):
     status, body = get(f"{base}/metrics")
     assert status == 200 and b'dicomnode_jobs{state="done"} 1.0' in body and b"dicomnode_cstore_total" in body
     assert b"dicomnode_unrecorded_instances 0.0" in body  # every stored instance's row is committed
+    assert b'dicomnode_destination_up{destination="pacs"} 0.0' in body
     status, body = get(f"{base}/healthz", token=None)
     assert status == 200 and json.loads(body)["status"] == "ok" and json.loads(body)["unrecorded_instances"] == 0
     status, body = get(f"{base}/api/jobs/{bad_job}/retry", method="POST")
     assert status == 200
-    assert json.loads(get(f"{base}/api/jobs/{bad_job}")[1])["timeline"][-1]["kind"] in ("requeued", "running", "sending", "failed")
+    assert json.loads(get(f"{base}/api/jobs/{bad_job}")[1])["timeline"][-1]["kind"] in ("requeued", "retry", "failed")
+    assert json.loads(get(f"{base}/api/jobs/{bad_job}")[1])["state"] in ("delivering", "failed")  # not computed again

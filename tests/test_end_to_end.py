@@ -130,7 +130,7 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
     out = node.cli("jobs").stdout
     assert f"#{job['job']}" in out and "predict=" in out and "sent to pacs" in out
     timeline = node.cli("show", study_uid).stdout
-    for kind in ("received", "complete", "queued", "running", "encoded", "sending", "delivered"):
+    for kind in ("received", "complete", "queued", "running", "encoded", "delivering", "sent", "delivered"):
         assert f" {kind} " in timeline, timeline
     assert "stages: load=" in timeline and "delivery to pacs, attempt 1: ok" in timeline
 

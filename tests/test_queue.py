@@ -125,3 +125,28 @@ def test_next_completion_withdraws_a_job_still_queued(tmp_path):
     with db.session() as s:
         assert s.get(Job, first).state == "skipped" and s.get(Job, second).state == "queued"
     assert queue.claim_job(db) == second and queue.claim_job(db) is None
+
+
+def test_job_keeps_its_own_image_count_and_the_series_follows_its_job(tmp_path):
+    """`jobs` shows how many images a job segmented (not the series' count today), and a series whose job
+    ended no longer says "queued"."""
+    from dicom_node.watch.admin import job_rows
+
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db)
+    for i in range(3):
+        rec.record(meta(i), "p", 1)
+    (sid,) = queue.stable_series(db, 0.0)
+    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    assert queue.claim_job(db, "w1") == first
+    queue.set_state(db, first, "done", event_detail="")
+    with db.session() as s:
+        assert s.get(Series, sid).state == "done"
+    for i in range(3, 5):
+        rec.record(meta(i), "p", 1)
+    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=5)
+    rows = {r["job"]: r["instances"] for r in job_rows(db)}
+    assert rows == {first: 3, second: 5}
+    with db.session() as s:
+        assert s.get(Series, sid).state == "queued"  # its newest job waits

@@ -1,5 +1,6 @@
-"""DIMSE on an established association: the C-STORE and C-ECHO command sets (PS3.7 §9.3), what a
-handler is told about a request, and the answer it gives.
+"""DIMSE on an established association: the C-STORE and C-ECHO command sets (PS3.7 §9.3) and the
+N-EVENT-REPORT of Storage Commitment (§10.3.1, PS3.4 J), what a handler is told about a request, and the
+answer it gives.
 
 The upper layer (:mod:`.acceptor`) frames PDUs and assembles each message's command set and data set; this
 module reads the command, calls the handler and encodes the response command set. Kept apart so that the
@@ -23,7 +24,10 @@ log = logging.getLogger("dicom_node.receive.dimse")
 IMPLEMENTATION_UID = generate_uid(entropy_srcs=["dicom-seg-node", __version__])
 IMPLEMENTATION_VERSION = f"SEGNODE_{__version__.replace('.', '')}"[:16]
 
-C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
+C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
+#: Storage Commitment Push Model SOP class and its well-known instance (PS3.4 J.3)
+COMMITMENT_SOP_CLASS = "1.2.840.10008.1.20.1"
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_DATASET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
@@ -91,11 +95,48 @@ def file_preamble(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
     return b"\x00" * 128 + b"DICM" + _explicit(0x00020000, b"UL", struct.pack("<I", len(body))) + body
 
 
+@dataclass
+class CommitmentReport:
+    """An archive's Storage Commitment answer: which instances of a transaction it holds, which it does not."""
+
+    peer: Peer
+    transaction_uid: str
+    committed: set[str]
+    failed: dict[str, str]  # SOP Instance UID -> failure reason in words
+
+
 class Handlers(Protocol):
     def on_requested(self, peer: Peer) -> Rejection | None: ...
     def on_echo(self, peer: Peer) -> int: ...
     def on_release(self, peer: Peer) -> None: ...
     def on_store(self, request: StoreRequest) -> int: ...
+    def on_commitment(self, report: CommitmentReport) -> int: ...
+
+
+#: Failure Reason (0008,1197) values of Storage Commitment (PS3.3 C.14.1.1)
+FAILURE_REASONS = {0x0110: "processing failure", 0x0112: "no such object instance", 0x0213: "resource limitation",
+                   0x0122: "referenced SOP class not supported", 0x0119: "class / instance conflict",
+                   0x0131: "duplicate transaction UID"}
+
+
+def commitment_report(ds) -> tuple[str, set[str], dict[str, str]]:
+    """(transaction UID, committed SOP Instance UIDs, failed ones with their reason) from the Event
+    Information of an N-EVENT-REPORT (event type 1: all committed, 2: failures exist)."""
+    committed = {str(r.ReferencedSOPInstanceUID) for r in ds.get("ReferencedSOPSequence", [])}
+    failed = {}
+    for r in ds.get("FailedSOPSequence", []):
+        code = int(r.get("FailureReason", 0x0110))
+        failed[str(r.ReferencedSOPInstanceUID)] = f"0x{code:04X} {FAILURE_REASONS.get(code, 'failure')}"
+    return str(ds.TransactionUID), committed - set(failed), failed
+
+
+def _read_event_information(data: bytes, transfer_syntax: str):
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    return read_dataset(BytesIO(data), is_implicit_VR=transfer_syntax == "1.2.840.10008.1.2",
+                        is_little_endian=transfer_syntax != "1.2.840.10008.1.2.2")
 
 
 class ProtocolError(Exception):
@@ -116,7 +157,8 @@ def _element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-def encode_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str = "") -> bytes:
+def encode_response(command_field: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
+                    event_type: int | None = None) -> bytes:
     """An implicit-VR-little-endian DIMSE response command set (PS3.7 9.3, 9.1.1.2) with its group length."""
     body = _element(0x00000002, _ui(sop_class))
     body += _element(0x00000100, struct.pack("<H", command_field))
@@ -125,6 +167,8 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class:
     body += _element(0x00000900, struct.pack("<H", status))
     if sop_instance:
         body += _element(0x00001000, _ui(sop_instance))
+    if event_type is not None:
+        body += _element(0x00001002, struct.pack("<H", event_type))
     return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
@@ -166,5 +210,27 @@ def dispatch(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], transfer_syn
     if field == C_ECHO_RQ:
         status = handlers.on_echo(peer)
         return encode_response(0x8030, message_id, status, sop_class)
+    if field == N_EVENT_REPORT_RQ:
+        return _event_report(handlers, peer, cmd, message_id, sop_class, transfer_syntax, data)
     log.warning("DIMSE command 0x%04x from %s not supported here: answered 0x0211", field, peer.address)
     return encode_response(field | 0x8000, message_id, UNRECOGNIZED_OPERATION, sop_class)
+
+
+def _event_report(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], message_id: int, sop_class: str,
+                  transfer_syntax: str, data: bytes | None) -> bytes:
+    """N-EVENT-REPORT-RQ: only Storage Commitment results (event type 1 or 2) are understood; the answer is
+    N-EVENT-REPORT-RSP (0x8100)."""
+    sop_instance = _uid(cmd, 0x00001000)
+    event_type = _us(cmd, 0x00001002)
+    if sop_class != COMMITMENT_SOP_CLASS:
+        log.warning("N-EVENT-REPORT for SOP class %s from %s: not supported (0x0112)", sop_class, peer.address)
+        return encode_response(0x8100, message_id, 0x0112, sop_class, sop_instance, event_type)  # no such SOP instance
+    if event_type not in (1, 2) or data is None:
+        return encode_response(0x8100, message_id, 0x0113, sop_class, sop_instance, event_type)  # no such event type
+    try:
+        txn, committed, failed = commitment_report(_read_event_information(data, transfer_syntax))
+    except Exception as exc:
+        log.warning("undecodable Storage Commitment report from %s: %s", peer.address, exc)
+        return encode_response(0x8100, message_id, 0x0115, sop_class, sop_instance, event_type)  # invalid argument
+    status = handlers.on_commitment(CommitmentReport(peer, txn, committed, failed))
+    return encode_response(0x8100, message_id, status, sop_class, sop_instance, event_type)

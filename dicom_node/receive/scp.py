@@ -33,14 +33,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.queue import Received, Recorder
 from storage.recording import BackgroundRecorder
 
 from .acceptor import Acceptor
-from .dimse import Peer, Rejection, StoreRequest
+from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from ..config import Settings
+from ..notify import notify
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
 
@@ -73,6 +75,11 @@ def supported_contexts() -> list:
     """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode."""
     contexts = [build_context(Verification)]
     contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    # Storage Commitment answers: an archive opens an association to send N-EVENT-REPORT, as the SCP of the
+    # class (role selection proposed by it); we accept either role.
+    commitment = build_context(COMMITMENT_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    commitment.scu_role, commitment.scp_role = True, True
+    contexts.append(commitment)
     return contexts
 
 
@@ -90,6 +97,7 @@ class StorageSCP:
         self.server: Acceptor | None = None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
         self._stats_lock = threading.Lock()
+        self._disk_floor_told = False
 
     # ------------------------------------------------------------------------------ handlers
     def on_requested(self, peer: Peer) -> Rejection | None:
@@ -122,6 +130,16 @@ class StorageSCP:
                         "(database slow or down: %s); the files are on disk and are recorded when it answers",
                         peer.calling_ae, self.writer.failing)
 
+    def on_commitment(self, report: CommitmentReport) -> int:
+        """An archive's Storage Commitment answer (N-EVENT-REPORT): recorded against our delivery."""
+        try:
+            outcome = deliveries.record_commitment(self.db, report.transaction_uid, report.committed, report.failed)
+        except Exception:
+            log.exception("Storage Commitment answer from %s could not be recorded", report.peer.calling_ae)
+            return PROCESSING_FAILURE
+        log.info("Storage Commitment answer from %s: %s", report.peer.calling_ae, outcome)
+        return SUCCESS
+
     def on_store(self, request: StoreRequest) -> int:
         try:
             return self._store(request)
@@ -134,7 +152,13 @@ class StorageSCP:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
             log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
             self._count("refused")
+            if not self._disk_floor_told:  # once per episode, not once per refused image
+                self._disk_floor_told = True
+                notify(self.settings, "disk-floor", {"free_mb": round(self.store.free_mb(), 1),
+                                                     "min_free_disk_mb": self.settings.scp.min_free_disk_mb,
+                                                     "calling_ae": req.peer.calling_ae})
             return OUT_OF_RESOURCES
+        self._disk_floor_told = False
         refusal = self.writer.refusal()
         if refusal is not None:
             log.error("refusing C-STORE: %s", refusal)

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
 from storage.db import Database
-from storage.models import Delivery, Event, Instance, Job, Series, StructureVolume, Study
+from storage.models import Delivery, Event, Instance, Job, OutboxItem, Series, StructureVolume, Study
 
 
 def _fmt_dur(seconds: float) -> str:
@@ -57,6 +57,9 @@ def show(db: Database, what: str) -> str | None:
                     out.append(f"    result: {job.seg_path} (SEG series {job.seg_series_uid})")
                 for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):
                     out.append(f"    delivery to {d.destination}, attempt {d.attempt}: {'ok' if d.ok else d.error}")
+                for o in s.scalars(select(OutboxItem).where(OutboxItem.job_id == job.id).order_by(OutboxItem.id)):
+                    out.append(f"    outbox #{o.id} to {o.destination}: {o.state} after {o.attempts} tries"
+                               + (f" ({o.last_error})" if o.last_error else ""))
         return "\n".join(out)
 
 
@@ -64,7 +67,7 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
     """Recent jobs (newest first) as plain dicts: what ``dicom-node jobs``, the dashboard and the API show."""
     with db.session() as s:
         q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
-                                 selectinload(Job.deliveries)).order_by(Job.id.desc()).limit(limit))
+                                 selectinload(Job.deliveries), selectinload(Job.outbox)).order_by(Job.id.desc()).limit(limit))
         if state:
             q = q.where(Job.state == state)
         if job_id is not None:
@@ -76,7 +79,9 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
                 "job": job.id, "state": job.state, "attempts": job.attempts, "urgent": job.urgent, "rule": job.rule,
                 "study_uid": job.series.study.study_uid, "accession": job.series.study.accession_number,
                 "series_uid": job.series.series_uid, "series": job.series.series_description,
-                "modality": job.series.modality, "instances": job.series.n_instances,
+                "modality": job.series.modality,
+                # the count this job segmented (older jobs: the series may have grown since)
+                "instances": job.n_instances if job.n_instances is not None else job.series.n_instances,
                 "created": job.created_at.isoformat(timespec="seconds"),
                 "total_s": round(total, 2) if total is not None else None,
                 "stages_s": json.loads(job.timings or "{}"), "reason": job.reason,
@@ -84,6 +89,8 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
                 "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},
                 "deliveries": [{"destination": d.destination, "attempt": d.attempt, "ok": d.ok, "error": d.error,
                                 "at": d.started_at.isoformat(timespec="seconds")} for d in job.deliveries],
+                "outbox": [{"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
+                            "error": o.last_error} for o in job.outbox],
                 "seg_series_uid": job.seg_series_uid, "has_result": bool(job.seg_path),
             })
         return rows

@@ -26,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run only the job loop (scale-out workers sharing the database)")
     w.set_defaults(func=cmd_worker)
 
+    sd = sub.add_parser("sender", help="run only the outbox's sender loop (delivery to the destinations)")
+    sd.set_defaults(func=cmd_sender)
+
+    dl = sub.add_parser("deliveries", help="list deliveries (the outbox) and destinations; --requeue sends again")
+    dl.add_argument("--state", choices=["pending", "sending", "sent", "committed", "failed", "cancelled"])
+    dl.add_argument("--destination")
+    dl.add_argument("--job", type=int)
+    dl.add_argument("-n", "--limit", type=int, default=50)
+    dl.add_argument("--requeue", nargs="*", type=int, metavar="ID",
+                    help="send these deliveries again now (no ID: every failed one, within --destination/--job)")
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=cmd_deliveries)
+
     sh = sub.add_parser("show", help="a study's or job's timeline, reasons, volumes and files")
     sh.add_argument("what", help="job number, Study/Series Instance UID, or accession number")
     sh.set_defaults(func=cmd_show)
@@ -86,6 +99,48 @@ def cmd_worker(args) -> int:
     settings = _settings(args)
     setup_logging(settings)
     run_worker(settings)
+    return 0
+
+
+def cmd_sender(args) -> int:
+    from ..service import run_sender, setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings)
+    run_sender(settings)
+    return 0
+
+
+def cmd_deliveries(args) -> int:
+    from storage import deliveries
+
+    settings, db = _db(args)
+    if args.requeue is not None:
+        if args.requeue:
+            done = deliveries.requeue(db, ids=args.requeue, failed_only=False)
+        else:
+            ids = [r["id"] for r in deliveries.list_items(db, "failed", args.destination, args.job, limit=100000)]
+            done = deliveries.requeue(db, ids=ids) if ids else []
+        print(f"{len(done)} deliveries queued again: {' '.join(map(str, done)) or '-'}")
+        return 0 if not args.requeue or set(done) == set(args.requeue) else 1
+    rows = deliveries.list_items(db, args.state, args.destination, args.job, args.limit)
+    dests = deliveries.destination_summary(db, [d.name for d in settings.destinations])
+    if args.json:
+        print(json.dumps({"destinations": dests, "deliveries": rows}, indent=1))
+        return 0
+    for d in dests:
+        print(f"destination {d['destination']}: {'up' if d['up'] else 'DOWN'} since {d['since'] or '-'}; "
+              f"{d['waiting']} waiting (oldest {d['oldest_waiting_s']:.0f} s), {d['failed']} failed"
+              + (f"; next try {d['next_try']}" if d["next_try"] else "")
+              + (f"; last error: {d['last_error']}" if d["last_error"] else ""))
+    for r in rows:
+        print(f"#{r['id']:<5} job {r['job']:<5} {r['destination']:<12} {r['state']:<9} tries {r['attempts']:<3} "
+              f"queued {r['created']}" + (f"  next {r['next_try']}" if r["next_try"] else "")
+              + (f"  committed {r['committed']}" if r["committed"] else ""))
+        if r["error"]:
+            print(f"       {r['error']}")
+    if not rows:
+        print("no deliveries")
     return 0
 
 
@@ -156,7 +211,7 @@ def cmd_jobs(args) -> int:
         return 0
     for r in rows:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in r["stages_s"].items())
-        print(f"#{r['job']:<5} {r['state']:<8} {r['modality']:<3} {r['instances']:>4} img  "
+        print(f"#{r['job']:<5} {r['state']:<10} {r['modality']:<3} {r['instances']:>4} img  "
               f"{(r['series'] or '')[:28]:<28} {r['created']}  total={r['total_s']}s attempts={r['attempts']}")
         if stages:
             print(f"       stages: {stages}")
@@ -166,7 +221,10 @@ def cmd_jobs(args) -> int:
             label = "skipped" if r["state"] == "skipped" else "error"
             print(f"       {label}: {r['reason']}")
         for d in r["deliveries"]:
-            print(f"       sent to {d['destination']} (attempt {d['attempt']}): {'ok' if d['ok'] else d['error']}")
+            print(f"       sent to {d['destination']} (try {d['attempt']}): ok" if d["ok"] else
+                  f"       try {d['attempt']} to {d['destination']} failed: {d['error']}")
+        for o in r.get("outbox", []):
+            print(f"       delivery to {o['destination']}: {o['state']}" + (f" ({o['error']})" if o["error"] else ""))
     return 0
 
 

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from storage import queue
+from storage import deliveries, queue
 from storage.db import Database
 from storage.models import Event, Job, utcnow
 
@@ -31,7 +31,7 @@ from .admin import job_rows
 from ..config import Settings
 
 STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
-STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "sending": "#6610f2", "done": "#198754",
+STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "delivering": "#6610f2", "sending": "#6610f2", "done": "#198754",
                  "failed": "#dc3545", "skipped": "#adb5bd"}
 
 
@@ -136,7 +136,17 @@ def render_dashboard(settings: Settings, db: Database) -> str:
                         for j in failed) or "<tr><td>none</td></tr>"
     hr = hourly(db)
     d = disk(settings)
+    dest_rows = "".join(
+        f'<tr class="destination" data-up="{str(x["up"]).lower()}"><td>{esc(x["destination"])}</td>'
+        f'<td style="color:{"#198754" if x["up"] else "#dc3545"}">{"up" if x["up"] else "DOWN"}</td>'
+        f'<td>{esc(x["since"] or "-")}</td><td>{x["waiting"]}</td><td>{_age(x["oldest_waiting_s"])}</td>'
+        f'<td>{x["failed"]}</td><td>{esc(x["next_try"] or "")}</td><td class="err"><small>{esc(x["last_error"])}</small></td></tr>'
+        for x in deliveries.destination_summary(db, [dd.name for dd in settings.destinations])) \
+        or "<tr><td>no destination configured</td></tr>"
     body = (f"<h2>Queue</h2>{cards}"
+            f"<h2>Destinations</h2><table id='destinations'><tr><th>destination</th><th>state</th><th>since</th>"
+            f"<th>waiting</th><th>oldest waiting</th><th>failed</th><th>next try</th><th>last error</th></tr>"
+            f"{dest_rows}</table>"
             f'<p>studies {c["totals"]["studies"]} · images {c["totals"]["instances"]} · '
             f'disk free {d["free_bytes"] / 1e9:.1f} of {d["total_bytes"] / 1e9:.1f} GB · stored images '
             f'{d["stored_images_bytes"] / 1e6:.1f} MB · refuses below {d["floor_bytes"] / 1e6:.0f} MB</p>'
@@ -214,6 +224,12 @@ def preview_png(db: Database, job_id: int, n: int = 4) -> bytes | None:
     return buf.getvalue()
 
 
+def _age(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 # ------------------------------------------------------------------------------------------- metrics
 class NodeCollector:
     """Prometheus metrics read from the database at scrape time (so every worker's work is counted) plus the
@@ -248,6 +264,22 @@ class NodeCollector:
         yield sums
         yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
                                 value=(utcnow() - oldest).total_seconds() if oldest else 0.0)
+        dests = deliveries.destination_summary(self.db, [d.name for d in self.settings.destinations])
+        up = GaugeMetricFamily("dicomnode_destination_up", "1 while the destination answers, 0 while it is down",
+                               labels=["destination"])
+        waiting = GaugeMetricFamily("dicomnode_deliveries_waiting",
+                                    "Deliveries not yet sent (or not yet committed) per destination",
+                                    labels=["destination"])
+        oldest_w = GaugeMetricFamily("dicomnode_oldest_waiting_delivery_age_seconds",
+                                     "Age of the oldest delivery still waiting, per destination", labels=["destination"])
+        failed = GaugeMetricFamily("dicomnode_deliveries_failed", "Deliveries given up (dead letter) per destination",
+                                   labels=["destination"])
+        for d in dests:
+            up.add_metric([d["destination"]], 1 if d["up"] else 0)
+            waiting.add_metric([d["destination"]], d["waiting"])
+            oldest_w.add_metric([d["destination"]], d["oldest_waiting_s"])
+            failed.add_metric([d["destination"]], d["failed"])
+        yield from (up, waiting, oldest_w, failed)
         if self.scp_stats is not None:
             cs = CounterMetricFamily("dicomnode_cstore", "C-STORE requests handled", labels=["result"])
             for k, v in self.scp_stats.items():
@@ -319,6 +351,14 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
     def api_status():
         return {**queue.counts(db), "disk": disk(settings)}
 
+    @app.get("/api/destinations", dependencies=[Depends(auth)])
+    def api_destinations():
+        return deliveries.destination_summary(db, [d.name for d in settings.destinations])
+
+    @app.get("/api/deliveries", dependencies=[Depends(auth)])
+    def api_deliveries(state: str | None = None, destination: str | None = None, limit: int = 100):
+        return deliveries.list_items(db, state, destination, limit=min(limit, 1000))
+
     @app.get("/api/jobs", dependencies=[Depends(auth)])
     def api_jobs(limit: int = 50, state: str | None = None):
         return job_rows(db, min(limit, 1000), state)
@@ -335,7 +375,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         done = queue.requeue(db, job_ids=[job_id])
         if job_id not in done:
             raise HTTPException(409, "job is running or does not exist")
-        return {"job": job_id, "state": "queued"}
+        return {"job": job_id, "state": job_rows(db, 1, job_id=job_id)[0]["state"]}
 
     @app.get("/api/throughput", dependencies=[Depends(auth)])
     def api_throughput(hours: int = 24):
