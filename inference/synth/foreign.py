@@ -105,7 +105,6 @@ def random_body(rng: np.random.Generator) -> Body:
         # tibia: plateau, shaft with an anterior crest, distal end
         tp = np.array([sg * dk, 8 * s, z_knee - 12 * s])
         ta = np.array([sg * da, 6 * s, z_ank + 10 * s])
-        c, sn = np.cos(yaw), np.sin(yaw)
         bones[TIBIA].append(_sweep(tp + [0, 0, 8 * s], tp, tp + [0, 0, -30 * s], 30 * s, 20 * s, 4, squash=(1.35, 0.85)))
         bones[TIBIA].append(_sweep(tp, (tp + ta) / 2 + [0, -6 * s, 0], ta, 15 * s, 13 * s, 10))
         # three borders (anterior crest, posteromedial, posterolateral): a rounded-triangle shaft section
