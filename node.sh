@@ -4,7 +4,7 @@
 #   ./node.sh test    set up (first run only) and run the whole test suite
 # Set-up: a virtual environment in .venv with the package and its dependencies (torch and torchvision
 # come together from the package registry), and, for the tests, Debian's dcmtk, dicom3tools, chromium,
-# orthanc, orthanc-dicomweb, pixelmed-apps and nodejs/npm when they are missing, and the pinned viewer
+# orthanc, orthanc-dicomweb, pixelmed-apps (+ a JDK: tests/pixelmed) and nodejs/npm when they are missing, and the pinned viewer
 # packages of tests/viewer (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,6 +35,7 @@ setup_test_tools() {
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   [ -x /usr/bin/DicomSRValidator ] || missing+=(pixelmed-apps)
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
   command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   local pkgs; pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
