@@ -225,7 +225,7 @@ def test_ohif_shows_the_seg_on_the_bone_and_opens_the_sr(orthanc, tmp_path):
     # the SR opened: the viewer is still there, no error boundary, the volumes listed
     assert "Something went wrong" not in got["srText"], got["srText"][-2000:]
     assert not [e for e in got["errors"] if "ReferencedSOPSequence" in e or "TypeError" in e], got["errors"]
-    assert "cm3" in got["srText"] or "Volume" in got["srText"], got["srText"][-2000:]
+    assert "Volume:" in got["srText"] and "cm3" in got["srText"], got["srText"][-2000:]
 
 
 def _check_overlay(png: Path, view: dict, mask: np.ndarray) -> None:
