@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,11 +50,10 @@ class ModelCard:
         """A DICOM UID for this trained model (IHE AIR's Device UID): the same for the same checkpoint on
         every node, a new one for every retraining (its weights differ), without a registry of UIDs.
 
-        From the checkpoint's sha256 when the card came with one, else from the card itself."""
-        from pydicom.uid import generate_uid
-
+        From the checkpoint's sha256 when the card came with one, else from the card itself: a name-based
+        (SHA-1, version 5) UUID of it, written as a UUID-derived UID (2.25.<integer>, ISO/IEC 9834-8)."""
         basis = self.checkpoint_sha256 or hashlib.sha256(self.to_json().encode()).hexdigest()
-        return generate_uid(prefix=None, entropy_srcs=["dicom-seg-node model", basis])
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, f'urn:dicom-seg-node:model:{basis}').int}"
 
     def to_json(self) -> str:
         d = asdict(self)
