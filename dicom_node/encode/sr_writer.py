@@ -69,11 +69,10 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
         ))
         key = key_slice(labels == sg.number)
         if key is not None:
-            image = source[key.index]
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=key.outline,
-                    source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID)),
+                    source_image=_source_image(source, labels.shape[0], key.index)),
                 **common,
             ))
     report = hd.sr.MeasurementReport(
@@ -95,3 +94,11 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
     )
     sr.SeriesDescription = "AI bone volumes (automatic)"
     return sr
+
+
+def _source_image(source: list[Dataset], n_frames: int, index: int) -> hd.sr.SourceImageForRegion:
+    """The image of label slice ``index``: that single-frame instance, or that frame of a multi-frame one."""
+    if len(source) == n_frames:
+        return hd.sr.SourceImageForRegion(source[index].SOPClassUID, source[index].SOPInstanceUID)
+    return hd.sr.SourceImageForRegion(source[0].SOPClassUID, source[0].SOPInstanceUID,
+                                      referenced_frame_numbers=[index + 1])
