@@ -1,7 +1,7 @@
 // Drives the built OHIF viewer as a radiologist would, for tests/test_viewer.py (which checks the answers).
-// node drive.js SPEC_JSON   SPEC: {base, study, segSeries, srSeries, sliceUid, out, chromium}
+// node drive.js SPEC_JSON   SPEC: {base, study, segments, slices, out, chromium}
 // Prints one JSON line: what the viewer showed (segment panel text, the canvas geometry of the chosen
-// slice, the SR view's text, console/page errors). Screenshots go to SPEC.out.
+// slices, the SR view's text, console/page errors). Screenshots go to SPEC.out.
 const puppeteer = require('puppeteer-core');
 const spec = JSON.parse(process.argv[2]);
 const sleep = ms => new Promise(r => setTimeout(r, ms));
@@ -73,8 +73,10 @@ async function waitText(page, pred, timeout, what) {
     result.steps.push('study');
 
     await doubleClickThumbnail(page, 'SEG');
-    await sleep(1500);
+    // OHIF shows the SEG over its series and asks whether to open (load) it: yes, as a radiologist would
+    await waitText(page, t => t.includes('Do you want to open this Segmentation?'), 30000, 'the open-segmentation prompt');
     await clickText(page, ['Yes']);
+    await waitText(page, t => !t.includes('Do you want to open this Segmentation?'), 30000, 'the segmentation to load');
     await sleep(2000);
     // the segmentation panel on the right, as a radiologist opens it
     result.tabs = await page.evaluate(() => {
@@ -88,34 +90,39 @@ async function waitText(page, pred, timeout, what) {
     await dismiss(page);
     result.steps.push('seg');
 
-    // the chosen slice, then the image-to-canvas geometry of the first viewport
-    result.view = await page.evaluate(async sliceUid => {
-      const cs = window.cornerstone;
-      const vp = cs.getEnabledElements()[0].viewport;
-      const ids = vp.getImageIds();
-      const sop = id => (cs.metaData.get('instance', id) || {}).SOPInstanceUID;
-      const index = ids.findIndex(id => sop(id) === sliceUid);
-      await cs.utilities.jumpToSlice(vp.element, { imageIndex: index });
-      vp.render();
-      await new Promise(r => setTimeout(r, 1500));
-      const imageId = vp.getCurrentImageId();
-      const at = (c, r) => vp.worldToCanvas(cs.utilities.imageToWorldCoords(imageId, [c, r]));
-      const canvas = vp.element.querySelector('canvas');
-      const rect = canvas.getBoundingClientRect();
-      return { index, shown: sop(imageId), origin: at(0, 0), col: at(1, 0), row: at(0, 1),
-               rect: { x: rect.x, y: rect.y, width: rect.width, height: rect.height } };
-    }, spec.sliceUid);
-    // only the canvas: hide text overlays and SVG annotations drawn over it
-    await page.evaluate(() => {
-      const canvas = window.cornerstone.getEnabledElements()[0].viewport.element.querySelector('canvas');
-      const pane = canvas.closest('[data-cy="viewport-pane"]') || document.body;
-      for (const el of pane.querySelectorAll('*')) if (el !== canvas && !el.contains(canvas)) el.style.visibility = 'hidden';
-    });
-    await sleep(500);
-    const r = result.view.rect;
-    await page.screenshot({ path: `${spec.out}/2-seg-canvas.png`, clip: { x: r.x, y: r.y, width: r.width, height: r.height } });
-    await page.evaluate(() => { for (const el of document.querySelectorAll('[style*="visibility: hidden"]')) el.style.visibility = ''; });
-    await page.screenshot({ path: `${spec.out}/3-seg.png` });
+    // each chosen slice: the image-to-canvas geometry of the first viewport, and the canvas alone
+    result.views = [];
+    for (const [k, sliceUid] of spec.slices.entries()) {
+      const view = await page.evaluate(async sliceUid => {
+        const cs = window.cornerstone;
+        const vp = cs.getEnabledElements()[0].viewport;
+        const ids = vp.getImageIds();
+        const sop = id => (cs.metaData.get('instance', id) || {}).SOPInstanceUID;
+        const index = ids.findIndex(id => sop(id) === sliceUid);
+        await cs.utilities.jumpToSlice(vp.element, { imageIndex: index });
+        vp.render();
+        await new Promise(r => setTimeout(r, 1500));
+        const imageId = vp.getCurrentImageId();
+        const at = (c, r) => vp.worldToCanvas(cs.utilities.imageToWorldCoords(imageId, [c, r]));
+        const canvas = vp.element.querySelector('canvas');
+        const rect = canvas.getBoundingClientRect();
+        return { index, shown: sop(imageId), origin: at(0, 0), col: at(1, 0), row: at(0, 1),
+                 rect: { x: rect.x, y: rect.y, width: rect.width, height: rect.height } };
+      }, sliceUid);
+      // only the canvas: hide text overlays and SVG annotations drawn over it
+      await page.evaluate(() => {
+        const canvas = window.cornerstone.getEnabledElements()[0].viewport.element.querySelector('canvas');
+        const pane = canvas.closest('[data-cy="viewport-pane"]') || document.body;
+        for (const el of pane.querySelectorAll('*')) if (el !== canvas && !el.contains(canvas)) el.style.visibility = 'hidden';
+      });
+      await sleep(500);
+      const r = view.rect;
+      view.png = `2-seg-canvas-${k}.png`;
+      await page.screenshot({ path: `${spec.out}/${view.png}`, clip: { x: r.x, y: r.y, width: r.width, height: r.height } });
+      await page.evaluate(() => { for (const el of document.querySelectorAll('[style*="visibility: hidden"]')) el.style.visibility = ''; });
+      await page.screenshot({ path: `${spec.out}/3-seg-${k}.png` });
+      result.views.push(view);
+    }
 
     await doubleClickThumbnail(page, 'SR');
     await sleep(3000);
