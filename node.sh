@@ -4,7 +4,8 @@
 #   ./node.sh test    set up (first run only) and run the whole test suite
 # Set-up: a virtual environment in .venv with the package and its dependencies (torch and torchvision
 # come together from the package registry), and, for the tests, Debian's dcmtk, dicom3tools, chromium,
-# orthanc and orthanc-dicomweb when they are missing.
+# orthanc, orthanc-dicomweb, pixelmed-apps (+ a JDK: tests/pixelmed) and nodejs/npm when they are missing, and the pinned viewer
+# packages of tests/viewer (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,6 +34,9 @@ setup_test_tools() {
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
   [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+  [ -x /usr/bin/DicomSRValidator ] || missing+=(pixelmed-apps)
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   local pkgs; pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -45,6 +49,32 @@ setup_test_tools() {
   fi
 }
 
+# The real-viewer test (tests/test_viewer.py): puppeteer-core pinned in tests/viewer/package-lock.json (npm ci,
+# no browser download: Debian's chromium is used) and OHIF's built viewer, the @ohif/app tarball pinned with
+# its sha512 in tests/viewer/ohif.pin (npm pack, only its dist/ is used: the registry lacks some of the
+# dependencies that package declares). Installed once, into tests/viewer/node_modules (ignored by git).
+setup_viewer() {
+  local dir=tests/viewer
+  if [ ! -d "$dir/node_modules/puppeteer-core" ]; then
+    echo "node.sh: installing the pinned puppeteer-core into $dir/node_modules" >&2
+    (cd "$dir" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  fi
+  [ -f "$dir/node_modules/@ohif/app/dist/index.html" ] && return 0
+  local spec integrity tmp got
+  read -r spec integrity < "$dir/ohif.pin"
+  echo "node.sh: fetching the pinned OHIF viewer $spec" >&2
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack "$spec" --silent >/dev/null)
+  got="sha512-$(node -e 'const c=require("crypto"),f=require("fs");process.stdout.write(c.createHash("sha512").update(f.readFileSync(process.argv[1])).digest("base64"))' "$tmp"/*.tgz)"
+  if [ "$got" != "$integrity" ]; then
+    echo "node.sh: $spec does not match the sha512 pinned in $dir/ohif.pin; not installing it" >&2
+    rm -rf "$tmp"; exit 1
+  fi
+  mkdir -p "$dir/node_modules/@ohif/app"
+  tar -xzf "$tmp"/*.tgz -C "$dir/node_modules/@ohif/app" --strip-components=1
+  rm -rf "$tmp"
+}
+
 case "${1:-}" in
   serve)
     shift
@@ -55,6 +85,7 @@ case "${1:-}" in
     shift
     setup_python
     setup_test_tools
+    setup_viewer
     export TCP_NODELAY=1
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;

@@ -8,7 +8,9 @@ weights, and the node refuses a checkpoint without one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,13 +38,26 @@ class ModelCard:
     intended_use: str = ""
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    #: sha256 of the checkpoint file the card was read from (set by :func:`load_checkpoint`, never stored)
+    checkpoint_sha256: str = field(default="", compare=False)
 
     @property
     def num_classes(self) -> int:
         return 1 + len(self.labels)
 
+    @property
+    def device_uid(self) -> str:
+        """A DICOM UID for this trained model (IHE AIR's Device UID): the same for the same checkpoint on
+        every node, a new one for every retraining (its weights differ), without a registry of UIDs.
+
+        From the checkpoint's sha256 when the card came with one, else from the card itself: a name-based
+        (SHA-1, version 5) UUID of it, written as a UUID-derived UID (2.25.<integer>, ISO/IEC 9834-8)."""
+        basis = self.checkpoint_sha256 or hashlib.sha256(self.to_json().encode()).hexdigest()
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, f'urn:dicom-seg-node:model:{basis}').int}"
+
     def to_json(self) -> str:
         d = asdict(self)
+        d.pop("checkpoint_sha256")
         d["labels"] = [lab.to_dict() for lab in self.labels]
         return json.dumps(d, sort_keys=True)
 
@@ -59,7 +74,7 @@ class ModelCard:
         values = sorted(lab.value for lab in d["labels"])
         if values != list(range(1, len(values) + 1)):
             raise ModelCardError(f"model card label values must be 1..N, got {values}")
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f for f in cls.__dataclass_fields__} - {"checkpoint_sha256"}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -99,4 +114,9 @@ def load_checkpoint(path: Path) -> tuple[dict, ModelCard]:
     from safetensors.torch import load_file
 
     card = read_card(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    card.checkpoint_sha256 = digest.hexdigest()
     return load_file(str(path)), card

@@ -27,14 +27,15 @@ def encode_results(settings: Settings, result: SeriesResult, job_dir: Path) -> t
     each against the source; returns the first SEG (its UIDs go on the job) and its path."""
     vol, out = result.volume, settings.output
     first: tuple[Dataset, Path] | None = None
+    labels = result.source_order_labels
     for seg_type in seg_types(settings):
         seg_path, sr_path = job_dir / f"SEG_{seg_type}.dcm", job_dir / f"SR_{seg_type}.dcm"
-        seg = build_seg(vol.datasets, result.source_order_labels, result.segments, result.card,
+        seg = build_seg(vol.datasets, labels, result.segments, result.card,
                         series_description=out.series_description, series_number=out.series_number,
                         manufacturer=out.manufacturer, segmentation_type=seg_type.upper())
         seg.save_as(seg_path, enforce_file_format=True)
         sr = build_sr(seg, vol.datasets, result.segments, result.volumes_cm3, result.card,
-                      series_number=out.series_number + 1, manufacturer=out.manufacturer)
+                      labels=labels, series_number=out.series_number + 1, manufacturer=out.manufacturer)
         sr.save_as(sr_path, enforce_file_format=True)
         # re-read what was written and compare it with the source before anything is sent
         check_seg(str(seg_path), vol.datasets)

@@ -2,7 +2,8 @@
 
 BINARY, uncompressed; same rows/columns/spacing/orientation and Frame of Reference as the source; every
 frame references its source instance; each segment has a SNOMED CT code, a colour and the algorithm's
-name and version; a new series in the source study whose description says it is automatic.
+name and version; a new series in the source study whose description says it is automatic; the
+algorithm as Contributing Equipment (IHE AI Results, see equipment.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pydicom.sr.codedict import codes
 from highdicom.sr.coding import CodedConcept
 
 from inference.labels import CATEGORY_CODE
+
+LOWER_LIMB = ("61685007", "SCT", "Lower limb")
 from inference.model_card import ModelCard
 
-from .. import __version__
 from ..infer.segments import Segment
+from .equipment import algorithm_equipment, model_name, software_versions
 
 
 def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
@@ -64,18 +67,42 @@ def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segm
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=manufacturer,
-        manufacturer_model_name=f"{card.name} {card.version}"[:64],
-        software_versions=f"dicom-seg-node {__version__}",
+        manufacturer_model_name=model_name(card),
+        software_versions=software_versions(card),
         device_serial_number="0",
         content_label="BONES",
         content_description="Automatic segmentation of femur, tibia, fibula and pelvis",
         omit_empty_frames=True,
+        # IHE AIR: the algorithm as Contributing Equipment (Processing Algorithm, Device UID of the model)
+        contributing_equipment=[algorithm_equipment(card, manufacturer)],
     )
     for item, sg in zip(seg.SegmentSequence, segments):
         if sg.modifier:
             item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
     seg.SeriesDescription = series_description[:64]
+    anatomy = _frame_anatomy(source[0], segments)
+    if anatomy is not None:
+        seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
     return seg
+
+
+def _frame_anatomy(src: Dataset, segments: list[Segment]) -> Dataset | None:
+    """Lower limb, with the side the segments are on (R, L or B), for every frame.
+
+    A leg is a paired body part, so the laterality must be stated somewhere: General Series Laterality
+    has no "both" and dciodvfy refuses it in a SEG, while Pixelmed requires it unless a Frame Laterality is
+    present; Frame Laterality (with B for both legs) satisfies both. None when the side is not known (one
+    leg, no pelvis, no declared laterality): nothing true could be written.
+    """
+    declared = str(src.get("Laterality", "") or src.get("ImageLaterality", "") or "").upper()
+    sides = {sg.side for sg in segments if sg.side}
+    side = declared if declared in ("R", "L") else ("B" if len(sides) == 2 else next(iter(sides), ""))
+    if not side:
+        return None
+    item = Dataset()
+    item.AnatomicRegionSequence = [CodedConcept(*LOWER_LIMB)]
+    item.FrameLaterality = side
+    return item
 
 
 def _side_colour(sg: Segment) -> tuple[int, int, int]:

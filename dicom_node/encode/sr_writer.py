@@ -2,11 +2,24 @@
 
 Each volume references its SEG segment and the source series, and the SR's evidence lists the SEG and the
 source images, so a viewer (or a downstream system) can tie every number to the region it measures.
+
+Each segment has two measurement groups with one tracking identifier (same UID, so readers merge them):
+- TID 1411 (volumetric): the volume, referencing the SEG segment and its source series: what 3D Slicer's
+  QuantitativeReporting and dcmqi read, and what defines the number;
+- TID 1410 (planar): an image region, the outline of the structure on its centre slice (see key_slice.py):
+  what OHIF 3.x measurement tracking and Weasis need to place a finding on an image. Without it OHIF skips
+  every group and 3.13 blanks the viewer when the SR is opened. highdicom allows one kind of region
+  reference per group, hence two groups rather than one.
+
+For IHE AI Results (AIR): the observer is the algorithm as a device (Device UID from the model card), the
+Contributing Equipment item names it, Procedure Reported names the imaging procedure, and the report is
+UNVERIFIED (no person has checked it).
 """
 
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -14,42 +27,57 @@ from pydicom.sr.codedict import codes
 from inference.labels import CATEGORY_CODE
 from inference.model_card import ModelCard
 
-from .. import __version__
 from ..infer.segments import Segment
+from .equipment import algorithm_equipment, model_name, procedure_reported
+from .key_slice import key_slice
 
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
 CM3 = CodedConcept("cm3", "UCUM", "cubic centimeter")
 
 
 def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volumes_cm3: dict[str, float],
-             card: ModelCard, *, series_number: int, manufacturer: str) -> Dataset:
+             card: ModelCard, *, labels: np.ndarray, series_number: int, manufacturer: str) -> Dataset:
+    """The report for ``segments`` of ``seg``; ``labels`` is the SEG's label map (n, rows, cols) in the
+    order of ``source`` (values = segment numbers), from which each segment's key slice is taken."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=f"dicom-seg-node {__version__}", model_name=f"{card.name} {card.version}"[:64]),
+            uid=card.device_uid, name=card.name[:64], manufacturer_name=manufacturer[:64],
+            model_name=model_name(card)),
     )
     context = hd.sr.ObservationContext(observer_person_context=None, observer_device_context=observer)
     algo = hd.sr.AlgorithmIdentification(name=card.name[:64], version=card.version[:64])
-    groups = []
+    groups: list = []
     for sg in segments:
         site = CodedConcept(sg.label.snomed_code, "SCT", sg.label.snomed_meaning)
         modifier = CodedConcept(*sg.modifier) if sg.modifier else None
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        common = dict(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=sg.display_name[:64]),
-            # by SEG instance, segment number and source series: valid for BINARY and LABELMAP SEGs alike
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=sg.number,
-                source_series=hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)),
             finding_type=site,
             finding_category=CodedConcept(*CATEGORY_CODE),
             algorithm_id=algo,
             finding_sites=[hd.sr.FindingSite(site, laterality=modifier)],
+        )
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            # by SEG instance, segment number and source series: valid for BINARY and LABELMAP SEGs alike
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=sg.number,
+                source_series=hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)),
             measurements=[hd.sr.Measurement(name=VOLUME, value=round(volumes_cm3.get(sg.name, 0.0), 3), unit=CM3,
                                             algorithm_id=algo)],
+            **common,
         ))
+        key = key_slice(labels == sg.number)
+        if key is not None:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=key.outline,
+                    source_image=_source_image(source, labels.shape[0], key.index)),
+                **common,
+            ))
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=CodedConcept("241620005", "SCT", "Magnetic resonance imaging of lower limb"),
+        procedure_reported=procedure_reported(str(source[0].get("Modality", ""))),
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
@@ -61,6 +89,16 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
         instance_number=1,
         manufacturer=manufacturer,
         is_complete=True,
+        is_verified=False,  # VerificationFlag UNVERIFIED: an algorithm's result no person has checked
+        contributing_equipment=[algorithm_equipment(card, manufacturer)],
     )
     sr.SeriesDescription = "AI bone volumes (automatic)"
     return sr
+
+
+def _source_image(source: list[Dataset], n_frames: int, index: int) -> hd.sr.SourceImageForRegion:
+    """The image of label slice ``index``: that single-frame instance, or that frame of a multi-frame one."""
+    if len(source) == n_frames:
+        return hd.sr.SourceImageForRegion(source[index].SOPClassUID, source[index].SOPInstanceUID)
+    return hd.sr.SourceImageForRegion(source[0].SOPClassUID, source[0].SOPInstanceUID,
+                                      referenced_frame_numbers=[index + 1])
