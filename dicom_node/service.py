@@ -14,6 +14,7 @@ from storage.filestore import FileStore
 from .config import Settings
 from .pipeline import Pipeline, worker_id
 from .scheduler import NodeScheduler
+from .tls import client_context
 from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
@@ -56,6 +57,9 @@ class Node:
         read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
+        for i, dest in enumerate(settings.destinations):  # a bad certificate or key stops the start, key named
+            if dest.tls:
+                client_context(dest, f"destinations[{i}]")
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
         self.web = None
         if settings.web.enabled:

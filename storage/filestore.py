@@ -18,11 +18,21 @@ from pathlib import Path
 
 log = logging.getLogger("storage.filestore")
 
-_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+#: A path component built from a received value: UID characters only (digits and dots, starting with a
+#: digit, at most 64), so it can be neither ``.``/``..`` nor contain a separator. The listener validates UIDs
+#: fully before this (dicom_node/receive/uids.py); this is the store's own guard. Names are never "made
+#: safe" by substitution: two different values must never map to one file.
+_COMPONENT = re.compile(r"[0-9][0-9.]{0,63}")
 
 
-def _safe(name: str) -> str:
-    return _SAFE.sub("_", name)[:64] or "unknown"
+class UnsafePath(ValueError):
+    """A value that would not make a safe, unique path component (or a path outside the store)."""
+
+
+def _component(kind: str, value: str) -> str:
+    if _COMPONENT.fullmatch(value) is None:
+        raise UnsafePath(f"{kind} is not usable as a file name (not a DICOM UID)")
+    return value
 
 
 class FileStore:
@@ -48,10 +58,28 @@ class FileStore:
             self.spares = None
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
+        """incoming/<study>/<series>/<sop>.dcm; UnsafePath unless all three are UID-shaped."""
+        path = (self.incoming / _component("Study Instance UID", study_uid)
+                / _component("Series Instance UID", series_uid) / f"{_component('SOP Instance UID', sop_uid)}.dcm")
+        return self.contained(path, self.incoming)
 
     def result_path(self, study_uid: str, name: str) -> Path:
-        return self.results / _safe(study_uid) / name
+        """results/<study>/<name>; ``name`` is ours (e.g. job12), the study UID came from a peer."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise UnsafePath(f"result folder name {name!r} is not a plain name")
+        return self.contained(self.results / _component("Study Instance UID", study_uid) / name, self.results)
+
+    @staticmethod
+    def contained(path: Path, folder: Path) -> Path:
+        """``path`` if it resolves inside ``folder`` (second guard against traversal and links), else UnsafePath.
+
+        Only the lexical form is resolved (no file-system walk, which would cost a stat per component on
+        the hot path): the components were already checked, so this catches a future caller's mistake."""
+        resolved = Path(os.path.normpath(path))
+        base = Path(os.path.normpath(folder))
+        if resolved == base or base not in resolved.parents:
+            raise UnsafePath("path outside its folder")
+        return path
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
         d = path.parent

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import Delivery, Event, Instance, Job, Series, StructureVolume, Study, utcnow
+from .models import AuditEntry, Delivery, Event, Instance, Job, Series, StructureVolume, Study, utcnow
 
 
 @dataclass
@@ -365,8 +365,12 @@ def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, back
         return job.state
 
 
-def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False) -> list[int]:
-    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``), attempts reset."""
+def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False, actor: str = "",
+            address: str = "", action: str = "retry") -> list[int]:
+    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``, the dashboard's retry),
+    attempts reset. Each job asked for gets an audit row (who, from where, what, how it ended) and a timeline
+    event naming who did it, in the same transaction as the change."""
+    who = f"by {actor or 'an admin'}" + (f" from {address}" if address else "")
     with db.session() as s:
         q = select(Job)
         if job_ids is not None:
@@ -376,10 +380,36 @@ def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False
         jobs = s.scalars(q).all()
         for job in jobs:
             if job.state in ("running", "sending"):
+                add_audit(s, actor, address, action, job.id, "refused", f"job is {job.state}")
+                add_event(s, f"{action}-refused", series_id=job.series_id, job_id=job.id,
+                          detail=f"{who}: job is {job.state}")
                 continue
+            before = job.state
             job.state, job.attempts, job.next_attempt_at, job.finished_at, job.lease_owner = "queued", 0, None, None, ""
-            add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail="by an admin")
+            add_audit(s, actor, address, action, job.id, "done", f"{before} → queued")
+            add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail=who)
+        found = {j.id for j in jobs}
+        for missing in sorted(set(job_ids or []) - found):
+            add_audit(s, actor, address, action, None, "refused",
+                      f"job {missing}: no such job" + (" in state failed" if failed else ""))
         return [j.id for j in jobs if j.state == "queued"]
+
+
+def add_audit(s, actor: str, address: str, action: str, job_id: int | None, outcome: str, detail: str = "") -> None:
+    """One row of the admin audit trail (inside the caller's transaction)."""
+    s.add(AuditEntry(actor=(actor or "unknown")[:128], address=address[:128], action=action[:32], job_id=job_id,
+                     outcome=outcome[:32], detail=detail[:2000], at=utcnow()))
+
+
+def audit_log(db: Database, job_id: int | None = None, limit: int = 200) -> list[dict]:
+    """The newest audit rows (of one job, or all), newest first."""
+    with db.session() as s:
+        q = select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
+        if job_id is not None:
+            q = q.where(AuditEntry.job_id == job_id)
+        return [{"at": a.at.isoformat(timespec="milliseconds"), "actor": a.actor, "address": a.address,
+                 "action": a.action, "job": a.job_id, "outcome": a.outcome, "detail": a.detail}
+                for a in s.scalars(q)]
 
 
 def release_dead_local_leases(db: Database, host: str) -> int:

@@ -15,6 +15,7 @@ from storage.db import Database
 from storage.models import utcnow
 
 from ..config import Destination, Settings
+from ..tls import client_context, server_name
 from .sender import send_items, stow
 
 log = logging.getLogger("dicom_node.deliver")
@@ -34,8 +35,9 @@ def send_to(settings: Settings, dest: Destination, files: list[str]) -> tuple[bo
         if dest.protocol == "stow":
             res = stow(dest.url, files, dest.username, dest.password)
         else:
+            tls = (client_context(dest), server_name(dest)) if dest.tls else None
             res = send_items(dest.host, dest.port, dest.ae_title, files,
-                             calling=dest.calling_ae_title or settings.scp.ae_title)
+                             calling=dest.calling_ae_title or settings.scp.ae_title, tls=tls)
         return res.ok, "ok" if res.ok else "; ".join(f for _, f in res.failed)
     except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}"

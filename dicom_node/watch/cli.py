@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,11 +90,29 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cli_actor() -> str:
+    """Who runs an admin command, for the audit trail: the operating-system user (sudo's caller if any)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container without passwd entry): the numeric id still says who
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"cli:{user}" + (f" (sudo by {sudo})" if sudo and sudo != user else "")
+
+
+def cli_address() -> str:
+    import socket
+
+    return f"{socket.gethostname()} (local)"
+
+
 def cmd_retry(args) -> int:
     from storage.queue import requeue
 
     _, db = _db(args)
-    done = requeue(db, job_ids=args.jobs)
+    done = requeue(db, job_ids=args.jobs, actor=cli_actor(), address=cli_address(), action="retry")
     for j in args.jobs:
         print(f"job {j}: {'queued again' if j in done else 'not requeued (running, or no such job)'}")
     return 0 if set(done) == set(args.jobs) else 1
@@ -103,7 +122,7 @@ def cmd_requeue(args) -> int:
     from storage.queue import requeue
 
     _, db = _db(args)
-    done = requeue(db, failed=True)
+    done = requeue(db, failed=True, actor=cli_actor(), address=cli_address(), action="requeue")
     print(f"{len(done)} failed jobs queued again")
     return 0
 
