@@ -43,7 +43,7 @@ from .dimse import Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..tls import server_context
 from .headers import UnreadableData, read_received
-from .uids import uid_problem
+from .uids import is_uid, uid_problem
 from .recovery import record_unrecorded
 
 log = logging.getLogger("dicom_node.receive.scp")
@@ -100,8 +100,9 @@ def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | 
     if meta.sop_uid != req.sop_instance_uid:
         return CANNOT_UNDERSTAND, "SOP Instance UID in the dataset differs from the C-STORE request"
     if meta.sop_class_uid != req.sop_class_uid:
-        return DATASET_MISMATCH, (f"SOP Class UID in the dataset ({meta.sop_class_uid[:64]}) differs from the "
-                                  f"C-STORE request's ({req.sop_class_uid})")
+        shown = f" ({meta.sop_class_uid})" if is_uid(meta.sop_class_uid) else ""  # never echo arbitrary text
+        return DATASET_MISMATCH, (f"SOP Class UID in the dataset{shown} differs from the C-STORE request's "
+                                  f"({req.sop_class_uid})")
     why = (uid_problem("Study Instance UID", meta.study_uid) or uid_problem("Series Instance UID", meta.series_uid))
     return (CANNOT_UNDERSTAND, why) if why else None
 
