@@ -71,9 +71,11 @@ def echo(host: str, port: int, called: str, calling: str = "SEGNODE", tls: TlsAr
 def _why_not(assoc, tls: bool = False) -> str:
     if assoc.is_rejected:
         return "association rejected by the peer"
+    # pynetdicom reports a failed TLS handshake (certificate not trusted, wrong name, ours refused) as an abort
+    hint = " (DICOM TLS: or the handshake failed - certificate not trusted, wrong name, or ours refused)" if tls else ""
     if assoc.is_aborted:
-        return "association aborted"
-    return "could not connect" + (" (or the TLS handshake failed: certificate not trusted or refused)" if tls else "")
+        return "association aborted" + hint
+    return "could not connect" + hint
 
 
 def send_items(host: str, port: int, called: str, items: list, calling: str = "SEGNODE",
