@@ -66,7 +66,8 @@ def test_dashboard_in_chromium_shows_queue_jobs_and_failures(busy_node):
     dom = chromium(f"{base}/?token={TOKEN}", tmp, "--dump-dom")
     assert 'id="state-done"' in dom and 'id="state-failed"' in dom
     assert f'href="jobs/{ok_job}"' in dom and f'href="jobs/{bad_job}"' in dom
-    assert f"retry({bad_job})" in dom and "delivery failed" in dom
+    assert f'data-retry="{bad_job}"' in dom and "delivery failed" in dom
+    assert 'data-script="ran"' in dom  # the page's script ran under its Content-Security-Policy
     assert "<svg" in dom and "predict" in dom
     shot = tmp / "dashboard.png"
     chromium(f"{base}/?token={TOKEN}", tmp, f"--screenshot={shot}", "--window-size=1280,1800")
