@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,13 +81,13 @@ def test_serve_refuses_bad_config_with_a_clear_message(tmp_path):
      'private_key = "node.toml"\nca_certificates = "node.toml"\n', "scp.tls.port"),
     ("[scp.tls]\nenabled = true\n", "scp.tls.certificate"),
     ("[scp.tls]\nenabled = true\nsecret = 1\n", "scp.tls.secret"),
-    ('[[destinations]]\nname = "p"\ntls = true\nprotocol = "stow"\nurl = "http://x"\n', "destinations.tls"),
-    ('[[destinations]]\nname = "p"\ntls = true\ntls_ca = "missing-ca.pem"\n', "destinations.tls_ca"),
+    ('[[destinations]]\nname = "p"\ntls = true\nprotocol = "stow"\nurl = "http://x"\n', "destinations[0].tls"),
+    ('[[destinations]]\nname = "p"\ntls = true\ntls_ca = "missing-ca.pem"\n', "destinations[0].tls_ca"),
 ])
 def test_hardening_keys_are_validated_by_name(tmp_path, text, key):
     cfg = tmp_path / "node.toml"
     cfg.write_text(text)
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         load_settings(cfg, environ={})
 
 
