@@ -2,13 +2,16 @@
 inside ``dicom-node serve``).
 
 Bound to localhost by default; on any other address a token is required (``web.token``), given as a
-``Authorization: Bearer`` header or once as ``?token=`` (then kept in a cookie). The page is rendered on the
+``Authorization: Bearer`` header or once as ``?token=`` (then kept in a cookie). Every request also passes
+web_security.WebGuard (Host check, cross-site guard on every state-changing request, security headers), and
+every admin action is written to the audit trail with who and from where. The page is rendered on the
 server with inline SVG charts: nothing is fetched from the internet, which hospital networks block anyway.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import html
 import ipaddress
 import json
@@ -287,8 +290,8 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         if not token:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-            or request.query_params.get("token") or request.cookies.get("dicomnode_token")
-        if given != token:
+            or request.query_params.get("token") or request.cookies.get("dicomnode_token") or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "token required (web.token)")
 
     @app.middleware("http")
