@@ -135,9 +135,13 @@ def test_buttons_with_the_csrf_token_and_json_scripts_work_and_are_audited(dash)
     dash.fail_again()
     status, _, _ = request(f"{dash.base}/api/jobs/{dash.job}/retry", "POST", {"Content-Type": "application/json"}, b"{}")
     assert status == 200 and dash.state() == "queued"
+    dash.fail_again()  # a plain HTML form of our own page: the token in the action URL
+    status, _, _ = request(f"{dash.base}/api/jobs/{dash.job}/retry?csrf_token={csrf}", "POST",
+                           {"Origin": dash.base, "Content-Type": "application/x-www-form-urlencoded"}, b"a=1")
+    assert status == 200 and dash.state() == "queued"
     assert request(f"{dash.base}/api/jobs/9999/retry", "POST", {"Content-Type": "application/json"})[0] == 409
     audit = dash.audit()
-    assert [(a["action"], a["outcome"]) for a in audit] == [("retry", "done"), ("retry", "done")]
+    assert [(a["action"], a["outcome"]) for a in audit] == [("retry", "done")] * 3
     assert all(a["actor"] == "web (loopback, no token)" and a["address"] == "127.0.0.1" for a in audit)
     everything = json.loads(request(f"{dash.base}/api/audit")[2])
     assert everything[0]["outcome"] == "refused" and "job 9999: no such job" in everything[0]["detail"]

@@ -11,7 +11,8 @@ present or added later (e.g. review buttons), gets them without opting in:
 * **State changes** (POST, PUT, PATCH, DELETE): allowed with the token in an ``Authorization: Bearer``
   header (scripts; a browser cannot add it cross-site); otherwise the request must come from our own pages —
   ``Origin`` (or, without one, ``Referer``) naming this host, *and* either the page's CSRF token in
-  ``X-CSRF-Token`` (what the dashboard's buttons send) or, under ``/api/``, ``Content-Type: application/json``
+  ``X-CSRF-Token`` (what the dashboard's buttons send; a plain form puts it in the action URL's ``csrf_token``
+  parameter; pages get it as ``app.state.csrf_token``) or, under ``/api/``, ``Content-Type: application/json``
   (which a cross-site page cannot send without a CORS preflight that we never grant). A request with neither
   Origin nor Referer is not from a browser page: allowed only as JSON under ``/api/``. Else 403 with why.
 * **Headers** on every answer: a Content-Security-Policy (no scripts but ours, no framing:
@@ -39,6 +40,8 @@ log = logging.getLogger("dicom_node.watch.web")
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_HEADER = "x-csrf-token"
+#: For plain HTML forms (no script): ``<form method="post" action="...?csrf_token=...">``.
+CSRF_PARAM = "csrf_token"
 
 
 def _is_loopback(address: str) -> bool:
@@ -131,7 +134,8 @@ class WebGuard:
         own = request.headers.get("host", "").lower()
         if origin == "null" or parts.netloc.lower() != own or parts.scheme not in ("http", "https"):
             return 403, "cross-site protection: request from another origin"
-        if json_api or hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), self.csrf_token.encode()):
+        given = request.headers.get(CSRF_HEADER) or request.query_params.get(CSRF_PARAM) or ""
+        if json_api or hmac.compare_digest(given.encode(), self.csrf_token.encode()):
             return None
         return 403, ("cross-site protection: CSRF token missing (X-CSRF-Token) or, for the API, "
                      "Content-Type is not application/json")
