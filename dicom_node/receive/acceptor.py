@@ -55,8 +55,8 @@ MAX_PDU = 1 << 20
 #: Largest A-ASSOCIATE-RQ we read. 128 presentation contexts with a dozen transfer syntaxes each are ~50 KB;
 #: without a bound, a caller announcing 1 MB requests makes every connection cost a megabyte.
 MAX_ASSOCIATE_RQ = 256 * 1024
-#: Bytes read per recv while a PDU arrives: memory grows with what was received, not with what was announced.
-_CHUNK = 256 * 1024
+#: Bytes read at a time while an A-ASSOCIATE-RQ arrives: memory grows with what was received, not announced.
+_CHUNK = 16 * 1024
 
 
 # --------------------------------------------------------------------------------------------- framing
@@ -112,10 +112,11 @@ class _Association:
         self._context_id = 0
 
     # reading --------------------------------------------------------------------------------
-    def _recv_exact(self, n: int, deadline: float, what: str) -> memoryview:
-        """``n`` bytes, all before ``deadline`` (monotonic); read in chunks so that memory follows the bytes
-        that actually arrived, not the length a peer announced."""
-        if n <= _CHUNK:
+    def _recv_exact(self, n: int, deadline: float, what: str, grow: bool = False) -> memoryview:
+        """``n`` bytes, all before ``deadline`` (monotonic). With ``grow`` (a caller not yet associated) they are
+        read in chunks, so that memory follows the bytes that actually arrived, not the length announced; an
+        established association's PDUs (at most max_pdu) are read into one buffer, the fast path."""
+        if not grow or n <= _CHUNK:
             buf = bytearray(n)
             self._fill(memoryview(buf), deadline, what)
             return memoryview(buf)
@@ -144,7 +145,7 @@ class _Association:
                 raise ConnectionResetError("peer closed the connection")
             got += k
 
-    def _read_pdu(self, deadline: float, what: str, limit: int) -> tuple[int, memoryview]:
+    def _read_pdu(self, deadline: float, what: str, limit: int, grow: bool = False) -> tuple[int, memoryview]:
         head = self._recv_exact(6, deadline, what)
         pdu_type, _, length = struct.unpack(">BBI", head)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
@@ -152,7 +153,7 @@ class _Association:
             raise ProtocolError(f"unrecognised PDU type 0x{pdu_type:02x}{hint}", 0x01)
         if length > limit:
             raise ProtocolError(f"PDU of {length} bytes exceeds our maximum of {limit}", 0x06)
-        return pdu_type, self._recv_exact(length, deadline, what)
+        return pdu_type, self._recv_exact(length, deadline, what, grow)
 
     # serving --------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -167,7 +168,7 @@ class _Association:
             if self.tls is not None:
                 self._handshake(artim)
             pdu_type, body = self._read_pdu(artim, f"no complete A-ASSOCIATE-RQ within {acc.association_request_timeout:g} s "
-                                            "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ)
+                                            "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ, grow=True)
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
             if not self._associate(body):
