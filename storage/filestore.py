@@ -42,6 +42,7 @@ class FileStore:
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
         self.quarantine = self.root / "quarantine"
+        self._incoming_str = os.path.normpath(str(self.incoming))
         for d in (self.incoming, self.results, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._dirs_made: set[Path] = set()
@@ -58,28 +59,32 @@ class FileStore:
             self.spares = None
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """incoming/<study>/<series>/<sop>.dcm; UnsafePath unless all three are UID-shaped."""
-        path = (self.incoming / _component("Study Instance UID", study_uid)
-                / _component("Series Instance UID", series_uid) / f"{_component('SOP Instance UID', sop_uid)}.dcm")
-        return self.contained(path, self.incoming)
+        """incoming/<study>/<series>/<sop>.dcm; UnsafePath unless all three are UID-shaped.
+
+        Built as a string (pathlib's operators cost ~20 µs per call on the benchmark machine, on the C-STORE
+        hot path)."""
+        return self._contained(self._incoming_str, f"{_component('Study Instance UID', study_uid)}{os.sep}"
+                               f"{_component('Series Instance UID', series_uid)}{os.sep}"
+                               f"{_component('SOP Instance UID', sop_uid)}.dcm")
 
     def result_path(self, study_uid: str, name: str) -> Path:
         """results/<study>/<name>; ``name`` is ours (e.g. job12), the study UID came from a peer."""
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise UnsafePath(f"result folder name {name!r} is not a plain name")
-        return self.contained(self.results / _component("Study Instance UID", study_uid) / name, self.results)
+        return self._contained(os.path.normpath(str(self.results)),
+                               f"{_component('Study Instance UID', study_uid)}{os.sep}{name}")
 
     @staticmethod
-    def contained(path: Path, folder: Path) -> Path:
-        """``path`` if it resolves inside ``folder`` (second guard against traversal and links), else UnsafePath.
+    def _contained(folder: str, relative: str) -> Path:
+        """``folder``/``relative`` if it stays inside ``folder`` (second guard against traversal), else UnsafePath.
 
-        Only the lexical form is resolved (no file-system walk, which would cost a stat per component on
-        the hot path): the components were already checked, so this catches a future caller's mistake."""
-        resolved = Path(os.path.normpath(path))
-        base = Path(os.path.normpath(folder))
-        if resolved == base or base not in resolved.parents:
+        The components were already checked; this catches a future caller's mistake: any ``.``/``..`` or empty
+        component changes the normalised form, and an absolute ``relative`` does not start with ``folder``.
+        Lexical only (no file-system walk, which would cost a stat per component)."""
+        full = folder + os.sep + relative
+        if os.path.normpath(full) != full or not relative or relative.startswith(os.sep):
             raise UnsafePath("path outside its folder")
-        return path
+        return Path(full)
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
         d = path.parent

@@ -379,3 +379,25 @@ def test_pdu_deadline_is_for_the_whole_pdu_not_per_read(scp):
     took = time.monotonic() - t0
     s.close()
     assert NETWORK - 0.5 < took < NETWORK + 1.5
+
+
+def test_the_file_store_refuses_unsafe_names_itself(tmp_path):
+    """The second guard: whatever a future caller passes, the store builds no path outside its folders and maps
+    no two different values to one name."""
+    from storage.filestore import FileStore, UnsafePath
+
+    store = FileStore(tmp_path / "var", fsync=False)
+    uid = "1.2.826.0.1.3680043.8.498.5"
+    for bad in ("..", ".", "", "1/../../x", "/etc/passwd", "1.2 3", "1.2_3", "1" * 65, "1\x00"):
+        with pytest.raises(UnsafePath):
+            store.instance_path(bad, uid, uid)
+        with pytest.raises(UnsafePath):
+            store.instance_path(uid, uid, bad)
+        with pytest.raises(UnsafePath):
+            store.result_path(bad, "job1")
+    with pytest.raises(UnsafePath):
+        store.result_path(uid, "../job1")
+    with pytest.raises(UnsafePath):
+        FileStore._contained(str(tmp_path), "a/../../b")
+    assert store.instance_path(uid, uid, uid + ".1") != store.instance_path(uid, uid, uid + "1")
+    assert store.instance_path(uid, uid, uid).is_relative_to(store.incoming)
