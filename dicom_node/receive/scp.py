@@ -4,7 +4,12 @@ One handler per event, as pynetdicom's own apps do; the association itself is se
 (why: see there). The C-STORE handler reads the header fields once, writes the encoded bytes it received
 (no pixel decoding) and answers success once the file is on disk (fsynced when ``scp.fsync``); its database
 row is committed a few milliseconds later in a batch (storage/recording.py), and before an association's
-release is confirmed, so a sender that has finished knows its instances are recorded.
+release is confirmed, so a sender that has finished knows its instances are recorded (an association that
+stored nothing, such as a C-ECHO health probe, is released at once, whatever the database does).
+
+Before anything is written, the command and the data set must agree and their UIDs must be DICOM UIDs
+(receive/uids.py): those UIDs name the file, so a value such as ``..`` or ``1.2 3`` is refused (0xC000, kept in
+quarantine with the reason) rather than "made safe", which could map two instances onto one file.
 """
 
 from __future__ import annotations
