@@ -95,8 +95,9 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopped.set())
         self.start()
-        print(f"dicom-node listening as {self.settings.scp.ae_title} on {self.settings.scp.bind_address}:"
-              f"{self.scp.port}; data in {self.settings.data_dir}; Ctrl-C to stop", flush=True)
+        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
+        print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
+              "Ctrl-C to stop", flush=True)
         if self.web:
             print(f"dashboard on http://{self.settings.web.bind_address}:{self.settings.web.port}/", flush=True)
         self._stopped.wait()
