@@ -110,6 +110,7 @@ class _Association:
         self._data: list[memoryview] = []
         self._cmd: dict[int, bytes] | None = None
         self._context_id = 0
+        self._timeout = float("inf")  # the socket's current timeout (see _fill)
 
     # reading --------------------------------------------------------------------------------
     def _recv_exact(self, n: int, deadline: float, what: str, grow: bool = False) -> memoryview:
@@ -130,17 +131,27 @@ class _Association:
         return memoryview(b"".join(parts))
 
     def _fill(self, view: memoryview, deadline: float, what: str) -> None:
+        """Fill ``view`` before ``deadline``. The socket's timeout is lowered only when it would overshoot the
+        deadline by more than a quarter second (settimeout is a system call; on the hot path a PDU arrives
+        in a few reads well within the deadline); a timeout before the deadline just re-arms it."""
         sock = self.sock
         got, n = 0, len(view)
         while got < n:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Dropped(what)
-            sock.settimeout(remaining)
+            if self._timeout > remaining + 0.25:
+                sock.settimeout(remaining)
+                self._timeout = remaining
             try:
                 k = sock.recv_into(view[got:], n - got)
             except (socket.timeout, ssl.SSLWantReadError):
-                raise Dropped(what) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Dropped(what) from None
+                sock.settimeout(remaining)
+                self._timeout = remaining
+                continue
             if k == 0:
                 raise ConnectionResetError("peer closed the connection")
             got += k
@@ -209,6 +220,7 @@ class _Association:
                 raise Dropped(f"no TLS handshake within {self.acceptor.association_request_timeout:g} s of connect "
                               "(scp.association_request_timeout)")
         tls_sock.setblocking(True)
+        self._timeout = float("inf")
 
     def _serve_established(self) -> None:
         acc = self.acceptor
@@ -221,7 +233,7 @@ class _Association:
                 self._on_p_data(body)
             elif pdu_type == 0x05:  # A-RELEASE-RQ: the handlers may finish work before we confirm
                 acc.handlers.on_release(self.peer, self.stored)
-                self.sock.settimeout(timeout)
+                self._set_timeout(timeout)
                 self.sock.sendall(RELEASE_RP)
                 return
             elif pdu_type == 0x07:  # A-ABORT from the peer
@@ -230,9 +242,13 @@ class _Association:
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association")
 
+    def _set_timeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)
+        self._timeout = seconds
+
     def _send_quietly(self, data: bytes) -> None:
         try:
-            self.sock.settimeout(2)
+            self._set_timeout(2)
             self.sock.sendall(data)
         except (OSError, ValueError):
             pass
@@ -273,7 +289,7 @@ class _Association:
         if rejection is not None:
             if why:
                 acc.dropped(peer.address, f"association rejected: {why}", burst=rejection is LOCAL_LIMIT_EXCEEDED)
-            self.sock.settimeout(2)
+            self._set_timeout(2)
             self.sock.sendall(_reject(rejection))
             return False
         try:
@@ -297,7 +313,7 @@ class _Association:
             pdu = A_ASSOCIATE_AC()
             pdu.from_primitive(ac)
             encoded = pdu.encode()
-            self.sock.settimeout(acc.network_timeout)
+            self._set_timeout(acc.network_timeout)
             self.sock.sendall(encoded)
         except Exception:
             acc._leave(peer.address)
@@ -346,6 +362,8 @@ class _Association:
         if data is not None and _us(cmd, 0x00000100) == C_STORE_RQ:
             self.stored = True
         response = dispatch(self.acceptor.handlers, self.peer, cmd, transfer_syntax, data, abstract_syntax)
+        if self._timeout < 1.0:  # the read deadline left little: give the answer a full network_timeout
+            self._set_timeout(self.acceptor.network_timeout)
         self.sock.sendall(_p_data(context_id, response))
 
 
