@@ -151,6 +151,14 @@ def test_sending_to_a_dcmtk_pacs_over_tls(tmp_path, pki):
         wrong_name = Destination(**{**good.__dict__, "tls_server_name": "pacs.elsewhere.example"})
         assert not send_to(settings, wrong_name, files)[0]
         assert len(pacs.files()) == 2
+        # an admin checks the configured destination, TLS included, from the command line
+        (tmp_path / "node.toml").write_text(
+            f'[node]\ndata_dir = "{tmp_path / "var"}"\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+            f'host = "127.0.0.1"\nport = {pacs.port}\ntls = true\ntls_ca = "{pki / "ca.crt"}"\n'
+            f'tls_certificate = "{pki / "client.crt"}"\ntls_private_key = "{pki / "client.key"}"\n')
+        r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(tmp_path / "node.toml"), "echo",
+                            "--destination", "pacs"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+        assert r.returncode == 0 and "(DICOM TLS): ok" in r.stdout, r.stdout + r.stderr
     finally:
         pacs.stop(validate=False)
 

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--port", type=int)
     e.add_argument("--aet", help="called AE title (default: the node's)")
     e.add_argument("--calling", default="DICOMNODE")
+    e.add_argument("--destination", metavar="NAME",
+                   help="C-ECHO a configured destination as deliveries reach it (its host, port, AE title, TLS)")
     e.set_defaults(func=cmd_echo)
 
     cli_model.add_parsers(sub)
@@ -214,6 +216,20 @@ def cmd_send(args) -> int:
 def cmd_echo(args) -> int:
     from ..deliver.sender import echo
 
+    if args.destination:
+        from ..tls import client_context, server_name
+
+        settings = _settings(args)
+        dest = next((d for d in settings.destinations if d.name == args.destination), None)
+        if dest is None:
+            print(f"no destination named {args.destination!r} (configured: "
+                  f"{', '.join(d.name for d in settings.destinations) or 'none'})", file=sys.stderr)
+            return 2
+        tls = (client_context(dest), server_name(dest)) if dest.tls else None
+        ok, msg = echo(dest.host, dest.port, dest.ae_title, dest.calling_ae_title or settings.scp.ae_title, tls=tls)
+        print(f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}{' (DICOM TLS)' if tls else ''}: "
+              f"{'ok' if ok else 'FAILED'} ({msg})")
+        return 0 if ok else 1
     if args.port is None or args.aet is None:
         settings = _settings(args)
         args.port = args.port or settings.scp.port
