@@ -40,6 +40,30 @@ class NodeSettings:
 
 
 @dataclass
+class ScpTlsSettings:
+    """DICOM TLS listener (PS3.15 BCP 195 profile): its own port, beside or instead of the plain one."""
+
+    enabled: bool = False
+    bind_address: str = ""  # empty: scp.bind_address
+    port: int = 2762
+    certificate: str = ""  # PEM: our certificate (chain)
+    private_key: str = ""  # PEM: its private key (unencrypted; readable by the node's user only)
+    ca_certificates: str = ""  # PEM bundle: the CAs whose client certificates we trust
+    require_client_certificate: bool = True
+    plain_listener: bool = True  # false: only the TLS port listens
+
+    def validate(self, key: str = "scp.tls") -> None:
+        _port(f"{key}.port", self.port)
+        if not self.enabled:
+            return
+        _readable_file(f"{key}.certificate", self.certificate)
+        _readable_file(f"{key}.private_key", self.private_key)
+        if self.require_client_certificate or self.ca_certificates:
+            _readable_file(f"{key}.ca_certificates", self.ca_certificates,
+                           f" (needed to check client certificates; or set {key}.require_client_certificate = false)")
+
+
+@dataclass
 class ScpSettings:
     ae_title: str = "SEGNODE"
     bind_address: str = "0.0.0.0"
@@ -49,7 +73,11 @@ class ScpSettings:
     min_free_disk_mb: int = 1024
     fsync: bool = True
     max_associations: int = 16
-    network_timeout: int = 60
+    network_timeout: float = 60
+    association_request_timeout: float = 10
+    max_associations_per_peer: int = 8
+    require_called_ae: bool = True
+    tls: ScpTlsSettings = field(default_factory=ScpTlsSettings)
 
     def validate(self) -> None:
         _ae_title("scp.ae_title", self.ae_title)
@@ -62,6 +90,11 @@ class ScpSettings:
             except ValueError as exc:
                 raise ConfigError(f"scp.allowed_peers: {net!r} is not an IP address or network ({exc})") from exc
         _positive("scp.max_associations", self.max_associations)
+        _positive("scp.network_timeout", self.network_timeout)
+        _positive("scp.association_request_timeout", self.association_request_timeout)
+        _positive("scp.max_associations_per_peer", self.max_associations_per_peer)
+        if self.tls.port == self.port and self.tls.enabled and self.tls.plain_listener and self.port:
+            raise ConfigError(f"scp.tls.port: {self.tls.port} is also scp.port; the TLS listener needs its own port")
         if self.min_free_disk_mb < 0:
             raise ConfigError("scp.min_free_disk_mb must be >= 0")
 
@@ -145,6 +178,7 @@ class WebSettings:
     bind_address: str = "127.0.0.1"
     port: int = 8080
     token: str = ""
+    allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered (empty: see web_security)
 
     def validate(self) -> None:
         _port("web.port", self.port)
@@ -187,6 +221,11 @@ class Destination:
     url: str = ""
     username: str = ""
     password: str = ""
+    tls: bool = False  # DICOM TLS to this destination (protocol "dimse")
+    tls_ca: str = ""  # PEM bundle the destination's certificate must chain to (empty: the system's CAs)
+    tls_certificate: str = ""  # our client certificate, if the destination asks for one
+    tls_private_key: str = ""
+    tls_server_name: str = ""  # name checked in the destination's certificate (empty: host)
 
     def validate(self, key: str = "destinations") -> None:
         _one_of(f"{key}.seg_type", self.seg_type, {"binary", "labelmap"})
@@ -208,6 +247,16 @@ class Destination:
         if self.storage_commitment and self.protocol != "dimse":
             raise ConfigError(f"{key}.storage_commitment needs protocol \"dimse\" (DICOMweb has no Storage "
                               "Commitment)")
+        if self.tls:
+            if self.protocol != "dimse":
+                raise ConfigError(f"{key}.tls applies to protocol \"dimse\"; for STOW use an https:// url")
+            if self.tls_ca:
+                _readable_file(f"{key}.tls_ca", self.tls_ca)
+            if bool(self.tls_certificate) != bool(self.tls_private_key):
+                raise ConfigError(f"{key}.tls_certificate and {key}.tls_private_key go together")
+            if self.tls_certificate:
+                _readable_file(f"{key}.tls_certificate", self.tls_certificate)
+                _readable_file(f"{key}.tls_private_key", self.tls_private_key)
 
 
 @dataclass
@@ -278,6 +327,16 @@ class Settings:
 def _ae_title(key: str, v: str) -> None:
     if not v or len(v) > 16 or "\\" in v or not v.isprintable():
         raise ConfigError(f"{key}: {v!r} is not a valid AE title (1-16 printable characters, no backslash)")
+
+
+def _readable_file(key: str, path: str, hint: str = "") -> None:
+    if not path:
+        raise ConfigError(f"{key} is required{hint}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _port(key: str, v: int) -> None:
@@ -391,6 +450,31 @@ def _env_overrides(data: dict, environ: typing.Mapping[str, str]) -> dict:
     return data
 
 
+TLS_FILE_KEYS = ("certificate", "private_key", "ca_certificates", "tls_ca", "tls_certificate", "tls_private_key")
+
+
+def _resolve_tls_paths(data: dict, base: Path) -> None:
+    """Relative certificate and key paths are relative to the configuration file (like node.data_dir)."""
+    tables = []
+    scp = data.get("scp")
+    if isinstance(scp, dict):
+        tls = scp.get("tls")
+        if isinstance(tls, str):
+            scp["tls"] = tls = _json("scp.tls", tls)
+        tables.append(tls)
+    dests = data.get("destinations")
+    if isinstance(dests, str):
+        data["destinations"] = dests = _json("destinations", dests)
+    if isinstance(dests, list):
+        tables += dests
+    for table in tables:
+        if isinstance(table, dict):
+            for k in TLS_FILE_KEYS:
+                v = table.get(k)
+                if isinstance(v, str) and v and not Path(v).is_absolute():
+                    table[k] = str((base / v).resolve())
+
+
 def find_config(path: Path | None) -> Path | None:
     if path is not None:
         return path
@@ -413,6 +497,8 @@ def load_settings(path: Path | None = None, environ: typing.Mapping[str, str] | 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     data = _env_overrides(data, {k: v for k, v in environ.items() if k != ENV_PREFIX + "CONFIG"})
+    if path is not None:
+        _resolve_tls_paths(data, Path(path).parent)
     settings = _build(Settings, data, "")
     settings.source = path
     if path is not None and not Path(settings.node.data_dir).is_absolute():

@@ -15,6 +15,7 @@ from .config import Settings
 from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
 from .scheduler import NodeScheduler
+from .tls import client_context
 from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
@@ -57,6 +58,9 @@ class Node:
         read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
+        for i, dest in enumerate(settings.destinations):  # a bad certificate or key stops the start, key named
+            if dest.tls:
+                client_context(dest, f"destinations[{i}]")
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
         # the outbox's sender: its own thread, so inference never waits on a destination
         self.outbox = Outbox(settings, self.db, worker_id("sender"))
@@ -104,8 +108,9 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopped.set())
         self.start()
-        print(f"dicom-node listening as {self.settings.scp.ae_title} on {self.settings.scp.bind_address}:"
-              f"{self.scp.port}; data in {self.settings.data_dir}; Ctrl-C to stop", flush=True)
+        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
+        print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
+              "Ctrl-C to stop", flush=True)
         if self.web:
             print(f"dashboard on http://{self.settings.web.bind_address}:{self.settings.web.port}/", flush=True)
         self._stopped.wait()

@@ -18,11 +18,21 @@ from pathlib import Path
 
 log = logging.getLogger("storage.filestore")
 
-_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+#: A path component built from a received value: UID characters only (digits and dots, starting with a
+#: digit, at most 64), so it can be neither ``.``/``..`` nor contain a separator. The listener validates UIDs
+#: fully before this (dicom_node/receive/uids.py); this is the store's own guard. Names are never "made
+#: safe" by substitution: two different values must never map to one file.
+_COMPONENT = re.compile(r"[0-9][0-9.]{0,63}")
 
 
-def _safe(name: str) -> str:
-    return _SAFE.sub("_", name)[:64] or "unknown"
+class UnsafePath(ValueError):
+    """A value that would not make a safe, unique path component (or a path outside the store)."""
+
+
+def _component(kind: str, value: str) -> str:
+    if _COMPONENT.fullmatch(value) is None:
+        raise UnsafePath(f"{kind} is not usable as a file name (not a DICOM UID)")
+    return value
 
 
 class FileStore:
@@ -32,6 +42,7 @@ class FileStore:
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
         self.quarantine = self.root / "quarantine"
+        self._incoming_str = os.path.normpath(str(self.incoming))
         for d in (self.incoming, self.results, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._dirs_made: set[Path] = set()
@@ -48,10 +59,32 @@ class FileStore:
             self.spares = None
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.incoming / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
+        """incoming/<study>/<series>/<sop>.dcm; UnsafePath unless all three are UID-shaped.
+
+        Built as a string (pathlib's operators cost ~20 µs per call on the benchmark machine, on the C-STORE
+        hot path)."""
+        return self._contained(self._incoming_str, f"{_component('Study Instance UID', study_uid)}{os.sep}"
+                               f"{_component('Series Instance UID', series_uid)}{os.sep}"
+                               f"{_component('SOP Instance UID', sop_uid)}.dcm")
 
     def result_path(self, study_uid: str, name: str) -> Path:
-        return self.results / _safe(study_uid) / name
+        """results/<study>/<name>; ``name`` is ours (e.g. job12), the study UID came from a peer."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise UnsafePath(f"result folder name {name!r} is not a plain name")
+        return self._contained(os.path.normpath(str(self.results)),
+                               f"{_component('Study Instance UID', study_uid)}{os.sep}{name}")
+
+    @staticmethod
+    def _contained(folder: str, relative: str) -> Path:
+        """``folder``/``relative`` if it stays inside ``folder`` (second guard against traversal), else UnsafePath.
+
+        The components were already checked; this catches a future caller's mistake: any ``.``/``..`` or empty
+        component changes the normalised form, and an absolute ``relative`` does not start with ``folder``.
+        Lexical only (no file-system walk, which would cost a stat per component)."""
+        full = folder + os.sep + relative
+        if os.path.normpath(full) != full or not relative or relative.startswith(os.sep):
+            raise UnsafePath("path outside its folder")
+        return Path(full)
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
         d = path.parent

@@ -210,3 +210,19 @@ class DestinationState(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     last_ok_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     down_notified: Mapped[bool] = mapped_column(default=False)
+
+
+class AuditEntry(Base):
+    """One admin action (dashboard, API or command line): who, from which address, what, when, and how it
+    ended. Kept apart from ``events`` because it is the security record: it also holds refused actions and
+    actions on jobs that do not exist, and nothing prunes it."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))  # "web (token)", "web (loopback, no token)", "cli:<os user>"
+    address: Mapped[str] = mapped_column(String(128), default="")  # client IP, or "<host> (local)" for the CLI
+    action: Mapped[str] = mapped_column(String(32))  # retry, requeue, ...
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    outcome: Mapped[str] = mapped_column(String(32), default="")  # done, refused
+    detail: Mapped[str] = mapped_column(Text, default="")

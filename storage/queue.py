@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import Event, Instance, Job, Series, StructureVolume, Study, utcnow
+from .models import AuditEntry, Event, Instance, Job, Series, StructureVolume, Study, utcnow
 
 
 @dataclass
@@ -370,14 +370,18 @@ def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, back
         return job.state
 
 
-def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False) -> list[int]:
-    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``), attempts reset.
+def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False, actor: str = "",
+            address: str = "", action: str = "retry") -> list[int]:
+    """Put jobs back in the queue by hand (``dicom-node retry`` / ``requeue --failed``, the dashboard's retry),
+    attempts reset. Each job asked for gets an audit row (who, from where, what, how it ended) and a timeline
+    event naming who did it, in the same transaction as the change.
 
     A job whose result exists and only its delivery failed is not computed again: its failed deliveries go
     back to the outbox (same files, same UIDs) and the job to ``delivering``."""
     from . import deliveries
     from .models import OutboxItem
 
+    who = f"by {actor or 'an admin'}" + (f" from {address}" if address else "")
     with db.session() as s:
         q = select(Job)
         if job_ids is not None:
@@ -388,18 +392,46 @@ def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False
         redeliver = []
         for job in jobs:
             if job.state in ("running", "sending", "delivering"):
+                add_audit(s, actor, address, action, job.id, "refused", f"job is {job.state}")
+                add_event(s, f"{action}-refused", series_id=job.series_id, job_id=job.id,
+                          detail=f"{who}: job is {job.state}")
                 continue
             has_failed_delivery = s.scalar(select(func.count()).select_from(OutboxItem).where(
                 OutboxItem.job_id == job.id, OutboxItem.state == "failed"))
             if job.state == "failed" and has_failed_delivery:
                 redeliver.append(job.id)
+                add_audit(s, actor, address, action, job.id, "done", "failed delivery → outbox again")
+                add_event(s, "redeliver", series_id=job.series_id, job_id=job.id, detail=who)
                 continue
+            before = job.state
             job.state, job.attempts, job.next_attempt_at, job.finished_at, job.lease_owner = "queued", 0, None, None, ""
-            add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail="by an admin")
+            add_audit(s, actor, address, action, job.id, "done", f"{before} → queued")
+            add_event(s, "requeued", series_id=job.series_id, job_id=job.id, detail=who)
+        found = {j.id for j in jobs}
+        for missing in sorted(set(job_ids or []) - found):
+            add_audit(s, actor, address, action, None, "refused",
+                      f"job {missing}: no such job" + (" in state failed" if failed else ""))
         queued = [j.id for j in jobs if j.state == "queued"]
     if redeliver:
         deliveries.requeue(db, job_ids=redeliver)
     return sorted(queued + redeliver)
+
+
+def add_audit(s, actor: str, address: str, action: str, job_id: int | None, outcome: str, detail: str = "") -> None:
+    """One row of the admin audit trail (inside the caller's transaction)."""
+    s.add(AuditEntry(actor=(actor or "unknown")[:128], address=address[:128], action=action[:32], job_id=job_id,
+                     outcome=outcome[:32], detail=detail[:2000], at=utcnow()))
+
+
+def audit_log(db: Database, job_id: int | None = None, limit: int = 200) -> list[dict]:
+    """The newest audit rows (of one job, or all), newest first."""
+    with db.session() as s:
+        q = select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
+        if job_id is not None:
+            q = q.where(AuditEntry.job_id == job_id)
+        return [{"at": a.at.isoformat(timespec="milliseconds"), "actor": a.actor, "address": a.address,
+                 "action": a.action, "job": a.job_id, "outcome": a.outcome, "detail": a.detail}
+                for a in s.scalars(q)]
 
 
 def release_dead_local_leases(db: Database, host: str) -> int:

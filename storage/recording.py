@@ -97,6 +97,17 @@ class BackgroundRecorder:
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._committed >= target, timeout)
 
+    def wait(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until the instance numbered ``seq`` (and all before it) is committed; False after ``timeout``.
+
+        Unlike ``flush`` this waits only for one association's rows, and hurries the batch along."""
+        with self._cond:
+            if self._committed >= seq:
+                return True
+            self._urgent = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._committed >= seq, timeout)
+
     def stop(self, timeout: float = 30) -> None:
         """Commit what is queued (as far as the database lets us within ``timeout``) and end the thread."""
         if self._thread is None:

@@ -6,7 +6,6 @@ files come from check_results_valid (dciodvfy + Pixelmed), as for every result o
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pydicom

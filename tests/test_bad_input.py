@@ -156,6 +156,7 @@ def test_peer_address_not_on_allowlist_is_rejected(tmp_path):
                            env=ENV, capture_output=True, text=True)
         assert r.returncode != 0
         assert n.alive()
-        assert "peer address 127.0.0.1 not in scp.allowed_peers" in n.log.read_text()
+        # refused at accept, before a byte of the request is read
+        assert "127.0.0.1 closed at connect: address not in scp.allowed_peers" in n.log.read_text()
     finally:
         n.stop()

@@ -92,3 +92,31 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     s = load_settings(p, environ={})
     assert s.notifications.webhooks == ["http://hooks.example/x"] and s.sender.poll_seconds == 0.5
     assert s.destinations[0].storage_commitment and s.destinations[0].retry_max_seconds == 300.0
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[scp]\nassociation_request_timeout = 0\n", "scp.association_request_timeout"),
+    ("[scp]\nnetwork_timeout = -1\n", "scp.network_timeout"),
+    ("[scp]\nmax_associations_per_peer = 0\n", "scp.max_associations_per_peer"),
+    ("[scp]\nrequire_called_ae = \"maybe\"\n", "scp.require_called_ae"),
+    ('[scp]\nport = 2762\n[scp.tls]\nenabled = true\nport = 2762\ncertificate = "node.toml"\n'
+     'private_key = "node.toml"\nca_certificates = "node.toml"\n', "scp.tls.port"),
+    ("[scp.tls]\nenabled = true\n", "scp.tls.certificate"),
+    ("[scp.tls]\nenabled = true\nsecret = 1\n", "scp.tls.secret"),
+    ('[[destinations]]\nname = "p"\ntls = true\nprotocol = "stow"\nurl = "http://x"\n', "destinations[0].tls"),
+    ('[[destinations]]\nname = "p"\ntls = true\ntls_ca = "missing-ca.pem"\n', "destinations[0].tls_ca"),
+])
+def test_hardening_keys_are_validated_by_name(tmp_path, text, key):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_settings(cfg, environ={})
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path):
+    for name in ("node.crt", "node.key", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[scp.tls]\nenabled = true\ncertificate = "node.crt"\nprivate_key = "node.key"\nca_certificates = "ca.pem"\n')
+    s = load_settings(cfg, environ={})
+    assert s.scp.tls.certificate == str(tmp_path / "node.crt") and s.scp.tls.ca_certificates == str(tmp_path / "ca.pem")

@@ -68,8 +68,9 @@ def test_dashboard_in_chromium_shows_queue_jobs_and_failures(busy_node):
     dom = chromium(f"{base}/?token={TOKEN}", tmp, "--dump-dom")
     assert 'id="state-done"' in dom and 'id="state-failed"' in dom
     assert f'href="jobs/{ok_job}"' in dom and f'href="jobs/{bad_job}"' in dom
-    assert f"retry({bad_job})" in dom and "given up after" in dom and "connection refused" in dom
+    assert f'data-retry="{bad_job}"' in dom and "given up after" in dom and "connection refused" in dom
     assert 'id="destinations"' in dom and 'data-up="false"' in dom
+    assert 'data-script="ran"' in dom  # the page's script ran under its Content-Security-Policy
     assert "<svg" in dom and "predict" in dom
     shot = tmp / "dashboard.png"
     chromium(f"{base}/?token={TOKEN}", tmp, f"--screenshot={shot}", "--window-size=1280,1800")

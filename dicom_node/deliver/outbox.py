@@ -32,6 +32,7 @@ from ..config import Destination, Settings
 from ..notify import notify
 from ..receive.dimse import COMMITMENT_INSTANCE, COMMITMENT_SOP_CLASS, commitment_report
 from .delivery import files_for
+from ..tls import client_context, server_name
 from .sender import SendResult, set_nodelay, stow
 
 log = logging.getLogger("dicom_node.deliver.outbox")
@@ -217,8 +218,9 @@ class Outbox:
 
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACSE_RECV, on_acse),
                     (evt.EVT_N_EVENT_REPORT, self._on_report)]
+        tls = (client_context(dest), server_name(dest)) if dest.tls else None  # DICOM TLS (BCP 195)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=0, ext_neg=roles or None,
-                             evt_handlers=handlers)
+                             evt_handlers=handlers, tls_args=tls)
         if not assoc.is_established:
             if rejection:
                 r = rejection[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,17 @@ def _ae(calling: str) -> AE:
     return ae
 
 
-def echo(host: str, port: int, called: str, calling: str = "SEGNODE") -> tuple[bool, str]:
+#: DICOM TLS for one association: the client context (tls.client_context) and the name its certificate must carry.
+TlsArgs = tuple[ssl.SSLContext, str]
+
+
+def echo(host: str, port: int, called: str, calling: str = "SEGNODE", tls: TlsArgs | None = None) -> tuple[bool, str]:
     ae = _ae(calling)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(host, port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+                         tls_args=tls)
     if not assoc.is_established:
-        return False, _why_not(assoc)
+        return False, _why_not(assoc, tls is not None)
     try:
         st = assoc.send_c_echo()
         ok = bool(st) and st.Status == 0
@@ -62,16 +68,19 @@ def echo(host: str, port: int, called: str, calling: str = "SEGNODE") -> tuple[b
         assoc.release()
 
 
-def _why_not(assoc) -> str:
+def _why_not(assoc, tls: bool = False) -> str:
     if assoc.is_rejected:
         return "association rejected by the peer"
+    # pynetdicom reports a failed TLS handshake (certificate not trusted, wrong name, ours refused) as an abort
+    hint = " (DICOM TLS: or the handshake failed - certificate not trusted, wrong name, or ours refused)" if tls else ""
     if assoc.is_aborted:
-        return "association aborted"
-    return "could not connect"
+        return "association aborted" + hint
+    return "could not connect" + hint
 
 
-def send_items(host: str, port: int, called: str, items: list, calling: str = "SEGNODE") -> SendResult:
-    """C-STORE each item (a pydicom Dataset or a file path) over one association."""
+def send_items(host: str, port: int, called: str, items: list, calling: str = "SEGNODE",
+               tls: TlsArgs | None = None) -> SendResult:
+    """C-STORE each item (a pydicom Dataset or a file path) over one association (DICOM TLS with ``tls``)."""
     metas = []
     for it in items:
         if isinstance(it, pydicom.Dataset):
@@ -88,9 +97,9 @@ def send_items(host: str, port: int, called: str, items: list, calling: str = "S
     for sop_class, tss in contexts.items():
         ae.add_requested_context(sop_class, sorted(tss))
     assoc = ae.associate(host, port, ae_title=called, max_pdu=0,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)], tls_args=tls)
     if not assoc.is_established:
-        return SendResult(0, [("*", _why_not(assoc))])
+        return SendResult(0, [("*", _why_not(assoc, tls is not None))])
     sent, failed = 0, []
     try:
         for item, _, _ in metas:

@@ -40,6 +40,7 @@ class Peer:
     called_ae: str
     address: str
     port: int
+    tls: bool = False  # came over the TLS listener
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax: str
     dataset: bytes
+    #: The abstract syntax of the presentation context it came on (PS3.7 9.3.1.1: must be its SOP class).
+    context_sop_class: str = ""
 
     def as_file(self) -> bytes:
         """The instance as a DICOM Part 10 file (preamble, file meta, data set), without re-encoding the data set."""
@@ -108,7 +111,8 @@ class CommitmentReport:
 class Handlers(Protocol):
     def on_requested(self, peer: Peer) -> Rejection | None: ...
     def on_echo(self, peer: Peer) -> int: ...
-    def on_release(self, peer: Peer) -> None: ...
+    def on_release(self, peer: Peer, stored: bool) -> None: ...
+    def on_closed(self, peer: Peer) -> None: ...
     def on_store(self, request: StoreRequest) -> int: ...
     def on_commitment(self, report: CommitmentReport) -> int: ...
 
@@ -196,7 +200,7 @@ def _us(cmd: dict[int, bytes], tag: int, default: int = 0) -> int:
 
 
 def dispatch(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], transfer_syntax: str,
-             data: bytes | None) -> bytes:
+             data: bytes | None, abstract_syntax: str = "") -> bytes:
     """Serve one complete DIMSE message; returns the response command set to send on the same context."""
     field = _us(cmd, 0x00000100)
     message_id = _us(cmd, 0x00000110)
@@ -204,7 +208,7 @@ def dispatch(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], transfer_syn
     if field == C_STORE_RQ and data is not None:
         sop_instance = _uid(cmd, 0x00001000)
         request = StoreRequest(peer=peer, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                               transfer_syntax=transfer_syntax, dataset=data)
+                               transfer_syntax=transfer_syntax, dataset=data, context_sop_class=abstract_syntax)
         status = handlers.on_store(request)
         return encode_response(0x8001, message_id, status, sop_class, sop_instance)
     if field == C_ECHO_RQ:

@@ -4,7 +4,12 @@ One handler per event, as pynetdicom's own apps do; the association itself is se
 (why: see there). The C-STORE handler reads the header fields once, writes the encoded bytes it received
 (no pixel decoding) and answers success once the file is on disk (fsynced when ``scp.fsync``); its database
 row is committed a few milliseconds later in a batch (storage/recording.py), and before an association's
-release is confirmed, so a sender that has finished knows its instances are recorded.
+release is confirmed, so a sender that has finished knows its instances are recorded (an association that
+stored nothing, such as a C-ECHO health probe, is released at once, whatever the database does).
+
+Before anything is written, the command and the data set must agree and their UIDs must be DICOM UIDs
+(receive/uids.py): those UIDs name the file, so a value such as ``..`` or ``1.2 3`` is refused (0xC000, kept in
+quarantine with the reason) rather than "made safe", which could map two instances onto one file.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ from pydicom.uid import (
 from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.queue import Received, Recorder
+from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
 
 from .acceptor import Acceptor
 from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..notify import notify
+from ..tls import server_context
 from .headers import UnreadableData, read_received
+from .uids import is_uid, uid_problem
 from .recovery import record_unrecorded
 
 log = logging.getLogger("dicom_node.receive.scp")
@@ -63,6 +70,10 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+#: PS3.4 B.2.3: "Error: Data Set does not match SOP Class".
+DATASET_MISMATCH = 0xA900
+#: PS3.7 C.5: "Refused: SOP Class not supported" (the command's class is not its presentation context's).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 def quiet_pynetdicom() -> None:
@@ -83,6 +94,31 @@ def supported_contexts() -> list:
     return contexts
 
 
+def command_problem(req: StoreRequest) -> tuple[int, str] | None:
+    """What is wrong with a C-STORE's command (status, reason in words), or None: the required command fields
+    (PS3.7 9.3.1.1) are present and valid UIDs, and the SOP class is its presentation context's."""
+    why = (uid_problem("Affected SOP Class UID", req.sop_class_uid)
+           or uid_problem("Affected SOP Instance UID", req.sop_instance_uid))
+    if why:
+        return CANNOT_UNDERSTAND, f"C-STORE command: {why}"
+    if req.context_sop_class and req.sop_class_uid != req.context_sop_class:
+        return SOP_CLASS_NOT_SUPPORTED, (f"C-STORE command's SOP class {req.sop_class_uid} differs from its "
+                                         f"presentation context's {req.context_sop_class}")
+    return None
+
+
+def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | None:
+    """What is wrong with a readable data set against its command, or None (UIDs become file names)."""
+    if meta.sop_uid != req.sop_instance_uid:
+        return CANNOT_UNDERSTAND, "SOP Instance UID in the dataset differs from the C-STORE request"
+    if meta.sop_class_uid != req.sop_class_uid:
+        shown = f" ({meta.sop_class_uid})" if is_uid(meta.sop_class_uid) else ""  # never echo arbitrary text
+        return DATASET_MISMATCH, (f"SOP Class UID in the dataset{shown} differs from the C-STORE request's "
+                                  f"({req.sop_class_uid})")
+    why = (uid_problem("Study Instance UID", meta.study_uid) or uid_problem("Series Instance UID", meta.series_uid))
+    return (CANNOT_UNDERSTAND, why) if why else None
+
+
 class StorageSCP:
     """Accepts associations and stores what arrives."""
 
@@ -95,20 +131,27 @@ class StorageSCP:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
+        # Built now, so a missing or unreadable certificate or key stops the node at start, naming the key.
+        self.tls_context = server_context(settings.scp.tls) if settings.scp.tls.enabled else None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
+        self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
 
     # ------------------------------------------------------------------------------ handlers
     def on_requested(self, peer: Peer) -> Rejection | None:
-        """A-ASSOCIATE-RQ: reject callers not on the allowlists, with the reason logged."""
+        """A-ASSOCIATE-RQ: reject a called AE title not ours and callers not on the allowlists, with the
+        reason logged (PS3.8 9.3.4 reasons: 7 called AE title, 3 calling AE title, 1 none given)."""
         reason = None
-        if self._aets and peer.calling_ae not in self._aets:
+        if self.settings.scp.require_called_ae and peer.called_ae != self.settings.scp.ae_title:
+            reason, diag = (f"called AE title {peer.called_ae!r} is not ours ({self.settings.scp.ae_title}; "
+                            "scp.require_called_ae)"), 0x07
+        elif self._aets and peer.calling_ae not in self._aets:
             reason, diag = f"calling AE title {peer.calling_ae!r} not in scp.allowed_calling_aets", 0x03
         elif self._networks and not self._peer_allowed(peer.address):
             reason, diag = f"peer address {peer.address} not in scp.allowed_peers", 0x01
         if reason:
-            log.warning("association rejected: %s", reason)
+            log.warning("association from %s rejected: %s", peer.address, reason)
             return Rejection(0x01, 0x01, diag)  # rejected-permanent, service-user
         return None
 
@@ -122,10 +165,15 @@ class StorageSCP:
     def on_echo(self, peer: Peer) -> int:
         return SUCCESS
 
-    def on_release(self, peer: Peer) -> None:
+    def on_release(self, peer: Peer, stored: bool = True) -> None:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
-        scp.network_timeout at the latest (the peer must not hang on a database outage)."""
-        if not self.writer.flush(timeout=self.settings.scp.network_timeout or 30):
+        scp.network_timeout at the latest (the peer must not hang on a database outage). An association that
+        stored nothing (a C-ECHO, the PACS's health probe) is confirmed at once, whatever the database does."""
+        with self._stats_lock:
+            seq = self._last_seq.pop(peer, None)
+        if not stored or seq is None:
+            return
+        if not self.writer.wait(seq, timeout=self.settings.scp.network_timeout or 30):
             log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
                         "(database slow or down: %s); the files are on disk and are recorded when it answers",
                         peer.calling_ae, self.writer.failing)
@@ -139,6 +187,11 @@ class StorageSCP:
             return PROCESSING_FAILURE
         log.info("Storage Commitment answer from %s: %s", report.peer.calling_ae, outcome)
         return SUCCESS
+
+    def on_closed(self, peer: Peer) -> None:
+        """The association ended (released or not): forget its last row."""
+        with self._stats_lock:
+            self._last_seq.pop(peer, None)
 
     def on_store(self, request: StoreRequest) -> int:
         try:
@@ -165,15 +218,22 @@ class StorageSCP:
             self._count("refused")
             return OUT_OF_RESOURCES
         data = req.as_file()
-        try:
-            meta = read_received(req.dataset, req.transfer_syntax)
-            if meta.sop_uid != req.sop_instance_uid:
-                raise UnreadableData("SOP Instance UID in the dataset differs from the C-STORE request")
-        except UnreadableData as exc:
-            path = self.store.quarantine_bytes(data, f"{exc} (calling AE {req.peer.calling_ae})")
-            log.warning("C-STORE refused (0xC000): %s; kept in %s", exc, path.name)
+        refused = command_problem(req)
+        if refused is None:
+            try:
+                meta = read_received(req.dataset, req.transfer_syntax)
+            except UnreadableData as exc:
+                refused = CANNOT_UNDERSTAND, str(exc)
+            else:
+                refused = dataset_problem(req, meta)
+        if refused is not None:
+            status, why = refused
+            path = self.store.quarantine_bytes(data, f"{why} (calling AE {req.peer.calling_ae}, status 0x{status:04X})")
+            log.warning("C-STORE from %s refused (0x%04X): %s; kept in quarantine as %s", req.peer.address, status,
+                        why, path.name)
             self._count("refused")
-            return CANNOT_UNDERSTAND
+            return status
+        # Only validated UIDs reach the path: distinct UIDs give distinct files, none outside incoming/.
         path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         try:
             self.store.write_atomic(path, data)
@@ -183,7 +243,8 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         # On disk now, so the peer may forget it. A re-sent instance lands on the same path (same UIDs) and is
         # recorded once.
-        self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
+        seq = self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
+        self._last_seq[req.peer] = seq  # one thread per association: no other writer of this key
         return SUCCESS
 
     def _rejected(self, item: Received, reason: str) -> None:
@@ -204,7 +265,10 @@ class StorageSCP:
     def start(self) -> None:
         cfg = self.settings.scp
         self.server = Acceptor(supported_contexts(), self, max_associations=cfg.max_associations,
-                               network_timeout=cfg.network_timeout)
+                               network_timeout=cfg.network_timeout,
+                               association_request_timeout=cfg.association_request_timeout,
+                               max_associations_per_peer=cfg.max_associations_per_peer,
+                               allowed_peers=cfg.allowed_peers)
         self.store.start_spares()
         # Walking incoming/ costs time on a large store and is only needed after an unclean stop: a clean
         # stop that committed every row leaves a marker, which this start consumes.
@@ -214,8 +278,14 @@ class StorageSCP:
         else:
             record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
         self.writer.start()
-        self.server.start((cfg.bind_address, cfg.port))
-        log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
+        if not (cfg.tls.enabled and not cfg.tls.plain_listener):
+            self.server.start((cfg.bind_address, cfg.port))
+        if self.tls_context is not None:
+            self.server.start((cfg.tls.bind_address or cfg.bind_address, cfg.tls.port), tls=self.tls_context)
+        for host, port, tls in self.server.addresses():
+            log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port,
+                     " (DICOM TLS%s)" % (", client certificate required" if cfg.tls.require_client_certificate else "")
+                     if tls else "")
 
     @property
     def port(self) -> int:

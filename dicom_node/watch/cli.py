@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--port", type=int)
     e.add_argument("--aet", help="called AE title (default: the node's)")
     e.add_argument("--calling", default="DICOMNODE")
+    e.add_argument("--destination", metavar="NAME",
+                   help="C-ECHO a configured destination as deliveries reach it (its host, port, AE title, TLS)")
     e.set_defaults(func=cmd_echo)
 
     cli_model.add_parsers(sub)
@@ -144,11 +147,29 @@ def cmd_deliveries(args) -> int:
     return 0
 
 
+def cli_actor() -> str:
+    """Who runs an admin command, for the audit trail: the operating-system user (sudo's caller if any)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container without passwd entry): the numeric id still says who
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"cli:{user}" + (f" (sudo by {sudo})" if sudo and sudo != user else "")
+
+
+def cli_address() -> str:
+    import socket
+
+    return f"{socket.gethostname()} (local)"
+
+
 def cmd_retry(args) -> int:
     from storage.queue import requeue
 
     _, db = _db(args)
-    done = requeue(db, job_ids=args.jobs)
+    done = requeue(db, job_ids=args.jobs, actor=cli_actor(), address=cli_address(), action="retry")
     for j in args.jobs:
         print(f"job {j}: {'queued again' if j in done else 'not requeued (running, or no such job)'}")
     return 0 if set(done) == set(args.jobs) else 1
@@ -158,7 +179,7 @@ def cmd_requeue(args) -> int:
     from storage.queue import requeue
 
     _, db = _db(args)
-    done = requeue(db, failed=True)
+    done = requeue(db, failed=True, actor=cli_actor(), address=cli_address(), action="requeue")
     print(f"{len(done)} failed jobs queued again")
     return 0
 
@@ -253,6 +274,20 @@ def cmd_send(args) -> int:
 def cmd_echo(args) -> int:
     from ..deliver.sender import echo
 
+    if args.destination:
+        from ..tls import client_context, server_name
+
+        settings = _settings(args)
+        dest = next((d for d in settings.destinations if d.name == args.destination), None)
+        if dest is None:
+            print(f"no destination named {args.destination!r} (configured: "
+                  f"{', '.join(d.name for d in settings.destinations) or 'none'})", file=sys.stderr)
+            return 2
+        tls = (client_context(dest), server_name(dest)) if dest.tls else None
+        ok, msg = echo(dest.host, dest.port, dest.ae_title, dest.calling_ae_title or settings.scp.ae_title, tls=tls)
+        print(f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}{' (DICOM TLS)' if tls else ''}: "
+              f"{'ok' if ok else 'FAILED'} ({msg})")
+        return 0 if ok else 1
     if args.port is None or args.aet is None:
         settings = _settings(args)
         args.port = args.port or settings.scp.port

@@ -2,13 +2,16 @@
 inside ``dicom-node serve``).
 
 Bound to localhost by default; on any other address a token is required (``web.token``), given as a
-``Authorization: Bearer`` header or once as ``?token=`` (then kept in a cookie). The page is rendered on the
+``Authorization: Bearer`` header or once as ``?token=`` (then kept in a cookie). Every request also passes
+web_security.WebGuard (Host check, cross-site guard on every state-changing request, security headers), and
+every admin action is written to the audit trail with who and from where. The page is rendered on the
 server with inline SVG charts: nothing is fetched from the internet, which hospital networks block anyway.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import html
 import ipaddress
 import json
@@ -18,6 +21,7 @@ import threading
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,6 +32,7 @@ from storage.db import Database
 from storage.models import Event, Job, utcnow
 
 from .admin import job_rows
+from .web_security import WebGuard
 from ..config import Settings
 
 STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
@@ -96,25 +101,35 @@ def svg_bars(values: list[float | None], labels: list[str], colour: str, unit: s
     return "".join(parts)
 
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>dicom-seg-node</title>
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta name="csrf-token" content="{csrf}"><title>dicom-seg-node</title>
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #ddd;padding:3px 6px;font-size:13px;text-align:left;vertical-align:top}}
 .card{{display:inline-block;padding:8px 14px;margin:0 8px 8px 0;border-radius:6px;color:#fff;min-width:80px}}
 .n{{font-size:22px;font-weight:600}} h2{{margin-top:1.4em}} .err{{color:#b02a37}} button{{cursor:pointer}}</style>
 </head><body><h1>dicom-seg-node <small style="font-size:14px;color:#666">{ae} · {now} UTC</small></h1>
 {body}
-<script>
-async function retry(id){{const r=await fetch('api/jobs/'+id+'/retry',{{method:'POST',credentials:'same-origin'}});
- document.getElementById('r'+id).textContent = r.ok ? 'queued again' : 'retry refused';}}
-setTimeout(()=>location.reload(), 15000);
-</script></body></html>"""
+<script>{script}</script></body></html>"""
+
+#: The pages' only script (allowed by its hash in the Content-Security-Policy, web_security.py). Buttons carry
+#: data-retry="<job>" and send the page's CSRF token; no inline event handlers (the policy forbids them).
+SCRIPT = """
+document.documentElement.dataset.script = 'ran';  // lets a test see that the policy let it run
+const csrf = document.querySelector('meta[name=csrf-token]').content;
+async function retry(id) {
+  const r = await fetch('api/jobs/' + id + '/retry', {method: 'POST', credentials: 'same-origin',
+                                                      headers: {'X-CSRF-Token': csrf}});
+  document.getElementById('r' + id).textContent = r.ok ? 'queued again' : 'retry refused';
+}
+document.querySelectorAll('button[data-retry]').forEach(b => b.addEventListener('click', () => retry(b.dataset.retry)));
+setTimeout(() => location.reload(), 15000);
+"""
 
 
 def esc(v) -> str:
     return html.escape(str(v if v is not None else ""))
 
 
-def render_dashboard(settings: Settings, db: Database) -> str:
+def render_dashboard(settings: Settings, db: Database, csrf: str = "") -> str:
     c = queue.counts(db)
     cards = "".join(f'<div class="card" style="background:{STATE_COLOURS.get(k, "#444")}" id="state-{k}">'
                     f'<div class="n">{c["jobs"].get(k, 0)}</div>{k}</div>' for k in STATE_COLOURS)
@@ -132,7 +147,7 @@ def render_dashboard(settings: Settings, db: Database) -> str:
                     f'<td class="err"><small>{esc(j["reason"])}</small></td></tr>')
     failed = [j for j in job_rows(db, 20, "failed")]
     fail_rows = "".join(f'<tr><td><a href="jobs/{j["job"]}">#{j["job"]}</a></td><td class="err">{esc(j["reason"])}</td>'
-                        f'<td><button onclick="retry({j["job"]})">retry</button> <span id="r{j["job"]}"></span></td></tr>'
+                        f'<td><button data-retry="{j["job"]}">retry</button> <span id="r{j["job"]}"></span></td></tr>'
                         for j in failed) or "<tr><td>none</td></tr>"
     hr = hourly(db)
     d = disk(settings)
@@ -155,10 +170,11 @@ def render_dashboard(settings: Settings, db: Database) -> str:
             f"<h2>Latency (median job duration per hour)</h2>{svg_bars([h['p50_s'] for h in hr], [h['hour'] for h in hr], '#0d6efd', 's')}"
             f"<h2>Recent jobs</h2><table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>created</th>"
             f"<th>total</th><th>stages</th><th>volumes cm³</th><th>reason</th></tr>{''.join(rows)}</table>")
-    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body)
+    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body,
+                       csrf=esc(csrf), script=SCRIPT)
 
 
-def render_job(settings: Settings, db: Database, job_id: int) -> str | None:
+def render_job(settings: Settings, db: Database, job_id: int, csrf: str = "") -> str | None:
     rows = job_rows(db, 1, job_id=job_id)
     if not rows:
         return None
@@ -169,14 +185,19 @@ def render_job(settings: Settings, db: Database, job_id: int) -> str | None:
     vols = "".join(f"<tr><td>{k.lower()}</td><td>{v} cm³</td></tr>" for k, v in j["volumes_cm3"].items())
     dels = "".join(f"<tr><td>{esc(d['destination'])}</td><td>{d['attempt']}</td><td>{'ok' if d['ok'] else esc(d['error'])}</td></tr>"
                    for d in j["deliveries"])
+    audit = "".join(f"<tr><td>{esc(a['at'])}</td><td>{esc(a['action'])}</td><td>{esc(a['outcome'])}</td>"
+                    f"<td>{esc(a['actor'])}</td><td>{esc(a['address'])}</td><td>{esc(a['detail'])}</td></tr>"
+                    for a in queue.audit_log(db, job_id))
     preview = f'<img id="preview" src="{job_id}/preview.png" alt="segmentation preview" style="max-width:100%">' if j["has_result"] else ""
     body = (f'<p><a href="../">← dashboard</a></p><h2>Job #{job_id}: {esc(j["state"])}</h2>'
             f'<p>study {esc(j["study_uid"])} · series {esc(j["series"])} ({j["instances"]} images) · attempts {j["attempts"]}'
             f'{" · superseded by #" + str(j["superseded_by"]) if j["superseded_by"] else ""}</p>'
             f'<p class="err">{esc(j["reason"])}</p>{preview}'
             f"<h2>Stages</h2><table>{stages}</table><h2>Volumes</h2><table>{vols}</table>"
-            f"<h2>Deliveries</h2><table>{dels}</table><h2>Timeline</h2><table id='timeline'>{tl}</table>")
-    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body)
+            f"<h2>Deliveries</h2><table>{dels}</table><h2>Timeline</h2><table id='timeline'>{tl}</table>"
+            f"<h2>Admin actions</h2><table id='audit'>{audit or '<tr><td>none</td></tr>'}</table>")
+    return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body,
+                       csrf=esc(csrf), script=SCRIPT)
 
 
 def preview_png(db: Database, job_id: int, n: int = 4) -> bytes | None:
@@ -290,8 +311,10 @@ class NodeCollector:
 # ------------------------------------------------------------------------------------------- app
 def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, scp_alive=lambda: True,
                record_backlog=lambda: 0) -> FastAPI:
-    app = FastAPI(title="dicom-seg-node", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # The OpenAPI page and schema are routes of our own below, so that they sit behind the token like the rest.
+    app = FastAPI(title="dicom-seg-node", docs_url=None, redoc_url=None, openapi_url=None)
     token = settings.web.token
+    guard = WebGuard(settings, scripts=(SCRIPT,))
     registry = CollectorRegistry()
     registry.register(NodeCollector(settings, db, scp_stats, record_backlog))
 
@@ -299,8 +322,8 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         if not token:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-            or request.query_params.get("token") or request.cookies.get("dicomnode_token")
-        if given != token:
+            or request.query_params.get("token") or request.cookies.get("dicomnode_token") or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "token required (web.token)")
 
     @app.middleware("http")
@@ -309,6 +332,21 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         if token and request.query_params.get("token") == token:
             response.set_cookie("dicomnode_token", token, httponly=True, samesite="strict")
         return response
+
+    guard.install(app)  # added last, so it runs first: Host check, cross-site refusal, security headers
+
+    def who(request: Request) -> tuple[str, str]:
+        """(actor, address) for the audit trail: there are no user accounts, so what authenticated, and where."""
+        actor = "web (token)" if token else "web (loopback, no token)"
+        return actor, request.client.host if request.client else ""
+
+    @app.get("/api/openapi.json", dependencies=[Depends(auth)], include_in_schema=False)
+    def openapi():
+        return app.openapi()
+
+    @app.get("/api/docs", dependencies=[Depends(auth)], include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="openapi.json", title="dicom-seg-node API")
 
     @app.get("/healthz")
     def healthz():
@@ -331,11 +369,11 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
 
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(auth)])
     def dashboard():
-        return render_dashboard(settings, db)
+        return render_dashboard(settings, db, guard.csrf_token)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, dependencies=[Depends(auth)])
     def job_page(job_id: int):
-        page = render_job(settings, db, job_id)
+        page = render_job(settings, db, job_id, guard.csrf_token)
         if page is None:
             raise HTTPException(404, "no such job")
         return page
@@ -371,11 +409,17 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         return {**rows[0], "timeline": job_timeline(db, job_id)}
 
     @app.post("/api/jobs/{job_id}/retry", dependencies=[Depends(auth)])
-    def api_retry(job_id: int):
-        done = queue.requeue(db, job_ids=[job_id])
+    def api_retry(job_id: int, request: Request):
+        actor, address = who(request)
+        done = queue.requeue(db, job_ids=[job_id], actor=actor, address=address, action="retry")
         if job_id not in done:
             raise HTTPException(409, "job is running or does not exist")
         return {"job": job_id, "state": job_rows(db, 1, job_id=job_id)[0]["state"]}
+
+    @app.get("/api/audit", dependencies=[Depends(auth)])
+    def api_audit(limit: int = 200, job: int | None = None):
+        """The admin audit trail, newest first: who did what, from where, when, and how it ended."""
+        return queue.audit_log(db, job, min(limit, 5000))
 
     @app.get("/api/throughput", dependencies=[Depends(auth)])
     def api_throughput(hours: int = 24):
