@@ -57,6 +57,8 @@ class Node:
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
         self.scp = StorageSCP(settings, self.db, self.store)
         self.scheduler = NodeScheduler(settings, self.db, self.pipeline)
+        # each committed batch of instances wakes the completion check (off the C-STORE path)
+        self.scp.recorder.on_series = self.scheduler.completion.notify
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app

@@ -113,10 +113,13 @@ class _Association:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
             if not self._associate(body):
                 return
+            how = "dropped"
             try:
-                self._serve_established()
+                how = self._serve_established()
             finally:
                 self.acceptor._leave()
+                if how != "released":
+                    self.acceptor.handlers.on_aborted(self.peer, how)
         except ProtocolError as exc:
             log.warning("association with %s aborted: %s", self.address[0], exc)
             self._send_quietly(_abort(exc.reason))
@@ -127,7 +130,8 @@ class _Association:
         except (ConnectionError, OSError) as exc:
             log.info("connection from %s closed: %s", self.address[0], exc)
 
-    def _serve_established(self) -> None:
+    def _serve_established(self) -> str:
+        """Serve until the association ends: "released", or "aborted" (A-ABORT from the peer)."""
         while True:
             pdu_type, body = self._read_pdu()
             if pdu_type == 0x04:
@@ -135,10 +139,10 @@ class _Association:
             elif pdu_type == 0x05:  # A-RELEASE-RQ: the handlers may finish work before we confirm
                 self.acceptor.handlers.on_release(self.peer)
                 self.sock.sendall(RELEASE_RP)
-                return
+                return "released"
             elif pdu_type == 0x07:  # A-ABORT from the peer
                 log.info("association with %s aborted by the peer", self.address[0])
-                return
+                return "aborted"
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association")
 

@@ -9,6 +9,7 @@ release is confirmed, so a sender that has finished knows its instances are reco
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import threading
@@ -33,8 +34,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.models import utcnow
 from storage.queue import Received, Recorder
 from storage.recording import BackgroundRecorder
 
@@ -89,6 +92,8 @@ class StorageSCP:
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
+        #: series UIDs delivered by each open association (peer address, port), for ``on_aborted``
+        self._assoc_series: dict[tuple[str, int], set[str]] = {}
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ handlers
@@ -117,10 +122,30 @@ class StorageSCP:
     def on_release(self, peer: Peer) -> None:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
         scp.network_timeout at the latest (the peer must not hang on a database outage)."""
+        self._assoc_series.pop((peer.address, peer.port), None)
         if not self.writer.flush(timeout=self.settings.scp.network_timeout or 30):
             log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
                         "(database slow or down: %s); the files are on disk and are recorded when it answers",
                         peer.calling_ae, self.writer.failing)
+
+    def on_aborted(self, peer: Peer, how: str) -> None:
+        """An association ended without A-RELEASE (A-ABORT, a dropped connection, a timeout) after it
+        delivered instances: a resend is likely, so its series must not count as quiet too soon
+        (``series.abort_grace_seconds``)."""
+        uids = self._assoc_series.pop((peer.address, peer.port), None)
+        grace = self.settings.series.abort_grace_seconds
+        if not uids or grace <= 0:
+            return
+        try:
+            self.writer.flush(timeout=self.settings.scp.network_timeout or 30)  # their rows exist first
+            until = utcnow() + dt.timedelta(seconds=grace)
+            ids = queue.extend_quiet(self.db, until, f"association from {peer.calling_ae} {how}; not judged quiet "
+                                                     f"for {grace:g} s (series.abort_grace_seconds)", sorted(uids))
+            if ids:
+                log.warning("association from %s %s mid-series: %d series wait %g s more for a resend",
+                            peer.calling_ae, how, len(ids), grace)
+        except Exception:  # the database is down or the node is stopping: the timer alone decides
+            log.exception("could not extend the quiet period after an aborted association")
 
     def on_store(self, request: StoreRequest) -> int:
         try:
@@ -160,6 +185,10 @@ class StorageSCP:
         # On disk now, so the peer may forget it. A re-sent instance lands on the same path (same UIDs) and is
         # recorded once.
         self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
+        series = self._assoc_series.get((req.peer.address, req.peer.port))
+        if series is None:
+            series = self._assoc_series[(req.peer.address, req.peer.port)] = set()
+        series.add(meta.series_uid)
         return SUCCESS
 
     def _rejected(self, item: Received, reason: str) -> None:
@@ -189,9 +218,21 @@ class StorageSCP:
             clean.unlink()
         else:
             record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
+            self._restart_quiet()
         self.writer.start()
         self.server.start((cfg.bind_address, cfg.port))
         log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
+
+    def _restart_quiet(self) -> None:
+        """After an unclean stop, series that were arriving lost their senders' associations with the node:
+        their quiet period starts again now, as long as after a dropped association (the senders retry)."""
+        ser = self.settings.series
+        wait = max(ser.stable_seconds, ser.abort_grace_seconds)
+        ids = queue.extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
+                                 f"the node restarted after an unclean stop; not judged quiet for {wait:g} s")
+        if ids:
+            log.warning("unclean stop: %d series that were arriving wait %g s for their senders to resend",
+                        len(ids), wait)
 
     @property
     def port(self) -> int:
