@@ -40,6 +40,9 @@ log = logging.getLogger("dicom_node.decide.completion")
 #: Least time between two rounds of checks: notifications of a busy ingest are coalesced (one check per
 #: series per round), far inside the ≤ 1 s the result may take after the last image.
 MIN_ROUND_S = 0.02
+#: When the first answer of the source already equals what the node holds, it is confirmed by a second
+#: query this much later (a PACS still receiving the series would have counted more by then).
+CONFIRM_S = 0.3
 
 
 def image_expectation(v: CompletionView) -> tuple[int, str] | None:
@@ -168,39 +171,50 @@ class Completion:
 
     def _ask(self, series_id: int, src: Source, quiet: bool) -> None:
         """Ask ``src`` how many instances it holds; complete when the node held that many before asking."""
-        calling = self.settings.scp.ae_title
         try:
-            v = queue.completion_view(self.db, series_id, with_instances=False)
-            if v is None or v.state != "receiving":
-                return
-            held = v.n_instances
-            try:
-                n = query.count_instances(calling, src, v.study_uid, v.series_uid)
-            except query.QueryFailed as exc:
-                self._unanswered[series_id] = f"{src.name} did not answer: {exc}"
-                log.warning("series %s: %s asked for its instance count: %s; the quiet timer decides",
-                            series_id, src.name, exc)
-                queue.event(self.db, "expected", series_id=series_id, detail=self._unanswered[series_id])
-                self._requeue(series_id, quiet)
-                return
-            if not n:
-                self._unanswered[series_id] = f"{src.name} does not know the series"
-                queue.set_expected(self.db, series_id, None, src.name, held, self._unanswered[series_id])
-                self._requeue(series_id, quiet)
-                return
-            previous = v.expected_count if v.expected_from == src.name else None
-            queue.set_expected(self.db, series_id, n, src.name, held,
-                               f"{src.name} holds {n} instances; the node holds {held}")
-            # The same count twice (before the node held them all, and now), or once the series is quiet: a
-            # PACS that forwards instances as they reach it would otherwise report a partial series as whole.
-            if held >= n and (previous == n or quiet):
-                self.judge(series_id, held, f"the node holds all {n} instances {src.name} holds")
-            elif quiet:
-                self._fetch(series_id, src, v, n, held)
+            for _ in range(2):
+                if not self._ask_once(series_id, src, quiet):
+                    return
+                time.sleep(CONFIRM_S)  # the first answer already matched: ask once more to confirm
         except Exception:
             log.exception("asking %s about series %s failed", src.name, series_id)
         finally:
             self._inflight.discard(series_id)
+
+    def _ask_once(self, series_id: int, src: Source, quiet: bool) -> bool:
+        """One C-FIND and what follows from it; True when the answer needs confirming by a second one."""
+        v = queue.completion_view(self.db, series_id, with_instances=False)
+        if v is None or v.state != "receiving":
+            return False
+        held = v.n_instances
+        try:
+            n = query.count_instances(self.settings.scp.ae_title, src, v.study_uid, v.series_uid)
+        except query.QueryFailed as exc:
+            self._unanswered[series_id] = f"{src.name} did not answer: {exc}"
+            log.warning("series %s: %s asked for its instance count: %s; the quiet timer decides",
+                        series_id, src.name, exc)
+            queue.event(self.db, "expected", series_id=series_id, detail=self._unanswered[series_id])
+            self._requeue(series_id, quiet)
+            return False
+        if not n:
+            self._unanswered[series_id] = f"{src.name} does not know the series"
+            queue.set_expected(self.db, series_id, None, src.name, held, self._unanswered[series_id])
+            self._requeue(series_id, quiet)
+            return False
+        previous = v.expected_count if v.expected_from == src.name else None
+        queue.set_expected(self.db, series_id, n, src.name, held,
+                           f"{src.name} holds {n} instances; the node holds {held}")
+        if held >= n:
+            # The same count twice (once before, once after the node held them all), or once the series is
+            # quiet: a PACS that forwards instances as they reach it would otherwise have a partial series
+            # judged whole from one answer.
+            if previous == n or quiet:
+                self.judge(series_id, held, f"the node holds all {n} instances {src.name} holds")
+                return False
+            return True
+        if quiet:
+            self._fetch(series_id, src, v, n, held)
+        return False
 
     def _requeue(self, series_id: int, quiet: bool) -> None:
         with self._cond:
