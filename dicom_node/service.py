@@ -78,6 +78,7 @@ class Node:
         self.scp.start()
         if preload:
             _ = self.pipeline.predictor
+        self.scp.restart_quiet()  # after an unclean stop: now, as judging starts (the model load may be long)
         self.scheduler.start()
         if self.web:
             self.web.start()

@@ -280,21 +280,36 @@ def held_sop_uids(db: Database, series_id: int) -> set[str]:
         return set(s.scalars(select(Instance.sop_uid).where(Instance.series_id == series_id)))
 
 
-def extend_quiet(db: Database, until: dt.datetime, reason: str, series_uids: list[str] | None = None) -> list[int]:
-    """Keep series that are still receiving from being judged quiet before ``until`` (all of them when
-    ``series_uids`` is None), with the reason on their timelines; returns their ids."""
+def extend_quiet(db: Database, until: dt.datetime, reason: str, series_uids: list[str] | None = None,
+                 series_ids: list[int] | None = None) -> dict[int, str]:
+    """Keep series that are still receiving from being judged quiet before ``until`` (those named by UID or
+    id), with the reason on their timelines; returns their ids and UIDs."""
+    if not series_uids and not series_ids:
+        return {}
     with db.session() as s:
-        q = select(Series.id).where(Series.state == "receiving")
+        q = select(Series.id, Series.series_uid).where(Series.state == "receiving")
         if series_uids is not None:
-            if not series_uids:
-                return []
             q = q.where(Series.series_uid.in_(series_uids))
-        ids = list(s.scalars(q))
-        for sid in ids:
+        if series_ids is not None:
+            q = q.where(Series.id.in_(series_ids))
+        found = dict(s.execute(q).all())
+        for sid in found:
             s.execute(update(Series).where(Series.id == sid).values(
                 quiet_until=case((Series.quiet_until > until, Series.quiet_until), else_=until)))
             add_event(s, "wait", series_id=sid, detail=reason)
-        return ids
+        return found
+
+
+def end_quiet(db: Database, series_uids: list[str], reason: str) -> int:
+    """The resend that an extended quiet period waited for has arrived (its association ended with a
+    release): the series settle on ``stable_seconds`` again. Returns how many were waiting."""
+    with db.session() as s:
+        ids = list(s.scalars(select(Series.id).where(Series.series_uid.in_(series_uids),
+                                                     Series.quiet_until.is_not(None))))
+        for sid in ids:
+            s.execute(update(Series).where(Series.id == sid).values(quiet_until=None))
+            add_event(s, "resent", series_id=sid, detail=reason)
+        return len(ids)
 
 
 def series_instances(db: Database, series_id: int) -> tuple[Series, list[Instance]]:

@@ -94,6 +94,11 @@ def orthanc_dest(o: Orthanc):
     return SimpleNamespace(aet="ORTHANC", port=o.dicom)
 
 
+def ready(node: NodeProcess) -> None:
+    """The node judges series only once its model is loaded (the listener answers before)."""
+    wait_for(lambda: "dicom-node listening" in node.log.read_text(), 120, 0.3, "the model to load")
+
+
 def events(node: NodeProcess, series_uid: str) -> list[tuple[str, str]]:
     db = node.db()
     try:
@@ -112,7 +117,7 @@ def test_series_complete_by_the_pacs_count_goes_long_before_the_timer(tmp_path):
     try:
         node = NodeProcess(tmp_path, orthanc_dest(o), port=node_port, more=source(o), dest_extra="send_sr = false",
                            series="stable_seconds = 60\nscan_interval_seconds = 1")
-        wait_for(lambda: "dicom-node listening" in node.log.read_text(), 120, 0.3, "the model to load")
+        ready(node)
         _, paths = write_series(tmp_path / "study", seed=61, n_slices=32)
         ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
         o.store(tmp_path / "study")
@@ -203,6 +208,7 @@ def test_kill_mid_ingest_and_resend_after_restart_gives_one_seg_of_every_slice(t
     node = NodeProcess(tmp_path, pacs, name="n", dest_extra="send_sr = false", series=series_cfg)
     port = node.port
     try:
+        ready(node)
         ae = AE(ae_title="GOODSCU")
         ae.dimse_timeout = ae.network_timeout = 5
         ae.add_requested_context(MRImageStorage)
@@ -216,7 +222,8 @@ def test_kill_mid_ingest_and_resend_after_restart_gives_one_seg_of_every_slice(t
             node.proc.wait(10)
             assoc.abort()
         node = NodeProcess(tmp_path, pacs, name="n", port=port, dest_extra="send_sr = false", series=series_cfg)
-        time.sleep(5)  # the sender's retry comes later than stable_seconds after the restart
+        ready(node)
+        time.sleep(5)  # the sender's retry comes later than stable_seconds after the restart (and its start)
         r = storescu(port, tmp_path / "s")
         assert r.returncode == 0, r.stderr
         job = node.wait_job(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID, timeout=90)
@@ -230,7 +237,55 @@ def test_kill_mid_ingest_and_resend_after_restart_gives_one_seg_of_every_slice(t
                       for src in fr.DerivationImageSequence for ref in src.SourceImageSequence}
         first_and_last = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (paths[0], paths[-1])}
         assert first_and_last <= referenced  # both ends of the series are covered (the pelvis is not missing)
-        assert "restarted after an unclean stop" in (node.dir / "node.log").read_text()
+        assert "unclean stop: 1 series that were arriving wait 12 s" in node.log.read_text()
+        kinds = events(node, pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        assert any(k == "wait" and "restarted after an unclean stop" in d for k, d in kinds), kinds
+    finally:
+        node.stop()
+        pacs.stop(validate=False)
+
+
+def test_aborted_association_extends_the_quiet_period(tmp_path):
+    """A sender that aborts mid-series will likely resend: its series is not judged on the quiet timer until
+    abort_grace_seconds have passed, and is judged whole once the resend has arrived (its association's
+    release ends the wait, long before the grace is over)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    pacs = PacsSCP(tmp_path / "pacs")
+    _, paths = write_series(tmp_path / "s", seed=64, n_slices=24)
+    uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    node = NodeProcess(tmp_path, pacs, dest_extra="send_sr = false",
+                       series="stable_seconds = 1\nscan_interval_seconds = 0.3\nabort_grace_seconds = 60")
+    try:
+        ready(node)
+        ae = AE(ae_title="GOODSCU")
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SEGNODE")
+        assert assoc.is_established
+        for p in paths[:12]:
+            assert assoc.send_c_store(p).Status == 0
+        assoc.abort()
+        wait_for(lambda: any(k == "wait" for k, _ in events(node, uid)), 10, 0.2, "the quiet period to be extended")
+        time.sleep(3)  # three times stable_seconds: without the grace the half series would be judged by now
+        assert node.jobs() == []
+        r = storescu(node.port, tmp_path / "s")
+        assert r.returncode == 0, r.stderr
+        t = time.monotonic()
+        job = node.wait_job(uid, timeout=60)
+        assert job["state"] == "done" and len(node.jobs()) == 1
+        kinds = events(node, uid)
+        (wait,) = [d for k, d in kinds if k == "wait"]
+        assert "association from GOODSCU aborted" in wait
+        assert any(k == "resent" and "STORESCU released" in d for k, d in kinds), kinds
+        assert "association from GOODSCU aborted mid-series: 1 series wait 60 s more" in node.log.read_text()
+        db = node.db()
+        with db.session() as s:
+            judged = s.scalar(select(Event.at).where(Event.kind == "complete"))
+            resent = s.scalar(select(Event.at).where(Event.kind == "resent"))
+        db.dispose()
+        assert (judged - resent).total_seconds() < 5  # stable_seconds after the resend, not the 60 s grace
+        assert time.monotonic() - t < 50
     finally:
         node.stop()
         pacs.stop(validate=False)

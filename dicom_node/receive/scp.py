@@ -92,6 +92,11 @@ class StorageSCP:
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
+        #: series that were receiving when the node stopped uncleanly (found at start; see restart_quiet)
+        self.interrupted: list[int] = []
+        #: series UIDs whose quiet period was extended for a resend: a released association delivering to
+        #: them ends the wait (kept in memory so an ordinary release costs no database statement)
+        self._waiting: set[str] = set()
         #: series UIDs delivered by each open association (peer address, port), for ``on_aborted``
         self._assoc_series: dict[tuple[str, int], set[str]] = {}
         self._stats_lock = threading.Lock()
@@ -122,11 +127,18 @@ class StorageSCP:
     def on_release(self, peer: Peer) -> None:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
         scp.network_timeout at the latest (the peer must not hang on a database outage)."""
-        self._assoc_series.pop((peer.address, peer.port), None)
+        delivered = self._assoc_series.pop((peer.address, peer.port), None)
         if not self.writer.flush(timeout=self.settings.scp.network_timeout or 30):
             log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
                         "(database slow or down: %s); the files are on disk and are recorded when it answers",
                         peer.calling_ae, self.writer.failing)
+        resent = delivered & self._waiting if delivered and self._waiting else None
+        if resent:  # the resend an aborted association or a crash made us wait for: settle normally again
+            self._waiting.difference_update(resent)
+            try:
+                queue.end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
+            except Exception:
+                log.exception("could not end the extended quiet period")
 
     def on_aborted(self, peer: Peer, how: str) -> None:
         """An association ended without A-RELEASE (A-ABORT, a dropped connection, a timeout) after it
@@ -141,6 +153,7 @@ class StorageSCP:
             until = utcnow() + dt.timedelta(seconds=grace)
             ids = queue.extend_quiet(self.db, until, f"association from {peer.calling_ae} {how}; not judged quiet "
                                                      f"for {grace:g} s (series.abort_grace_seconds)", sorted(uids))
+            self._waiting.update(ids.values())
             if ids:
                 log.warning("association from %s %s mid-series: %d series wait %g s more for a resend",
                             peer.calling_ae, how, len(ids), grace)
@@ -218,18 +231,22 @@ class StorageSCP:
             clean.unlink()
         else:
             record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
-            self._restart_quiet()
+            self.interrupted = queue.receiving_series(self.db)
         self.writer.start()
         self.server.start((cfg.bind_address, cfg.port))
         log.info("listening as %s on %s:%s", cfg.ae_title, cfg.bind_address, self.port)
 
-    def _restart_quiet(self) -> None:
+    def restart_quiet(self) -> None:
         """After an unclean stop, series that were arriving lost their senders' associations with the node:
-        their quiet period starts again now, as long as after a dropped association (the senders retry)."""
+        their quiet period starts again now, as long as after a dropped association (the senders retry).
+        Called by the service just before completion checks start, so a slow model load does not use it up."""
         ser = self.settings.series
         wait = max(ser.stable_seconds, ser.abort_grace_seconds)
         ids = queue.extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
-                                 f"the node restarted after an unclean stop; not judged quiet for {wait:g} s")
+                                 f"the node restarted after an unclean stop; not judged quiet for {wait:g} s",
+                                 series_ids=self.interrupted)
+        self._waiting.update(ids.values())
+        self.interrupted = []
         if ids:
             log.warning("unclean stop: %d series that were arriving wait %g s for their senders to resend",
                         len(ids), wait)
