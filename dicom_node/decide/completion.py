@@ -69,6 +69,7 @@ class Completion:
         self._cond = threading.Condition()
         self._inflight: set[int] = set()  # series with a query or fetch under way
         self._unanswered: dict[int, str] = {}  # series whose source did not answer: why (timer decides)
+        self._uncounted: set[int] = set()  # no source and no count in the images: only the timer decides
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="completion-query")
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -140,6 +141,8 @@ class Completion:
         answer judges, fetches, or leaves it to the next check)."""
         if series_id in self._inflight:  # the answer under way decides; a later scan asks again if needed
             return
+        if not quiet and series_id in self._uncounted:  # nothing but the timer can tell: keep ingest cheap
+            return
         v = queue.completion_view(self.db, series_id, with_instances=False)
         if v is None or v.state != "receiving":
             return
@@ -159,6 +162,8 @@ class Completion:
                 self._pool.submit(self._ask, series_id, src, quiet)
             return
         expected = image_expectation(v)
+        if expected is None and src is None and not v.images_in_acquisition[2] and not v.multiframe:
+            self._uncounted.add(series_id)
         if expected is not None and v.n_instances >= expected[0]:
             self.judge(series_id, v.n_instances, expected[1])
         elif quiet:
@@ -267,6 +272,7 @@ class Completion:
         if job is None:
             return None
         self._unanswered.pop(series_id, None)
+        self._uncounted.discard(series_id)
         if d.segment:
             log.info("series %s complete (%d slices; %s): job %s queued", series_id, len(d.instances), how, job)
             if self.on_queued is not None:
