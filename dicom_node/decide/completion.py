@@ -185,6 +185,8 @@ class Completion:
             log.exception("asking %s about series %s failed", src.name, series_id)
         finally:
             self._inflight.discard(series_id)
+            # instances recorded while the question was out were not checked (see check): look again now
+            self._requeue(series_id, False)
 
     def _ask_once(self, series_id: int, src: Source, quiet: bool) -> bool:
         """One C-FIND and what follows from it; True when the answer needs confirming by a second one."""
