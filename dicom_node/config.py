@@ -406,6 +406,8 @@ def load_settings(path: Path | None = None, environ: typing.Mapping[str, str] | 
     names = [d.name for d in settings.destinations]
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
+    if len({s.name for s in settings.sources}) != len(settings.sources):
+        raise ConfigError("sources: names must be unique")
     aets = [s.calling_aet for s in settings.sources]
     if len(set(aets)) != len(aets):
         raise ConfigError("sources: two sources route with the same calling AE title (sends_as, else ae_title); "

@@ -355,7 +355,7 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
                   rule=rule, urgent=urgent, created_at=now, finished_at=None if queue else now)
         s.add(job)
         s.flush()
-        detail = " ".join(x for x in (f"{expected_count} instances" if expected_count else "", how) if x)
+        detail = "; ".join(x for x in (f"{expected_count} instances" if expected_count else "", how) if x)
         add_event(s, "complete", series_id=series_id, job_id=job.id, detail=detail, at=now)
         add_event(s, "queued" if queue else "skipped", series_id=series_id, job_id=job.id,
                   detail=" ".join(x for x in ("urgent" if urgent else "", reason) if x) if queue else reason, at=now)

@@ -248,14 +248,18 @@ def test_kill_mid_ingest_and_resend_after_restart_gives_one_seg_of_every_slice(t
 def test_aborted_association_extends_the_quiet_period(tmp_path):
     """A sender that aborts mid-series will likely resend: its series is not judged on the quiet timer until
     abort_grace_seconds have passed, and is judged whole once the resend has arrived (its association's
-    release ends the wait, long before the grace is over)."""
+    release ends the wait, long before the grace is over). A source that does not answer leaves the
+    decision to the timer, with the reason on the timeline."""
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage
 
     pacs = PacsSCP(tmp_path / "pacs")
     _, paths = write_series(tmp_path / "s", seed=64, n_slices=24)
     uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
-    node = NodeProcess(tmp_path, pacs, dest_extra="send_sr = false",
+    # the resending sender is listed as a source that does not answer: the timer decides, with the reason
+    dead = (f'[[sources]]\nname = "gone"\nae_title = "QR"\nsends_as = "STORESCU"\nhost = "127.0.0.1"\n'
+            f'port = {free_port()}\ntimeout_seconds = 2\n')
+    node = NodeProcess(tmp_path, pacs, dest_extra="send_sr = false", more=dead,
                        series="stable_seconds = 1\nscan_interval_seconds = 0.3\nabort_grace_seconds = 60")
     try:
         ready(node)
@@ -278,6 +282,8 @@ def test_aborted_association_extends_the_quiet_period(tmp_path):
         (wait,) = [d for k, d in kinds if k == "wait"]
         assert "association from GOODSCU aborted" in wait
         assert any(k == "resent" and "STORESCU released" in d for k, d in kinds), kinds
+        (complete,) = [d for k, d in kinds if k == "complete"]
+        assert "24 instances; quiet for 1 s; gone did not answer" in complete, kinds
         assert "association from GOODSCU aborted mid-series: 1 series wait 60 s more" in node.log.read_text()
         db = node.db()
         with db.session() as s:
@@ -314,6 +320,7 @@ def test_image_counts_are_trusted_only_when_consistent():
     ('[[sources]]\nname = "p"\nae_title = "P"\nport = 0\n', "sources[0].port"),
     ('[[sources]]\nname = "p"\nae_title = "P"\nfetch = "get"\n', "sources[0].fetch"),
     ('[[sources]]\nname = "a"\nae_title = "P"\n[[sources]]\nname = "b"\nae_title = "Q"\nsends_as = "P"\n', "sources"),
+    ('[[sources]]\nname = "a"\nae_title = "P"\n[[sources]]\nname = "a"\nae_title = "Q"\n', "sources: names"),
     ('[series]\nabort_grace_seconds = -1\n', "series.abort_grace_seconds"),
     ('[series]\nfetch_attempts = -1\n', "series.fetch_attempts"),
 ])
