@@ -188,6 +188,8 @@ def test_series_routed_with_instances_missing_is_completed_by_fetching_them(tmp_
         assert fetch and "12 missing instances from orthanc" in fetch[0], kinds
         assert fetched and fetched[0].startswith("12 instances from orthanc"), kinds
         assert any(k == "complete" and "all 30 instances" in d for k, d in kinds), kinds
+        shown = node.cli("show", ds.SeriesInstanceUID).stdout  # what an admin reads
+        assert "30 instances of 30 (orthanc)" in shown and "fetched" in shown, shown
     finally:
         if node:
             node.stop()
