@@ -103,10 +103,46 @@ class ScpSettings:
 class SeriesSettings:
     stable_seconds: float = 10.0
     scan_interval_seconds: float = 2.0
+    abort_grace_seconds: float = 60.0
+    fetch_attempts: int = 2
 
     def validate(self) -> None:
         _positive("series.stable_seconds", self.stable_seconds)
         _positive("series.scan_interval_seconds", self.scan_interval_seconds)
+        if self.abort_grace_seconds < 0:
+            raise ConfigError("series.abort_grace_seconds must be >= 0")
+        if self.fetch_attempts < 0:
+            raise ConfigError("series.fetch_attempts must be >= 0")
+
+
+@dataclass
+class Source:
+    """A PACS that routes series to the node and answers C-FIND (and C-MOVE) about them: matched by the
+    calling AE title of the associations that deliver the series."""
+
+    name: str = "pacs"
+    ae_title: str = "PACS"
+    host: str = "127.0.0.1"
+    port: int = 104
+    sends_as: str = ""
+    timeout_seconds: float = 10.0
+    fetch: str = "move"
+
+    @property
+    def calling_aet(self) -> str:
+        """The calling AE title the PACS uses when it routes a series here (most use their own AE title)."""
+        return self.sends_as or self.ae_title
+
+    def validate(self, key: str = "sources") -> None:
+        _ae_title(f"{key}.ae_title", self.ae_title)
+        if self.sends_as:
+            _ae_title(f"{key}.sends_as", self.sends_as)
+        if not self.host:
+            raise ConfigError(f"{key}.host must name the PACS's query/retrieve host")
+        if not 0 < self.port <= 65535:
+            raise ConfigError(f"{key}.port: {self.port} is not a TCP port (1-65535)")
+        _positive(f"{key}.timeout_seconds", self.timeout_seconds)
+        _one_of(f"{key}.fetch", self.fetch, {"move", "none"})
 
 
 @dataclass
@@ -303,6 +339,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     sender: SenderSettings = field(default_factory=SenderSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    sources: list[Source] = field(default_factory=list)
     source: Path | None = None
 
     @property
@@ -507,4 +544,10 @@ def load_settings(path: Path | None = None, environ: typing.Mapping[str, str] | 
     names = [d.name for d in settings.destinations]
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
+    if len({s.name for s in settings.sources}) != len(settings.sources):
+        raise ConfigError("sources: names must be unique")
+    aets = [s.calling_aet for s in settings.sources]
+    if len(set(aets)) != len(aets):
+        raise ConfigError("sources: two sources route with the same calling AE title (sends_as, else ae_title); "
+                          "a series is matched to its source by it")
     return settings

@@ -1,13 +1,17 @@
 """The periodic work of the node, driven by APScheduler: the completion scan and job dispatch.
 
 Both run in this one process's scheduler (``max_instances=1``, so a slow scan never overlaps itself);
-the database, not the scheduler, says which series and jobs are due, so a restart loses nothing.
+the database, not the scheduler, says which series and jobs are due, so a restart loses nothing. The
+completion check (decide/completion.py) also runs between scans, woken by the recorder, and a series it
+judges complete wakes the dispatch at once: the result does not wait for the next tick of either.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import socket
+import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -16,26 +20,9 @@ from storage.db import Database
 
 from .config import Settings
 from .pipeline import Pipeline
-from .decide.rules import decide
+from .decide.completion import Completion
 
 log = logging.getLogger("dicom_node.scheduler")
-
-
-def completion_scan(settings: Settings, db: Database) -> int:
-    """Judge every series that has been quiet for ``stable_seconds``: queue a job or record why not."""
-    n = 0
-    for series_id in queue.stable_series(db, settings.series.stable_seconds):
-        series, instances = queue.series_instances(db, series_id)
-        d = decide(series, series.study.study_description, instances, settings.rules)
-        job = queue.mark_judged(db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
-                                expected_count=len(instances))
-        if job is not None:
-            n += 1
-            if d.segment:
-                log.info("series %s complete (%d slices): job %s queued", series_id, len(d.instances), job)
-            else:
-                log.info("series %s complete: not segmented: %s", series_id, d.reason)
-    return n
 
 
 class NodeScheduler:
@@ -44,9 +31,13 @@ class NodeScheduler:
         self.db = db
         self.pipeline = pipeline
         self.sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+        self.completion = Completion(settings, db, on_queued=self.wake_dispatch)
+        self._woken = threading.Event()
 
     def start(self) -> None:
         s = self.settings
+        self.completion.start()
+        self.completion.check_all()  # series that were arriving before this start: ask their sources
         self.sched.add_job(self._scan, "interval", seconds=s.series.scan_interval_seconds, id="completion-scan")
         if s.worker.enabled:
             self.sched.add_job(self._dispatch, "interval", seconds=s.worker.poll_seconds, id="dispatch")
@@ -75,15 +66,31 @@ class NodeScheduler:
 
     def _scan(self) -> None:
         try:
-            completion_scan(self.settings, self.db)
+            self.completion.scan()
         except Exception:
             log.exception("completion scan failed")
 
+    def wake_dispatch(self) -> None:
+        """A job was queued: run the dispatch now rather than at its next tick. If it is running, the flag
+        makes it look once more before it ends (a wake-up between its last look and its end is not lost)."""
+        self._woken.set()
+        job = self.sched.get_job("dispatch") if self.settings.worker.enabled else None
+        if job is not None:
+            try:
+                job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
+            except Exception:  # the scheduler is shutting down
+                log.debug("dispatch not woken", exc_info=True)
+
     def _dispatch(self) -> None:
         try:
-            self.pipeline.drain()
+            while True:
+                self._woken.clear()
+                self.pipeline.drain()
+                if not self._woken.is_set():
+                    break
         except Exception:
             log.exception("dispatch failed")
 
     def stop(self) -> None:
+        self.completion.stop()
         self.sched.shutdown(wait=True)

@@ -68,6 +68,8 @@ class Node:
         self._sender_stop = threading.Event()
         self._sender = threading.Thread(target=self.outbox.run_forever, args=(self._sender_stop,),
                                         name="sender", daemon=True)
+        # each committed batch of instances wakes the completion check (off the C-STORE path)
+        self.scp.recorder.on_series = self.scheduler.completion.notify
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app
@@ -87,6 +89,7 @@ class Node:
         self.scp.start()
         if preload:
             _ = self.pipeline.predictor
+        self.scp.restart_quiet()  # after an unclean stop: now, as judging starts (the model load may be long)
         self.scheduler.start()
         if self.settings.sender.enabled:
             self._sender.start()

@@ -48,6 +48,14 @@ class Series(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # completion (dicom_node/decide/completion.py): how many instances the routing PACS holds, by whom that
+    # was said ("" = nobody asked yet), how many instances the node held when it was asked
+    expected_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expected_from: Mapped[str] = mapped_column(String(64), default="")
+    expected_held: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # not judged quiet before this time: after an A-ABORT / dropped association or an unclean stop
+    quiet_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    fetch_attempts: Mapped[int] = mapped_column(Integer, default=0)
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
     jobs: Mapped[list["Job"]] = relationship(back_populates="series")
@@ -76,6 +84,9 @@ class Instance(Base):
     image_type: Mapped[str] = mapped_column(String(128), default="")
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    # Images in Acquisition (0020,1002) and Acquisition Number (0020,0012): an expected count from the scanner
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     series: Mapped[Series] = relationship(back_populates="instances")
 
 

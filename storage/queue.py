@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -43,6 +45,8 @@ class InstanceMeta:
     pixel_spacing: str = ""
     frame_of_reference_uid: str = ""
     image_type: str = ""
+    images_in_acquisition: int | None = None  # (0020,1002): how many images the scanner says it made
+    acquisition_number: int | None = None
 
 
 def _fit(field_name: str, value):
@@ -53,7 +57,7 @@ def _fit(field_name: str, value):
 
 
 _INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows", "columns", "frames", "position",
-                    "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type")
+                    "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type", "images_in_acquisition", "acquisition_number")
 
 
 @dataclass
@@ -73,8 +77,11 @@ _LENGTHS = {c.name: c.type.length for c in Instance.__table__.columns if getattr
 class Recorder:
     """Records received instances, many in one transaction; caches series ids so a series costs one lookup."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None):
         self.db = db
+        #: told the ids of the series that got new instances, after each committed batch (the completion
+        #: check wakes on it instead of waiting for its next scan)
+        self.on_series = on_series
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
         se = Series.__table__
@@ -159,6 +166,11 @@ class Recorder:
                     s.execute(self._touch, {"sid": sid, "k": k, "now": last})
         with self._lock:
             self._series_ids.update(sids)
+        if touched and self.on_series is not None:
+            try:
+                self.on_series(set(touched))
+            except Exception:  # the completion check's wake-up must never fail a recording
+                logging.getLogger("storage.queue").exception("on_series callback failed")
         return fresh
 
     def _series_id(self, s, meta: InstanceMeta) -> int:
@@ -183,10 +195,121 @@ class Recorder:
 
 # ------------------------------------------------------------------------------------------- completion
 def stable_series(db: Database, stable_seconds: float) -> list[int]:
-    """Series in 'receiving' whose last instance arrived more than ``stable_seconds`` ago."""
-    cutoff = utcnow() - dt.timedelta(seconds=stable_seconds)
+    """Series in 'receiving' whose last instance arrived more than ``stable_seconds`` ago, and whose quiet
+    period was not extended beyond now (an aborted association or an unclean stop: see ``extend_quiet``)."""
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=stable_seconds)
     with db.session() as s:
-        return list(s.scalars(select(Series.id).where(Series.state == "receiving", Series.last_received_at <= cutoff)))
+        return list(s.scalars(select(Series.id).where(
+            Series.state == "receiving", Series.last_received_at <= cutoff,
+            Series.quiet_until.is_(None) | (Series.quiet_until <= now))))
+
+
+def receiving_series(db: Database) -> list[int]:
+    with db.session() as s:
+        return list(s.scalars(select(Series.id).where(Series.state == "receiving")))
+
+
+@dataclass
+class CompletionView:
+    """What the completion check needs of one series: its row and a summary of its instances' headers."""
+
+    series_id: int
+    state: str
+    study_uid: str
+    series_uid: str
+    n_instances: int
+    expected_count: int | None
+    expected_from: str
+    expected_held: int | None
+    fetch_attempts: int
+    calling_aets: tuple[str, ...]
+    #: Images in Acquisition: (lowest, highest, how many instances carry it); Acquisition Number: (lowest, highest)
+    images_in_acquisition: tuple[int | None, int | None, int]
+    acquisition_numbers: tuple[int | None, int | None]
+    multiframe: int  # instances with more than one frame (an Enhanced MR object is a whole series)
+
+
+def completion_view(db: Database, series_id: int, with_instances: bool = True) -> CompletionView | None:
+    """The series row, and (``with_instances``) one aggregate over its instances (no row is loaded)."""
+    with db.session() as s:
+        row = s.execute(select(Series.id, Series.state, Study.study_uid, Series.series_uid, Series.n_instances,
+                               Series.expected_count, Series.expected_from, Series.expected_held,
+                               Series.fetch_attempts).join(Study, Study.id == Series.study_id)
+                        .where(Series.id == series_id)).first()
+        if row is None:
+            return None
+        agg = (None, None, 0, None, None, 0, "", "")
+        if with_instances:
+            i = Instance
+            agg = s.execute(select(func.min(i.images_in_acquisition), func.max(i.images_in_acquisition),
+                                   func.count(i.images_in_acquisition), func.min(i.acquisition_number),
+                                   func.max(i.acquisition_number), func.sum(case((i.frames > 1, 1), else_=0)),
+                                   func.min(i.calling_aet), func.max(i.calling_aet))
+                            .where(i.series_id == series_id)).one()
+    aets = tuple(sorted({a for a in agg[6:8] if a}))
+    return CompletionView(*row, calling_aets=aets, images_in_acquisition=(agg[0], agg[1], agg[2] or 0),
+                          acquisition_numbers=(agg[3], agg[4]), multiframe=int(agg[5] or 0))
+
+
+def set_expected(db: Database, series_id: int, count: int | None, source: str, held: int, detail: str) -> bool:
+    """Record what a source said the series holds, and how many the node held when it asked; the timeline
+    gets an event when the answer differs from the last one. Returns whether it differed."""
+    with db.session() as s:
+        se = s.get(Series, series_id)
+        if se is None:
+            return False
+        changed = (se.expected_count, se.expected_from) != (count, source)
+        se.expected_count, se.expected_from, se.expected_held = count, source[:64], held
+        if changed:
+            add_event(s, "expected", series_id=series_id, detail=detail)
+        return changed
+
+
+def count_fetch(db: Database, series_id: int, detail: str) -> int:
+    """One more attempt to fetch missing instances (on the timeline); returns the attempt's number."""
+    with db.session() as s:
+        s.execute(update(Series).where(Series.id == series_id).values(fetch_attempts=Series.fetch_attempts + 1))
+        n = s.scalar(select(Series.fetch_attempts).where(Series.id == series_id)) or 0
+        add_event(s, "fetch", series_id=series_id, detail=f"attempt {n}: {detail}")
+        return n
+
+
+def held_sop_uids(db: Database, series_id: int) -> set[str]:
+    with db.session() as s:
+        return set(s.scalars(select(Instance.sop_uid).where(Instance.series_id == series_id)))
+
+
+def extend_quiet(db: Database, until: dt.datetime, reason: str, series_uids: list[str] | None = None,
+                 series_ids: list[int] | None = None) -> dict[int, str]:
+    """Keep series that are still receiving from being judged quiet before ``until`` (those named by UID or
+    id), with the reason on their timelines; returns their ids and UIDs."""
+    if not series_uids and not series_ids:
+        return {}
+    with db.session() as s:
+        q = select(Series.id, Series.series_uid).where(Series.state == "receiving")
+        if series_uids is not None:
+            q = q.where(Series.series_uid.in_(series_uids))
+        if series_ids is not None:
+            q = q.where(Series.id.in_(series_ids))
+        found = dict(s.execute(q).all())
+        for sid in found:
+            s.execute(update(Series).where(Series.id == sid).values(
+                quiet_until=case((Series.quiet_until > until, Series.quiet_until), else_=until)))
+            add_event(s, "wait", series_id=sid, detail=reason)
+        return found
+
+
+def end_quiet(db: Database, series_uids: list[str], reason: str) -> int:
+    """The resend that an extended quiet period waited for has arrived (its association ended with a
+    release): the series settle on ``stable_seconds`` again. Returns how many were waiting."""
+    with db.session() as s:
+        ids = list(s.scalars(select(Series.id).where(Series.series_uid.in_(series_uids),
+                                                     Series.quiet_until.is_not(None))))
+        for sid in ids:
+            s.execute(update(Series).where(Series.id == sid).values(quiet_until=None))
+            add_event(s, "resent", series_id=sid, detail=reason)
+        return len(ids)
 
 
 def series_instances(db: Database, series_id: int) -> tuple[Series, list[Instance]]:
@@ -211,8 +334,9 @@ def event(db: Database, kind: str, **kw) -> None:
 
 
 def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule: str = "", urgent: bool = False,
-                expected_count: int | None = None) -> int | None:
-    """Close a complete series: create a queued job, or a skipped one carrying the reason.
+                expected_count: int | None = None, how: str = "") -> int | None:
+    """Close a complete series: create a queued job, or a skipped one carrying the reason; ``how`` says on
+    the timeline what made it complete (the PACS's count, the images' own count, the quiet timer).
 
     ``expected_count`` guards against an instance that arrived while the rules were evaluated: if the count
     changed, nothing is decided now and the series stays open. A job that already produced (or is producing)
@@ -232,7 +356,8 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
                   n_instances=expected_count)
         s.add(job)
         s.flush()
-        add_event(s, "complete", series_id=series_id, job_id=job.id, detail=f"{expected_count or ''} instances", at=now)
+        detail = "; ".join(x for x in (f"{expected_count} instances" if expected_count else "", how) if x)
+        add_event(s, "complete", series_id=series_id, job_id=job.id, detail=detail, at=now)
         add_event(s, "queued" if queue else "skipped", series_id=series_id, job_id=job.id,
                   detail=" ".join(x for x in ("urgent" if urgent else "", reason) if x) if queue else reason, at=now)
         if queue:

@@ -160,7 +160,7 @@ class NodeProcess:
 
     def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
                  worker: str = "", web: str = "", database_url: str = "", port: int | None = None,
-                 dest_extra: str = "", more: str = ""):
+                 dest_extra: str = "", more: str = "", series: str = "stable_seconds = 1.0\nscan_interval_seconds = 0.3"):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -173,7 +173,7 @@ class NodeProcess:
             f'[node]\ndata_dir = "var"\nlog_level = "INFO"\ndatabase_url = "{database_url}"\n'
             f'[scp]\nae_title = "SEGNODE"\nbind_address = "127.0.0.1"\nport = {self.port}\nfsync = false\n'
             + ("" if "min_free_disk_mb" in extra else "min_free_disk_mb = 1\n") + f'{extra}\n'
-            f'[series]\nstable_seconds = 1.0\nscan_interval_seconds = 0.3\n'
+            f'[series]\n{series}\n'
             f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest + more
         )
         self.log = self.dir / "node.log"

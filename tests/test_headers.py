@@ -26,6 +26,10 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("headers")
     _, paths = write_series(tmp / "plain", seed=81, n_slices=4, size=64)
     out = list(paths)
+    counted = pydicom.dcmread(paths[3])
+    counted.ImagesInAcquisition = 4  # the scanner's own count: read by both paths (decide/completion.py)
+    counted.save_as(tmp / "counted.dcm")
+    out.append(tmp / "counted.dcm")
     ds = pydicom.dcmread(paths[0])
     ds.SeriesDescription = "Kniegelenk rechts ÄÖÜ"  # a Latin-1 description
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -53,6 +57,13 @@ def test_fast_reader_matches_pydicom(files):
         walked += _scan_explicit_le(body) is not None
         assert read_received(body, ts) == to_meta(parse_received(body, ts)), p.name
     assert walked >= len(files) - 1  # all but the undefined-length sequence took the fast walk
+
+
+def test_images_in_acquisition_is_read(files):
+    body, ts = body_of(next(p for p in files if p.name == "counted.dcm"))
+    meta = read_received(body, ts)
+    assert (meta.images_in_acquisition, meta.acquisition_number) == (4, 1)
+    assert to_meta(parse_received(body, ts)).images_in_acquisition == 4
 
 
 def test_other_syntaxes_go_through_pydicom(files):

@@ -184,11 +184,14 @@ class _Association:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
             if not self._associate(body):
                 return
+            how = "dropped"
             try:
-                self._serve_established()
+                how = self._serve_established()
             finally:
                 acc._leave(where)
                 if self.peer is not None:
+                    if how != "released":  # A-ABORT or a dropped connection: a resend is likely
+                        acc.handlers.on_aborted(self.peer, how)
                     acc.handlers.on_closed(self.peer)
         except ProtocolError as exc:
             acc.dropped(where, f"aborted: {exc}")
@@ -222,7 +225,8 @@ class _Association:
         tls_sock.setblocking(True)
         self._timeout = float("inf")
 
-    def _serve_established(self) -> None:
+    def _serve_established(self) -> str:
+        """Serve until the association ends: "released", or "aborted" (A-ABORT from the peer)."""
         acc = self.acceptor
         timeout = acc.network_timeout
         what = f"no complete PDU within {timeout:g} s (scp.network_timeout)"
@@ -235,10 +239,10 @@ class _Association:
                 acc.handlers.on_release(self.peer, self.stored)
                 self._set_timeout(timeout)
                 self.sock.sendall(RELEASE_RP)
-                return
+                return "released"
             elif pdu_type == 0x07:  # A-ABORT from the peer
                 log.info("association with %s aborted by the peer", self.address[0])
-                return
+                return "aborted"
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} on an established association")
 

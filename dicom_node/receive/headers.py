@@ -35,7 +35,7 @@ _TEXT_TAGS = {
     "AccessionNumber": 0x00080050, "StudyDate": 0x00080020, "SeriesNumber": 0x00200011,
     "InstanceNumber": 0x00200013, "NumberOfFrames": 0x00280008, "ImagePositionPatient": 0x00200032,
     "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030, "FrameOfReferenceUID": 0x00200052,
-    "ImageType": 0x00080008,
+    "ImageType": 0x00080008, "ImagesInAcquisition": 0x00201002, "AcquisitionNumber": 0x00200012,
 }
 #: Unsigned shorts (US) read from the raw bytes in the data set's byte order.
 _US_TAGS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002}
@@ -162,7 +162,8 @@ def to_meta(ds: Dataset) -> InstanceMeta:
         rows=ushort(ds, "Rows"), columns=ushort(ds, "Columns"), frames=i("NumberOfFrames") or 1,
         position=text(ds, "ImagePositionPatient"), orientation=text(ds, "ImageOrientationPatient"),
         pixel_spacing=text(ds, "PixelSpacing"), frame_of_reference_uid=text(ds, "FrameOfReferenceUID"),
-        image_type=text(ds, "ImageType"),
+        image_type=text(ds, "ImageType"), images_in_acquisition=i("ImagesInAcquisition"),
+        acquisition_number=i("AcquisitionNumber"),
     )
 
 
@@ -296,4 +297,5 @@ def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax
         rows=rows, columns=cols, frames=i("NumberOfFrames") or 1, position=t("ImagePositionPatient"),
         orientation=t("ImageOrientationPatient"), pixel_spacing=t("PixelSpacing"),
         frame_of_reference_uid=t("FrameOfReferenceUID"), image_type=t("ImageType"),
+        images_in_acquisition=i("ImagesInAcquisition"), acquisition_number=i("AcquisitionNumber"),
     )

@@ -14,6 +14,7 @@ quarantine with the reason) rather than "made safe", which could map two instanc
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import threading
@@ -38,9 +39,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from storage import deliveries
+from storage import deliveries, queue
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.models import utcnow
 from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
 
@@ -134,6 +136,13 @@ class StorageSCP:
         # Built now, so a missing or unreadable certificate or key stops the node at start, naming the key.
         self.tls_context = server_context(settings.scp.tls) if settings.scp.tls.enabled else None
         self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
+        #: series that were receiving when the node stopped uncleanly (found at start; see restart_quiet)
+        self.interrupted: list[int] = []
+        #: series UIDs whose quiet period was extended for a resend: a released association delivering to
+        #: them ends the wait (kept in memory so an ordinary release costs no database statement)
+        self._waiting: set[str] = set()
+        #: series UIDs delivered by each open association (peer address, port), for ``on_aborted``
+        self._assoc_series: dict[tuple[str, int], set[str]] = {}
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
@@ -169,6 +178,7 @@ class StorageSCP:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
         scp.network_timeout at the latest (the peer must not hang on a database outage). An association that
         stored nothing (a C-ECHO, the PACS's health probe) is confirmed at once, whatever the database does."""
+        delivered = self._assoc_series.pop((peer.address, peer.port), None)
         with self._stats_lock:
             seq = self._last_seq.pop(peer, None)
         if not stored or seq is None:
@@ -177,6 +187,33 @@ class StorageSCP:
             log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
                         "(database slow or down: %s); the files are on disk and are recorded when it answers",
                         peer.calling_ae, self.writer.failing)
+        resent = delivered & self._waiting if delivered and self._waiting else None
+        if resent:  # the resend an aborted association or a crash made us wait for: settle normally again
+            self._waiting.difference_update(resent)
+            try:
+                queue.end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
+            except Exception:
+                log.exception("could not end the extended quiet period")
+
+    def on_aborted(self, peer: Peer, how: str) -> None:
+        """An association ended without A-RELEASE (A-ABORT, a dropped connection, a timeout) after it
+        delivered instances: a resend is likely, so its series must not count as quiet too soon
+        (``series.abort_grace_seconds``)."""
+        uids = self._assoc_series.pop((peer.address, peer.port), None)
+        grace = self.settings.series.abort_grace_seconds
+        if not uids or grace <= 0:
+            return
+        try:
+            self.writer.flush(timeout=self.settings.scp.network_timeout or 30)  # their rows exist first
+            until = utcnow() + dt.timedelta(seconds=grace)
+            ids = queue.extend_quiet(self.db, until, f"association from {peer.calling_ae} {how}; not judged quiet "
+                                                     f"for {grace:g} s (series.abort_grace_seconds)", sorted(uids))
+            self._waiting.update(ids.values())
+            if ids:
+                log.warning("association from %s %s mid-series: %d series wait %g s more for a resend",
+                            peer.calling_ae, how, len(ids), grace)
+        except Exception:  # the database is down or the node is stopping: the timer alone decides
+            log.exception("could not extend the quiet period after an aborted association")
 
     def on_commitment(self, report: CommitmentReport) -> int:
         """An archive's Storage Commitment answer (N-EVENT-REPORT): recorded against our delivery."""
@@ -192,6 +229,7 @@ class StorageSCP:
         """The association ended (released or not): forget its last row."""
         with self._stats_lock:
             self._last_seq.pop(peer, None)
+        self._assoc_series.pop((peer.address, peer.port), None)
 
     def on_store(self, request: StoreRequest) -> int:
         try:
@@ -245,6 +283,10 @@ class StorageSCP:
         # recorded once.
         seq = self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
         self._last_seq[req.peer] = seq  # one thread per association: no other writer of this key
+        series = self._assoc_series.get((req.peer.address, req.peer.port))
+        if series is None:
+            series = self._assoc_series[(req.peer.address, req.peer.port)] = set()
+        series.add(meta.series_uid)
         return SUCCESS
 
     def _rejected(self, item: Received, reason: str) -> None:
@@ -277,6 +319,7 @@ class StorageSCP:
             clean.unlink()
         else:
             record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
+            self.interrupted = queue.receiving_series(self.db)
         self.writer.start()
         if not (cfg.tls.enabled and not cfg.tls.plain_listener):
             self.server.start((cfg.bind_address, cfg.port))
@@ -286,6 +329,21 @@ class StorageSCP:
             log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port,
                      " (DICOM TLS%s)" % (", client certificate required" if cfg.tls.require_client_certificate else "")
                      if tls else "")
+
+    def restart_quiet(self) -> None:
+        """After an unclean stop, series that were arriving lost their senders' associations with the node:
+        their quiet period starts again now, as long as after a dropped association (the senders retry).
+        Called by the service just before completion checks start, so a slow model load does not use it up."""
+        ser = self.settings.series
+        wait = max(ser.stable_seconds, ser.abort_grace_seconds)
+        ids = queue.extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
+                                 f"the node restarted after an unclean stop; not judged quiet for {wait:g} s",
+                                 series_ids=self.interrupted)
+        self._waiting.update(ids.values())
+        self.interrupted = []
+        if ids:
+            log.warning("unclean stop: %d series that were arriving wait %g s for their senders to resend",
+                        len(ids), wait)
 
     @property
     def port(self) -> int:

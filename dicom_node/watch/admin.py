@@ -31,7 +31,9 @@ def show(db: Database, what: str) -> str | None:
         for se in s.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)):
             n_files = s.scalar(select(Instance.id).where(Instance.series_id == se.id, Instance.path != "").limit(1))
             out.append(f"\nseries {se.series_uid}  {se.modality} #{se.series_number} '{se.series_description}'  "
-                       f"{se.n_instances} instances  state {se.state}")
+                       f"{se.n_instances} instances"
+                       + (f" of {se.expected_count} ({se.expected_from})" if se.expected_count else "")
+                       + f"  state {se.state}")
             if n_files:
                 folder = s.scalar(select(Instance.path).where(Instance.series_id == se.id, Instance.path != "").limit(1))
                 out.append(f"  files: {folder.rsplit('/', 1)[0]}/")
