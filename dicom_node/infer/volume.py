@@ -74,9 +74,13 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         return load_multiframe(instances[0].path)
     datasets: list[Dataset] = []
     array = None
+    inverted: list[int] = []
     for k, inst in enumerate(instances):
         ds = pydicom.dcmread(inst.path)
+        check_pixels(ds)
         px = ds.pixel_array.astype(np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+            inverted.append(k)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope != 1 or intercept != 0:
@@ -87,6 +91,7 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         del ds.PixelData
         datasets.append(ds)
     assert array is not None
+    invert_monochrome1(array, inverted)
     iop = [float(v) for v in datasets[0].ImageOrientationPatient]
     ps = tuple(float(v) for v in datasets[0].PixelSpacing)
     if len(datasets) > 1:
@@ -98,6 +103,27 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         spacing = float(datasets[0].get("SliceThickness", 1.0) or 1.0)
     origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
     return SeriesVolume(array, datasets, tuple(iop[:3]), tuple(iop[3:]), ps, spacing, origins)  # type: ignore[arg-type]
+
+
+def check_pixels(ds: Dataset) -> None:
+    """Refuse, in words, pixel data the grey-value model cannot read (before any inference is spent)."""
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if spp != 1 or (photometric and photometric not in ("MONOCHROME1", "MONOCHROME2")):
+        raise NotStackable(f"colour images ({photometric or 'no PhotometricInterpretation'}, {spp} samples per "
+                           "pixel): the model reads greyscale MR images only")
+    if "PixelData" not in ds:
+        raise NotStackable("an image of the series has no pixel data (float or double pixel data is not read)")
+
+
+def invert_monochrome1(array: np.ndarray, slices: list[int]) -> None:
+    """MONOCHROME1 shows high values dark: mirror those slices' values within the volume's range, so that
+    the model sees what the radiologist sees (a MONOCHROME2 image of the same anatomy)."""
+    if not slices:
+        return
+    lo, hi = float(array.min()), float(array.max())
+    for k in slices:
+        array[k] = (lo + hi) - array[k]
 
 
 def _frame_attr(ds: Dataset, k: int, seq: str, item: str):
@@ -113,6 +139,7 @@ def _frame_attr(ds: Dataset, k: int, seq: str, item: str):
 def load_multiframe(path: str) -> SeriesVolume:
     """An Enhanced/Legacy Converted Enhanced MR instance as a volume, frames sorted along the normal."""
     ds = pydicom.dcmread(path)
+    check_pixels(ds)
     n = int(ds.NumberOfFrames)
     iops = np.array([[float(v) for v in _frame_attr(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
                      for k in range(n)])
@@ -143,6 +170,8 @@ def load_multiframe(path: str) -> SeriesVolume:
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope != 1 or intercept != 0:
             pixels[k] = pixels[k] * slope + intercept
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        invert_monochrome1(pixels, list(range(n)))
     del ds.PixelData
     _share_orientation(ds)
     spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
