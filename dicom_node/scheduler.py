@@ -16,7 +16,8 @@ from storage.db import Database
 
 from .config import Settings
 from .pipeline import Pipeline
-from .decide.rules import decide
+from .decide.rules import Decision, decide
+from .errors import admin_message
 
 log = logging.getLogger("dicom_node.scheduler")
 
@@ -26,7 +27,11 @@ def completion_scan(settings: Settings, db: Database) -> int:
     n = 0
     for series_id in queue.stable_series(db, settings.series.stable_seconds):
         series, instances = queue.series_instances(db, series_id)
-        d = decide(series, series.study.study_description, instances, settings.rules)
+        try:
+            d = decide(series, series.study.study_description, instances, settings.rules)
+        except Exception as exc:  # one odd series must not stop the scan for all the others
+            log.debug("series %s: deciding failed", series_id, exc_info=True)
+            d = Decision(False, admin_message(exc, "deciding whether to segment the series"))
         job = queue.mark_judged(db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
                                 expected_count=len(instances))
         if job is not None:

@@ -15,6 +15,7 @@ from storage.db import Database
 from storage.models import utcnow
 
 from ..config import Destination, Settings
+from ..errors import network_reason
 from .sender import send_items, stow
 
 log = logging.getLogger("dicom_node.deliver")
@@ -37,8 +38,11 @@ def send_to(settings: Settings, dest: Destination, files: list[str]) -> tuple[bo
             res = send_items(dest.host, dest.port, dest.ae_title, files,
                              calling=dest.calling_ae_title or settings.scp.ae_title)
         return res.ok, "ok" if res.ok else "; ".join(f for _, f in res.failed)
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # words for the admin; the exception for whoever debugs it
+        peer = dest.url if dest.protocol == "stow" else f"{dest.ae_title} at {dest.host}:{dest.port}"
+        log.debug("sending to %s failed", dest.name, exc_info=True)
+        return False, network_reason(exc, peer) or (
+            f"could not send to {peer} (an internal error: see the node's log at debug level)")
 
 
 def deliver_job(settings: Settings, db: Database, job_id: int, job_dir: Path) -> list[str]:

@@ -15,6 +15,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ..errors import network_reason
+
 
 log = logging.getLogger("dicom_node.deliver.sender")
 
@@ -142,8 +144,10 @@ def stow(url: str, files: list[str], username: str = "", password: str = "") -> 
     datasets = [pydicom.dcmread(f) for f in files]
     try:
         resp = client.store_instances(datasets)
-    except Exception as exc:  # HTTP errors, refused connections
-        return SendResult(0, [("*", f"{type(exc).__name__}: {exc}")])
+    except Exception as exc:  # HTTP errors, refused connections: in words; the exception at debug level
+        log.debug("STOW-RS to %s failed", url, exc_info=True)
+        return SendResult(0, [("*", network_reason(exc, url) or f"the upload to {url} failed (see the node's log "
+                                                                 "at debug level)")])
     failed = [(str(item.get("00081155", {}).get("Value", ["?"])[0]), "refused by the server")
               for item in (resp.get("00081198", {}).get("Value", []) if resp is not None else [])]
     return SendResult(len(datasets) - len(failed), failed)

@@ -9,6 +9,7 @@ can be handed back in the source's own frame order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from storage.models import Instance
+
+log = logging.getLogger("dicom_node.infer.volume")
 
 
 @dataclass
@@ -78,7 +81,7 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
     for k, inst in enumerate(instances):
         ds = pydicom.dcmread(inst.path)
         check_pixels(ds)
-        px = ds.pixel_array.astype(np.float32)
+        px = decoded_pixels(ds, f"instance {getattr(inst, 'instance_number', None) or k + 1}").astype(np.float32)
         if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
             inverted.append(k)
         slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -114,6 +117,19 @@ def check_pixels(ds: Dataset) -> None:
                            "pixel): the model reads greyscale MR images only")
     if "PixelData" not in ds:
         raise NotStackable("an image of the series has no pixel data (float or double pixel data is not read)")
+
+
+def decoded_pixels(ds: Dataset, which: str) -> np.ndarray:
+    """``ds.pixel_array``, or the reason in words when it cannot be decoded (same input, same failure: the
+    series is skipped rather than retried)."""
+    try:
+        return ds.pixel_array
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = getattr(ts, "name", "") or str(ts or "unknown transfer syntax")
+        log.debug("pixel data of %s not decodable", which, exc_info=True)
+        raise NotStackable(f"the pixel data of {which} could not be decoded ({name}): it is corrupt or no "
+                           "installed decoder reads it") from exc
 
 
 def invert_monochrome1(array: np.ndarray, slices: list[int]) -> None:
@@ -158,7 +174,7 @@ def load_multiframe(path: str) -> SeriesVolume:
     if len(gaps) and np.abs(gaps - np.median(gaps)).max() > 0.1 * np.median(gaps) + 0.01:
         raise NotStackable("inconsistent frame spacing")
     ps = tuple(float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
-    pixels = ds.pixel_array.astype(np.float32)
+    pixels = decoded_pixels(ds, "the multi-frame instance").astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[None]
     for k in range(n):  # Enhanced MR keeps the rescale in the functional groups, per frame or shared
