@@ -100,7 +100,9 @@ def send_items(host: str, port: int, called: str, items: list, calling: str = "S
             try:
                 st = assoc.send_c_store(item)
             except (ValueError, AttributeError, OSError) as exc:
-                failed.append((name, str(exc)))
+                log.debug("C-STORE of %s failed", name, exc_info=True)
+                failed.append((name, network_reason(exc, f"{called} at {host}:{port}")
+                               or "could not be sent (an internal error: see the node's log at debug level)"))
                 continue
             if st and st.Status in (0x0000, 0xB000, 0xB007, 0xB006):
                 sent += 1
