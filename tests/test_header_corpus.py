@@ -101,8 +101,10 @@ def bits_stored_16(ds):
 
 
 def odd_values(ds):
-    """What some anonymisers leave: an unknown sex code, dates with dashes (neither is valid DICOM)."""
-    ds.PatientSex, ds.StudyDate, ds.PatientBirthDate = "U", "2026-01-01", "2015"
+    """What some anonymisers and old systems leave: an unknown sex code, dates with dashes, a year alone, a
+    time with a colon, an age without its unit (none is valid DICOM)."""
+    ds.PatientSex, ds.StudyDate, ds.PatientBirthDate, ds.StudyTime = "U", "2026-01-01", "2015", "9:30"
+    ds.PatientAge = "45"
 
 
 TYPE2 = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDate",
@@ -116,7 +118,8 @@ CASES = [
     Case("anonymiser dropped every patient and study Type 2 attribute", drop(*TYPE2, "PatientName", "PatientID"),
          context={kw: "" for kw in (*TYPE2, "PatientName", "PatientID")}),
     Case("empty PatientName", lambda ds: setattr(ds, "PatientName", ""), context={"PatientName": ""}),
-    Case("invalid sex code and dates", odd_values, context={"PatientSex": "", "StudyDate": "", "PatientBirthDate": ""}),
+    Case("invalid sex code, dates, time and age", odd_values,
+         context={"PatientSex": "", "StudyDate": "", "PatientBirthDate": "", "StudyTime": "", "PatientAge": ""}),
     Case("ISO_IR 100 Latin-1", text("ISO_IR 100", "Müller^Jürgen", "IRM des membres inférieurs", "AX T1 JAMBE ÉTÉ"),
          context={"PatientName": "Müller^Jürgen", "StudyDescription": "IRM des membres inférieurs"},
          charset="ISO_IR 100"),
@@ -271,7 +274,7 @@ def test_header_case(corpus, case):
     # the model saw the image the radiologist sees: bone where the phantom has bone, in every geometry
     dice = _bone_dice(res["SEG"], case)
     print(f"{case.name}: bone Dice {dice:.3f}")
-    assert dice > 0.8, f"{case.name}: bone Dice {dice:.3f} against the phantom"
+    assert dice > 0.9, f"{case.name}: bone Dice {dice:.3f} against the phantom"  # measured 0.958–0.995
 
 
 def test_no_job_reason_is_python_exception_text(corpus):

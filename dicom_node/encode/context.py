@@ -25,7 +25,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import DA, TM, PersonName
+from pydicom import config
+from pydicom.valuerep import PersonName, validate_value
 
 log = logging.getLogger("dicom_node.encode")
 
@@ -34,6 +35,12 @@ TYPE2_CONTEXT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "StudyID", "AccessionNumber", "StudyDate", "StudyTime")
 #: Value representations holding text in the data set's character set (PS3.5 6.1.2.3).
 TEXT_VRS = frozenset(("SH", "LO", "ST", "LT", "UT", "PN", "UC"))
+#: Copied exactly as sent, valid or not: what the PACS files the result under.
+KEEP_AS_SENT = frozenset(("PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "AccessionNumber",
+                          "StudyID", "SpecificCharacterSet"))
+#: Study attributes outside the patient groups that the results copy (General Study, Patient Study modules).
+STUDY_TEXT = frozenset(("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyDescription",
+                        "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription"))
 UTF8 = "ISO_IR 192"
 LATIN1 = "ISO_IR 100"
 
@@ -55,19 +62,35 @@ def result_context(source: list[Dataset]) -> list[Dataset]:
     return [first, *source[1:]]
 
 
+def _copied_context(tag, keyword: str) -> bool:
+    """Patient and clinical-trial groups (0010, 0012) and the study attributes of group 0008: what the results
+    copy as patient/study context. Never geometry or pixel description, which the SEG must take unchanged."""
+    return not tag.is_private and (tag.group in (0x0010, 0x0012) or keyword in STUDY_TEXT)
+
+
 def _blank_invalid(ds: Dataset) -> None:
+    """Empty the values the results would copy broken (a wrong format for their VR), except identifiers.
+
+    Identifiers are copied as they are even when too long (a hashed 32-character AccessionNumber): the
+    result must file under the same patient and study as its source, which matters more than the validator.
+    """
     sex = str(ds.PatientSex or "").strip().upper()
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
-    for kw, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
-        value = ds[kw].value
-        if value in ("", None):
+    blanked = []
+    for elem in ds:
+        if not _copied_context(elem.tag, elem.keyword) or elem.VR in ("SQ", "UI") or elem.keyword in KEEP_AS_SENT \
+                or elem.value in ("", None):
             continue
+        values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
         try:
-            kind(str(value))
-        except ValueError:
-            log.info("series %s: %s is not a valid %s value: written empty in the results",
-                     ds.get("SeriesInstanceUID", "?"), kw, kind.__name__)
-            setattr(ds, kw, "")
+            for v in values:
+                validate_value(elem.VR, v if elem.VR in ("DA", "TM", "DT", "AS", "CS") else str(v), config.RAISE)
+        except (ValueError, TypeError):
+            elem.value = ""
+            blanked.append(elem.keyword or str(elem.tag))
+    if blanked:  # names of attributes only: their values may be patient data
+        log.info("series %s: values not valid for their VR written empty in the results: %s",
+                 ds.get("SeriesInstanceUID", "?"), ", ".join(blanked))
 
 
 def _text_bytes(ds: Dataset) -> dict[int, bytes]:
