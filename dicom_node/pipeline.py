@@ -28,6 +28,7 @@ from .config import Settings
 from .deliver.outbox import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
+from .errors import admin_message
 from .infer.compute import NotSegmentable, segment_series
 from .notify import notify
 
@@ -107,15 +108,17 @@ class Pipeline:
         return n
 
     def run(self, job_id: int) -> None:
+        doing = ["starting the job"]  # what the job was doing, for the reason an admin reads
         try:
             with _Heartbeat(self.db, job_id, self.owner, self.settings.worker.lease_seconds) as hb:
-                self._run(job_id, hb)
+                self._run(job_id, hb, doing)
         except LeaseLost as exc:
             log.warning("%s", exc)
         except Exception as exc:  # a job failure must not stop the worker
-            err = f"{type(exc).__name__}: {exc}"
+            err = admin_message(exc, doing[-1], job_id)
             log.error("job %s failed: %s", job_id, err)
-            log.debug("%s", traceback.format_exc())
+            # the exception itself (its text may quote header values) only at debug level, for whoever fixes it
+            log.debug("job %s: %s while %s\n%s", job_id, type(exc).__name__, doing[-1], traceback.format_exc())
             w = self.settings.worker
             state = queue.fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
@@ -127,22 +130,32 @@ class Pipeline:
         queue.add_timing(self.db, job_id, name, now - t0)
         return now
 
-    def _run(self, job_id: int, hb: _Heartbeat) -> None:
+    def _run(self, job_id: int, hb: _Heartbeat, doing: list[str]) -> None:
         with self.db.session() as s:
             job = s.get(Job, job_id)
             series_id, seg_path = job.series_id, job.seg_path
         if seg_path and Path(seg_path).is_file():
             # the result exists (the worker stopped after encoding): it goes to the outbox, never re-encoded
+            doing.append("queueing the results for delivery")
             self._deliver(job_id, Path(seg_path).parent, hb)
             return
         series, instances = queue.series_instances(self.db, series_id)
+        doing.append("loading the model")
+        predictor = self.predictor
+        doing.append("loading the images")
+
+        def timing(stage: str, sec: float) -> None:
+            queue.add_timing(self.db, job_id, stage, sec)
+            if stage == "load":
+                doing.append("running the model")
+
         try:
-            result = segment_series(instances, self.predictor,
-                                    lambda stage, sec: queue.add_timing(self.db, job_id, stage, sec))
+            result = segment_series(instances, predictor, timing)
         except NotSegmentable as exc:
             queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
         t = time.perf_counter()
+        doing.append("recording the volumes")
         segments, vols, card = result.segments, result.volumes_cm3, result.card
         queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
@@ -152,6 +165,7 @@ class Pipeline:
             return
         job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
         job_dir.mkdir(parents=True, exist_ok=True)
+        doing.append("encoding the SEG and SR")
         try:
             seg, path = encode_results(self.settings, result, job_dir)
         except InvalidResult as exc:
@@ -165,6 +179,7 @@ class Pipeline:
                         device=result.device)
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
+        doing.append("queueing the results for delivery")
         self._deliver(job_id, path.parent, hb)
         log.info("job %s encoded (%s); in the outbox", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 

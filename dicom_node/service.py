@@ -29,6 +29,22 @@ def setup_logging(settings: Settings) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_pydicom_values()
+
+
+def quiet_pydicom_values() -> None:
+    """pydicom warns about each header value that breaks its VR, quoting the value ("Invalid value for VR DA:
+    '19700101'"), to its logger and to stderr: with anonymised or old headers that puts birth dates and
+    names into the node's log. Such values are read as they are and handled where they matter
+    (encode/context.py), so the warnings are not needed; PHI stays out of the log."""
+    import warnings
+
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", message=r"(Invalid value for VR|The value length|Failed to (en|de)code)")
 
 
 def open_storage(settings: Settings) -> tuple[Database, FileStore]:

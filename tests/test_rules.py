@@ -87,3 +87,22 @@ def test_one_series_with_a_gap_between_stations_is_cut_into_blocks():
     assert [[float(i.position.split("\\")[2]) for i in b] for b in blocks] == [[85, 90, 95, 100], [180, 185, 190, 195, 200]]
     # a series without gaps stays one block
     assert split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0]) and len(split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0])) == 1
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"frame_of_reference_uid": ""}, "cannot place a segmentation without a frame of reference"),
+    ({"pixel_spacing": ""}, "missing or malformed PixelSpacing (0028,0030)"),
+    ({"pixel_spacing": "0\\0.8"}, "missing or malformed PixelSpacing (0028,0030)"),
+    ({"orientation": ""}, "missing or malformed ImageOrientationPatient (0020,0037)"),
+    ({"orientation": "0\\0\\0\\0\\0\\0"}, "not two perpendicular unit vectors"),
+    ({"orientation": "1\\0\\0\\1\\0\\0"}, "not two perpendicular unit vectors"),
+    ({"position": ""}, "missing or malformed ImagePositionPatient (0020,0032)"),
+])
+def test_absent_type1_geometry_is_skipped_in_words_before_inference(change, words):
+    """What anonymisers and exports drop: the series is skipped at the decision, with the attribute named."""
+    slices = [inst(z) for z in range(25)]
+    for s in slices:
+        for key, value in change.items():
+            setattr(s, key, value)
+    d = decide(series(body="LEG"), "", slices, [Rule()])
+    assert not d.segment and words in d.reason, d.reason

@@ -33,7 +33,8 @@ from storage.queue import CompletionView
 
 from ..config import Settings, Source
 from . import query
-from .rules import decide
+from ..errors import admin_message
+from .rules import Decision, decide
 
 log = logging.getLogger("dicom_node.decide.completion")
 
@@ -268,7 +269,11 @@ class Completion:
         series, instances = queue.series_instances(self.db, series_id)
         if series.state != "receiving" or len(instances) < held:
             return None
-        d = decide(series, series.study.study_description, instances, self.settings.rules)
+        try:
+            d = decide(series, series.study.study_description, instances, self.settings.rules)
+        except Exception as exc:  # one odd series is skipped in words; it must not stop the others
+            log.debug("series %s: deciding failed", series_id, exc_info=True)
+            d = Decision(False, admin_message(exc, "deciding whether to segment the series"))
         job = queue.mark_judged(self.db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
                                 expected_count=len(instances), how=how)
         if job is None:

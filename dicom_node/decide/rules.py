@@ -72,6 +72,9 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     images = [i for i in instances if i.rows and i.columns]
     if not images:
         return None, "no image instances in the series"
+    if any(not (i.frame_of_reference_uid or "").strip() for i in images):
+        return None, ("no Frame of Reference UID (0020,0052): cannot place a segmentation without a frame of "
+                      "reference; send the series with it (an anonymiser may have removed it)")
     if any((i.frames or 1) > 1 for i in images):
         if len(images) == 1:
             return images, ""  # one multi-frame instance: its frames are checked and ordered when loaded
@@ -82,8 +85,13 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
         return None, "only localizer images"
     ori = [tuple(_floats(i.orientation)) for i in images]
     if any(len(o) != 6 for o in ori):
-        return None, "missing or malformed ImageOrientationPatient"
+        return None, ("missing or malformed ImageOrientationPatient (0020,0037): without the slice orientation "
+                      "the segmentation cannot be placed")
     ref = np.asarray(ori[0])
+    if abs(np.linalg.norm(ref[:3]) - 1) > 0.01 or abs(np.linalg.norm(ref[3:]) - 1) > 0.01 \
+            or abs(float(np.dot(ref[:3], ref[3:]))) > 0.01:
+        return None, ("malformed ImageOrientationPatient (0020,0037): its row and column directions are not two "
+                      "perpendicular unit vectors, so the slices cannot be placed")
     if any(np.abs(np.asarray(o) - ref).max() > 1e-3 for o in ori):
         n = len({tuple(np.round(o, 3)) for o in ori})
         return None, f"mixed orientations ({n} different ImageOrientationPatient values)"
@@ -91,6 +99,10 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     if abs(normal[2]) < 0.8:
         plane = "sagittal" if abs(normal[0]) > abs(normal[1]) else "coronal"
         return None, f"{plane} slices: the model segments axial slices only"
+    spacing = [_floats(i.pixel_spacing) for i in images]
+    if any(len(sp) != 2 or min(sp) <= 0 for sp in spacing):
+        return None, ("missing or malformed PixelSpacing (0028,0030): without the pixel size the segmentation "
+                      "cannot be placed and no volume can be measured")
     if len({(i.rows, i.columns) for i in images}) > 1:
         return None, "slices differ in rows/columns"
     if len({i.pixel_spacing for i in images}) > 1:
@@ -99,7 +111,8 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
         return None, "slices from more than one frame of reference"
     pos = [_floats(i.position) for i in images]
     if any(len(p) != 3 for p in pos):
-        return None, "missing or malformed ImagePositionPatient"
+        return None, ("missing or malformed ImagePositionPatient (0020,0032): without slice positions the slices "
+                      "cannot be stacked into a volume")
     d = np.asarray(pos) @ normal
     # a position sent twice (a repeated slice, a re-sent corrected image): the instance received last wins
     received = [(getattr(i, "received_at", None) or 0, getattr(i, "id", 0) or 0) for i in images]

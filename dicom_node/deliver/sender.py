@@ -16,6 +16,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ..errors import network_reason
+
 
 log = logging.getLogger("dicom_node.deliver.sender")
 
@@ -107,7 +109,9 @@ def send_items(host: str, port: int, called: str, items: list, calling: str = "S
             try:
                 st = assoc.send_c_store(item)
             except (ValueError, AttributeError, OSError) as exc:
-                failed.append((name, str(exc)))
+                log.debug("C-STORE of %s failed", name, exc_info=True)
+                failed.append((name, network_reason(exc, f"{called} at {host}:{port}")
+                               or "could not be sent (an internal error: see the node's log at debug level)"))
                 continue
             if st and st.Status in (0x0000, 0xB000, 0xB007, 0xB006):
                 sent += 1
@@ -151,8 +155,10 @@ def stow(url: str, files: list[str], username: str = "", password: str = "") -> 
     datasets = [pydicom.dcmread(f) for f in files]
     try:
         resp = client.store_instances(datasets)
-    except Exception as exc:  # HTTP errors, refused connections
-        return SendResult(0, [("*", f"{type(exc).__name__}: {exc}")])
+    except Exception as exc:  # HTTP errors, refused connections: in words; the exception at debug level
+        log.debug("STOW-RS to %s failed", url, exc_info=True)
+        return SendResult(0, [("*", network_reason(exc, url) or f"the upload to {url} failed (see the node's log "
+                                                                 "at debug level)")])
     failed = [(str(item.get("00081155", {}).get("Value", ["?"])[0]), "refused by the server")
               for item in (resp.get("00081198", {}).get("Value", []) if resp is not None else [])]
     return SendResult(len(datasets) - len(failed), failed)

@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 
 from ..config import Settings
 from ..infer.compute import SeriesResult
+from .context import result_context
 from .seg_writer import build_seg
 from .sr_writer import build_sr
 from .validate import check_seg, check_sr
@@ -27,14 +28,15 @@ def encode_results(settings: Settings, result: SeriesResult, job_dir: Path) -> t
     each against the source; returns the first SEG (its UIDs go on the job) and its path."""
     vol, out = result.volume, settings.output
     first: tuple[Dataset, Path] | None = None
+    context = result_context(vol.datasets)  # absent Type 2 attributes present and empty, text encodable
     labels = result.source_order_labels
     for seg_type in seg_types(settings):
         seg_path, sr_path = job_dir / f"SEG_{seg_type}.dcm", job_dir / f"SR_{seg_type}.dcm"
-        seg = build_seg(vol.datasets, labels, result.segments, result.card,
+        seg = build_seg(context, labels, result.segments, result.card,
                         series_description=out.series_description, series_number=out.series_number,
                         manufacturer=out.manufacturer, segmentation_type=seg_type.upper())
         seg.save_as(seg_path, enforce_file_format=True)
-        sr = build_sr(seg, vol.datasets, result.segments, result.volumes_cm3, result.card,
+        sr = build_sr(seg, context, result.segments, result.volumes_cm3, result.card,
                       labels=labels, series_number=out.series_number + 1, manufacturer=out.manufacturer)
         sr.save_as(sr_path, enforce_file_format=True)
         # re-read what was written and compare it with the source before anything is sent

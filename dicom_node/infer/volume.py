@@ -9,6 +9,7 @@ can be handed back in the source's own frame order.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from storage.models import Instance
+
+log = logging.getLogger("dicom_node.infer.volume")
 
 
 @dataclass
@@ -74,9 +77,13 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         return load_multiframe(instances[0].path)
     datasets: list[Dataset] = []
     array = None
+    inverted: list[int] = []
     for k, inst in enumerate(instances):
         ds = pydicom.dcmread(inst.path)
-        px = ds.pixel_array.astype(np.float32)
+        check_pixels(ds)
+        px = decoded_pixels(ds, f"instance {getattr(inst, 'instance_number', None) or k + 1}").astype(np.float32)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+            inverted.append(k)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope != 1 or intercept != 0:
@@ -87,6 +94,7 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         del ds.PixelData
         datasets.append(ds)
     assert array is not None
+    invert_monochrome1(array, inverted)
     iop = [float(v) for v in datasets[0].ImageOrientationPatient]
     ps = tuple(float(v) for v in datasets[0].PixelSpacing)
     if len(datasets) > 1:
@@ -98,6 +106,40 @@ def load_series(instances: list[Instance]) -> SeriesVolume:
         spacing = float(datasets[0].get("SliceThickness", 1.0) or 1.0)
     origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in datasets])
     return SeriesVolume(array, datasets, tuple(iop[:3]), tuple(iop[3:]), ps, spacing, origins)  # type: ignore[arg-type]
+
+
+def check_pixels(ds: Dataset) -> None:
+    """Refuse, in words, pixel data the grey-value model cannot read (before any inference is spent)."""
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if spp != 1 or (photometric and photometric not in ("MONOCHROME1", "MONOCHROME2")):
+        raise NotStackable(f"colour images ({photometric or 'no PhotometricInterpretation'}, {spp} samples per "
+                           "pixel): the model reads greyscale MR images only")
+    if "PixelData" not in ds:
+        raise NotStackable("an image of the series has no pixel data (float or double pixel data is not read)")
+
+
+def decoded_pixels(ds: Dataset, which: str) -> np.ndarray:
+    """``ds.pixel_array``, or the reason in words when it cannot be decoded (same input, same failure: the
+    series is skipped rather than retried)."""
+    try:
+        return ds.pixel_array
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = getattr(ts, "name", "") or str(ts or "unknown transfer syntax")
+        log.debug("pixel data of %s not decodable", which, exc_info=True)
+        raise NotStackable(f"the pixel data of {which} could not be decoded ({name}): it is corrupt or no "
+                           "installed decoder reads it") from exc
+
+
+def invert_monochrome1(array: np.ndarray, slices: list[int]) -> None:
+    """MONOCHROME1 shows high values dark: mirror those slices' values within the volume's range, so that
+    the model sees what the radiologist sees (a MONOCHROME2 image of the same anatomy)."""
+    if not slices:
+        return
+    lo, hi = float(array.min()), float(array.max())
+    for k in slices:
+        array[k] = (lo + hi) - array[k]
 
 
 def _frame_attr(ds: Dataset, k: int, seq: str, item: str):
@@ -113,6 +155,7 @@ def _frame_attr(ds: Dataset, k: int, seq: str, item: str):
 def load_multiframe(path: str) -> SeriesVolume:
     """An Enhanced/Legacy Converted Enhanced MR instance as a volume, frames sorted along the normal."""
     ds = pydicom.dcmread(path)
+    check_pixels(ds)
     n = int(ds.NumberOfFrames)
     iops = np.array([[float(v) for v in _frame_attr(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
                      for k in range(n)])
@@ -131,7 +174,7 @@ def load_multiframe(path: str) -> SeriesVolume:
     if len(gaps) and np.abs(gaps - np.median(gaps)).max() > 0.1 * np.median(gaps) + 0.01:
         raise NotStackable("inconsistent frame spacing")
     ps = tuple(float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
-    pixels = ds.pixel_array.astype(np.float32)
+    pixels = decoded_pixels(ds, "the multi-frame instance").astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[None]
     for k in range(n):  # Enhanced MR keeps the rescale in the functional groups, per frame or shared
@@ -143,6 +186,8 @@ def load_multiframe(path: str) -> SeriesVolume:
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope != 1 or intercept != 0:
             pixels[k] = pixels[k] * slope + intercept
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        invert_monochrome1(pixels, list(range(n)))
     del ds.PixelData
     _share_orientation(ds)
     spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))

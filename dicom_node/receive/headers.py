@@ -137,10 +137,23 @@ def _check_pixels(ds: Dataset) -> None:
         raise UnreadableData(f"pixel data holds {len(raw or b'')} bytes, {expected} expected (truncated)")
 
 
+def undeclared_text(b: bytes) -> str:
+    """Text without a Specific Character Set: UTF-8 when the bytes are valid UTF-8 (what most current software
+    writes, and how the results read it: encode/context.py), else Latin-1."""
+    try:
+        return b.decode("utf-8").rstrip(" \x00")
+    except UnicodeDecodeError:
+        return b.decode("latin-1").rstrip(" \x00")
+
+
 def to_meta(ds: Dataset) -> InstanceMeta:
     ts = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    undeclared = not ds.get("SpecificCharacterSet")
 
     def s(kw: str) -> str:
+        elem = ds._dict.get(_DESCRIPTIONS.get(kw, -1))
+        if undeclared and isinstance(elem, RawDataElement) and elem.value:
+            return undeclared_text(bytes(elem.value))
         v = ds.get(kw, "")
         return "" if v is None else str(v)
 
@@ -286,7 +299,8 @@ def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax
         raise UnreadableData("image without pixel data (truncated?)")
 
     def desc(kw: str) -> str:
-        return raw(_DESCRIPTIONS[kw]).decode(encoding, "replace").rstrip(" \x00")
+        b = raw(_DESCRIPTIONS[kw])
+        return undeclared_text(b) if not charset else b.decode(encoding, "replace").rstrip(" \x00")
 
     return InstanceMeta(
         sop_uid=t("SOPInstanceUID"), sop_class_uid=t("SOPClassUID"), study_uid=t("StudyInstanceUID"),
