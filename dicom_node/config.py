@@ -167,6 +167,19 @@ class RetentionSettings:
 
 
 @dataclass
+class QualitySettings:
+    """The quality gate (dicom_node/encode/quality.py) runs on every job; these are its options."""
+
+    tta: bool = True  # the test-time-augmented second pass (doubles the model's time; the strongest check)
+
+    def validate(self) -> None:
+        pass
+
+
+QUALITY_POLICIES = {"hold", "send_flagged", "drop"}
+
+
+@dataclass
 class Destination:
     name: str = "pacs"
     ae_title: str = "PACS"
@@ -181,8 +194,11 @@ class Destination:
     url: str = ""
     username: str = ""
     password: str = ""
+    # what a result that fails the quality gate does here: wait for review, go out flagged, or stay local
+    quality_policy: str = "hold"
 
     def validate(self, key: str = "destinations") -> None:
+        _one_of(f"{key}.quality_policy", self.quality_policy, QUALITY_POLICIES)
         _one_of(f"{key}.seg_type", self.seg_type, {"binary", "labelmap"})
         _one_of(f"{key}.protocol", self.protocol, {"dimse", "stow"})
         if self.protocol == "stow" and not self.url.startswith(("http://", "https://")):
@@ -204,6 +220,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
     destinations: list[Destination] = field(default_factory=list)
     source: Path | None = None
 

@@ -1,5 +1,9 @@
 """One job from queued to delivered, orchestrating the stages: infer (load → preprocess/predict/postprocess,
-sides, volumes) → encode (SEG + SR, checked) → deliver.
+sides, volumes) → quality gate → encode (SEG + SR, checked) → release for delivery → deliver.
+
+The quality gate (encode/quality.py) judges every result before anything is encoded or sent; what a failed
+result does at each destination (hold for review, send flagged, drop) is decided in one place,
+:meth:`Pipeline.release_for_delivery`.
 
 Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table);
 each send attempt is a row in ``deliveries``. While a job runs, a heartbeat renews its lease so that
@@ -24,6 +28,7 @@ from storage.models import Job, utcnow
 
 from .config import Settings
 from .deliver.delivery import deliver_job
+from .encode.quality import QualityReport, assess
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
 from .infer.compute import NotSegmentable, segment_series
@@ -131,7 +136,8 @@ class Pipeline:
         series, instances = queue.series_instances(self.db, series_id)
         try:
             result = segment_series(instances, self.predictor,
-                                    lambda stage, sec: queue.add_timing(self.db, job_id, stage, sec))
+                                    lambda stage, sec: queue.add_timing(self.db, job_id, stage, sec),
+                                    quality=True, tta=self.settings.quality.tta)
         except NotSegmentable as exc:
             queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
@@ -143,10 +149,13 @@ class Pipeline:
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
                             model_version=card.version, device=result.device)
             return
+        report = self._judge(job_id, result)
+        t = time.perf_counter()
         job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
         job_dir.mkdir(parents=True, exist_ok=True)
         try:
-            seg, path = encode_results(self.settings, result, job_dir)
+            seg, path = encode_results(self.settings, result, job_dir,
+                                       failed=report.short_names() if report.verdict == "fail" else None)
         except InvalidResult as exc:
             queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
@@ -160,6 +169,20 @@ class Pipeline:
         self._deliver(job_id, str(path), hb, t)
         log.info("job %s done: %s", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 
+    def _judge(self, job_id: int, result) -> QualityReport:
+        """The quality gate on the result, stored per structure and on the timeline; the probabilities are
+        released afterwards (they are the largest arrays of the job)."""
+        t = time.perf_counter()
+        report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
+                        result.tta_labels)
+        result.probs = result.tta_labels = None
+        queue.save_quality(self.db, job_id, report.verdict, report.summary(),
+                           [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
+        self._stage(job_id, "quality", t)
+        if report.verdict != "pass":
+            log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
+        return report
+
     def _deliver(self, job_id: int, path: str, hb: _Heartbeat, t: float) -> None:
         hb.check()  # never send a result whose job another worker has taken over
         newer = queue.superseded_by(self.db, job_id)
@@ -167,9 +190,48 @@ class Pipeline:
             queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
             return
-        queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in self.settings.destinations))
-        errors = deliver_job(self.settings, self.db, job_id, Path(path).parent)
-        self._stage(job_id, "send", t)
-        if errors:
-            raise RuntimeError("delivery failed: " + "; ".join(errors))
+        self.release_for_delivery(job_id, Path(path).parent, t)
+
+    def release_for_delivery(self, job_id: int, job_dir: Path, t: float | None = None) -> str:
+        """The one place a checked result is let out: which destinations get it now, given the quality gate.
+
+        A result that passed (or only warned) goes to every destination, as before the gate existed. A result
+        that failed goes, per destination's ``quality_policy``: ``send_flagged`` now (its SEG and SR say the
+        checks failed, and which); ``hold`` only after a person approves it (the job waits in ``review``,
+        and an approval queues it again, back through here); ``drop`` never (kept here, recorded). Returns
+        the job's new state. Sending goes through deliver_job, which skips destinations that already have
+        the result, so an approval or a retry never sends twice.
+        """
+        t = time.perf_counter() if t is None else t
+        verdict, review, failed = queue.quality_of(self.db, job_id)
+        held = verdict == "fail" and review != "approved"
+        dests = self.settings.destinations
+        send = [d for d in dests if not held or d.quality_policy == "send_flagged"]
+        hold = [d for d in dests if held and d.quality_policy == "hold"]
+        drop = [d for d in dests if held and d.quality_policy == "drop"]
+        if drop:
+            queue.job_event(self.db, job_id, "dropped", f"not sent to {', '.join(d.name for d in drop)} "
+                                                        f"(quality_policy drop): {failed}")
+        if send or not (hold or drop):
+            flagged = " (flagged: quality checks failed)" if verdict == "fail" else ""
+            queue.set_state(self.db, job_id, "sending", event_detail=", ".join(d.name for d in send) + flagged)
+            errors = deliver_job(self.settings, self.db, job_id, job_dir, send)
+            self._stage(job_id, "send", t)
+            if errors:
+                raise RuntimeError("delivery failed: " + "; ".join(errors))
+        if hold:
+            queue.hold_for_review(self.db, job_id, f"quality checks failed; held for review before sending to "
+                                                   f"{', '.join(d.name for d in hold)}: {failed}")
+            self._notify_review_needed(job_id, failed)
+            return "review"
+        if drop and not send:
+            queue.set_state(self.db, job_id, "dropped", event_detail=None, finished_at=utcnow(),
+                            reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
+            return "dropped"
         queue.set_state(self.db, job_id, "done", event_detail="", reason="", finished_at=utcnow())
+        return "done"
+
+    def _notify_review_needed(self, job_id: int, failed: str) -> None:
+        """Call site for notifications (webhooks, e-mail) when a result is held for review. No notifier
+        exists in this tree yet: the log line (no patient identifiers) is the notification until one does."""
+        log.warning("job %s held for review: quality checks failed (%s)", job_id, failed[:300])

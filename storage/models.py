@@ -79,7 +79,9 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-JOB_STATES = ("queued", "running", "sending", "done", "failed", "skipped")
+#: review: held by the quality gate until a person approves (then queued to send) or rejects it;
+#: rejected: never sent; dropped: failed the gate under quality_policy "drop" (kept here, not sent)
+JOB_STATES = ("queued", "running", "sending", "review", "done", "failed", "skipped", "rejected", "dropped")
 
 
 class Job(Base):
@@ -109,9 +111,18 @@ class Job(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     # set when later instances made this job's result out of date; points at the job that replaces it
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    # quality gate: the worst per-structure verdict (pass | warn | fail; "" before the gate ran), and the
+    # review of a held result: approved | rejected, by whom (user or token name), from where, when, why
+    quality: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    review: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    reviewed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    reviewed_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    review_note: Mapped[str] = mapped_column(Text, default="", server_default="")
     series: Mapped[Series] = relationship(back_populates="jobs", foreign_keys=[series_id])
     volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    quality_checks: Mapped[list["QualityCheck"]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class Event(Base):
@@ -152,3 +163,16 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(32), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+class QualityCheck(Base):
+    """The quality gate's verdict on one structure (and side) of a job, with its reasons and measures."""
+
+    __tablename__ = "quality_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    structure: Mapped[str] = mapped_column(String(32))
+    verdict: Mapped[str] = mapped_column(String(8))  # pass | warn | fail
+    reason: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    job: Mapped[Job] = relationship(back_populates="quality_checks")

@@ -41,11 +41,13 @@ def send_to(settings: Settings, dest: Destination, files: list[str]) -> tuple[bo
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def deliver_job(settings: Settings, db: Database, job_id: int, job_dir: Path) -> list[str]:
-    """Send each destination its files, retrying each with exponential backoff; returns what still failed."""
+def deliver_job(settings: Settings, db: Database, job_id: int, job_dir: Path,
+                destinations: list[Destination] | None = None) -> list[str]:
+    """Send each destination (all configured, or those given) its files, retrying each with exponential
+    backoff; returns what still failed."""
     errors = []
     done = queue.delivered_to(db, job_id)  # a repeated delivery skips destinations that have it
-    for dest in settings.destinations:
+    for dest in settings.destinations if destinations is None else destinations:
         if dest.name in done:
             continue
         files = files_for(dest, job_dir)
