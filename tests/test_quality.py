@@ -140,7 +140,27 @@ def test_the_pelvis_may_show_three_pieces():
     disc(lab, 0, 8, PELVIS, 12, cx=20)
     disc(lab, 0, 8, PELVIS, 12, cx=80)
     disc(lab, 0, 8, PELVIS, 8, cy=80)
+    disc(lab, 6, 40, FEMUR, 10)
     assert by(judge(lab))["PELVIS"].verdict == "pass"
+
+
+def test_a_bone_whose_neighbour_must_show_fails_without_it():
+    """A "pelvis" in a scan reaching 16 cm below it with no femur: the model found it in the wrong place."""
+    lab = np.zeros((N, SIZE, SIZE), np.uint8)
+    disc(lab, 4, 8, PELVIS, 30)
+    q = by(judge(lab))["PELVIS"]
+    assert q.verdict == "fail" and "no femur below it" in q.reason
+    lab = leg()
+    lab[lab >= TIBIA] = 0  # femur, then 11 cm of scan below it with no tibia
+    q = by(judge(lab))["FEMUR RIGHT"]
+    assert q.verdict == "fail" and "no tibia below it" in q.reason
+    lab = leg()
+    lab[lab == FEMUR] = 0  # tibia and fibula, with 10 cm of scan above them and no femur
+    q = by(judge(lab))["TIBIA RIGHT"]
+    assert q.verdict == "fail" and "no femur above it" in q.reason
+    lab = leg()
+    lab[:16] = 0  # the scan ends 1 cm above the knee: nothing to expect above the femur's end
+    assert judge(lab).verdict == "pass"
 
 
 def test_cross_section_out_of_bounds_fails():

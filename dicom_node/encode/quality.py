@@ -45,6 +45,9 @@ THRESHOLDS: dict[str, float] = {
     # share of the slices holding tibia and fibula (same side) where the fibula is at least as large
     "fibula_larger_fail": 0.30,
     "fibula_larger_warn": 0.10,
+    # a neighbour that must show when the scan reaches this far (cm) past a bone's end: femur below the pelvis
+    # (the femoral head sits in the acetabulum), tibia below the femur and femur above the tibia (the knee)
+    "neighbour_cm": 5.0,
     # tibia or fibula alone over more than this length (cm) is implausible (a few cm near the knee and the
     # ankle are normal: the tibial plateau lies above the fibular head, the lateral malleolus below the tibia)
     "alone_cm": 4.0,
@@ -141,6 +144,8 @@ class _Shape:
     volume_cm3: float
     length_cm: float
     z_mid: float  # volume-weighted mean patient z (mm)
+    z_top: float  # highest and lowest slice holding it (mm)
+    z_bottom: float
     pieces: int
     voxels: int
 
@@ -156,7 +161,8 @@ def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float)
     if n > 1:  # pieces that matter: specks below 2 % of the largest are the clean-up's business, not ours
         sizes = np.bincount(comp.ravel())[1:]
         n = int((sizes >= max(20, 0.02 * sizes.max())).sum())
-    return _Shape(area, vol_mm3 / 1000.0, length, z_mid, int(n), int(per_slice.sum()))
+    return _Shape(area, vol_mm3 / 1000.0, length, z_mid, float(z[present].max()), float(z[present].min()), int(n),
+                  int(per_slice.sum()))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -218,6 +224,7 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
                 q.flag("warn", f"model less sure than usual: mean probability {conf:.2f}")
 
     _relations(vol, segments, shapes, by_name, th, pixel_mm2)
+    _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
     if tta_labels is not None:
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
@@ -256,6 +263,31 @@ def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
             why = f"pelvis not above the femur (centres at z {pelvis.z_mid:.0f} and {fem.z_mid:.0f} mm)"
             by_name["PELVIS"].flag("fail", why)
             by_name["FEMUR" + suffix].flag("fail", why)
+
+
+def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) -> None:
+    """Bones that must be there when the scan reaches past a bone's end: a femur below the pelvis, a tibia
+    below the femur, a femur above the tibia, a pelvis above the femur. A model fooled by an unfamiliar image
+    often finds one structure in the wrong place (a "pelvis" in a thigh); its neighbours then are missing."""
+    reach = th["neighbour_cm"] * 10.0
+    femurs = [n for n in shapes if n.startswith("FEMUR")]
+    pelvis = shapes.get("PELVIS")
+    if pelvis is not None and not femurs and z_bottom < pelvis.z_bottom - reach:
+        by_name["PELVIS"].flag("fail", f"no femur below it, although the scan reaches "
+                                       f"{(pelvis.z_bottom - z_bottom) / 10:.0f} cm further down")
+    sides = sorted({sg.side for sg in segments if sg.label.name in PAIRED})
+    for side in sides:
+        suffix = {"L": " LEFT", "R": " RIGHT"}.get(side, "")
+        fem, tib = shapes.get("FEMUR" + suffix), shapes.get("TIBIA" + suffix)
+        if fem is not None and tib is None and z_bottom < fem.z_bottom - reach:
+            by_name["FEMUR" + suffix].flag("fail", f"no tibia below it, although the scan reaches "
+                                                   f"{(fem.z_bottom - z_bottom) / 10:.0f} cm further down")
+        if tib is not None and fem is None and z_top > tib.z_top + reach:
+            by_name["TIBIA" + suffix].flag("fail", f"no femur above it, although the scan reaches "
+                                                   f"{(z_top - tib.z_top) / 10:.0f} cm further up")
+        if fem is not None and pelvis is None and z_top > fem.z_top + 2 * reach:
+            by_name["FEMUR" + suffix].flag("fail", f"no pelvis above it, although the scan reaches "
+                                                   f"{(z_top - fem.z_top) / 10:.0f} cm further up")
 
 
 def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
