@@ -104,19 +104,19 @@ def corrupt(image: np.ndarray, how: str, seed: int) -> np.ndarray:
     return np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
 
 
-def predict_case(predictor, seed: int, kind: str, args, f: Path, timing: list | None) -> None:
+def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) -> None:
     """Render one held-out phantom, predict it as the node does (and on two corrupted copies), keep all."""
     t = time.perf_counter()
     ph = make_case(seed, wide=kind == "wide", harsh=kind == "harsh", n_slices=args.slices or None)
     vol = volume_of(ph)
     t0 = time.perf_counter()
-    if timing is not None:
+    if timed:
         predictor.predict(vol.array, vol.row_dir, vol.col_dir)
     t1 = time.perf_counter()
     pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
     t2 = time.perf_counter()
     extra = {}
-    if timing is not None:
+    if timed:
         extra["timing"] = json.dumps({"case": seed, "slices": int(vol.array.shape[0]), "plain_s": round(t1 - t0, 2),
                                       "with_quality_and_tta_s": round(t2 - t1, 2),
                                       **{k: round(v, 2) for k, v in pred.timings.items()}})
@@ -137,10 +137,12 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7000)
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--predict-only", action="store_true", help="only fill the cache (to split the work)")
+    ap.add_argument("--judge-only", action="store_true", help="only judge the cases already in the cache")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/quality-bench"),
                     help="predictions are kept here (npz per case) and reused: re-judging takes seconds")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--slices", type=int, default=60,
+    ap.add_argument("--slices", type=int, default=30,
                     help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
     args = ap.parse_args()
@@ -149,18 +151,23 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     for i in range(args.cases):
         seed = args.seed + i
-        kind = "harsh" if i % 2 else "wide"  # harsh: small children to large adults, more noise and bias
-        f = args.cache / f"case{seed}_{args.slices}.npz"
+        kind = "harsh" if seed % 2 else "wide"  # harsh: small children to large adults, more noise and bias
+        kept = sorted(args.cache.glob(f"case{seed}_*.npz"))  # a case kept by an earlier run (any --slices)
+        f = kept[0] if kept else args.cache / f"case{seed}_{args.slices}.npz"
         if not f.is_file():  # predicting is the slow part: kept, so thresholds can be re-judged in seconds
+            if args.judge_only:
+                continue
             predictor = predictor or Predictor(BUNDLED_MODEL, device="cpu", threads=args.threads)
-            predict_case(predictor, seed, kind, args, f, timing if i < args.timed else None)
+            predict_case(predictor, seed, kind, args, f, i < args.timed)
+        if args.predict_only:
+            continue
         c = np.load(f, allow_pickle=False)
         vol = SeriesVolume(np.zeros(c["truth"].shape, np.float32), [], tuple(c["row_dir"]), tuple(c["col_dir"]),
                            tuple(c["pixel_spacing"]), float(c["slice_spacing"]), c["origins"])
         if "timing" in c.files:
             timing.append(json.loads(str(c["timing"])))
         base = {"case": seed, "set": kind, "slices": int(vol.array.shape[0]),
-                "matrix": list(vol.array.shape[1:]), "scale": float(c["scale"])}
+                "matrix": list(vol.array.shape[1:]), "scale": round(float(c["scale"]), 2)}
         truth = c["truth"]
         rows.append({**base, "variant": "good", "damaged": False, "dice": dices(c["labels"], truth),
                      **judge(vol, c["labels"], c["probs"], c["tta"]),
@@ -174,6 +181,8 @@ def main() -> int:
                          "dice": dices(c[f"{key}_labels"], truth),
                          **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"]),
                          "anatomy_only": judge(vol, c[f"{key}_labels"], None, None, False)["verdict"]})
+    if args.predict_only:
+        return 0
     report = summarise(rows, timing)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality-thresholds.json").write_text(json.dumps({"summary": report, "rows": rows,

@@ -57,6 +57,13 @@ def http(url: str, method: str = "GET", body: dict | None = None) -> tuple[int, 
         return e.code, e.read()
 
 
+def web_up(base: str) -> bool:
+    try:
+        return http(f"{base}/healthz")[0] in (200, 503)
+    except urllib.error.URLError:
+        return False
+
+
 def job_of(node: NodeProcess, series_uid: str) -> dict:
     return next(j for j in node.jobs() if j["series_uid"] == series_uid)
 
@@ -118,6 +125,7 @@ def test_held_job_survives_a_restart_then_approval_sends_exactly_once(held):
     time.sleep(2)  # several worker polls: a held job is not taken up again by itself
     assert job_of(node, uid)["state"] == "review" and results_at(pacs, study) == []
     base = f"http://127.0.0.1:{node.web_port}"
+    wait_for(lambda: web_up(base), 60, 0.3, "the dashboard after the restart")
     status, body = http(f"{base}/api/jobs/{jid}/approve", "POST", {"reviewer": "Dr Test", "reason": "looked fine"})
     assert status == 200, body
     assert http(f"{base}/api/jobs/{jid}/approve", "POST", {"reviewer": "Dr Twice"})[0] == 409  # only once
