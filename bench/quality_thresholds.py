@@ -206,6 +206,9 @@ def summarise(rows: list[dict], timing: list[dict]) -> dict:
         metric[key] = {b: [round(min(v), 3), round(max(v), 3)] for b, v in sorted(per_bone.items())}
     plain = sum(t["plain_s"] for t in timing)
     both = sum(t["with_quality_and_tta_s"] for t in timing)
+    # within one call, under the same load: the network's own pass against the augmented pass
+    stage_predict = sum(t.get("predict", 0.0) for t in timing)
+    stage_tta = sum(t.get("tta", 0.0) for t in timing)
     return {
         "good": len(good), "good_pass": sum(r["verdict"] == "pass" for r in good),
         "good_not_failed": sum(r["verdict"] != "fail" for r in good),
@@ -215,6 +218,8 @@ def summarise(rows: list[dict], timing: list[dict]) -> dict:
         "good_metric_ranges": metric,
         "predict_seconds_plain": round(plain, 1), "predict_seconds_with_quality_and_tta": round(both, 1),
         "tta_cost_factor": round(both / plain, 2) if plain else None,
+        "predict_stage_s": round(stage_predict, 1), "tta_stage_s": round(stage_tta, 1),
+        "predict_stage_factor_with_tta": round((stage_predict + stage_tta) / stage_predict, 2) if stage_predict else None,
     }
 
 
@@ -231,7 +236,9 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
              f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |", "",
              f"Prediction time for the {len(timing)} cases: {s['predict_seconds_plain']} s plain, "
              f"{s['predict_seconds_with_quality_and_tta']} s with probabilities and the TTA pass "
-             f"(× {s['tta_cost_factor']}).", "",
+             f"(× {s['tta_cost_factor']}, wall clock on a shared 2-core CPU, so noisy); within the same calls "
+             f"the network's pass took {s['predict_stage_s']} s and the augmented pass {s['tta_stage_s']} s: the "
+             f"predict stage costs × {s['predict_stage_factor_with_tta']} with `quality.tta = true`.", "",
              "Ranges of each measure over the good predictions (min, max per bone):", "",
              "| measure | " + " | ".join(sorted(s["good_metric_ranges"]["area_cm2"])) + " |",
              "|---|" + "---|" * len(s["good_metric_ranges"]["area_cm2"])]
