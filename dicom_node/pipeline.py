@@ -166,8 +166,8 @@ class Pipeline:
                         device=result.device)
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
-        self._deliver(job_id, str(path), hb, t)
-        log.info("job %s done: %s", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+        outcome = self._deliver(job_id, str(path), hb, t)
+        log.info("job %s %s: %s", job_id, outcome, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 
     def _judge(self, job_id: int, result) -> QualityReport:
         """The quality gate on the result, stored per structure and on the timeline; the probabilities are
@@ -183,14 +183,14 @@ class Pipeline:
             log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
         return report
 
-    def _deliver(self, job_id: int, path: str, hb: _Heartbeat, t: float) -> None:
+    def _deliver(self, job_id: int, path: str, hb: _Heartbeat, t: float) -> str:
         hb.check()  # never send a result whose job another worker has taken over
         newer = queue.superseded_by(self.db, job_id)
         if newer is not None:
             queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
-            return
-        self.release_for_delivery(job_id, Path(path).parent, t)
+            return "skipped"
+        return self.release_for_delivery(job_id, Path(path).parent, t)
 
     def release_for_delivery(self, job_id: int, job_dir: Path, t: float | None = None) -> str:
         """The one place a checked result is let out: which destinations get it now, given the quality gate.
