@@ -411,7 +411,8 @@ def bench_end_to_end(work: Path, n_studies: int, n_slices: int, concurrent: int)
         node.stop()
         pacs.stop()
     mean_stage = {k: statistics.mean(s[k] for s in stages if k in s) for k in stages[0]} if stages else {}
-    predict = mean_stage.get("predict", 0.0)
+    # the model's own time: its pass, and the quality gate's test-time-augmented pass (quality.tta)
+    predict = mean_stage.get("predict", 0.0) + mean_stage.get("tta", 0.0)
     p = np.percentile(lat, [50, 95]) if lat else [float("nan")] * 2
     return {"studies": n_studies - 1, "slices": n_slices, "latency_p50_s": float(p[0]), "latency_p95_s": float(p[1]),
             "overhead_beyond_predict_p50_s": float(p[0]) - predict, "mean_stage_s": mean_stage,
