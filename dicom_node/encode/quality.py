@@ -8,7 +8,8 @@ structure and side, on:
 * anatomy (from the sided label map and the slice geometry, in patient coordinates, so slice order and
   feet-first/head-first acquisitions make no difference): tibia and fibula appear together; the tibia's
   cross-section is larger than the fibula's on the slices where both are; the femur lies above the tibia
-  and the pelvis above the femur; one connected piece per bone per side; volume per cm of covered length
+  and the pelvis above the femur; a bone's neighbour shows where the scan reaches past its end (a femur
+  below the pelvis, a tibia below the femur); one connected piece per bone per side; volume per cm of covered length
   (the mean cross-section) within bounds that span small children to large adults;
 * the model's own confidence: the mean probability the model gives the structure's class inside the
   structure, and the agreement (Dice) between the result and a test-time-augmented pass (input mirrored
