@@ -41,6 +41,9 @@ THRESHOLDS: dict[str, float] = {
     # Dice between the result and the test-time-augmented pass
     "tta_dice_fail": 0.80,
     "tta_dice_warn": 0.88,
+    # the fibula is thin: at 2-3 mm pixels one pixel of boundary moves its Dice by 0.1 or more, so a fibula
+    # that agrees at 0.75-0.80 is a warning (a halved fibula measured 0.66-0.68)
+    "tta_dice_fail_fibula": 0.75,
     # a structure the augmented pass finds (at least this many cm³) but the result lacks
     "tta_missing_cm3": 2.0,
     # share of the slices holding tibia and fibula (same side) where the fibula is at least as large
@@ -300,9 +303,10 @@ def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, t
         other = tta_masks.get(name)
         d = _dice(masks[name], other) if other is not None else 0.0
         q.metrics["tta_dice"] = round(d, 3)
-        if d < th["tta_dice_fail"]:
+        fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
+        if d < fail_below:
             q.flag("fail", f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
-                           f"(< {th['tta_dice_fail']})")
+                           f"(< {fail_below})")
         elif d < th["tta_dice_warn"]:
             q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
     for name, m in tta_masks.items():
