@@ -138,8 +138,10 @@ class NodeProc:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.dir = workdir
+        # send_flagged: the benchmark studies repeat one rendered slab down the series (a femur three times
+        # over), which the quality gate rightly fails; the gate still runs in full, and the SEG still arrives
         dest = (f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nport = {dest_port}\nretries = 1\n'
-                f'backoff_seconds = 0.5\n') if dest_port else ""
+                f'backoff_seconds = 0.5\nquality_policy = "send_flagged"\n') if dest_port else ""
         (workdir / "node.toml").write_text(
             f'[node]\ndata_dir = "var"\nlog_level = "WARNING"\n[scp]\nbind_address = "127.0.0.1"\nport = {self.port}\n'
             f'fsync = {"true" if fsync else "false"}\nmin_free_disk_mb = 1\n'
@@ -456,7 +458,8 @@ def bench_end_to_end(work: Path, n_studies: int, n_slices: int, concurrent: int)
         node.stop()
         pacs.stop()
     mean_stage = {k: statistics.mean(s[k] for s in stages if k in s) for k in stages[0]} if stages else {}
-    predict = mean_stage.get("predict", 0.0)
+    # the model's own time: its pass, and the quality gate's test-time-augmented pass (quality.tta)
+    predict = mean_stage.get("predict", 0.0) + mean_stage.get("tta", 0.0)
     p = np.percentile(lat, [50, 95]) if lat else [float("nan")] * 2
     return {"studies": n_studies - 1, "slices": n_slices, "stable_seconds": stable,
             "latency_p50_s": float(p[0]), "latency_p95_s": float(p[1]),

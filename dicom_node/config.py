@@ -237,6 +237,19 @@ class RetentionSettings:
 
 
 @dataclass
+class QualitySettings:
+    """The quality gate (dicom_node/encode/quality.py) runs on every job; these are its options."""
+
+    tta: bool = True  # the test-time-augmented second pass (doubles the model's time; the strongest check)
+
+    def validate(self) -> None:
+        pass
+
+
+QUALITY_POLICIES = {"hold", "send_flagged", "drop"}
+
+
+@dataclass
 class Destination:
     name: str = "pacs"
     ae_title: str = "PACS"
@@ -262,8 +275,11 @@ class Destination:
     tls_certificate: str = ""  # our client certificate, if the destination asks for one
     tls_private_key: str = ""
     tls_server_name: str = ""  # name checked in the destination's certificate (empty: host)
+    # what a result that fails the quality gate does here: wait for review, go out flagged, or stay local
+    quality_policy: str = "hold"
 
     def validate(self, key: str = "destinations") -> None:
+        _one_of(f"{key}.quality_policy", self.quality_policy, QUALITY_POLICIES)
         _one_of(f"{key}.seg_type", self.seg_type, {"binary", "labelmap"})
         _one_of(f"{key}.protocol", self.protocol, {"dimse", "stow"})
         if self.protocol == "stow" and not self.url.startswith(("http://", "https://")):
@@ -336,6 +352,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
     destinations: list[Destination] = field(default_factory=list)
     sender: SenderSettings = field(default_factory=SenderSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)

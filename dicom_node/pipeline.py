@@ -1,5 +1,10 @@
 """One job from queued to encoded, orchestrating the stages: infer (load → preprocess/predict/postprocess,
-sides, volumes) → encode (SEG + SR, checked) → the outbox.
+sides, volumes) → quality gate → encode (SEG + SR, checked) → release for delivery → the outbox.
+
+The quality gate (encode/quality.py) judges every result before anything is encoded or sent; what a failed
+result does at each destination (hold for review, send flagged, drop) is decided in one place,
+:meth:`Pipeline.release_for_delivery`. Sending itself is the sender loop's (deliver/outbox.py): a worker
+never waits on a destination.
 
 The job's compute part ends with the encoded files put in the outbox (one row per destination, job state
 ``delivering``); the sender loop (deliver/outbox.py) sends them, so a worker never waits on a PACS.
@@ -26,6 +31,7 @@ from storage.models import Job, utcnow
 
 from .config import Settings
 from .deliver.outbox import outbox_files
+from .encode.quality import QualityReport, assess
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
 from .errors import admin_message
@@ -150,7 +156,7 @@ class Pipeline:
                 doing.append("running the model")
 
         try:
-            result = segment_series(instances, predictor, timing)
+            result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta)
         except NotSegmentable as exc:
             queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
@@ -163,11 +169,14 @@ class Pipeline:
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
                             model_version=card.version, device=result.device)
             return
+        report = self._judge(job_id, result)
+        t = time.perf_counter()
         job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
         job_dir.mkdir(parents=True, exist_ok=True)
         doing.append("encoding the SEG and SR")
         try:
-            seg, path = encode_results(self.settings, result, job_dir)
+            seg, path = encode_results(self.settings, result, job_dir,
+                                       failed=report.short_names() if report.verdict == "fail" else None)
         except InvalidResult as exc:
             queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
@@ -180,16 +189,66 @@ class Pipeline:
         queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         doing.append("queueing the results for delivery")
-        self._deliver(job_id, path.parent, hb)
-        log.info("job %s encoded (%s); in the outbox", job_id, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+        outcome = self._deliver(job_id, path.parent, hb)
+        log.info("job %s %s: %s", job_id, outcome, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 
-    def _deliver(self, job_id: int, job_dir: Path, hb: _Heartbeat) -> None:
-        """Hand the encoded files to the outbox: one row per destination, sent by the sender loop."""
+    def _judge(self, job_id: int, result) -> QualityReport:
+        """The quality gate on the result, stored per structure and on the timeline; the probabilities are
+        released afterwards (they are the largest arrays of the job)."""
+        t = time.perf_counter()
+        report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
+                        result.tta_labels)
+        result.probs = result.tta_labels = None
+        queue.save_quality(self.db, job_id, report.verdict, report.summary(),
+                           [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
+        self._stage(job_id, "quality", t)
+        if report.verdict != "pass":
+            log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
+        return report
+
+    def _deliver(self, job_id: int, job_dir: Path, hb: _Heartbeat) -> str:
+        """Hand the encoded files on (unless a newer job superseded this one); returns the job's new state."""
         hb.check()  # never queue a result whose job another worker has taken over
         newer = queue.superseded_by(self.db, job_id)
         if newer is not None:
             queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
-            return
-        deliveries.enqueue(self.db, job_id, outbox_files(self.settings, job_dir))
-        self.on_outbox()
+            return "skipped"
+        return self.release_for_delivery(job_id, job_dir)
+
+    def release_for_delivery(self, job_id: int, job_dir: Path) -> str:
+        """The one place a checked result is let out: which destinations get it now, given the quality gate.
+
+        A result that passed (or only warned) goes to every destination's outbox row, as before the gate
+        existed. A result that failed goes, per destination's ``quality_policy``: ``send_flagged`` now (its
+        SEG and SR say the checks failed, and which); ``hold`` only after a person approves it (the job waits
+        in ``review``, and an approval queues it again, back through here); ``drop`` never (kept here,
+        recorded). The outbox keeps one row per destination and job, so an approval or a retry never sends
+        twice. Returns the job's new state.
+        """
+        verdict, review, failed = queue.quality_of(self.db, job_id)
+        held = verdict == "fail" and review != "approved"
+        dests = self.settings.destinations
+        send = [d for d in dests if not held or d.quality_policy == "send_flagged"]
+        hold = [d for d in dests if held and d.quality_policy == "hold"]
+        drop = [d for d in dests if held and d.quality_policy == "drop"]
+        if drop:
+            queue.job_event(self.db, job_id, "dropped", f"not sent to {', '.join(d.name for d in drop)} "
+                                                        f"(quality_policy drop): {failed}")
+        if send or not (hold or drop):
+            files = outbox_files(self.settings, job_dir)
+            deliveries.enqueue(self.db, job_id, {d.name: files[d.name] for d in send})
+            self.on_outbox()
+        if hold:
+            queue.hold_for_review(self.db, job_id, f"quality checks failed; held for review before sending to "
+                                                   f"{', '.join(d.name for d in hold)}: {failed}")
+            log.warning("job %s held for review: quality checks failed (%s)", job_id, failed[:300])
+            notify(self.settings, "job-held", {"job": job_id, "failed": failed[:1000],
+                                               "destinations": [d.name for d in hold]})
+            return "review"
+        if drop and not send:
+            queue.set_state(self.db, job_id, "dropped", event_detail=None, finished_at=utcnow(),
+                            reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
+            return "dropped"
+        with self.db.session() as s:  # delivering, or already done when there was nothing to send
+            return s.get(Job, job_id).state

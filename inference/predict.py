@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 class Prediction:
     labels: np.ndarray  # (n, rows, cols) uint8 on the source grid, slice order as given
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    #: with ``quality=True``: softmax probability of each class, (classes, n, rows, cols) uint8 (0-255 for
+    #: 0-1), for the quality gate's confidence measure (uint8: a 512² series stays a few hundred MB at most)
+    probs: np.ndarray | None = None
+    #: with ``tta=True``: the labels of a second, test-time-augmented pass (input mirrored left-right and
+    #: gamma-shifted, output mirrored back), cleaned like ``labels``; the gate measures their agreement
+    tta_labels: np.ndarray | None = None
+
+#: Gamma applied to the normalised input in the test-time-augmented pass (x ** 0.8 brightens mid-greys):
+#: a contrast change a second scanner or protocol could make, within what training augmentation covers.
+TTA_GAMMA = 0.8
 
 
 class Predictor:
@@ -74,16 +84,22 @@ class Predictor:
     def label_names(self) -> dict[int, str]:
         return {lab.value: lab.name for lab in self.card.labels}
 
-    def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True) -> Prediction:
-        """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions."""
+    def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
+                tta: bool = False) -> Prediction:
+        """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions.
+
+        ``quality`` also returns the class probabilities, ``tta`` the labels of a test-time-augmented pass
+        (for the quality gate; the TTA pass runs the network a second time).
+        """
         return predict_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
-                              postprocess, self._lock, self.dtype, pad_batches=self.compiled)
+                              postprocess, self._lock, self.dtype, pad_batches=self.compiled,
+                              quality=quality, tta=tta)
 
 
 def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
                    device: torch.device, batch_size: int = 16, postprocess: bool = True,
                    lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32,
-                   pad_batches: bool = False) -> Prediction:
+                   pad_batches: bool = False, quality: bool = False, tta: bool = False) -> Prediction:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n, rows, cols = volume.shape
@@ -91,8 +107,11 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
     canon = orient(volume, t)
     lo, hi = intensity_range(canon, card.normalisation)
     out = np.empty((n,) + t.shape, dtype=np.uint8)
+    n_classes = len(card.labels) + 1
+    probs = np.empty((n_classes, n) + t.shape, dtype=np.uint8) if quality else None
+    out_tta = np.empty((n,) + t.shape, dtype=np.uint8) if tta else None
     timings["preprocess"] = time.perf_counter() - t0
-    t_pred = 0.0
+    t_pred = t_tta = 0.0
     use_amp = dtype != torch.float32
     lock = lock or threading.Lock()
     with lock, torch.inference_mode():
@@ -108,11 +127,32 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
                 logits = net(x)
             logits = from_model_output(logits[:k].float(), t)
             out[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            if probs is not None:
+                p = (logits.softmax(1) * 255.0).round_().to(torch.uint8).cpu().numpy()
+                probs[:, start:start + batch_size] = p.transpose(1, 0, 2, 3)
             t_pred += time.perf_counter() - tb
+            if out_tta is not None:
+                tb = time.perf_counter()
+                # mirrored left-right and gamma-shifted; the square padding is symmetric, so mirroring the
+                # model's output back lands every pixel where it came from
+                xa = torch.flip(x, dims=[-1]).pow(TTA_GAMMA)
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
+                    la = net(xa)
+                la = from_model_output(torch.flip(la[:k].float(), dims=[-1]), t)
+                out_tta[start:start + batch_size] = la.argmax(1).to(torch.uint8).cpu().numpy()
+                t_tta += time.perf_counter() - tb
     timings["predict"] = t_pred
+    if out_tta is not None:
+        timings["tta"] = t_tta
     labels = unorient(out, t)
+    tta_labels = unorient(out_tta, t) if out_tta is not None else None
+    if probs is not None:
+        probs = np.stack([unorient(probs[c], t) for c in range(n_classes)])
     if postprocess:
         t1 = time.perf_counter()
-        labels = clean_labels(labels, {lab.value: lab.name for lab in card.labels})
+        names = {lab.value: lab.name for lab in card.labels}
+        labels = clean_labels(labels, names)
         timings["postprocess"] = time.perf_counter() - t1
-    return Prediction(labels, timings)
+        if tta_labels is not None:
+            tta_labels = clean_labels(tta_labels, names)
+    return Prediction(labels, timings, probs, tta_labels)

@@ -90,10 +90,13 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-#: queued → running (a worker holds its lease: load, predict, encode) → delivering (the result waits in the
-#: outbox; no worker is held) → done (every delivery sent, or committed where the destination confirms) |
-#: failed; or skipped. "sending" is the state of jobs from before the outbox (a worker sending in the job).
-JOB_STATES = ("queued", "running", "delivering", "sending", "done", "failed", "skipped")
+#: queued → running (a worker holds its lease: load, predict, quality gate, encode) → delivering (the result
+#: waits in the outbox; no worker is held) → done (every delivery sent, or committed where the destination
+#: confirms) | failed; or skipped. review: held by the quality gate until a person approves (then queued, to
+#: go to the outbox) or rejects it; rejected: never sent; dropped: failed the gate under quality_policy "drop"
+#: (kept here, not sent). "sending" is the state of jobs from before the outbox (a worker sending in the job).
+JOB_STATES = ("queued", "running", "delivering", "sending", "review", "done", "failed", "skipped", "rejected",
+              "dropped")
 
 
 class Job(Base):
@@ -125,10 +128,19 @@ class Job(Base):
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     # how many instances the series had when this job was made (the series may grow later)
     n_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # quality gate: the worst per-structure verdict (pass | warn | fail; "" before the gate ran), and the
+    # review of a held result: approved | rejected, by whom (user or token name), from where, when, why
+    quality: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    review: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    reviewed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    reviewed_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    review_note: Mapped[str] = mapped_column(Text, default="", server_default="")
     series: Mapped[Series] = relationship(back_populates="jobs", foreign_keys=[series_id])
     volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
     outbox: Mapped[list["OutboxItem"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    quality_checks: Mapped[list["QualityCheck"]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class Event(Base):
@@ -237,3 +249,16 @@ class AuditEntry(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     outcome: Mapped[str] = mapped_column(String(32), default="")  # done, refused
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class QualityCheck(Base):
+    """The quality gate's verdict on one structure (and side) of a job, with its reasons and measures."""
+
+    __tablename__ = "quality_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    structure: Mapped[str] = mapped_column(String(32))
+    verdict: Mapped[str] = mapped_column(String(8))  # pass | warn | fail
+    reason: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    job: Mapped[Job] = relationship(back_populates="quality_checks")

@@ -50,6 +50,8 @@ def test_environment_overrides_each_key(tmp_path):
     ("[inference]\ndevice = \"tpu\"\n", "inference.device"),
     ("[inference]\nprecision = \"int8\"\n", "inference.precision"),
     ("[inference]\ndevice = \"cpu\"\nprecision = \"fp16\"\n", "inference.precision"),
+    ("[[destinations]]\nname = \"p\"\nquality_policy = \"ignore\"\n", "destinations[0].quality_policy"),
+    ("[quality]\ntta = \"sometimes\"\n", "quality.tta"),
 ])
 def test_invalid_file_fails_naming_the_key(tmp_path, text, key):
     p = tmp_path / "node.toml"

@@ -21,7 +21,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataelem import DataElement
-from pydicom.uid import generate_uid
 
 from conftest import NodeProcess, PacsSCP, storescu, wait_for
 from dicom_node.errors import EXCEPTION_NAME

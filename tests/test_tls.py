@@ -17,7 +17,8 @@ import pytest
 import rawdicom as raw
 from conftest import DCMTK, ENV, ROOT, NodeProcess, PacsSCP, free_port, need_dcmtk, wait_for, write_series
 from dicom_node.config import ConfigError, Destination, load_settings
-from dicom_node.deliver.delivery import send_to
+from dicom_node.deliver.sender import send_items
+from dicom_node.tls import client_context, server_name
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage
 
@@ -125,6 +126,13 @@ def test_tls_only_listener(tmp_path, pki):
     finally:
         s.stop()
         s.db.dispose()
+
+
+def send_to(settings, dest, files) -> tuple[bool, str]:
+    """One C-STORE association to ``dest`` with the TLS context and server name the outbox uses for it."""
+    res = send_items(dest.host, dest.port, dest.ae_title, files, calling=settings.scp.ae_title,
+                     tls=(client_context(dest), server_name(dest)))
+    return res.ok, "; ".join(f for _, f in res.failed)
 
 
 def test_sending_to_a_dcmtk_pacs_over_tls(tmp_path, pki):

@@ -225,8 +225,13 @@ class Outbox:
             if rejection:
                 r = rejection[0]
                 raise DestinationError(rejection_words(int(r[0]), int(r[1]), int(getattr(r[2], "value", r[2]) or 0)))
+            # pynetdicom reports a failed TLS handshake (certificate not trusted, wrong name, ours refused) as
+            # an abort: say so where TLS is on
+            tls_hint = (" (DICOM TLS: or the handshake failed - check tls_ca, tls_server_name and our client "
+                        "certificate)") if dest.tls else ""
             if assoc.is_aborted:
-                raise DestinationError(f"association aborted by {dest.host}:{dest.port} before it was accepted")
+                raise DestinationError(f"association aborted by {dest.host}:{dest.port} before it was accepted"
+                                       + tls_hint)
             raise DestinationError(f"no answer to the association request from {dest.host}:{dest.port} "
                                    f"within {ae.acse_timeout} s")
         self._up(dest)

@@ -33,12 +33,26 @@ from .key_slice import key_slice
 
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
 CM3 = CodedConcept("cm3", "UCUM", "cubic centimeter")
+#: The quality gate's result per structure, as a TID 1500 qualitative evaluation. No standard code says
+#: "automatic quality check" yet, so these are private codes (a "99" coding scheme, as DICOM PS3.16 allows).
+QC_CHECK = CodedConcept("QC-GATE", "99DSN", "Automatic quality check of the segmentation")
+QC_FAILED = CodedConcept("QC-FAIL", "99DSN", "Failed: anatomically implausible or model unsure; review it")
+QC_PASSED = CodedConcept("QC-PASS", "99DSN", "Passed")
+
+
+def short_name(sg: Segment) -> str:
+    """"tibia L", "pelvis": how the quality gate names a structure in descriptions."""
+    return sg.label.name.lower() + (f" {sg.side}" if sg.side else "")
 
 
 def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volumes_cm3: dict[str, float],
-             card: ModelCard, *, labels: np.ndarray, series_number: int, manufacturer: str) -> Dataset:
-    """The report for ``segments`` of ``seg``; ``labels`` is the SEG's label map (n, rows, cols) in the
-    order of ``source`` (values = segment numbers), from which each segment's key slice is taken."""
+             card: ModelCard, *, labels: np.ndarray, series_number: int, manufacturer: str,
+             failed: set[str] | None = None) -> Dataset:
+    """The TID 1500 report for ``segments`` of ``seg``; ``labels`` is the SEG's label map (n, rows, cols) in
+    the order of ``source`` (values = segment numbers), from which each segment's key slice is taken.
+    ``failed`` (the quality gate failed these structures, short names as :func:`short_name`): each volumetric
+    measurement group then carries the check's result as a qualitative evaluation, and the series
+    description says the checks failed."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -66,6 +80,8 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
             measurements=[hd.sr.Measurement(name=VOLUME, value=round(volumes_cm3.get(sg.name, 0.0), 3), unit=CM3,
                                             algorithm_id=algo)],
             **common,
+            qualitative_evaluations=None if failed is None else [hd.sr.QualitativeEvaluation(
+                QC_CHECK, QC_FAILED if short_name(sg) in failed else QC_PASSED)],
         ))
         key = key_slice(labels == sg.number)
         if key is not None:
@@ -93,6 +109,8 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
         contributing_equipment=[algorithm_equipment(card, manufacturer)],
     )
     sr.SeriesDescription = "AI bone volumes (automatic)"
+    if failed:
+        sr.SeriesDescription = ("QC FAILED " + ", ".join(sorted(failed)) + " - AI bone volumes")[:64]
     return sr
 
 

@@ -32,14 +32,23 @@ class SeriesResult:
     card: object                   # the model card of the predictor that made it
     device: str
     timings: dict[str, float] = field(default_factory=dict)
+    #: for the quality gate (``quality=True``): class probabilities (classes, n, rows, cols) uint8 0-255, and
+    #: the unsided labels of the test-time-augmented pass (``tta=True``), both in the volume's order
+    probs: np.ndarray | None = None
+    tta_labels: np.ndarray | None = None
 
     @property
     def source_order_labels(self) -> np.ndarray:
         return self.volume.to_source_order(self.labels)
 
 
-def segment_series(instances: list, predictor, timing: Callable[[str, float], None] | None = None) -> SeriesResult:
-    """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends."""
+def segment_series(instances: list, predictor, timing: Callable[[str, float], None] | None = None,
+                   quality: bool = False, tta: bool = False) -> SeriesResult:
+    """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends.
+
+    ``quality`` keeps the model's probabilities and ``tta`` runs the test-time-augmented pass, both for the
+    quality gate (encode/quality.py).
+    """
     import time
 
     note = timing or (lambda stage, seconds: None)
@@ -53,8 +62,9 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
     except NotStackable as exc:
         raise NotSegmentable(str(exc)) from None
     note("load", time.perf_counter() - t)
-    preds = [predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
-    for stage in ("preprocess", "predict", "postprocess"):
+    preds = [predictor.predict(v.array, v.row_dir, v.col_dir, quality=quality, tta=tta) if quality or tta
+             else predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
+    for stage in ("preprocess", "predict", "tta", "postprocess"):
         if any(stage in p.timings for p in preds):
             note(stage, sum(p.timings.get(stage, 0.0) for p in preds))
     vol = SeriesVolume.join(parts)
@@ -66,5 +76,10 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
                                        vol.pixel_spacing, declared)
     cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
     vols = {sg.name: float(cm3[sg.number]) for sg in segments}
+    probs = tta_labels = None
+    if quality and all(p.probs is not None for p in preds):
+        probs = preds[0].probs if len(preds) == 1 else np.concatenate([p.probs for p in preds], axis=1)
+    if tta and all(p.tta_labels is not None for p in preds):
+        tta_labels = preds[0].tta_labels if len(preds) == 1 else np.concatenate([p.tta_labels for p in preds])
     return SeriesResult(volume=vol, labels=seg_labels, segments=segments, volumes_cm3=vols, card=card,
-                        device=str(predictor.device))
+                        device=str(predictor.device), probs=probs, tta_labels=tta_labels)

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
 from storage.db import Database
-from storage.models import Delivery, Event, Instance, Job, OutboxItem, Series, StructureVolume, Study
+from storage.models import Delivery, Event, Instance, Job, OutboxItem, QualityCheck, Series, StructureVolume, Study
 
 
 def _fmt_dur(seconds: float) -> str:
@@ -52,6 +52,15 @@ def show(db: Database, what: str) -> str | None:
                            + (f", reason: {job.reason}" if job.reason else ""))
                 if t:
                     out.append("    stages: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()))
+                if job.quality:
+                    out.append(f"    quality: {job.quality}")
+                    for q in s.scalars(select(QualityCheck).where(QualityCheck.job_id == job.id).order_by(QualityCheck.id)):
+                        out.append(f"      {q.structure.lower():<14} {q.verdict:<5} {q.reason}")
+                if job.review:
+                    out.append(f"    review: {job.review} by {job.reviewed_by}"
+                               + (f" from {job.reviewed_from}" if job.reviewed_from else "")
+                               + f" at {job.reviewed_at.isoformat(sep=' ', timespec='seconds')}"
+                               + (f": {job.review_note}" if job.review_note else ""))
                 vols = s.scalars(select(StructureVolume).where(StructureVolume.job_id == job.id)).all()
                 if vols:
                     out.append("    volumes: " + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
@@ -69,7 +78,8 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
     """Recent jobs (newest first) as plain dicts: what ``dicom-node jobs``, the dashboard and the API show."""
     with db.session() as s:
         q = (select(Job).options(selectinload(Job.series).selectinload(Series.study), selectinload(Job.volumes),
-                                 selectinload(Job.deliveries), selectinload(Job.outbox)).order_by(Job.id.desc()).limit(limit))
+                                 selectinload(Job.deliveries), selectinload(Job.outbox),
+                                 selectinload(Job.quality_checks)).order_by(Job.id.desc()).limit(limit))
         if state:
             q = q.where(Job.state == state)
         if job_id is not None:
@@ -94,5 +104,11 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
                 "outbox": [{"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
                             "error": o.last_error} for o in job.outbox],
                 "seg_series_uid": job.seg_series_uid, "has_result": bool(job.seg_path),
+                "quality": job.quality,
+                "quality_checks": [{"structure": q.structure, "verdict": q.verdict, "reason": q.reason,
+                                    "metrics": json.loads(q.metrics or "{}")} for q in job.quality_checks],
+                "review": {"decision": job.review, "by": job.reviewed_by, "from": job.reviewed_from,
+                           "at": job.reviewed_at.isoformat(timespec="seconds") if job.reviewed_at else None,
+                           "note": job.review_note} if job.review else None,
             })
         return rows

@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=cmd_jobs)
 
+    ap = sub.add_parser("approve", help="send a result held for review (quality gate) to its destinations")
+    ap.add_argument("job", type=int)
+    ap.add_argument("--reason", default="", help="why (kept with the review)")
+    ap.set_defaults(func=cmd_review, decision="approved")
+
+    rj = sub.add_parser("reject", help="never send a result held for review (quality gate)")
+    rj.add_argument("job", type=int)
+    rj.add_argument("--reason", default="", help="why (kept with the review)")
+    rj.set_defaults(func=cmd_review, decision="rejected")
+
     se = sub.add_parser("send", help="send a folder (or files) of DICOM to an AE")
     se.add_argument("paths", nargs="+", type=Path)
     se.add_argument("--host", default="127.0.0.1")
@@ -184,6 +194,26 @@ def cmd_requeue(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    """Approve or reject a held job; recorded with the OS user and this host (who and where from)."""
+    import getpass
+    import socket
+
+    from storage.queue import decide_review
+
+    _, db = _db(args)
+    try:
+        who = getpass.getuser()
+    except Exception:  # no user name in the environment (a container): say so rather than guess
+        who = "unknown"
+    ok = decide_review(db, args.job, args.decision, f"{who} (cli)", socket.gethostname(), args.reason)
+    if not ok:
+        print(f"job {args.job} is not waiting for review (see: dicom-node show {args.job})", file=sys.stderr)
+        return 1
+    print(f"job {args.job}: {args.decision}" + (" (queued to send)" if args.decision == "approved" else " (never sent)"))
+    return 0
+
+
 def cmd_show(args) -> int:
     from .admin import show
 
@@ -238,8 +268,15 @@ def cmd_jobs(args) -> int:
             print(f"       stages: {stages}")
         if r["volumes_cm3"]:
             print("       volumes: " + ", ".join(f"{k.lower()} {v} cm³" for k, v in r["volumes_cm3"].items()))
+        if r["quality"]:
+            bad = [f"{q['structure'].lower()} {q['verdict']}" for q in r["quality_checks"] if q["verdict"] != "pass"]
+            print(f"       quality: {r['quality']}" + (f" ({', '.join(bad)})" if bad else ""))
+        if r["review"]:
+            rv = r["review"]
+            print(f"       review: {rv['decision']} by {rv['by']} at {rv['at']}" + (f": {rv['note']}" if rv["note"] else ""))
         if r["reason"]:
-            label = "skipped" if r["state"] == "skipped" else "error"
+            label = {"skipped": "skipped", "review": "held", "dropped": "dropped", "rejected": "rejected"}.get(
+                r["state"], "error")
             print(f"       {label}: {r['reason']}")
         for d in r["deliveries"]:
             print(f"       sent to {d['destination']} (try {d['attempt']}): ok" if d["ok"] else

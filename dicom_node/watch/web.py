@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
@@ -35,9 +35,11 @@ from .admin import job_rows
 from .web_security import WebGuard
 from ..config import Settings
 
-STAGES = ("load", "preprocess", "predict", "postprocess", "encode", "send")
-STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "delivering": "#6610f2", "sending": "#6610f2", "done": "#198754",
-                 "failed": "#dc3545", "skipped": "#adb5bd"}
+STAGES = ("load", "preprocess", "predict", "tta", "postprocess", "quality", "encode", "send")
+STATE_COLOURS = {"queued": "#6c757d", "running": "#0d6efd", "delivering": "#6610f2", "sending": "#6610f2",
+                 "review": "#fd7e14", "done": "#198754", "failed": "#dc3545", "skipped": "#adb5bd",
+                 "rejected": "#6f42c1", "dropped": "#495057"}
+VERDICT_COLOURS = {"pass": "#198754", "warn": "#b8860b", "fail": "#dc3545"}
 
 
 def is_loopback(address: str) -> bool:
@@ -141,6 +143,7 @@ def render_dashboard(settings: Settings, db: Database, csrf: str = "") -> str:
         total = "" if j["total_s"] is None else f"{j['total_s']:.1f}s"
         rows.append(f'<tr class="job" data-state="{j["state"]}"><td><a href="jobs/{j["job"]}">#{j["job"]}</a></td>'
                     f'<td style="color:{STATE_COLOURS.get(j["state"], "#000")}">{esc(j["state"])}</td>'
+                    f'<td class="quality" style="color:{VERDICT_COLOURS.get(j["quality"], "#000")}">{esc(j["quality"])}</td>'
                     f'<td>{esc(j["series"])}<br><small>{esc(j["modality"])} · {j["instances"]} images</small></td>'
                     f'<td>{esc(j["created"])}</td><td>{total}</td>'
                     f'<td><small>{esc(stages)}</small></td><td><small>{esc(vols)}</small></td>'
@@ -168,7 +171,7 @@ def render_dashboard(settings: Settings, db: Database, csrf: str = "") -> str:
             f"<h2>Failures</h2><table id='failures'>{fail_rows}</table>"
             f"<h2>Throughput (jobs done per hour, last 24 h)</h2>{svg_bars([h['done'] for h in hr], [h['hour'] for h in hr], '#198754', 'jobs')}"
             f"<h2>Latency (median job duration per hour)</h2>{svg_bars([h['p50_s'] for h in hr], [h['hour'] for h in hr], '#0d6efd', 's')}"
-            f"<h2>Recent jobs</h2><table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>created</th>"
+            f"<h2>Recent jobs</h2><table id='jobs'><tr><th>job</th><th>state</th><th>quality</th><th>series</th><th>created</th>"
             f"<th>total</th><th>stages</th><th>volumes cm³</th><th>reason</th></tr>{''.join(rows)}</table>")
     return PAGE.format(ae=esc(settings.scp.ae_title), now=utcnow().strftime("%Y-%m-%d %H:%M"), body=body,
                        csrf=esc(csrf), script=SCRIPT)
@@ -192,7 +195,7 @@ def render_job(settings: Settings, db: Database, job_id: int, csrf: str = "") ->
     body = (f'<p><a href="../">← dashboard</a></p><h2>Job #{job_id}: {esc(j["state"])}</h2>'
             f'<p>study {esc(j["study_uid"])} · series {esc(j["series"])} ({j["instances"]} images) · attempts {j["attempts"]}'
             f'{" · superseded by #" + str(j["superseded_by"]) if j["superseded_by"] else ""}</p>'
-            f'<p class="err">{esc(j["reason"])}</p>{preview}'
+            f'<p class="err">{esc(j["reason"])}</p>{render_quality(j, job_id, csrf)}{preview}'
             f"<h2>Stages</h2><table>{stages}</table><h2>Volumes</h2><table>{vols}</table>"
             f"<h2>Deliveries</h2><table>{dels}</table><h2>Timeline</h2><table id='timeline'>{tl}</table>"
             f"<h2>Admin actions</h2><table id='audit'>{audit or '<tr><td>none</td></tr>'}</table>")
@@ -200,8 +203,49 @@ def render_job(settings: Settings, db: Database, job_id: int, csrf: str = "") ->
                        csrf=esc(csrf), script=SCRIPT)
 
 
-def preview_png(db: Database, job_id: int, n: int = 4) -> bytes | None:
-    """A few source slices with the SEG overlaid, like the published work's GUI (cached beside the SEG)."""
+def render_quality(j: dict, job_id: int, csrf: str = "") -> str:
+    """The quality gate's verdict per structure, a preview of each structure, and, for a held job, the
+    Approve and Reject forms (plain POST forms; the CSRF token rides in the action URL, see web_security)."""
+    if not j["quality"]:
+        return ""
+    rows = []
+    for q in j["quality_checks"]:
+        m = ", ".join(f"{k} {v}" for k, v in q["metrics"].items())
+        rows.append(f'<tr class="qc" data-verdict="{esc(q["verdict"])}"><td>{esc(q["structure"].lower())}</td>'
+                    f'<td style="color:{VERDICT_COLOURS.get(q["verdict"], "#000")}">{esc(q["verdict"])}</td>'
+                    f'<td>{esc(q["reason"])}</td><td><small>{esc(m)}</small></td></tr>')
+    tiles = "".join(
+        f'<figure style="display:inline-block;margin:4px"><img class="structure-preview" loading="lazy" '
+        f'src="{job_id}/preview.png?structure={esc(q["structure"])}" alt="{esc(q["structure"].lower())}" '
+        f'style="max-height:220px"><figcaption>{esc(q["structure"].lower())} · {esc(q["verdict"])}</figcaption></figure>'
+        for q in j["quality_checks"] if j["has_result"] and q["metrics"].get("volume_cm3") is not None)
+    review = ""
+    if j["state"] == "review":
+        review = (f'<div id="review" style="border:2px solid #fd7e14;padding:8px;margin:8px 0">'
+                  f'<b>Held for review</b>: the result failed the quality checks and has not been sent.'
+                  f'<form method="post" action="{job_id}/approve?csrf_token={esc(csrf)}" style="margin-top:6px">'
+                  f'<input name="reviewer" placeholder="your name" required> '
+                  f'<input name="reason" placeholder="note (optional)" size="40"> '
+                  f'<button type="submit" id="approve">Approve and send</button></form>'
+                  f'<form method="post" action="{job_id}/reject?csrf_token={esc(csrf)}" style="margin-top:6px">'
+                  f'<input name="reviewer" placeholder="your name" required> '
+                  f'<input name="reason" placeholder="why (optional)" size="40"> '
+                  f'<button type="submit" id="reject">Reject (never send)</button></form></div>')
+    elif j["review"]:
+        r = j["review"]
+        review = (f'<p id="review">{esc(r["decision"])} by {esc(r["by"])} from {esc(r["from"])} at {esc(r["at"])}'
+                  f'{": " + esc(r["note"]) if r["note"] else ""}</p>')
+    return (f'<h2>Quality: <span style="color:{VERDICT_COLOURS.get(j["quality"], "#000")}" id="verdict">'
+            f'{esc(j["quality"])}</span></h2>{review}<table id="quality"><tr><th>structure</th><th>verdict</th>'
+            f'<th>why</th><th>measures</th></tr>{"".join(rows)}</table><div id="structure-previews">{tiles}</div>')
+
+
+def preview_png(db: Database, job_id: int, n: int = 4, structure: str | None = None) -> bytes | None:
+    """A few source slices with the SEG overlaid, like the published work's GUI (cached beside the SEG).
+
+    ``structure`` (a segment name such as "TIBIA LEFT"): three slices through that structure, only it
+    drawn. The name only selects one of the SEG's own segments; the cache file is named by the segment's
+    number, so a request's text never becomes part of a path."""
     import io
 
     import highdicom as hd
@@ -216,20 +260,39 @@ def preview_png(db: Database, job_id: int, n: int = 4) -> bytes | None:
         job = s.get(Job, job_id)
         if job is None or not job.seg_path or not Path(job.seg_path).is_file():
             return None
-        cache = Path(job.seg_path).with_name(f"preview_{job_id}.png")
-        if cache.is_file():
-            return cache.read_bytes()
+        seg_path = job.seg_path
         paths = {i.sop_uid: i.path for i in s.scalars(select(Instance).where(Instance.series_id == job.series_id))}
-    seg = hd.seg.segread(job.seg_path)
+    seg = hd.seg.segread(seg_path)
     colour = {lab.snomed_code: lab.rgb for lab in DEFAULT_LABELS}
     seg_rgb = {int(d.SegmentNumber): colour.get(d.SegmentedPropertyTypeCodeSequence[0].CodeValue, (255, 255, 0))
                for d in seg.SegmentSequence}
+    cache = Path(seg_path).with_name(f"preview_{job_id}.png")
+    if structure is not None:
+        words = structure.strip().lower().split()
+        label = " ".join(words[1:] + words[:1])  # "TIBIA LEFT" -> "left tibia", the SEG's segment label
+        number = next((int(d.SegmentNumber) for d in seg.SegmentSequence
+                       if str(d.SegmentLabel).lower() == label), None)
+        if number is None:
+            return None
+        seg_rgb = {number: seg_rgb[number]}
+        cache = Path(seg_path).with_name(f"preview_{job_id}_s{number}.png")
+        n = 3
+    if cache.is_file():
+        return cache.read_bytes()
     uids = [u for u in dict.fromkeys(r[2] for r in seg.get_source_image_uids()) if paths.get(u)]
     if not uids:
         return None
     labels = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+    if structure is not None:
+        labels = np.where(labels == next(iter(seg_rgb)), labels, 0)
     counts = (labels > 0).reshape(len(uids), -1).sum(1)
-    picks = sorted(np.argsort(counts)[::-1][:n])
+    if structure is not None:  # slices spread along the structure, not only its widest ones
+        has = np.nonzero(counts)[0]
+        picks = sorted({int(has[int(round(f * (len(has) - 1)))]) for f in (0.2, 0.5, 0.8)}) if len(has) else []
+    else:
+        picks = sorted(np.argsort(counts)[::-1][:n])
+    if not picks:
+        return None
     tiles = []
     for k in picks:
         img = pydicom.dcmread(paths[uids[k]]).pixel_array.astype(np.float32)
@@ -283,6 +346,14 @@ class NodeCollector:
         for st in STAGES:
             sums.add_metric([st], sum(json.loads(t or "{}").get(st, 0.0) for t in timings))
         yield sums
+        qc = CounterMetricFamily("dicomnode_quality", "Jobs judged by the quality gate, by verdict",
+                                 labels=["verdict"])
+        judged = queue.quality_counts(self.db)
+        for v in ("pass", "warn", "fail"):
+            qc.add_metric([v], judged.get(v, 0))
+        yield qc
+        yield GaugeMetricFamily("dicomnode_review_waiting", "Results held for review (quality gate)",
+                                value=c["jobs"].get("review", 0))
         yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
                                 value=(utcnow() - oldest).total_seconds() if oldest else 0.0)
         dests = deliveries.destination_summary(self.db, [d.name for d in self.settings.destinations])
@@ -379,8 +450,8 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
         return page
 
     @app.get("/jobs/{job_id}/preview.png", dependencies=[Depends(auth)])
-    def preview(job_id: int):
-        png = preview_png(db, job_id)
+    def preview(job_id: int, structure: str | None = None):
+        png = preview_png(db, job_id, structure=structure)
         if png is None:
             raise HTTPException(404, "no result to preview")
         return Response(png, media_type="image/png")
@@ -420,6 +491,50 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
     def api_audit(limit: int = 200, job: int | None = None):
         """The admin audit trail, newest first: who did what, from where, when, and how it ended."""
         return queue.audit_log(db, job, min(limit, 5000))
+
+    def reviewer(request: Request, given: str) -> tuple[str, str]:
+        """Who decided and from where: the name typed (or sent), how they were let in, the client address."""
+        how = "web token" if token else "dashboard on loopback"
+        name = " ".join(str(given or "").split())[:64] or "unnamed"
+        return f"{name} ({how})", request.client.host if request.client else ""
+
+    async def review_fields(request: Request) -> dict:
+        """The form (application/x-www-form-urlencoded) or JSON body of an approve/reject request."""
+        from urllib.parse import parse_qs
+
+        body = await request.body()
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                raise HTTPException(400, "body is not valid JSON") from None
+            return data if isinstance(data, dict) else {}
+        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+
+    def review(request: Request, job_id: int, decision: str, fields: dict) -> dict:
+        who, address = reviewer(request, fields.get("reviewer", ""))
+        if not queue.decide_review(db, job_id, decision, who, address, str(fields.get("reason", ""))[:2000]):
+            raise HTTPException(409, "job is not waiting for review")
+        return {"job": job_id, "review": decision, "state": "queued" if decision == "approved" else "rejected",
+                "by": who}
+
+    @app.post("/api/jobs/{job_id}/approve", dependencies=[Depends(auth)])
+    async def api_approve(job_id: int, request: Request):
+        return review(request, job_id, "approved", await review_fields(request))
+
+    @app.post("/api/jobs/{job_id}/reject", dependencies=[Depends(auth)])
+    async def api_reject(job_id: int, request: Request):
+        return review(request, job_id, "rejected", await review_fields(request))
+
+    @app.post("/jobs/{job_id}/approve", dependencies=[Depends(auth)])
+    async def form_approve(job_id: int, request: Request):
+        review(request, job_id, "approved", await review_fields(request))
+        return RedirectResponse(f"../{job_id}", status_code=303)
+
+    @app.post("/jobs/{job_id}/reject", dependencies=[Depends(auth)])
+    async def form_reject(job_id: int, request: Request):
+        review(request, job_id, "rejected", await review_fields(request))
+        return RedirectResponse(f"../{job_id}", status_code=303)
 
     @app.get("/api/throughput", dependencies=[Depends(auth)])
     def api_throughput(hours: int = 24):

@@ -1,0 +1,260 @@
+"""Measure the quality gate (dicom_node/encode/quality.py) and keep the numbers its thresholds come from.
+
+For held-out phantoms (``make_case(seed, wide/harsh)``, seeds the demo model never saw) the bundled model
+predicts with probabilities and the test-time-augmented pass, as the node does. Then:
+
+* **good**: the prediction as it is; the gate must pass (or warn on) at least 95 % of them;
+* **damaged**: the same prediction with one structure removed, shifted 12 mm, swapped with another class,
+  or halved (its lower half of slices removed), for each bone; and the model run on images unlike its
+  training (contrast inverted, heavy Rician noise). Every damaged result with any structure's Dice < 0.7
+  against the truth must fail the gate.
+
+Writes ``docs/quality-thresholds.json`` (every case, variant, Dice and metric) and
+``docs/quality-thresholds.md`` (the tables in the README). Small enough for a 2-core CPU:
+
+    .venv/bin/python bench/quality_thresholds.py --cases 8 --seed 7000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicom_node.encode.quality import AREA_BOUNDS_CM2, THRESHOLDS, assess  # noqa: E402
+from dicom_node.infer.segments import split_sides  # noqa: E402
+from dicom_node.infer.volume import SeriesVolume  # noqa: E402
+from inference.labels import DEFAULT_LABELS  # noqa: E402
+from inference.model import BUNDLED_MODEL  # noqa: E402
+from inference.phantom import make_case  # noqa: E402
+from inference.predict import Predictor  # noqa: E402
+
+NAMES = {lab.value: lab.name for lab in DEFAULT_LABELS}
+MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scored (a sliver at the edge)
+
+
+def volume_of(ph) -> SeriesVolume:
+    g = ph.geometry
+    origins = np.array([g.slice_origin(k) for k in range(g.n_slices)])
+    return SeriesVolume(ph.image.astype(np.float32), [], g.row_dir, g.col_dir, g.pixel_spacing,
+                        float(np.linalg.norm(g.slice_step)), origins)
+
+
+def dices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    out = {}
+    for v, name in NAMES.items():
+        t = truth == v
+        if t.sum() < MIN_TRUE_VOXELS:
+            continue
+        p = pred == v
+        out[name] = round(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()), 3)
+    return out
+
+
+def damages(labels: np.ndarray, spacing_mm: float):
+    """(name, damaged label map) for each damage and each bone present."""
+    shift = max(1, int(round(12.0 / spacing_mm)))
+    present = [v for v in NAMES if (labels == v).sum() >= MIN_TRUE_VOXELS]
+    for v in present:
+        name = NAMES[v].lower()
+        out = labels.copy()
+        out[out == v] = 0
+        yield f"{name} removed", out
+        out = labels.copy()
+        m = labels == v
+        out[m] = 0
+        moved = np.roll(m, shift, axis=2)
+        out[moved] = v
+        yield f"{name} shifted 12 mm", out
+        out = labels.copy()
+        ks = np.nonzero(m.reshape(m.shape[0], -1).any(1))[0]
+        half = ks[len(ks) // 2:]
+        sel = np.zeros(m.shape[0], bool)
+        sel[half] = True
+        out[m & sel[:, None, None]] = 0
+        yield f"{name} halved", out
+    for a, b in ((1, 2), (2, 3), (1, 4)):
+        if a in present and b in present:
+            out = labels.copy()
+            out[labels == a], out[labels == b] = b, a
+            yield f"{NAMES[a].lower()}/{NAMES[b].lower()} swapped", out
+
+
+def judge(vol, labels, probs, tta, use_model: bool = True) -> dict:
+    seg, segments = split_sides(labels, list(DEFAULT_LABELS), vol.origins, vol.row_dir, vol.col_dir,
+                                vol.pixel_spacing)
+    rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None)
+    return {"verdict": rep.verdict, "summary": rep.summary(),
+            "metrics": {s.structure: s.metrics for s in rep.structures}}
+
+
+def corrupt(image: np.ndarray, how: str, seed: int) -> np.ndarray:
+    img = image.astype(np.float32)
+    if how == "inverted contrast":
+        return img.max() - img
+    rng = np.random.default_rng(seed)
+    sigma = 0.35 * float(np.percentile(img, 99))
+    return np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
+
+
+def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) -> None:
+    """Render one held-out phantom, predict it as the node does (and on two corrupted copies), keep all."""
+    t = time.perf_counter()
+    ph = make_case(seed, wide=kind == "wide", harsh=kind == "harsh", n_slices=args.slices or None)
+    vol = volume_of(ph)
+    t0 = time.perf_counter()
+    if timed:
+        predictor.predict(vol.array, vol.row_dir, vol.col_dir)
+    t1 = time.perf_counter()
+    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
+    t2 = time.perf_counter()
+    extra = {}
+    if timed:
+        extra["timing"] = json.dumps({"case": seed, "slices": int(vol.array.shape[0]), "plain_s": round(t1 - t0, 2),
+                                      "with_quality_and_tta_s": round(t2 - t1, 2),
+                                      **{k: round(v, 2) for k, v in pred.timings.items()}})
+    out = {}
+    for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")):
+        bad = predictor.predict(corrupt(vol.array, how, seed), vol.row_dir, vol.col_dir, quality=True, tta=True)
+        out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels})
+    np.savez_compressed(f, truth=ph.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
+                        origins=vol.origins, row_dir=np.asarray(vol.row_dir), col_dir=np.asarray(vol.col_dir),
+                        pixel_spacing=np.asarray(vol.pixel_spacing), slice_spacing=vol.slice_spacing,
+                        scale=ph.anatomy.scale, **out, **extra)
+    print(f"case {seed} ({kind}, {vol.array.shape}): render {t0 - t:.0f}s, predict {t1 - t0:.1f}s, "
+          f"with probabilities + TTA {t2 - t1:.1f}s, corrupted copies {time.perf_counter() - t2:.0f}s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=7000)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--predict-only", action="store_true", help="only fill the cache (to split the work)")
+    ap.add_argument("--judge-only", action="store_true", help="only judge the cases already in the cache")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/quality-bench"),
+                    help="predictions are kept here (npz per case) and reused: re-judging takes seconds")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--slices", type=int, default=30,
+                    help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
+    ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
+    args = ap.parse_args()
+    predictor = None
+    rows, timing = [], []
+    args.cache.mkdir(parents=True, exist_ok=True)
+    for i in range(args.cases):
+        seed = args.seed + i
+        kind = "harsh" if seed % 2 else "wide"  # harsh: small children to large adults, more noise and bias
+        kept = sorted(args.cache.glob(f"case{seed}_*.npz"))  # a case kept by an earlier run (any --slices)
+        f = kept[0] if kept else args.cache / f"case{seed}_{args.slices}.npz"
+        if not f.is_file():  # predicting is the slow part: kept, so thresholds can be re-judged in seconds
+            if args.judge_only:
+                continue
+            predictor = predictor or Predictor(BUNDLED_MODEL, device="cpu", threads=args.threads)
+            predict_case(predictor, seed, kind, args, f, i < args.timed)
+        if args.predict_only:
+            continue
+        c = np.load(f, allow_pickle=False)
+        vol = SeriesVolume(np.zeros(c["truth"].shape, np.float32), [], tuple(c["row_dir"]), tuple(c["col_dir"]),
+                           tuple(c["pixel_spacing"]), float(c["slice_spacing"]), c["origins"])
+        if "timing" in c.files:
+            timing.append(json.loads(str(c["timing"])))
+        base = {"case": seed, "set": kind, "slices": int(vol.array.shape[0]),
+                "matrix": list(vol.array.shape[1:]), "scale": round(float(c["scale"]), 2)}
+        truth = c["truth"]
+        rows.append({**base, "variant": "good", "damaged": False, "dice": dices(c["labels"], truth),
+                     **judge(vol, c["labels"], c["probs"], c["tta"]),
+                     "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
+        for name, lab in damages(c["labels"], float(vol.pixel_spacing[1])):
+            rows.append({**base, "variant": name, "damaged": True, "dice": dices(lab, truth),
+                         **judge(vol, lab, c["probs"], c["tta"]),
+                         "anatomy_only": judge(vol, lab, None, None, False)["verdict"]})
+        for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")):
+            rows.append({**base, "variant": f"model on {how}", "damaged": True,
+                         "dice": dices(c[f"{key}_labels"], truth),
+                         **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"]),
+                         "anatomy_only": judge(vol, c[f"{key}_labels"], None, None, False)["verdict"]})
+    if args.predict_only:
+        return 0
+    report = summarise(rows, timing)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality-thresholds.json").write_text(json.dumps({"summary": report, "rows": rows,
+                                                                  "timing": timing}, indent=1))
+    (args.out / "quality-thresholds.md").write_text(markdown(report, rows, timing, args))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def summarise(rows: list[dict], timing: list[dict]) -> dict:
+    good = [r for r in rows if not r["damaged"]]
+    bad = [r for r in rows if r["damaged"] and r["dice"] and min(r["dice"].values()) < 0.7]
+    mild = [r for r in rows if r["damaged"] and r not in bad]
+    metric = {}
+    for key in ("confidence", "tta_dice", "area_cm2", "fibula_larger_share"):
+        per_bone: dict[str, list[float]] = {}
+        for r in good:
+            for s, m in r["metrics"].items():
+                if key in m:
+                    per_bone.setdefault(s.split()[0], []).append(m[key])
+        metric[key] = {b: [round(min(v), 3), round(max(v), 3)] for b, v in sorted(per_bone.items())}
+    plain = sum(t["plain_s"] for t in timing)
+    both = sum(t["with_quality_and_tta_s"] for t in timing)
+    # within one call, under the same load: the network's own pass against the augmented pass
+    stage_predict = sum(t.get("predict", 0.0) for t in timing)
+    stage_tta = sum(t.get("tta", 0.0) for t in timing)
+    return {
+        "good": len(good), "good_pass": sum(r["verdict"] == "pass" for r in good),
+        "good_not_failed": sum(r["verdict"] != "fail" for r in good),
+        "damaged_dice_below_0.7": len(bad), "caught": sum(r["verdict"] == "fail" for r in bad),
+        "caught_by_anatomy_only": sum(r["anatomy_only"] == "fail" for r in bad),
+        "damaged_dice_at_least_0.7": len(mild), "of_those_failed": sum(r["verdict"] == "fail" for r in mild),
+        "good_metric_ranges": metric,
+        "predict_seconds_plain": round(plain, 1), "predict_seconds_with_quality_and_tta": round(both, 1),
+        "tta_cost_factor": round(both / plain, 2) if plain else None,
+        "predict_stage_s": round(stage_predict, 1), "tta_stage_s": round(stage_tta, 1),
+        "predict_stage_factor_with_tta": round((stage_predict + stage_tta) / stage_predict, 2) if stage_predict else None,
+    }
+
+
+def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
+    lines = ["# Quality gate: measurements behind the thresholds", "",
+             f"`bench/quality_thresholds.py --cases {args.cases} --seed {args.seed}` with the bundled model "
+             f"(held-out phantoms, alternately `--wide` and `--harsh`, seeds {args.seed}-{args.seed + args.cases - 1}).", "",
+             "| | count | gate verdict |", "|---|---|---|",
+             f"| good predictions | {s['good']} | {s['good_pass']} pass, {s['good_not_failed']} not failed "
+             f"({100 * s['good_not_failed'] / max(s['good'], 1):.0f} % sent) |",
+             f"| damaged, some structure Dice < 0.7 | {s['damaged_dice_below_0.7']} | {s['caught']} fail "
+             f"({100 * s['caught'] / max(s['damaged_dice_below_0.7'], 1):.0f} % caught; anatomy checks alone: "
+             f"{s['caught_by_anatomy_only']}) |",
+             f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |", "",
+             f"Prediction time for the {len(timing)} cases: {s['predict_seconds_plain']} s plain, "
+             f"{s['predict_seconds_with_quality_and_tta']} s with probabilities and the TTA pass "
+             f"(× {s['tta_cost_factor']}, wall clock on a shared 2-core CPU, so noisy); within the same calls "
+             f"the network's pass took {s['predict_stage_s']} s and the augmented pass {s['tta_stage_s']} s: the "
+             f"predict stage costs × {s['predict_stage_factor_with_tta']} with `quality.tta = true`.", "",
+             "Ranges of each measure over the good predictions (min, max per bone):", "",
+             "| measure | " + " | ".join(sorted(s["good_metric_ranges"]["area_cm2"])) + " |",
+             "|---|" + "---|" * len(s["good_metric_ranges"]["area_cm2"])]
+    for key, per in s["good_metric_ranges"].items():
+        lines.append(f"| {key} | " + " | ".join(f"{per[b][0]}–{per[b][1]}" if b in per else "–"
+                                               for b in sorted(s["good_metric_ranges"]["area_cm2"])) + " |")
+    lines += ["", "Thresholds in force (dicom_node/encode/quality.py):", "", "```",
+              json.dumps(THRESHOLDS, indent=1), "mean cross-section bounds cm² (fail<, warn<, warn>, fail>): "
+              + json.dumps(AREA_BOUNDS_CM2), "```", "",
+              "| case | set | variant | min Dice | verdict | anatomy only | why |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md = min(r["dice"].values()) if r["dice"] else float("nan")
+        lines.append(f"| {r['case']} | {r['set']} | {r['variant']} | {md:.2f} | {r['verdict']} | {r['anatomy_only']} | "
+                     f"{r['summary'][:220].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The quality gate: is this segmentation anatomically plausible, and was the model sure of it?
+
+``validate.py`` checks that the DICOM objects match their source; this module checks the *content*, before
+anything is sent. A model trained on one kind of image can fail quietly on another (a tibia labelled as
+fibula, half a pelvis) and still produce segments with plausible names, so every job is judged, per
+structure and side, on:
+
+* anatomy (from the sided label map and the slice geometry, in patient coordinates, so slice order and
+  feet-first/head-first acquisitions make no difference): tibia and fibula appear together; the tibia's
+  cross-section is larger than the fibula's on the slices where both are; the femur lies above the tibia
+  and the pelvis above the femur; a bone's neighbour shows where the scan reaches past its end (a femur
+  below the pelvis, a tibia below the femur); one connected piece per bone per side; volume per cm of covered length
+  (the mean cross-section) within bounds that span small children to large adults;
+* the model's own confidence: the mean probability the model gives the structure's class inside the
+  structure, and the agreement (Dice) between the result and a test-time-augmented pass (input mirrored
+  left-right and gamma-shifted).
+
+Each structure gets pass / warn / fail with its reasons in words; the job's verdict is the worst. The
+thresholds come from measurements kept in ``docs/quality-thresholds.md`` (made by
+``bench/quality_thresholds.py``): good predictions of held-out phantoms pass, deliberately damaged ones
+and the model run on images unlike its training fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from ..infer.segments import PAIRED, Segment, split_sides
+from ..infer.volume import SeriesVolume
+
+VERDICTS = ("pass", "warn", "fail")
+
+#: The thresholds, chosen from the measurements in docs/quality-thresholds.md (bench/quality_thresholds.py).
+THRESHOLDS: dict[str, float] = {
+    # mean model probability of the structure's own class inside it (0-1)
+    "confidence_fail": 0.80,
+    "confidence_warn": 0.88,
+    # Dice between the result and the test-time-augmented pass
+    "tta_dice_fail": 0.80,
+    "tta_dice_warn": 0.88,
+    # the fibula is thin: at 2-3 mm pixels one pixel of boundary moves its Dice by 0.1 or more, so a fibula
+    # that agrees at 0.75-0.80 is a warning (a halved fibula measured 0.66-0.68)
+    "tta_dice_fail_fibula": 0.75,
+    # a structure the augmented pass finds (at least this many cm³) but the result lacks
+    "tta_missing_cm3": 2.0,
+    # share of the slices holding tibia and fibula (same side) where the fibula is at least as large
+    "fibula_larger_fail": 0.30,
+    "fibula_larger_warn": 0.10,
+    # a neighbour that must show when the scan reaches this far (cm) past a bone's end: femur below the pelvis
+    # (the femoral head sits in the acetabulum), tibia below the femur and femur above the tibia (the knee)
+    "neighbour_cm": 5.0,
+    # tibia or fibula alone over more than this length (cm) is implausible (a few cm near the knee and the
+    # ankle are normal: the tibial plateau lies above the fibular head, the lateral malleolus below the tibia)
+    "alone_cm": 4.0,
+}
+
+#: Mean cross-section (volume per cm of covered length, cm²) per bone: (fail below, warn below, warn above,
+#: fail above). Measured on phantoms of small children to large adults (body scale 0.5-1.1) and widened by
+#: half of the measured range on each side for fail; see docs/quality-thresholds.md.
+AREA_BOUNDS_CM2: dict[str, tuple[float, float, float, float]] = {
+    "FEMUR": (0.8, 1.5, 30.0, 45.0),
+    "TIBIA": (0.6, 1.2, 25.0, 40.0),
+    "FIBULA": (0.1, 0.25, 4.0, 7.0),
+    "PELVIS": (2.0, 4.0, 120.0, 180.0),
+}
+
+#: Separate 3D pieces allowed per segment: one per long bone and side; the bony pelvis may show the two hip
+#: bones and the sacrum apart on a slab; an unsided long bone (two legs, no way to tell sides) has two.
+MAX_PIECES = {"PELVIS": 3}
+
+
+@dataclass
+class StructureQuality:
+    """One structure's (and side's) verdict, why, and the numbers behind it."""
+
+    structure: str  # segment name, e.g. "TIBIA LEFT"
+    verdict: str = "pass"
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def flag(self, verdict: str, reason: str) -> None:
+        if VERDICTS.index(verdict) > VERDICTS.index(self.verdict):
+            self.verdict = verdict
+        self.reasons.append(f"{verdict}: {reason}")
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+@dataclass
+class QualityReport:
+    structures: list[StructureQuality]
+    tta: bool = False
+
+    @property
+    def verdict(self) -> str:
+        return worst(s.verdict for s in self.structures)
+
+    def failed(self) -> list[StructureQuality]:
+        return [s for s in self.structures if s.verdict == "fail"]
+
+    def summary(self) -> str:
+        """One line for the timeline: the verdict and every structure that did not pass, with why."""
+        bad = [s for s in self.structures if s.verdict != "pass"]
+        if not bad:
+            return f"pass ({len(self.structures)} structures{', with TTA' if self.tta else ''})"
+        return self.verdict + ": " + " | ".join(f"{s.structure.lower()}: {s.reason}" for s in bad)
+
+    def short_names(self) -> list[str]:
+        """Failed structures as short text for a series description ("tibia L", "pelvis")."""
+        out = []
+        for s in self.failed():
+            parts = s.structure.lower().split()
+            out.append(parts[0] + (" " + parts[1][0].upper() if len(parts) > 1 else ""))
+        return out
+
+
+def worst(verdicts) -> str:
+    return max(verdicts, key=VERDICTS.index, default="pass")
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def _slice_z(vol: SeriesVolume, rows: int, cols: int) -> np.ndarray:
+    """Patient z (LPS: + is superior) of each slice's centre. Patient coordinates, not slice indices, so the
+    stacking order and a feet-first position cannot turn the anatomy upside down."""
+    dr, dc = vol.pixel_spacing
+    centre = (vol.origins + (cols - 1) / 2 * dc * np.asarray(vol.row_dir)
+              + (rows - 1) / 2 * dr * np.asarray(vol.col_dir))
+    return centre[:, 2]
+
+
+def _slice_thickness(vol: SeriesVolume, n: int) -> np.ndarray:
+    """Slice spacing (mm) of each slice; a series joined from blocks keeps each block's own spacing."""
+    out = np.full(n, float(vol.slice_spacing))
+    dr, dc = vol.pixel_spacing
+    for first, end, mm3 in vol.blocks or []:
+        out[first:end] = mm3 / (dr * dc)
+    return out
+
+
+@dataclass
+class _Shape:
+    area_mm2: np.ndarray  # per slice
+    volume_cm3: float
+    length_cm: float
+    z_mid: float  # volume-weighted mean patient z (mm)
+    z_top: float  # highest and lowest slice holding it (mm)
+    z_bottom: float
+    pieces: int
+    voxels: int
+
+
+def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float) -> _Shape:
+    per_slice = mask.reshape(mask.shape[0], -1).sum(1)
+    area = per_slice * pixel_mm2
+    vol_mm3 = float((area * thick).sum())
+    present = per_slice > 0
+    length = float(thick[present].sum()) / 10.0
+    z_mid = float((per_slice * z).sum() / max(per_slice.sum(), 1))
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n > 1:  # pieces that matter: specks below 2 % of the largest are the clean-up's business, not ours
+        sizes = np.bincount(comp.ravel())[1:]
+        n = int((sizes >= max(20, 0.02 * sizes.max())).sum())
+    return _Shape(area, vol_mm3 / 1000.0, length, z_mid, float(z[present].max()), float(z[present].min()), int(n),
+                  int(per_slice.sum()))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+# ------------------------------------------------------------------------------------------- the checks
+def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], card_labels,
+           probs: np.ndarray | None = None, tta_labels: np.ndarray | None = None,
+           thresholds: dict[str, float] | None = None, declared: str | None = None) -> QualityReport:
+    """Judge a sided label map (``seg_labels`` numbered by ``segments``, in the volume's slice order).
+
+    ``probs``: the model's class probabilities (classes, n, rows, cols) uint8 0-255; ``tta_labels``: the
+    unsided labels of the test-time-augmented pass. Either may be None (that measure is then left out).
+    ``declared``: the series' declared laterality, as the result was sided with (default: read from the
+    volume's first dataset, as infer/compute does), so the augmented pass is sided the same way.
+    """
+    th = {**THRESHOLDS, **(thresholds or {})}
+    n, rows, cols = seg_labels.shape
+    z = _slice_z(vol, rows, cols)
+    thick = _slice_thickness(vol, n)
+    pixel_mm2 = float(vol.pixel_spacing[0] * vol.pixel_spacing[1])
+    report = QualityReport([], tta=tta_labels is not None)
+    by_name: dict[str, StructureQuality] = {}
+    shapes: dict[str, _Shape] = {}
+    masks: dict[str, np.ndarray] = {}
+    for sg in segments:
+        mask = seg_labels == sg.number
+        if not mask.any():
+            continue
+        q = StructureQuality(sg.name)
+        sh = _shape(mask, z, thick, pixel_mm2)
+        shapes[sg.name], masks[sg.name], by_name[sg.name] = sh, mask, q
+        report.structures.append(q)
+        area = sh.volume_cm3 / sh.length_cm if sh.length_cm else 0.0
+        q.metrics.update(volume_cm3=round(sh.volume_cm3, 2), length_cm=round(sh.length_cm, 1),
+                         area_cm2=round(area, 2), pieces=sh.pieces)
+        # one connected piece per bone per side
+        allowed = MAX_PIECES.get(sg.label.name, 2 if sg.label.name in PAIRED and not sg.side else 1)
+        if sh.pieces > allowed:
+            q.flag("fail", f"in {sh.pieces} separate pieces (expected {allowed})")
+        # volume per cm of covered length: the mean cross-section of the bone
+        bounds = AREA_BOUNDS_CM2.get(sg.label.name)
+        if bounds is not None:
+            lo_f, lo_w, hi_w, hi_f = bounds
+            if area < lo_f or area > hi_f:
+                q.flag("fail", f"mean cross-section {area:.2f} cm² (volume per cm of length) outside "
+                               f"{lo_f}-{hi_f} cm²")
+            elif area < lo_w or area > hi_w:
+                q.flag("warn", f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
+        # the model's confidence in its own class inside the structure
+        if probs is not None:
+            conf = float(probs[sg.label.value][mask].mean()) / 255.0
+            q.metrics["confidence"] = round(conf, 3)
+            if conf < th["confidence_fail"]:
+                q.flag("fail", f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
+            elif conf < th["confidence_warn"]:
+                q.flag("warn", f"model less sure than usual: mean probability {conf:.2f}")
+
+    _relations(vol, segments, shapes, by_name, th, pixel_mm2)
+    _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
+    if tta_labels is not None:
+        if declared is None:
+            first = vol.datasets[0] if vol.datasets else None
+            declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper() if first else ""
+        _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2)
+    return report
+
+
+def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
+    """Tibia and fibula together, tibia larger than fibula, femur above tibia, pelvis above femur."""
+    sides = sorted({sg.side for sg in segments if sg.label.name in PAIRED})
+    pelvis = shapes.get("PELVIS")
+    for side in sides:
+        suffix = {"L": " LEFT", "R": " RIGHT"}.get(side, "")
+        tib, fib, fem = (shapes.get(b + suffix) for b in ("TIBIA", "FIBULA", "FEMUR"))
+        for this, other, name, other_name in ((tib, fib, "TIBIA", "fibula"), (fib, tib, "FIBULA", "tibia")):
+            if this is not None and other is None and this.length_cm > th["alone_cm"]:
+                by_name[name + suffix].flag("fail", f"no {other_name} beside it over {this.length_cm:.1f} cm")
+        if tib is not None and fib is not None:
+            both = (tib.area_mm2 > 0) & (fib.area_mm2 > 0)
+            if both.any():
+                share = float((fib.area_mm2[both] >= tib.area_mm2[both]).mean())
+                for b in ("TIBIA", "FIBULA"):
+                    by_name[b + suffix].metrics["fibula_larger_share"] = round(share, 3)
+                why = f"fibula as large as the tibia or larger on {share:.0%} of {int(both.sum())} shared slices"
+                for verdict in ("fail", "warn"):
+                    if share > th[f"fibula_larger_{verdict}"]:
+                        by_name["TIBIA" + suffix].flag(verdict, why)
+                        by_name["FIBULA" + suffix].flag(verdict, why)
+                        break
+        if fem is not None and tib is not None and fem.z_mid <= tib.z_mid:
+            why = f"femur not above the tibia (centres at z {fem.z_mid:.0f} and {tib.z_mid:.0f} mm)"
+            by_name["FEMUR" + suffix].flag("fail", why)
+            by_name["TIBIA" + suffix].flag("fail", why)
+        if fem is not None and pelvis is not None and pelvis.z_mid <= fem.z_mid:
+            why = f"pelvis not above the femur (centres at z {pelvis.z_mid:.0f} and {fem.z_mid:.0f} mm)"
+            by_name["PELVIS"].flag("fail", why)
+            by_name["FEMUR" + suffix].flag("fail", why)
+
+
+def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) -> None:
+    """Bones that must be there when the scan reaches past a bone's end: a femur below the pelvis, a tibia
+    below the femur, a femur above the tibia, a pelvis above the femur. A model fooled by an unfamiliar image
+    often finds one structure in the wrong place (a "pelvis" in a thigh); its neighbours then are missing."""
+    reach = th["neighbour_cm"] * 10.0
+    femurs = [n for n in shapes if n.startswith("FEMUR")]
+    pelvis = shapes.get("PELVIS")
+    if pelvis is not None and not femurs and z_bottom < pelvis.z_bottom - reach:
+        by_name["PELVIS"].flag("fail", f"no femur below it, although the scan reaches "
+                                       f"{(pelvis.z_bottom - z_bottom) / 10:.0f} cm further down")
+    sides = sorted({sg.side for sg in segments if sg.label.name in PAIRED})
+    for side in sides:
+        suffix = {"L": " LEFT", "R": " RIGHT"}.get(side, "")
+        fem, tib = shapes.get("FEMUR" + suffix), shapes.get("TIBIA" + suffix)
+        if fem is not None and tib is None and z_bottom < fem.z_bottom - reach:
+            by_name["FEMUR" + suffix].flag("fail", f"no tibia below it, although the scan reaches "
+                                                   f"{(fem.z_bottom - z_bottom) / 10:.0f} cm further down")
+        if tib is not None and fem is None and z_top > tib.z_top + reach:
+            by_name["TIBIA" + suffix].flag("fail", f"no femur above it, although the scan reaches "
+                                                   f"{(z_top - tib.z_top) / 10:.0f} cm further up")
+        if fem is not None and pelvis is None and z_top > fem.z_top + 2 * reach:
+            by_name["FEMUR" + suffix].flag("fail", f"no pelvis above it, although the scan reaches "
+                                                   f"{(z_top - fem.z_top) / 10:.0f} cm further up")
+
+
+def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
+    """Dice per sided structure between the result and the augmented pass (sided the same way)."""
+    tta_seg, tta_segments = split_sides(tta_labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
+                                        vol.pixel_spacing, declared)
+    tta_masks = {sg.name: tta_seg == sg.number for sg in tta_segments}
+    for name, q in by_name.items():
+        other = tta_masks.get(name)
+        d = _dice(masks[name], other) if other is not None else 0.0
+        q.metrics["tta_dice"] = round(d, 3)
+        fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
+        if d < fail_below:
+            q.flag("fail", f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
+                           f"(< {fail_below})")
+        elif d < th["tta_dice_warn"]:
+            q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
+    for name, m in tta_masks.items():
+        if name in by_name or not m.any():
+            continue
+        cm3 = _shape(m, z, thick, pixel_mm2).volume_cm3
+        if cm3 >= th["tta_missing_cm3"]:
+            q = StructureQuality(name, metrics={"tta_volume_cm3": round(cm3, 2), "tta_dice": 0.0})
+            q.flag("fail", f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
+            report.structures.append(q)
