@@ -1,8 +1,10 @@
 """The quality gate through the running node: a result the model got wrong is held, approved once, rejected
 for good, sent flagged, or dropped, as each destination's ``quality_policy`` says.
 
-The wrong result is real: the phantom's image is corrupted (contrast inverted: bone bright, fat dark, unlike
-anything the model was trained on), the bundled model segments it, and the gate has to notice. The PACS is
+The wrong result is real: the phantom's slices are written in reverse order under unchanged positions (as
+when a feet-first scan is labelled head-first), the bundled model segments every slice as it sees it, and the
+gate has to notice that the tibia now lies above the femur. (An earlier version inverted the contrast; the
+domain-randomised model v0.2.0 segments inverted images correctly, so that no longer makes a wrong result.) The PACS is
 dcmtk's storescp, which checks every SEG and SR it received with dciodvfy when it stops.
 """
 
@@ -25,11 +27,11 @@ TOKEN = "quality-gate-test-token"
 
 
 def corrupted_series(folder: Path, seed: int) -> tuple[str, str]:
-    """A lower-limb phantom with inverted contrast on disk; returns (study UID, series UID)."""
+    """A thigh-knee phantom whose slices are upside down (positions unchanged); returns (study, series UID)."""
     from inference.phantom import small_series, write_dicom_series
 
     ph = small_series(seed=seed, n_slices=24, size=128)
-    ph = dataclasses.replace(ph, image=(4095 - ph.image.astype(np.int32)).clip(0, 4095).astype(np.uint16))
+    ph = dataclasses.replace(ph, image=np.ascontiguousarray(ph.image[::-1]))
     paths = write_dicom_series(ph, folder, seed=seed)
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     return ds.StudyInstanceUID, ds.SeriesInstanceUID
@@ -106,7 +108,7 @@ def test_a_wrong_result_is_held_and_shown_for_review(held):
     status, page = http(f"{base}/jobs/{job['job']}")
     page = page.decode()
     assert status == 200 and 'id="approve"' in page and 'id="reject"' in page and 'id="quality"' in page
-    assert f'action="{job["job"]}/approve"' in page and 'method="post"' in page
+    assert f'action="{job["job"]}/approve?csrf_token=' in page and 'method="post"' in page
     failed = next(q["structure"] for q in job["quality_checks"] if q["metrics"].get("volume_cm3"))
     status, png = http(f"{base}/jobs/{job['job']}/preview.png?structure={failed.replace(' ', '%20')}")
     assert status == 200 and png[:4] == b"\x89PNG"
