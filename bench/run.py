@@ -404,6 +404,18 @@ def bench_seg(sizes: list[int]) -> dict:
     return out
 
 
+def seg_waiter(pacs):
+    """``wait(k)``: block until the PACS folder holds ``k`` SEGs (storescp names them SG...), return the time."""
+    def wait(k: int, timeout: float = 600) -> float:
+        end = time.monotonic() + timeout
+        while sum(1 for p in pacs.folder.iterdir() if p.name.startswith("SG")) < k:
+            if time.monotonic() > end:
+                raise RuntimeError("SEG never arrived")
+            time.sleep(0.02)
+        return time.perf_counter()
+    return wait
+
+
 def bench_end_to_end(work: Path, n_studies: int, n_slices: int, concurrent: int) -> dict:
     """Last instance sent → SEG received at a storescp, minus the configured stable wait."""
     import json as _json
@@ -421,16 +433,7 @@ def bench_end_to_end(work: Path, n_studies: int, n_slices: int, concurrent: int)
         make_study(d, n_slices, seed=100 + i)
         studies.append(d)
 
-    def seg_count() -> int:
-        return sum(1 for p in pacs.folder.iterdir() if p.name.startswith("SG"))
-
-    def wait_segs(k: int, timeout: float = 600) -> float:
-        end = time.monotonic() + timeout
-        while seg_count() < k:
-            if time.monotonic() > end:
-                raise RuntimeError("SEG never arrived")
-            time.sleep(0.02)
-        return time.perf_counter()
+    wait_segs = seg_waiter(pacs)
 
     lat = []
     try:
@@ -492,16 +495,7 @@ def bench_end_to_end_source(work: Path, n_studies: int, n_slices: int, stable: f
         paths = make_study(d, n_slices, seed=300 + i)
         studies.append((d, pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID))
 
-    def seg_count() -> int:
-        return sum(1 for p in pacs.folder.iterdir() if p.name.startswith("SG"))
-
-    def wait_segs(k: int, timeout: float = 600) -> float:
-        end = time.monotonic() + timeout
-        while seg_count() < k:
-            if time.monotonic() > end:
-                raise RuntimeError("SEG never arrived")
-            time.sleep(0.02)
-        return time.perf_counter()
+    wait_segs = seg_waiter(pacs)
 
     lat = []
     try:

@@ -409,6 +409,15 @@ class _Server(socketserver.ThreadingTCPServer):
             self.acceptor._disconnected(client_address[0])
 
 
+def address_allowed(address: str, networks: list) -> bool:
+    """Whether ``address`` lies in one of ``networks`` (scp.allowed_peers); an unparsable address never does."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
 class Acceptor:
     """Listens on one or more ports (plain, TLS) and serves each association in its own thread."""
 
@@ -458,11 +467,7 @@ class Acceptor:
             self._connections -= 1
 
     def _peer_allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks)
+        return address_allowed(address, self._networks)
 
     def _enter(self, address: str) -> str:
         """Take an association slot; returns why not (empty string: taken)."""

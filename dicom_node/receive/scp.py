@@ -46,7 +46,7 @@ from storage.models import utcnow
 from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
 
-from .acceptor import Acceptor
+from .acceptor import Acceptor, address_allowed
 from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..notify import notify
@@ -165,11 +165,7 @@ class StorageSCP:
         return None
 
     def _peer_allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks)
+        return address_allowed(address, self._networks)
 
     def on_echo(self, peer: Peer) -> int:
         return SUCCESS
