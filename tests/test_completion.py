@@ -125,7 +125,8 @@ def test_series_complete_by_the_pacs_count_goes_long_before_the_timer(tmp_path):
         o.route(o.series_id(ds.SeriesInstanceUID))
         wait_for(lambda: o.seg_series(ds.StudyInstanceUID), 60, 0.2, "the SEG back in Orthanc")
         elapsed = time.monotonic() - t0
-        assert elapsed < 30, f"SEG took {elapsed:.1f} s: the 60 s timer, not the count, ended the wait"
+        # the 60 s timer would add a minute to the model's time; the count ends the wait at once
+        assert elapsed < 50, f"SEG took {elapsed:.1f} s: the 60 s timer, not the count, ended the wait"
         job = node.wait_job(ds.SeriesInstanceUID)
         assert job["state"] == "done"
         db = node.db()
@@ -138,7 +139,9 @@ def test_series_complete_by_the_pacs_count_goes_long_before_the_timer(tmp_path):
         # what completion adds: the last image to the job running (C-FIND twice, judging, waking the dispatch)
         wait = (running - last).total_seconds()
         assert wait < 1.0, f"job started {wait:.2f} s after the last image"
-        model = sum(v for k, v in timings.items() if k in ("load", "preprocess", "predict", "postprocess"))
+        # the model's time: its passes (the quality gate's test-time-augmented one included) and the gate itself
+        model = sum(v for k, v in timings.items()
+                    if k in ("load", "preprocess", "predict", "tta", "postprocess", "quality"))
         beyond = (sent - last).total_seconds() - model
         # the Bar (SEG at the PACS within the model's time + 2 s after the last image) plus SEG encoding, which
         # a loaded 2-core test machine stretches to seconds: the wait above is the part completion controls
