@@ -141,8 +141,8 @@ class StorageSCP:
         #: series UIDs whose quiet period was extended for a resend: a released association delivering to
         #: them ends the wait (kept in memory so an ordinary release costs no database statement)
         self._waiting: set[str] = set()
-        #: series UIDs delivered by each open association (peer address, port), for ``on_aborted``
-        self._assoc_series: dict[tuple[str, int], set[str]] = {}
+        #: series UIDs delivered by each open association, for ``on_aborted`` and ``on_release``
+        self._assoc_series: dict[Peer, set[str]] = {}
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
@@ -174,7 +174,7 @@ class StorageSCP:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
         scp.network_timeout at the latest (the peer must not hang on a database outage). An association that
         stored nothing (a C-ECHO, the PACS's health probe) is confirmed at once, whatever the database does."""
-        delivered = self._assoc_series.pop((peer.address, peer.port), None)
+        delivered = self._assoc_series.pop(peer, None)
         with self._stats_lock:
             seq = self._last_seq.pop(peer, None)
         if not stored or seq is None:
@@ -195,7 +195,7 @@ class StorageSCP:
         """An association ended without A-RELEASE (A-ABORT, a dropped connection, a timeout) after it
         delivered instances: a resend is likely, so its series must not count as quiet too soon
         (``series.abort_grace_seconds``)."""
-        uids = self._assoc_series.pop((peer.address, peer.port), None)
+        uids = self._assoc_series.pop(peer, None)
         grace = self.settings.series.abort_grace_seconds
         if not uids or grace <= 0:
             return
@@ -225,7 +225,7 @@ class StorageSCP:
         """The association ended (released or not): forget its last row."""
         with self._stats_lock:
             self._last_seq.pop(peer, None)
-        self._assoc_series.pop((peer.address, peer.port), None)
+        self._assoc_series.pop(peer, None)
 
     def on_store(self, request: StoreRequest) -> int:
         try:
@@ -279,10 +279,7 @@ class StorageSCP:
         # recorded once.
         seq = self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
         self._last_seq[req.peer] = seq  # one thread per association: no other writer of this key
-        series = self._assoc_series.get((req.peer.address, req.peer.port))
-        if series is None:
-            series = self._assoc_series[(req.peer.address, req.peer.port)] = set()
-        series.add(meta.series_uid)
+        self._assoc_series.setdefault(req.peer, set()).add(meta.series_uid)  # for on_aborted / on_release
         return SUCCESS
 
     def _rejected(self, item: Received, reason: str) -> None:
