@@ -68,15 +68,16 @@ def status_words(status: int) -> str:
 def outbox_files(settings: Settings, job_dir: Path) -> dict[str, list[dict]]:
     """Per destination, the files of its profile with their SOP class and instance (read once, at queueing,
     so that every re-send carries exactly these UIDs)."""
-    out = {}
-    for dest in settings.destinations:
-        files = []
-        for path in files_for(dest, job_dir):
+    read: dict[str, dict] = {}  # destinations of one profile share files: each is read once
+
+    def meta(path: str) -> dict:
+        if path not in read:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            files.append({"path": path, "sop_class": str(ds.SOPClassUID), "sop_uid": str(ds.SOPInstanceUID),
-                          "ts": str(ds.file_meta.TransferSyntaxUID)})
-        out[dest.name] = files
-    return out
+            read[path] = {"path": path, "sop_class": str(ds.SOPClassUID), "sop_uid": str(ds.SOPInstanceUID),
+                          "ts": str(ds.file_meta.TransferSyntaxUID)}
+        return read[path]
+
+    return {dest.name: [meta(path) for path in files_for(dest, job_dir)] for dest in settings.destinations}
 
 
 def probe(host: str, port: int, timeout: float) -> None:
