@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_role
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
@@ -213,8 +214,9 @@ class Outbox:
         rejection: list = []
 
         def on_acse(event) -> None:
+            # only an A-ASSOCIATE answer carries a rejection; an A-RELEASE has a result ("affirmative") too
             p = event.primitive
-            if getattr(p, "result", None) not in (None, 0):
+            if isinstance(p, A_ASSOCIATE) and p.result not in (None, 0):
                 rejection.append((p.result, p.result_source, p.diagnostic))
 
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACSE_RECV, on_acse),
