@@ -26,8 +26,8 @@ def disc(labels, k0, k1, value, r, cy=50, cx=50):
 def leg(pelvis: bool = False) -> np.ndarray:
     """Slice 0 is the most superior (head-first stacking): pelvis, femur, then tibia beside a fibula."""
     lab = np.zeros((N, SIZE, SIZE), np.uint8)
-    if pelvis:
-        disc(lab, 0, 6, PELVIS, 30)
+    if pelvis:  # beside the femur's head and reaching 3.5 cm (1.75 head diameters) below its top
+        disc(lab, 0, 14, PELVIS, 12, cx=20)
         disc(lab, 6, 18, FEMUR, 10)
     else:
         disc(lab, 0, 18, FEMUR, 10)
@@ -128,6 +128,25 @@ def test_pelvis_below_femur_fails():
     assert q["PELVIS"].verdict == "fail" and "pelvis not above the femur" in q["PELVIS"].reason
 
 
+def test_a_pelvis_that_stops_at_the_top_of_the_femur_fails():
+    """Both passes of a model that misses the ischium and pubis agree; only the anatomy tells."""
+    lab = leg(pelvis=True)
+    assert judge(lab, tta=lab.copy()).verdict == "pass"
+    assert by(judge(lab))["PELVIS"].metrics["pelvis_reach_heads"] == pytest.approx(1.75, abs=0.02)
+    lab[7:14][lab[7:14] == PELVIS] = 0  # ends one slice below the femur's top: 0.25 head diameters
+    q = by(judge(lab, tta=lab.copy()))["PELVIS"]
+    assert q.verdict == "fail" and "lower pelvis looks missing" in q.reason
+    lab = leg(pelvis=True)
+    lab[12:14][lab[12:14] == PELVIS] = 0  # 1.25 diameters: a warning
+    assert by(judge(lab))["PELVIS"].verdict == "warn"
+    lab = leg(pelvis=True)
+    lab[7:14][lab[7:14] == PELVIS] = 0
+    lab[11:] = 0  # the scan stops 2.5 cm below the femur's top: too soon to judge
+    vol = volume()
+    vol = SeriesVolume(vol.array[:11], [], vol.row_dir, vol.col_dir, vol.pixel_spacing, STEP, vol.origins[:11])
+    assert "pelvis_reach_heads" not in by(judge(lab[:11], vol=vol))["PELVIS"].metrics
+
+
 def test_a_bone_in_two_pieces_fails():
     lab = leg()
     lab[8:10][lab[8:10] == FEMUR] = 0
@@ -137,8 +156,8 @@ def test_a_bone_in_two_pieces_fails():
 
 def test_the_pelvis_may_show_three_pieces():
     lab = np.zeros((N, SIZE, SIZE), np.uint8)
-    disc(lab, 0, 8, PELVIS, 12, cx=20)
-    disc(lab, 0, 8, PELVIS, 12, cx=80)
+    disc(lab, 0, 14, PELVIS, 12, cx=20)
+    disc(lab, 0, 14, PELVIS, 12, cx=80)
     disc(lab, 0, 8, PELVIS, 8, cy=80)
     disc(lab, 6, 40, FEMUR, 10)
     assert by(judge(lab))["PELVIS"].verdict == "pass"
