@@ -190,7 +190,8 @@ def main() -> int:
                 "scale": None if np.isnan(float(c["scale"])) else round(float(c["scale"]), 2)}
         truth = c["truth"]
         d = dices(c["labels"], truth)
-        quality = "good" if d and min(d.values()) >= 0.85 else "poor" if d and min(d.values()) < 0.7 else "between"
+        lowest = min(d.values(), default=float("nan"))  # nothing scored: neither good nor poor
+        quality = "poor" if lowest < 0.7 else "good" if lowest >= 0.85 else "between"
         rows.append({**base, "variant": "as predicted", "class": quality, "damaged": False, "dice": d,
                      **judge(vol, c["labels"], c["probs"], c["tta"]),
                      "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
