@@ -75,7 +75,7 @@ def held(tmp_path_factory):
     """A node with the default policy (hold) and two corrupted series waiting for review."""
     tmp = tmp_path_factory.mktemp("gate")
     pacs = PacsSCP(tmp / "pacs")
-    node = NodeProcess(tmp, pacs, web=f'token = "{TOKEN}"')
+    node = NodeProcess(tmp, pacs, web=f'token = "{TOKEN}"', tta=True)
     series = []
     try:
         for seed in (61, 62):
@@ -165,7 +165,7 @@ def test_send_flagged_and_drop_per_destination(tmp_path):
     flagged, dropped = PacsSCP(tmp_path / "flagged"), PacsSCP(tmp_path / "dropped", aet="ARCHIVE")
     more = (f'[[destinations]]\nname = "archive"\nae_title = "ARCHIVE"\nhost = "127.0.0.1"\nport = {dropped.port}\n'
             'retries = 0\nquality_policy = "drop"\n')
-    node = NodeProcess(tmp_path, flagged, dest_extra='quality_policy = "send_flagged"', more=more)
+    node = NodeProcess(tmp_path, flagged, dest_extra='quality_policy = "send_flagged"', more=more, tta=True)
     try:
         study, uid = corrupted_series(tmp_path / "s", 63)
         assert storescu(node.port, tmp_path / "s").returncode == 0
@@ -195,7 +195,7 @@ def test_send_flagged_and_drop_per_destination(tmp_path):
 
 def test_drop_only_keeps_the_result_here(tmp_path):
     pacs = PacsSCP(tmp_path / "pacs")
-    node = NodeProcess(tmp_path, pacs, dest_extra='quality_policy = "drop"')
+    node = NodeProcess(tmp_path, pacs, dest_extra='quality_policy = "drop"', tta=True)
     try:
         study, uid = corrupted_series(tmp_path / "s", 64)
         assert storescu(node.port, tmp_path / "s").returncode == 0
