@@ -52,6 +52,39 @@ def test_partial_fields_of_view():
     assert 2 in calf and 3 in calf and 4 not in calf
 
 
+def test_pelvic_tubes_are_solid_round_upright_and_long_across():
+    c = np.arange(-30, 30.01, 0.5)
+    X, Y = np.meshgrid(c, c)
+    lab = np.zeros(X.shape, np.uint8)
+    labelmap._tube(lab, X, Y, 0.0, ((0, 0, 10), (0, 0, 0), (0, 0, -10)), (5.0, 5.0), 1.0)  # upright, like an ischium
+    area = (L.CLASS_OF[lab] == 4).sum() * 0.25
+    assert abs(area - np.pi * 25) < 8 and lab[60, 60] == L.PELVIS_MARROW and lab[60, 60 + 9] == L.PELVIS_CORTEX
+    across = np.zeros(X.shape, np.uint8)  # lying across, like a pubic ramus: a long section
+    labelmap._tube(across, X, Y, 0.0, ((-20, 0, 0), (0, 0, 0), (20, 0, 0)), (3.0, 3.0), 1.0)
+    ys, xs = np.nonzero(across)
+    assert np.ptp(c[xs]) > 40 and np.ptp(c[ys]) <= 6
+    above = np.zeros(X.shape, np.uint8)
+    labelmap._tube(above, X, Y, 4.0, ((-20, 0, 0), (0, 0, 0), (20, 0, 0)), (3.0, 3.0), 1.0)
+    assert not above.any()
+
+
+def test_some_bodies_have_a_solid_ischium_beside_the_femur():
+    """The ischial tuberosity is solid bone medial to the femur, below the femoral head: a drawing the model
+    must label pelvis (a model that only saw the thin obturator ring called it femur)."""
+    seed = next(k for k in range(50) if (b := labelmap.random_body(np.random.default_rng(k))).p["pelvis_tubes"]
+                and not b.p["pelvis_ring"])
+    b = labelmap.random_body(np.random.default_rng(seed))
+    z = b.z_hip + b.p["pelvis_tubes"]["isch_bot"][2] + 5 * b.s
+    c = np.arange(-250, 250, 1.0)
+    X, Y = np.meshgrid(c, c)
+    cls = L.CLASS_OF[labelmap.slice_labels(b, z, X, Y)]
+    for sg in b.legs:
+        side = (X * sg > 0)
+        femur_x = np.abs(X[(cls == 1) & side]).mean()
+        pelvis_x = np.abs(X[(cls == 4) & side])
+        assert pelvis_x.size > np.pi * (8 * b.s) ** 2 and pelvis_x.mean() < femur_x
+
+
 def test_every_sub_label_gets_its_own_random_intensity():
     bank = stripes()
     cols = (np.arange(L.N_GEN) * 32 + 31) // L.N_GEN  # first column of each stripe

@@ -112,6 +112,21 @@ def random_body(rng: np.random.Generator) -> Body:
         objs.append((int(rng.choice([L.OBJ_BRIGHT, L.OBJ_DARK])), 0.0, 0.0, 2.0, _u(rng, 0.01, 0.04), True))
     p["objects"] = objs
     p["table_y"] = b.body_ry * _u(rng, 1.0, 1.35)
+    # The ischium and pubis as solid tubes, and the acetabulum's thickness (drawn last, so that every
+    # earlier draw of a seed stays what it was). A model trained on the thin obturator ring alone labelled a
+    # solid ischial tuberosity beside the femur as femur and missed thick pubic rami: bone shape, not one
+    # drawing of it, has to decide. Positions are relative to the hip centre, "medial" toward the midline.
+    tubes = rng.random() < 0.75
+    p["pelvis_ring"] = (not tubes) or rng.random() < 0.4
+    p["pelvis_tubes"] = None if not tubes else {
+        "isch_top": (_u(rng, 5, 18) * s, _u(rng, 10, 26) * s, -_u(rng, 0.0, 0.5) * b.rh),
+        "isch_bot": (_u(rng, 12, 42) * s, _u(rng, 8, 38) * s, -_u(rng, 55, 100) * s),
+        "isch_r": (_u(rng, 9, 17) * s, _u(rng, 9, 22) * s),
+        "sym": (_u(rng, 3, 12) * s, -_u(rng, 18, 45) * s, -_u(rng, 15, 55) * s),  # from the midline
+        "sup_r": _u(rng, 5, 13) * s,
+        "inf_r": _u(rng, 4, 11) * s,
+    }
+    p["acetab_thick"] = _u(rng, 3, 13) * s + 2
     return b
 
 
@@ -152,6 +167,39 @@ def _box(X, Y, cx, cy, reach) -> tuple[slice, slice]:
     j0, j1 = np.searchsorted(xs, [cx - reach, cx + reach])
     i0, i1 = np.searchsorted(ys, [cy - reach, cy + reach])
     return slice(int(i0), int(i1)), slice(int(j0), int(j1))
+
+
+def _tube(lab, X, Y, z: float, ctrl, radii, cortex: float, kind: str = "pelvis", n: int = 8) -> None:
+    """Paint the axial section at ``z`` of a tube along the quadratic Bézier through the three 3D control
+    points ``ctrl`` (mm), its radius going linearly from radii[0] to radii[1]: a round cross-section where
+    the tube runs up and down, an elongated one where it runs across (a pubic ramus)."""
+    c0, c1, c2 = (np.asarray(c, float) for c in ctrl)
+    t = np.linspace(0, 1, n + 1)[:, None]
+    pts = (1 - t) ** 2 * c0 + 2 * (1 - t) * t * c1 + t**2 * c2
+    rad = radii[0] + (radii[1] - radii[0]) * t[:, 0]
+    rmax = float(max(radii))
+    if not (pts[:, 2].min() - rmax <= z <= pts[:, 2].max() + rmax):
+        return
+    near = np.abs(pts[:, 2] - z) <= rmax + np.abs(np.diff(pts[:, 2], prepend=pts[0, 2])) + 1
+    sel = pts[near]
+    sl = _box(X, Y, float(sel[:, 0].mean()), float(sel[:, 1].mean()),
+              float(np.ptp(sel[:, 0]) + np.ptp(sel[:, 1])) / 2 + rmax + 2)
+    px, py = X[sl], Y[sl]
+    if px.size == 0:
+        return
+    d = np.full(px.shape, np.inf)
+    for a, b_, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
+        ab = b_ - a
+        if min(a[2], b_[2]) - max(ra, rb) > z or max(a[2], b_[2]) + max(ra, rb) < z:
+            continue
+        w = ((px - a[0]) * ab[0] + (py - a[1]) * ab[1] + (z - a[2]) * ab[2]) / max(float(ab @ ab), 1e-9)
+        w = np.clip(w, 0.0, 1.0)
+        dist = np.sqrt((px - a[0] - w * ab[0]) ** 2 + (py - a[1] - w * ab[1]) ** 2 + (z - a[2] - w * ab[2]) ** 2)
+        d = np.minimum(d, dist - (ra + w * (rb - ra)))
+    c, m = L.BONE[kind]
+    sub = lab[sl]
+    sub[d < 0] = c
+    sub[d < -cortex] = m
 
 
 def _arc(lab, X, Y, cx, cy, R, thick, cortex, sg, a0, a1, kind="pelvis"):
@@ -242,7 +290,7 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             th_w = _lerp(z, [b.z_hip + 0.5 * b.rh, 0], [16 * s, 7 * s])
             _arc(lab, X, Y, sg * 0.5 * b.dh, 5 * s, Rw, th_w, cp, sg, -0.9, 1.9)
         ra_in = b.rh + b.gap_hip
-        ra_out = ra_in + 7 * s + 2
+        ra_out = ra_in + p.get("acetab_thick", 7 * s + 2)
         dz = z - b.z_hip
         if -0.55 * b.rh <= dz <= ra_out:  # acetabulum: a cup open laterally and below
             cx = sg * b.dh
@@ -257,10 +305,24 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             lab[shell & (rho > r_in + cp) & (rho < r_out - cp)] = mm
             lab[(rho < r_in) & (np.hypot(rho, dz) > b.rh)] = L.FLUID
         zc, hz = b.z_hip - 38 * s, 32 * s
-        if abs(z - zc) < hz:  # ischiopubic ring around the obturator foramen
+        if p.get("pelvis_ring", True) and abs(z - zc) < hz:  # ischiopubic ring around the obturator foramen
             R = 24 * s * np.sqrt(1 - ((z - zc) / hz) ** 2) + 2
             _arc(lab, X, Y, sg * (b.dh - 38 * s), -4 * s, R, 9 * s, cp, 1, -np.pi, np.pi)
-    if b.z_hip - 60 * s <= z <= b.z_hip - 22 * s:  # pubic symphysis bar
+        tb = p.get("pelvis_tubes")
+        if tb and b.z_hip - 110 * s <= z <= b.z_hip + b.rh:  # ischium and pubic rami as solid tubes
+            def at(m: float, y: float, dz_: float) -> tuple[float, float, float]:
+                return sg * (b.dh - m), y, b.z_hip + dz_
+            top, bot = at(*tb["isch_top"]), at(*tb["isch_bot"])
+            sym = (sg * tb["sym"][0], tb["sym"][1], b.z_hip + tb["sym"][2])  # beside the midline
+            mid = ((top[0] + bot[0]) / 2, (top[1] + bot[1]) / 2 + 5 * s, (top[2] + bot[2]) / 2)
+            _tube(lab, X, Y, z, (top, mid, bot), tb["isch_r"], cp)
+            sup0 = at(12 * s, -14 * s, -0.2 * b.rh)
+            _tube(lab, X, Y, z, (sup0, ((sup0[0] + sym[0]) / 2, (sup0[1] + sym[1]) / 2 - 6 * s, (sup0[2] + sym[2]) / 2), sym),
+                  (tb["sup_r"], tb["sup_r"] * 0.9), cp)
+            inf1 = (bot[0], bot[1] - 6 * s, bot[2] + 12 * s)
+            _tube(lab, X, Y, z, (sym, ((sym[0] + inf1[0]) / 2, (sym[1] + inf1[1]) / 2, min(sym[2], inf1[2]) - 5 * s), inf1),
+                  (tb["inf_r"], tb["inf_r"] * 1.1), cp)
+    if p.get("pelvis_ring", True) and b.z_hip - 60 * s <= z <= b.z_hip - 22 * s:  # pubic symphysis bar
         bar = (np.abs(X) < b.dh - 55 * s) & (np.abs(Y + 24 * s) < 6 * s)
         lab[bar] = L.PELVIS_CORTEX
         lab[bar & (np.abs(Y + 24 * s) < 6 * s - cp)] = L.PELVIS_MARROW

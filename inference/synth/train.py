@@ -41,9 +41,9 @@ log = logging.getLogger("inference.synth.train")
 CLASS_NAMES = ("FEMUR", "TIBIA", "FIBULA", "PELVIS")
 
 
-def _one_map(args: tuple[int, int]) -> np.ndarray:
-    seed, size = args
-    return labelmap.generate(seed, size=size)[0]
+def _one_map(args: tuple[int, int, str | None]) -> np.ndarray:
+    seed, size, region = args
+    return labelmap.generate(seed, size=size, region=region)[0]
 
 
 def _one_classic(args: tuple[int, int, str]):
@@ -54,9 +54,10 @@ def _one_classic(args: tuple[int, int, str]):
     return ph.image.astype(np.float32), ph.labels, ph.geometry.row_dir, ph.geometry.col_dir, ph.geometry.pixel_spacing
 
 
-def make_maps(seeds: list[int], size: int, workers: int) -> list[np.ndarray]:
-    """Label maps for ``seeds`` (numpy only), in ``workers`` processes when > 1."""
-    jobs = [(s, size) for s in seeds]
+def make_maps(seeds: list[int], size: int, workers: int, regions: list[str | None] | None = None) -> list[np.ndarray]:
+    """Label maps for ``seeds`` (numpy only), in ``workers`` processes when > 1; ``regions`` fixes the field of
+    view per map (None: the generator's random choice)."""
+    jobs = [(s, size, r) for s, r in zip(seeds, regions or [None] * len(seeds))]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             return list(pool.imap(_one_map, jobs))
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-size", type=int, default=256, help="in-plane size of the label maps")
     p.add_argument("--workers", type=int, default=0, help="processes for map generation (0: all cores)")
     p.add_argument("--seed", type=int, default=0, help="map i uses seed seed*100000+i; validation maps follow")
+    p.add_argument("--pelvis-maps", type=float, default=0.0,
+                   help="share of training maps showing only the pelvic region (a fine-tune aimed at the pelvis)")
     p.add_argument("--input-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -154,7 +157,7 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "train_map_seeds": [seeds[0], seeds[-1]], "val_map_seeds": val_seeds[:1] + val_seeds[-1:],
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
-            "batch_size": a.batch_size, "seed": a.seed,
+            "batch_size": a.batch_size, "seed": a.seed, "pelvis_maps": a.pelvis_maps,
             "classic_mix": f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms" if a.classic_train else "none",
         },
     )
@@ -170,7 +173,9 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     seeds = [a.seed * 100000 + i for i in range(a.maps)]
     val_seeds = [a.seed * 100000 + a.maps + i for i in range(a.val_maps)]
-    maps = make_maps(seeds + val_seeds, a.map_size, workers)
+    n_pelvis = int(round(a.pelvis_maps * a.maps))
+    maps = make_maps(seeds + val_seeds, a.map_size, workers,
+                     ["pelvis"] * n_pelvis + [None] * (a.maps - n_pelvis + len(val_seeds)))
     card = _card(a, seeds, val_seeds)
     cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
     tx, ty = (classic_cases(a.classic_train, 9000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
