@@ -47,7 +47,8 @@ def config(tmp_path: Path, url: str, lease: float = 30.0) -> Path:
     p = tmp_path / "worker.toml"
     p.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\ndatabase_url = "{url}"\nlog_level = "INFO"\n'
                  f'[scp]\nport = 0\n[inference]\ndevice = "cpu"\nthreads = 1\n'
-                 f'[worker]\npoll_seconds = 0.2\nlease_seconds = {lease}\nretry_backoff_seconds = 0.5\n')
+                 f'[worker]\npoll_seconds = 0.2\nlease_seconds = {lease}\nretry_backoff_seconds = 0.5\n'
+                 '[quality]\ntta = false\n')  # these tests are about the queue: one network pass per job
     return p
 
 
