@@ -290,7 +290,7 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             th_w = _lerp(z, [b.z_hip + 0.5 * b.rh, 0], [16 * s, 7 * s])
             _arc(lab, X, Y, sg * 0.5 * b.dh, 5 * s, Rw, th_w, cp, sg, -0.9, 1.9)
         ra_in = b.rh + b.gap_hip
-        ra_out = ra_in + p.get("acetab_thick", 7 * s + 2)
+        ra_out = ra_in + p["acetab_thick"]
         dz = z - b.z_hip
         if -0.55 * b.rh <= dz <= ra_out:  # acetabulum: a cup open laterally and below
             cx = sg * b.dh
@@ -305,24 +305,22 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             lab[shell & (rho > r_in + cp) & (rho < r_out - cp)] = mm
             lab[(rho < r_in) & (np.hypot(rho, dz) > b.rh)] = L.FLUID
         zc, hz = b.z_hip - 38 * s, 32 * s
-        if p.get("pelvis_ring", True) and abs(z - zc) < hz:  # ischiopubic ring around the obturator foramen
+        if p["pelvis_ring"] and abs(z - zc) < hz:  # ischiopubic ring around the obturator foramen
             R = 24 * s * np.sqrt(1 - ((z - zc) / hz) ** 2) + 2
             _arc(lab, X, Y, sg * (b.dh - 38 * s), -4 * s, R, 9 * s, cp, 1, -np.pi, np.pi)
-        tb = p.get("pelvis_tubes")
-        if tb and b.z_hip - 110 * s <= z <= b.z_hip + b.rh:  # ischium and pubic rami as solid tubes
-            def at(m: float, y: float, dz_: float) -> tuple[float, float, float]:
-                return sg * (b.dh - m), y, b.z_hip + dz_
+        tb = p["pelvis_tubes"]
+        if tb:  # ischium and pubic rami as solid tubes (each skips the slices it does not reach)
+            def at(m: float, y: float, dz_: float) -> np.ndarray:
+                return np.array([sg * (b.dh - m), y, b.z_hip + dz_])
             top, bot = at(*tb["isch_top"]), at(*tb["isch_bot"])
-            sym = (sg * tb["sym"][0], tb["sym"][1], b.z_hip + tb["sym"][2])  # beside the midline
-            mid = ((top[0] + bot[0]) / 2, (top[1] + bot[1]) / 2 + 5 * s, (top[2] + bot[2]) / 2)
-            _tube(lab, X, Y, z, (top, mid, bot), tb["isch_r"], cp)
-            sup0 = at(12 * s, -14 * s, -0.2 * b.rh)
-            _tube(lab, X, Y, z, (sup0, ((sup0[0] + sym[0]) / 2, (sup0[1] + sym[1]) / 2 - 6 * s, (sup0[2] + sym[2]) / 2), sym),
-                  (tb["sup_r"], tb["sup_r"] * 0.9), cp)
-            inf1 = (bot[0], bot[1] - 6 * s, bot[2] + 12 * s)
-            _tube(lab, X, Y, z, (sym, ((sym[0] + inf1[0]) / 2, (sym[1] + inf1[1]) / 2, min(sym[2], inf1[2]) - 5 * s), inf1),
-                  (tb["inf_r"], tb["inf_r"] * 1.1), cp)
-    if p.get("pelvis_ring", True) and b.z_hip - 60 * s <= z <= b.z_hip - 22 * s:  # pubic symphysis bar
+            sym = np.array([sg * tb["sym"][0], tb["sym"][1], b.z_hip + tb["sym"][2]])  # beside the midline
+            sup0, inf1 = at(12 * s, -14 * s, -0.2 * b.rh), bot + [0, -6 * s, 12 * s]
+            _tube(lab, X, Y, z, (top, (top + bot) / 2 + [0, 5 * s, 0], bot), tb["isch_r"], cp)
+            _tube(lab, X, Y, z, (sup0, (sup0 + sym) / 2 + [0, -6 * s, 0], sym), (tb["sup_r"], tb["sup_r"] * 0.9), cp)
+            low = (sym + inf1) / 2
+            low[2] = min(sym[2], inf1[2]) - 5 * s  # the inferior ramus sags below both ends
+            _tube(lab, X, Y, z, (sym, low, inf1), (tb["inf_r"], tb["inf_r"] * 1.1), cp)
+    if p["pelvis_ring"] and b.z_hip - 60 * s <= z <= b.z_hip - 22 * s:  # pubic symphysis bar
         bar = (np.abs(X) < b.dh - 55 * s) & (np.abs(Y + 24 * s) < 6 * s)
         lab[bar] = L.PELVIS_CORTEX
         lab[bar & (np.abs(Y + 24 * s) < 6 * s - cp)] = L.PELVIS_MARROW
