@@ -172,7 +172,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=30,
                     help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
-    ap.add_argument("--second", choices=("gamma", "mirror", "none"), default="gamma",
+    ap.add_argument("--second", choices=("gamma", "mirror", "unmirrored", "none"), default="gamma",
                     help="the second augmented pass asked when the first disagrees: the node's (mirrored, "
                          "gamma 1.25), mirrored only, or none (the gate before it had one)")
     args = ap.parse_args()
@@ -205,7 +205,7 @@ def main() -> int:
         truth = c["truth"]
 
         def second(prefix: str = ""):
-            key = {"gamma": "tta2", "mirror": "ttam"}.get(args.second)
+            key = {"gamma": "tta2", "mirror": "ttam", "unmirrored": "ttag"}.get(args.second)
             return c[prefix + key] if key and prefix + key in c.files else None
 
         d = dices(c["labels"], truth)

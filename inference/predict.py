@@ -45,15 +45,16 @@ TTA2_GAMMA = 1.25
 
 
 def _augmented_labels(net: torch.nn.Module, x: torch.Tensor, k: int, t, gamma: float, device: torch.device,
-                      dtype: torch.dtype) -> np.ndarray:
+                      dtype: torch.dtype, mirror: bool = True) -> np.ndarray:
     """One test-time-augmented pass over a batch: input mirrored left-right and gamma-shifted, the output
     mirrored back. The square padding is symmetric, so mirroring lands every pixel where it came from."""
-    xa = torch.flip(x, dims=[-1])
+    xa = torch.flip(x, dims=[-1]) if mirror else x
     if gamma != 1.0:
         xa = xa.pow(gamma)
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
         la = net(xa)
-    la = from_model_output(torch.flip(la[:k].float(), dims=[-1]), t)
+    la = la[:k].float()
+    la = from_model_output(torch.flip(la, dims=[-1]) if mirror else la, t)
     return la.argmax(1).to(torch.uint8).cpu().numpy()
 
 
@@ -102,11 +103,12 @@ class Predictor:
     def label_names(self) -> dict[int, str]:
         return {lab.value: lab.name for lab in self.card.labels}
 
-    def augmented(self, volume: np.ndarray, row_dir, col_dir, gamma: float = TTA2_GAMMA) -> np.ndarray:
+    def augmented(self, volume: np.ndarray, row_dir, col_dir, gamma: float = TTA2_GAMMA,
+                  mirror: bool = True) -> np.ndarray:
         """Only an augmented pass (mirrored, ``x ** gamma``), cleaned like every prediction: the gate's second
         opinion, asked when the first augmented pass disagrees with the result."""
         return augmented_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
-                                self._lock, self.dtype, pad_batches=self.compiled, gamma=gamma)
+                                self._lock, self.dtype, pad_batches=self.compiled, gamma=gamma, mirror=mirror)
 
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
                 tta: bool = False) -> Prediction:
@@ -179,7 +181,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
 def augmented_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
                      device: torch.device, batch_size: int = 16, lock: threading.Lock | None = None,
                      dtype: torch.dtype = torch.float32, pad_batches: bool = False,
-                     gamma: float = TTA2_GAMMA) -> np.ndarray:
+                     gamma: float = TTA2_GAMMA, mirror: bool = True) -> np.ndarray:
     """The labels of one augmented pass alone (same preprocessing and clean-up as :func:`predict_volume`)."""
     n, rows, cols = volume.shape
     t = plan_transform(rows, cols, row_dir, col_dir, card.input_size)
@@ -194,5 +196,5 @@ def augmented_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, 
                 x = torch.cat([x, x.new_zeros((batch_size - k,) + tuple(x.shape[1:]))])
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            out[start:start + batch_size] = _augmented_labels(net, x, k, t, gamma, device, dtype)
+            out[start:start + batch_size] = _augmented_labels(net, x, k, t, gamma, device, dtype, mirror)
     return clean_labels(unorient(out, t), {lab.value: lab.name for lab in card.labels})

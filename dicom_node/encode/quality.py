@@ -354,10 +354,13 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
 
 def _agreement(vol, declared, passes: list[np.ndarray], card_labels, masks, by_name, report, th, z, thick,
                pixel_mm2) -> None:
-    """Dice per sided structure between the result and each augmented pass (sided the same way). With more
-    than one pass the best agreement counts, and a structure the result lacks fails only when every pass
-    finds it: an augmented pass can itself be the wrong one (a thin bone it loses, a sliver at the scan's
-    edge it reads differently), and a result is held only when no second view of the image supports it."""
+    """Dice per sided structure between the result and each augmented pass (sided the same way).
+
+    The first pass decides as before. A structure that fails it is cleared by a later pass only when that
+    pass agrees *clearly* (Dice at or above the warn threshold), and then as ``warn``, never ``pass``: an
+    augmented pass can itself be the wrong one (a thin bone it loses, a sliver at the scan's edge it reads
+    differently), but a second pass that only half agrees must not let a doubtful result out. A structure
+    the result lacks fails only when every pass finds it."""
     tta_masks = []
     for labels in passes:
         tta_seg, tta_segments = split_sides(labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
@@ -366,17 +369,20 @@ def _agreement(vol, declared, passes: list[np.ndarray], card_labels, masks, by_n
     which = "the mirrored/gamma-shifted pass" if len(passes) == 1 else f"all {len(passes)} augmented passes"
     for name, q in by_name.items():
         ds = [_dice(masks[name], m[name]) if name in m else 0.0 for m in tta_masks]
-        d = max(ds)
-        q.metrics["tta_dice"] = round(d, 3)
+        q.metrics["tta_dice"] = round(ds[0], 3)
         for k, dk in enumerate(ds[1:], start=2):
             q.metrics[f"tta{k}_dice"] = round(dk, 3)
-        shown = ", ".join(f"{x:.2f}" for x in ds)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
-        if d < fail_below:
+        if ds[0] >= fail_below:
+            if ds[0] < th["tta_dice_warn"]:
+                q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {ds[0]:.2f}")
+        elif max(ds[1:], default=0.0) >= th["tta_dice_warn"]:
+            q.flag("warn", f"the mirrored/gamma-shifted pass disagreed (Dice {ds[0]:.2f}), a second augmented "
+                           f"pass agrees (Dice {max(ds[1:]):.2f})")
+        else:
+            shown = ", ".join(f"{x:.2f}" for x in ds)
             q.flag("fail", f"unstable: agreement with {which} Dice {shown} (< {fail_below})")
             report.unstable = True
-        elif d < th["tta_dice_warn"]:
-            q.flag("warn", f"agreement with the augmented pass{'es' if len(ds) > 1 else ''} Dice {shown}")
     for name in sorted({n for m in tta_masks for n in m}):
         if name in by_name:
             continue
