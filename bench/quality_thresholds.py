@@ -40,7 +40,7 @@ from inference.labels import DEFAULT_LABELS  # noqa: E402
 from inference.model import BUNDLED_MODEL  # noqa: E402
 from inference.phantom import make_case  # noqa: E402
 from inference.synth import foreign  # noqa: E402
-from inference.predict import TTA2_GAMMA, Predictor  # noqa: E402
+from inference.predict import Predictor  # noqa: E402
 
 NAMES = {lab.value: lab.name for lab in DEFAULT_LABELS}
 MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scored (a sliver at the edge)
@@ -93,16 +93,11 @@ def damages(labels: np.ndarray, spacing_mm: float):
             yield f"{NAMES[a].lower()}/{NAMES[b].lower()} swapped", out
 
 
-def judge(vol, labels, probs, tta, use_model: bool = True, second=None) -> dict:
-    """The gate as the pipeline runs it: the first augmented pass, and ``second`` only when a structure
-    disagrees with the first (dicom_node/pipeline.py)."""
+def judge(vol, labels, probs, tta, use_model: bool = True) -> dict:
     seg, segments = split_sides(labels, list(DEFAULT_LABELS), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing)
     rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None)
-    asked = False
-    if use_model and second is not None and rep.unstable:
-        rep, asked = assess(vol, seg, segments, DEFAULT_LABELS, probs, [tta, second]), True
-    return {"verdict": rep.verdict, "summary": rep.summary(), "second_pass": asked,
+    return {"verdict": rep.verdict, "summary": rep.summary(),
             "metrics": {s.structure: s.metrics for s in rep.structures}}
 
 
@@ -136,16 +131,10 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
         extra["timing"] = json.dumps({"case": seed, "slices": int(vol.array.shape[0]), "plain_s": round(t1 - t0, 2),
                                       "with_quality_and_tta_s": round(t2 - t1, 2),
                                       **{k: round(v, 2) for k, v in pred.timings.items()}})
-    # the second opinions the gate can ask when the first augmented pass disagrees: the node's (mirrored,
-    # the opposite gamma) and, for comparison, mirrored only
-    out = {"tta2": predictor.augmented(vol.array, vol.row_dir, vol.col_dir, TTA2_GAMMA),
-           "ttam": predictor.augmented(vol.array, vol.row_dir, vol.col_dir, 1.0)}
+    out = {}
     for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")) if kind != "whole" else ():
-        img = corrupt(vol.array, how, seed)
-        bad = predictor.predict(img, vol.row_dir, vol.col_dir, quality=True, tta=True)
-        out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels,
-                    f"{key}_tta2": predictor.augmented(img, vol.row_dir, vol.col_dir, TTA2_GAMMA),
-                    f"{key}_ttam": predictor.augmented(img, vol.row_dir, vol.col_dir, 1.0)})
+        bad = predictor.predict(corrupt(vol.array, how, seed), vol.row_dir, vol.col_dir, quality=True, tta=True)
+        out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels})
     np.savez_compressed(f, truth=ph.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
                         origins=vol.origins, row_dir=np.asarray(vol.row_dir), col_dir=np.asarray(vol.col_dir),
                         pixel_spacing=np.asarray(vol.pixel_spacing), slice_spacing=vol.slice_spacing,
@@ -172,9 +161,6 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=30,
                     help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
-    ap.add_argument("--second", choices=("gamma", "mirror", "unmirrored", "none"), default="gamma",
-                    help="the second augmented pass asked when the first disagrees: the node's (mirrored, "
-                         "gamma 1.25), mirrored only, or none (the gate before it had one)")
     args = ap.parse_args()
     predictor = None
     rows, timing = [], []
@@ -203,32 +189,26 @@ def main() -> int:
                 "matrix": list(vol.array.shape[1:]),
                 "scale": None if np.isnan(float(c["scale"])) else round(float(c["scale"]), 2)}
         truth = c["truth"]
-
-        def second(prefix: str = ""):
-            key = {"gamma": "tta2", "mirror": "ttam", "unmirrored": "ttag"}.get(args.second)
-            return c[prefix + key] if key and prefix + key in c.files else None
-
         d = dices(c["labels"], truth)
         lowest = min(d.values(), default=float("nan"))  # nothing scored: neither good nor poor
         quality = "poor" if lowest < 0.7 else "good" if lowest >= 0.85 else "between"
         rows.append({**base, "variant": "as predicted", "class": quality, "damaged": False, "dice": d,
-                     **judge(vol, c["labels"], c["probs"], c["tta"], second=second()),
+                     **judge(vol, c["labels"], c["probs"], c["tta"]),
                      "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
         for name, lab in damages(c["labels"], float(vol.pixel_spacing[1])):
             rows.append({**base, "variant": name, "damaged": True, "dice": dices(lab, truth),
-                         **judge(vol, lab, c["probs"], c["tta"], second=second()),
+                         **judge(vol, lab, c["probs"], c["tta"]),
                          "anatomy_only": judge(vol, lab, None, None, False)["verdict"]})
         for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")):
             if f"{key}_labels" not in c.files:  # whole volumes: only the prediction and its damages
                 continue
             rows.append({**base, "variant": f"model on {how}", "damaged": True,
                          "dice": dices(c[f"{key}_labels"], truth),
-                         **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"],
-                                 second=second(f"{key}_")),
+                         **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"]),
                          "anatomy_only": judge(vol, c[f"{key}_labels"], None, None, False)["verdict"]})
     if args.predict_only:
         return 0
-    report = summarise(rows, timing, args.second)
+    report = summarise(rows, timing)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality-thresholds.json").write_text(json.dumps({"summary": report, "rows": rows,
                                                                   "timing": timing}, indent=1))
@@ -241,7 +221,7 @@ def _low(r: dict) -> bool:
     return bool(r["dice"]) and min(r["dice"].values()) < 0.7
 
 
-def summarise(rows: list[dict], timing: list[dict], args_second: str = "gamma") -> dict:
+def summarise(rows: list[dict], timing: list[dict]) -> dict:
     good = [r for r in rows if not r["damaged"] and r["class"] == "good"]
     between = [r for r in rows if not r["damaged"] and r["class"] == "between"]
     poor = [r for r in rows if not r["damaged"] and r["class"] == "poor"]
@@ -276,9 +256,6 @@ def summarise(rows: list[dict], timing: list[dict], args_second: str = "gamma") 
         "dice_below_0.7": len(bad), "caught": sum(r["verdict"] == "fail" for r in bad),
         "caught_by_anatomy_only": sum(r["anatomy_only"] == "fail" for r in bad),
         "per_set": per_set,
-        "second_pass": args_second,
-        "second_pass_asked": sum(r.get("second_pass", False) for r in rows),
-        "second_pass_asked_good": sum(r.get("second_pass", False) for r in good),
         "damaged_dice_at_least_0.7": len(mild), "of_those_failed": sum(r["verdict"] == "fail" for r in mild),
         "good_metric_ranges": metric,
         "predict_seconds_plain": round(plain, 1), "predict_seconds_with_quality_and_tta": round(both, 1),
@@ -305,9 +282,6 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
              f"({100 * s['caught'] / max(s['dice_below_0.7'], 1):.0f} % caught; anatomy checks alone: "
              f"{s['caught_by_anatomy_only']}) |",
              f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |", "",
-             f"Second augmented pass (`--second {s['second_pass']}`): asked for {s['second_pass_asked']} of "
-             f"{len(rows)} results (a structure disagreed with the first pass), {s['second_pass_asked_good']} of "
-             f"them good predictions.", "",
              f"Prediction time for the {len(timing)} cases: {s['predict_seconds_plain']} s plain, "
              f"{s['predict_seconds_with_quality_and_tta']} s with probabilities and the TTA pass "
              f"(× {s['tta_cost_factor']}, wall clock on a shared 2-core CPU, so noisy); within the same calls "

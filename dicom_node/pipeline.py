@@ -35,7 +35,7 @@ from .encode.quality import QualityReport, assess
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
 from .errors import admin_message
-from .infer.compute import NotSegmentable, second_augmented_pass, segment_series
+from .infer.compute import NotSegmentable, segment_series
 from .notify import notify
 
 log = logging.getLogger("dicom_node.pipeline")
@@ -169,7 +169,7 @@ class Pipeline:
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
                             model_version=card.version, device=result.device)
             return
-        report = self._judge(job_id, result, predictor)
+        report = self._judge(job_id, result)
         t = time.perf_counter()
         job_dir = self.store.result_path(series.study.study_uid, f"job{job_id}")
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -192,21 +192,12 @@ class Pipeline:
         outcome = self._deliver(job_id, path.parent, hb)
         log.info("job %s %s: %s", job_id, outcome, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
 
-    def _judge(self, job_id: int, result, predictor) -> QualityReport:
+    def _judge(self, job_id: int, result) -> QualityReport:
         """The quality gate on the result, stored per structure and on the timeline; the probabilities are
         released afterwards (they are the largest arrays of the job)."""
         t = time.perf_counter()
         report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
                         result.tta_labels)
-        if report.unstable and result.tta_labels is not None:
-            # the first augmented pass disagrees: it may be the wrong one, so ask a second, independent one
-            # (one more network pass, only for results that would otherwise be held)
-            t2 = time.perf_counter()
-            second = second_augmented_pass(result, predictor)
-            queue.add_timing(self.db, job_id, "tta", time.perf_counter() - t2, accumulate=True)
-            report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
-                            [result.tta_labels, second])
-            t += time.perf_counter() - t2  # the "quality" stage is the checks' own time
         result.probs = result.tta_labels = None
         queue.save_quality(self.db, job_id, report.verdict, report.summary(),
                            [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])

@@ -37,25 +37,6 @@ class Prediction:
 #: Gamma applied to the normalised input in the test-time-augmented pass (x ** 0.8 brightens mid-greys):
 #: a contrast change a second scanner or protocol could make, within what training augmentation covers.
 TTA_GAMMA = 0.8
-#: The second augmented pass, run only when the first disagrees with the result (``Predictor.augmented``):
-#: mirrored again, with the opposite contrast change (x ** 1.25 darkens mid-greys). An augmented pass can
-#: itself be the one that is wrong (a thin bone lost, a sliver at the edge of the scan read differently);
-#: the gate then asks a second, independent one before holding a result (encode/quality.py).
-TTA2_GAMMA = 1.25
-
-
-def _augmented_labels(net: torch.nn.Module, x: torch.Tensor, k: int, t, gamma: float, device: torch.device,
-                      dtype: torch.dtype, mirror: bool = True) -> np.ndarray:
-    """One test-time-augmented pass over a batch: input mirrored left-right and gamma-shifted, the output
-    mirrored back. The square padding is symmetric, so mirroring lands every pixel where it came from."""
-    xa = torch.flip(x, dims=[-1]) if mirror else x
-    if gamma != 1.0:
-        xa = xa.pow(gamma)
-    with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
-        la = net(xa)
-    la = la[:k].float()
-    la = from_model_output(torch.flip(la, dims=[-1]) if mirror else la, t)
-    return la.argmax(1).to(torch.uint8).cpu().numpy()
 
 
 class Predictor:
@@ -102,13 +83,6 @@ class Predictor:
     @property
     def label_names(self) -> dict[int, str]:
         return {lab.value: lab.name for lab in self.card.labels}
-
-    def augmented(self, volume: np.ndarray, row_dir, col_dir, gamma: float = TTA2_GAMMA,
-                  mirror: bool = True) -> np.ndarray:
-        """Only an augmented pass (mirrored, ``x ** gamma``), cleaned like every prediction: the gate's second
-        opinion, asked when the first augmented pass disagrees with the result."""
-        return augmented_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
-                                self._lock, self.dtype, pad_batches=self.compiled, gamma=gamma, mirror=mirror)
 
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
                 tta: bool = False) -> Prediction:
@@ -159,7 +133,13 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             t_pred += time.perf_counter() - tb
             if out_tta is not None:
                 tb = time.perf_counter()
-                out_tta[start:start + batch_size] = _augmented_labels(net, x, k, t, TTA_GAMMA, device, dtype)
+                # mirrored left-right and gamma-shifted; the square padding is symmetric, so mirroring the
+                # model's output back lands every pixel where it came from
+                xa = torch.flip(x, dims=[-1]).pow(TTA_GAMMA)
+                with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
+                    la = net(xa)
+                la = from_model_output(torch.flip(la[:k].float(), dims=[-1]), t)
+                out_tta[start:start + batch_size] = la.argmax(1).to(torch.uint8).cpu().numpy()
                 t_tta += time.perf_counter() - tb
     timings["predict"] = t_pred
     if out_tta is not None:
@@ -176,25 +156,3 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
         if tta_labels is not None:
             tta_labels = clean_labels(tta_labels, names)
     return Prediction(labels, timings, probs, tta_labels)
-
-
-def augmented_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
-                     device: torch.device, batch_size: int = 16, lock: threading.Lock | None = None,
-                     dtype: torch.dtype = torch.float32, pad_batches: bool = False,
-                     gamma: float = TTA2_GAMMA, mirror: bool = True) -> np.ndarray:
-    """The labels of one augmented pass alone (same preprocessing and clean-up as :func:`predict_volume`)."""
-    n, rows, cols = volume.shape
-    t = plan_transform(rows, cols, row_dir, col_dir, card.input_size)
-    canon = orient(volume, t)
-    lo, hi = intensity_range(canon, card.normalisation)
-    out = np.empty((n,) + t.shape, dtype=np.uint8)
-    with (lock or threading.Lock()), torch.inference_mode():
-        for start in range(0, n, batch_size):
-            x = to_model_input(canon[start:start + batch_size], lo, hi, t, card.in_channels, device)
-            k = x.shape[0]
-            if pad_batches and k < batch_size:
-                x = torch.cat([x, x.new_zeros((batch_size - k,) + tuple(x.shape[1:]))])
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            out[start:start + batch_size] = _augmented_labels(net, x, k, t, gamma, device, dtype, mirror)
-    return clean_labels(unorient(out, t), {lab.value: lab.name for lab in card.labels})

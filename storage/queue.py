@@ -462,13 +462,11 @@ def _series_follows(s, job_id: int, state: str) -> None:
         s.execute(update(Series).where(Series.id == series_id, Series.state == "queued").values(state=state))
 
 
-def add_timing(db: Database, job_id: int, stage: str, seconds: float, accumulate: bool = False) -> None:
-    """Record a stage's seconds on the job; ``accumulate`` adds to what the stage already has (a second
-    augmented pass counts as the "tta" stage's time too)."""
+def add_timing(db: Database, job_id: int, stage: str, seconds: float) -> None:
     with db.session() as s:
         job = s.get(Job, job_id)
         t = json.loads(job.timings or "{}")
-        t[stage] = round(seconds + (t.get(stage, 0.0) if accumulate else 0.0), 4)
+        t[stage] = round(seconds, 4)
         job.timings = json.dumps(t)
 
 

@@ -15,8 +15,7 @@ structure and side, on:
   that span small children to large adults;
 * the model's own confidence: the mean probability the model gives the structure's class inside the
   structure, and the agreement (Dice) between the result and a test-time-augmented pass (input mirrored
-  left-right and gamma-shifted); when a structure disagrees, the pipeline asks a second augmented pass (the
-  opposite gamma) and the structure is unstable only if it disagrees with both.
+  left-right and gamma-shifted).
 
 Each structure gets pass / warn / fail with its reasons in words; the job's verdict is the worst. The
 thresholds come from measurements kept in ``docs/quality-thresholds.md`` (made by
@@ -26,7 +25,6 @@ and the model run on images unlike its training fail.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,9 +106,6 @@ class StructureQuality:
 class QualityReport:
     structures: list[StructureQuality]
     tta: bool = False
-    #: a structure disagreed with every augmented pass asked so far (the pipeline then asks a second one)
-    unstable: bool = False
-    tta_passes: int = 0
 
     @property
     def verdict(self) -> str:
@@ -123,8 +118,7 @@ class QualityReport:
         """One line for the timeline: the verdict and every structure that did not pass, with why."""
         bad = [s for s in self.structures if s.verdict != "pass"]
         if not bad:
-            tta = "" if not self.tta else ", with TTA" if self.tta_passes < 2 else ", with 2 TTA passes"
-            return f"pass ({len(self.structures)} structures{tta})"
+            return f"pass ({len(self.structures)} structures{', with TTA' if self.tta else ''})"
         return self.verdict + ": " + " | ".join(f"{s.structure.lower()}: {s.reason}" for s in bad)
 
     def short_names(self) -> list[str]:
@@ -193,13 +187,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------- the checks
 def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], card_labels,
-           probs: np.ndarray | None = None, tta_labels: np.ndarray | Sequence[np.ndarray] | None = None,
+           probs: np.ndarray | None = None, tta_labels: np.ndarray | None = None,
            thresholds: dict[str, float] | None = None, declared: str | None = None) -> QualityReport:
     """Judge a sided label map (``seg_labels`` numbered by ``segments``, in the volume's slice order).
 
     ``probs``: the model's class probabilities (classes, n, rows, cols) uint8 0-255; ``tta_labels``: the
-    unsided labels of the test-time-augmented pass, or a list of such passes (a structure is then unstable
-    only when it disagrees with every one of them). Either may be None (that measure is then left out).
+    unsided labels of the test-time-augmented pass. Either may be None (that measure is then left out).
     ``declared``: the series' declared laterality, as the result was sided with (default: read from the
     volume's first dataset, as infer/compute does), so the augmented pass is sided the same way.
     """
@@ -208,8 +201,7 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     z = _slice_z(vol, rows, cols)
     thick = _slice_thickness(vol, n)
     pixel_mm2 = float(vol.pixel_spacing[0] * vol.pixel_spacing[1])
-    passes = [] if tta_labels is None else [tta_labels] if isinstance(tta_labels, np.ndarray) else list(tta_labels)
-    report = QualityReport([], tta=bool(passes), tta_passes=len(passes))
+    report = QualityReport([], tta=tta_labels is not None)
     by_name: dict[str, StructureQuality] = {}
     shapes: dict[str, _Shape] = {}
     masks: dict[str, np.ndarray] = {}
@@ -249,11 +241,11 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     _relations(vol, segments, shapes, by_name, th, pixel_mm2)
     _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
     _pelvis_reach(shapes, by_name, th, z)
-    if passes:
+    if tta_labels is not None:
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
             declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper() if first else ""
-        _agreement(vol, declared, passes, card_labels, masks, by_name, report, th, z, thick, pixel_mm2)
+        _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2)
     return report
 
 
@@ -352,45 +344,26 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
         q.flag("warn", why)
 
 
-def _agreement(vol, declared, passes: list[np.ndarray], card_labels, masks, by_name, report, th, z, thick,
-               pixel_mm2) -> None:
-    """Dice per sided structure between the result and each augmented pass (sided the same way).
-
-    The first pass decides as before. A structure that fails it is cleared by a later pass only when that
-    pass agrees *clearly* (Dice at or above the warn threshold), and then as ``warn``, never ``pass``: an
-    augmented pass can itself be the wrong one (a thin bone it loses, a sliver at the scan's edge it reads
-    differently), but a second pass that only half agrees must not let a doubtful result out. A structure
-    the result lacks fails only when every pass finds it."""
-    tta_masks = []
-    for labels in passes:
-        tta_seg, tta_segments = split_sides(labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
-                                            vol.pixel_spacing, declared)
-        tta_masks.append({sg.name: tta_seg == sg.number for sg in tta_segments})
-    which = "the mirrored/gamma-shifted pass" if len(passes) == 1 else f"all {len(passes)} augmented passes"
+def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
+    """Dice per sided structure between the result and the augmented pass (sided the same way)."""
+    tta_seg, tta_segments = split_sides(tta_labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
+                                        vol.pixel_spacing, declared)
+    tta_masks = {sg.name: tta_seg == sg.number for sg in tta_segments}
     for name, q in by_name.items():
-        ds = [_dice(masks[name], m[name]) if name in m else 0.0 for m in tta_masks]
-        q.metrics["tta_dice"] = round(ds[0], 3)
-        for k, dk in enumerate(ds[1:], start=2):
-            q.metrics[f"tta{k}_dice"] = round(dk, 3)
+        other = tta_masks.get(name)
+        d = _dice(masks[name], other) if other is not None else 0.0
+        q.metrics["tta_dice"] = round(d, 3)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
-        if ds[0] >= fail_below:
-            if ds[0] < th["tta_dice_warn"]:
-                q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {ds[0]:.2f}")
-        elif max(ds[1:], default=0.0) >= th["tta_dice_warn"]:
-            q.flag("warn", f"the mirrored/gamma-shifted pass disagreed (Dice {ds[0]:.2f}), a second augmented "
-                           f"pass agrees (Dice {max(ds[1:]):.2f})")
-        else:
-            shown = ", ".join(f"{x:.2f}" for x in ds)
-            q.flag("fail", f"unstable: agreement with {which} Dice {shown} (< {fail_below})")
-            report.unstable = True
-    for name in sorted({n for m in tta_masks for n in m}):
-        if name in by_name:
+        if d < fail_below:
+            q.flag("fail", f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
+                           f"(< {fail_below})")
+        elif d < th["tta_dice_warn"]:
+            q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
+    for name, m in tta_masks.items():
+        if name in by_name or not m.any():
             continue
-        cm3 = [(_shape(m[name], z, thick, pixel_mm2).volume_cm3 if name in m and m[name].any() else 0.0)
-               for m in tta_masks]
-        if min(cm3) >= th["tta_missing_cm3"]:
-            q = StructureQuality(name, metrics={"tta_volume_cm3": round(min(cm3), 2), "tta_dice": 0.0})
-            q.flag("fail", f"missing from the result, but {which} find"
-                           f"{'s' if len(passes) == 1 else ''} {min(cm3):.1f} cm³ or more")
+        cm3 = _shape(m, z, thick, pixel_mm2).volume_cm3
+        if cm3 >= th["tta_missing_cm3"]:
+            q = StructureQuality(name, metrics={"tta_volume_cm3": round(cm3, 2), "tta_dice": 0.0})
+            q.flag("fail", f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
             report.structures.append(q)
-            report.unstable = True

@@ -83,12 +83,3 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
         tta_labels = preds[0].tta_labels if len(preds) == 1 else np.concatenate([p.tta_labels for p in preds])
     return SeriesResult(volume=vol, labels=seg_labels, segments=segments, volumes_cm3=vols, card=card,
                         device=str(predictor.device), probs=probs, tta_labels=tta_labels)
-
-
-def second_augmented_pass(result: SeriesResult, predictor) -> np.ndarray:
-    """The gate's second opinion: one more augmented pass (``Predictor.augmented``) over the volume the
-    result came from, block by block as the first pass ran (each block is normalised on its own)."""
-    vol = result.volume
-    blocks = [(a, b) for a, b, _ in vol.blocks] if vol.blocks else [(0, vol.array.shape[0])]
-    parts = [predictor.augmented(vol.array[a:b], vol.row_dir, vol.col_dir) for a, b in blocks]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
