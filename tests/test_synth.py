@@ -167,3 +167,21 @@ def test_two_training_steps_write_a_checkpoint_the_predictor_loads(tmp_path):
     pred = Predictor(best, device="cpu", precision="fp32")
     ph = small_series(seed=1, n_slices=2, size=32)
     assert pred.predict(ph.image, ph.geometry.row_dir, ph.geometry.col_dir).labels.shape == ph.image.shape
+
+
+def test_mixed_classic_slices_are_mirrored_with_their_labels_and_replay_without_flips():
+    from inference.synth.train import mix_classic
+
+    ctx = torch.arange(4 * 8 * 8, dtype=torch.float32).reshape(4, 1, 8, 8)
+    cty = (torch.arange(4 * 8 * 8) % 5).reshape(4, 8, 8)
+    x, y = torch.zeros(6, 3, 8, 8), torch.zeros(6, 8, 8, dtype=torch.long)
+    mix_classic(x, y, ctx, cty, 4, torch.Generator().manual_seed(1), flip=1.0)
+    j = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x[:4, 0], ctx[j, 0].flip(-1)) and torch.equal(x[:4, 2], x[:4, 0])
+    assert torch.equal(y[:4], cty[j].flip(-1)) and not x[4:].any()  # image and labels mirrored together
+    # flip 0: the very draws of the recipe before --classic-flip existed (one randint, nothing else)
+    g0, g1 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    mix_classic(x, y, ctx, cty, 4, g0, flip=0.0)
+    torch.randint(0, 4, (4,), generator=g1)
+    assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))
+    assert torch.equal(y[:4], cty[torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(2))])

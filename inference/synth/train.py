@@ -133,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classic phantoms (inference.phantom) generated for training beside the randomised maps")
     p.add_argument("--classic-mix", type=float, default=0.0,
                    help="share of each batch taken from --classic-train slices, so fine-tuning does not forget them")
+    p.add_argument("--classic-flip", type=float, default=0.0,
+                   help="share of the mixed-in classic slices mirrored left-right (0: as v0.2.0 was trained)")
     p.add_argument("--init-from", type=Path, help="start from this checkpoint (e.g. the bundled demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); cpu is a fallback for GPU kernels that misbehave")
@@ -141,6 +143,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", default="0.2.0")
     p.add_argument("--focal-gamma", type=float, default=2.0)
     return p.parse_args(argv)
+
+
+def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.Tensor, n: int,
+                gen: torch.Generator, flip: float = 0.0) -> None:
+    """Put ``n`` random classic slices (as inference sees them) at the start of the batch, in place; a share
+    ``flip`` of them mirrored left-right with their labels. The network labels bones without sides, so a
+    mirrored leg is as valid as the original; without it the classic phantoms, always drawn the same way
+    round, taught v0.2.0 a handedness its mirrored test-time pass then lacked (README, quality gate).
+    No random draw is made for ``flip == 0``, so older recipes replay exactly."""
+    j = torch.randint(0, ctx.shape[0], (n,), generator=gen).to(x.device)
+    xs, ys = ctx[j].float(), cty[j].long()
+    if flip > 0:
+        m = (torch.rand(n, generator=gen) < flip).to(x.device)
+        xs = torch.where(m[:, None, None, None], xs.flip(-1), xs)
+        ys = torch.where(m[:, None, None], ys.flip(-1), ys)
+    x[:n] = xs.expand(-1, x.shape[1], -1, -1)
+    y[:n] = ys
 
 
 def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> ModelCard:
@@ -158,7 +177,9 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
             "batch_size": a.batch_size, "seed": a.seed, "pelvis_maps": a.pelvis_maps,
-            "classic_mix": f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms" if a.classic_train else "none",
+            "classic_mix": (f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms"
+                            + (f", {a.classic_flip:.2f} of them mirrored" if a.classic_flip else "")
+                            if a.classic_train else "none"),
         },
     )
 
@@ -250,9 +271,7 @@ def main(argv: list[str] | None = None) -> Path:
         x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if n_classic:
-            j = torch.randint(0, ctx.shape[0], (n_classic,), generator=gen).to(device)
-            x[:n_classic] = ctx[j].float().expand(-1, 3, -1, -1)
-            y[:n_classic] = cty[j].long()
+            mix_classic(x, y, ctx, cty, n_classic, gen, a.classic_flip)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
         loss = dice_focal_loss(logits, y, a.focal_gamma)
