@@ -83,24 +83,80 @@ def _pixelmed_classes() -> Path:
     return out
 
 
+class _PixelmedServer:
+    """One Pixelmed JVM for the whole test session (PixelmedBatch --serve): its SR validator compiles the
+    XSLT once (~5 s of CPU that every test's teardown paid before) and the JIT stays warm. File paths go in
+    on stdin, each batch closed by "--end--"; a reader thread collects the answer up to "==< done", so a
+    JVM that hangs fails the check after ``timeout`` seconds instead of hanging the suite."""
+
+    def __init__(self):
+        import threading
+
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        import atexit
+
+        # the full JIT (no TieredStopAtLevel=1): the SR validator's XSLT runs ~1.6 s a file, and C2 makes a
+        # batch of 24 SEGs and SRs take 31 s instead of 48 s, the 1000-slice SEG 20 s instead of 32 s; one GC
+        # thread, as dciodvfy runs beside it
+        proc = subprocess.Popen(["java", *JAVA_XML_LIMITS, "-XX:+UseSerialGC",
+                                 "-cp", f"{PIXELMED_JAR}:{_pixelmed_classes()}", "PixelmedBatch", "--serve"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, encoding="utf-8", bufsize=1)
+        atexit.register(self.close)
+        return proc
+
+    def validate(self, paths: list[Path], timeout: float = 600) -> str:
+        import threading
+
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = self._start()
+            proc, lines = self.proc, []
+
+            def read() -> None:
+                for line in proc.stdout:
+                    if line.rstrip("\n") == "==< done":
+                        return
+                    lines.append(line)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            proc.stdin.write("".join(f"{p}\n" for p in paths) + "--end--\n")
+            proc.stdin.flush()
+            reader.join(timeout)
+            if reader.is_alive() or proc.poll() is not None:
+                proc.kill()
+                err = proc.stderr.read()[-2000:] if proc.poll() is not None else ""
+                self.proc = None
+                raise AssertionError(f"Pixelmed validator failed or hung:\n{''.join(lines)[-2000:]}\n{err}")
+            return "".join(lines)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_PIXELMED = _PixelmedServer()
+
+
 def pixelmed_errors(paths: list[Path]) -> dict[Path, list[str]]:
-    """Pixelmed's validators (the one IHE Connectathons use for SRs) on ``paths`` in one JVM: each file's
-    "Error" lines (DicomSRValidator for SRs, DicomInstanceValidator for the rest)."""
+    """Pixelmed's validators (the one IHE Connectathons use for SRs) on ``paths``, in the session's one JVM:
+    each file's "Error" lines (DicomSRValidator for SRs, DicomInstanceValidator for the rest)."""
     if not paths:
         return {}
     if not PIXELMED_JAR.exists() or shutil.which("javac") is None:
         pytest.fail("Pixelmed validator missing: install Debian's pixelmed-apps and default-jdk-headless "
                     "(./node.sh test does)")
-    # the full JIT (no TieredStopAtLevel=1): the SR validator's XSLT runs ~1.6 s a file, and C2 makes a
-    # batch of 24 SEGs and SRs take 31 s instead of 48 s, the 1000-slice SEG 20 s instead of 32 s (two small
-    # files: 6.8 s either way); one GC thread, as dciodvfy runs beside it
-    r = subprocess.run(["java", *JAVA_XML_LIMITS, "-XX:+UseSerialGC",
-                        "-cp", f"{PIXELMED_JAR}:{_pixelmed_classes()}", "PixelmedBatch", *map(str, paths)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"Pixelmed validator failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     errors: dict[Path, list[str]] = {}
     current: Path | None = None
-    for line in r.stdout.splitlines():
+    for line in _PIXELMED.validate(paths).splitlines():
         if line.startswith("==> "):
             current = Path(line[4:])
             errors[current] = []
