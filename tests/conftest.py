@@ -94,16 +94,19 @@ class _PixelmedServer:
 
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
+        self.stderr = None  # a file (an unread pipe could fill and stall the JVM)
 
     def _start(self) -> subprocess.Popen:
         import atexit
+        import tempfile
 
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
         # the full JIT (no TieredStopAtLevel=1): the SR validator's XSLT runs ~1.6 s a file, and C2 makes a
         # batch of 24 SEGs and SRs take 31 s instead of 48 s, the 1000-slice SEG 20 s instead of 32 s; one GC
         # thread, as dciodvfy runs beside it
         proc = subprocess.Popen(["java", *JAVA_XML_LIMITS, "-XX:+UseSerialGC",
                                  "-cp", f"{PIXELMED_JAR}:{_pixelmed_classes()}", "PixelmedBatch", "--serve"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                 text=True, encoding="utf-8", bufsize=1)
         atexit.register(self.close)
         return proc
@@ -129,7 +132,9 @@ class _PixelmedServer:
             reader.join(timeout)
             if reader.is_alive() or proc.poll() is not None:
                 proc.kill()
-                err = proc.stderr.read()[-2000:] if proc.poll() is not None else ""
+                proc.wait(10)
+                self.stderr.seek(0)
+                err = self.stderr.read()[-2000:]
                 self.proc = None
                 raise AssertionError(f"Pixelmed validator failed or hung:\n{''.join(lines)[-2000:]}\n{err}")
             return "".join(lines)
