@@ -149,8 +149,8 @@ def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.
                 gen: torch.Generator, flip: float = 0.0) -> None:
     """Put ``n`` random classic slices (as inference sees them) at the start of the batch, in place; a share
     ``flip`` of them mirrored left-right with their labels. The network labels bones without sides, so a
-    mirrored leg is as valid as the original; without it the classic phantoms, always drawn the same way
-    round, taught v0.2.0 a handedness its mirrored test-time pass then lacked (README, quality gate).
+    mirrored leg is as valid as the original. v0.2.0 saw the classic phantoms only one way round, the likely
+    reason its mirrored test-time pass disagrees with some good classic results (README, quality gate).
     No random draw is made for ``flip == 0``, so older recipes replay exactly."""
     j = torch.randint(0, ctx.shape[0], (n,), generator=gen).to(x.device)
     xs, ys = ctx[j].float(), cty[j].long()
