@@ -84,31 +84,31 @@ def _pixelmed_classes() -> Path:
 
 
 class _PixelmedServer:
-    """One Pixelmed JVM for the whole test session (PixelmedBatch --serve): its SR validator compiles the
-    XSLT once (~5 s of CPU that every test's teardown paid before) and the JIT stays warm. File paths go in
+    """One Pixelmed JVM for the whole test session (tests/pixelmed/PixelmedBatch.java): its SR validator
+    compiles the XSLT once (~5 s of CPU that every test's teardown paid before) and the JIT stays warm. File paths go in
     on stdin, each batch closed by "--end--"; a reader thread collects the answer up to "==< done", so a
     JVM that hangs fails the check after ``timeout`` seconds instead of hanging the suite."""
 
     def __init__(self):
         import threading
 
-        self.proc: subprocess.Popen | None = None
-        self.lock = threading.Lock()
-        self.stderr = None  # a file (an unread pipe could fill and stall the JVM)
-
-    def _start(self) -> subprocess.Popen:
         import atexit
         import tempfile
 
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+        # the JVM's stderr goes to a file: an unread pipe could fill and stall it
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        atexit.register(self.close)
+
+    def _start(self) -> subprocess.Popen:
         # the full JIT (no TieredStopAtLevel=1): the SR validator's XSLT runs ~1.6 s a file, and C2 makes a
         # batch of 24 SEGs and SRs take 31 s instead of 48 s, the 1000-slice SEG 20 s instead of 32 s; one GC
         # thread, as dciodvfy runs beside it
         proc = subprocess.Popen(["java", *JAVA_XML_LIMITS, "-XX:+UseSerialGC",
-                                 "-cp", f"{PIXELMED_JAR}:{_pixelmed_classes()}", "PixelmedBatch", "--serve"],
+                                 "-cp", f"{PIXELMED_JAR}:{_pixelmed_classes()}", "PixelmedBatch"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                 text=True, encoding="utf-8", bufsize=1)
-        atexit.register(self.close)
         return proc
 
     def validate(self, paths: list[Path], timeout: float = 600) -> str:

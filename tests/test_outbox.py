@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pydicom
 import pytest
 
+from storage.deliveries import OPEN
+
 from conftest import NodeProcess, PacsSCP, free_port, storescu, wait_for, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +248,7 @@ def test_storage_commitment_with_orthanc_resends_what_it_lost(orthanc_committing
     # of an earlier job of the same series can still wait for its report; wait until no row is open
     def settled():
         listing = json.loads(o.node.cli("deliveries", "--json").stdout)
-        open_ = [d for d in listing["deliveries"] if d["state"] in ("pending", "sending", "sent")]
+        open_ = [d for d in listing["deliveries"] if d["state"] in OPEN]  # sent: waiting for its report here
         return None if open_ else listing
 
     listing = wait_for(settled, 120, 1.0, "every delivery to be committed or failed")

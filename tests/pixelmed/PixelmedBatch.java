@@ -1,9 +1,8 @@
-// Pixelmed's validators over many files in one JVM: the SR validator compiles its XSLT templates once
-// (about 5-10 s of CPU), not once per file as its command line does. Run with Java's single-file launcher:
-//   java -cp /usr/share/java/pixelmed.jar PixelmedBatch.java FILE...
-//   java -cp /usr/share/java/pixelmed.jar PixelmedBatch.java --serve   (paths on stdin, one per line;
-//        a line "--end--" closes a batch and is answered "==< done": one JVM for a whole test session)
-// Each file's report follows a line "==> FILE" (SR: DicomSRValidator; other objects: DicomInstanceValidator).
+// Pixelmed's validators for a whole test session in one JVM (tests/conftest.py starts it once): the SR
+// validator compiles its XSLT templates once (about 5-10 s of CPU), not once per file as its command line does,
+// and the JIT stays warm. File paths come on stdin, one per line; a line "--end--" closes a batch and is
+// answered "==< done". Each file's report follows a line "==> FILE" (SR: DicomSRValidator; other objects:
+// DicomInstanceValidator); a file Pixelmed cannot read gets an "Error" line of its own.
 import com.pixelmed.dicom.AttributeList;
 import com.pixelmed.dicom.SOPClass;
 import com.pixelmed.dicom.TagFromName;
@@ -32,23 +31,19 @@ public class PixelmedBatch {
     }
 
     public static void main(String[] args) throws Exception {
-        if (args.length == 1 && args[0].equals("--serve")) {
-            BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
-            String line;
-            while ((line = in.readLine()) != null) {
-                if (line.equals("--end--")) {
-                    System.out.println("==< done");
-                    System.out.flush();
-                    continue;
-                }
-                try {
-                    validate(line);
-                } catch (Exception e) {  // a file Pixelmed cannot read is an error of that file, not the end
-                    System.out.println("Error: Pixelmed could not read or validate the file: " + e);
-                }
+        BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        String line;
+        while ((line = in.readLine()) != null) {
+            if (line.equals("--end--")) {
+                System.out.println("==< done");
+                System.out.flush();
+                continue;
             }
-            return;
+            try {
+                validate(line);
+            } catch (Exception e) {  // an error of that file, not the end of the session
+                System.out.println("Error: Pixelmed could not read or validate the file: " + e);
+            }
         }
-        for (String file : args) validate(file);
     }
 }
