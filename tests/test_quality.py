@@ -212,6 +212,20 @@ def test_disagreement_with_the_augmented_pass_fails():
     assert by(rep)["FEMUR RIGHT"].verdict == "pass"
 
 
+def test_with_the_mean_of_two_passes_the_passes_themselves_are_compared():
+    """The result is the mean of the plain and the augmented pass, so it lies between them and agrees with
+    each better than they agree with each other: given the plain pass, the gate compares the two passes."""
+    lab = leg()
+    plain = lab.copy()
+    plain[plain == TIBIA] = 0
+    disc(plain, 20, 40, TIBIA, 9, cx=35)  # the plain pass put the tibia 10 mm away; the result sided with the other
+    assert by(judge(lab, tta=lab.copy()))["TIBIA RIGHT"].verdict == "pass"
+    rep = judge(lab, tta=lab.copy(), first_labels=plain)
+    q = by(rep)["TIBIA RIGHT"]
+    assert q.verdict == "fail" and "unstable" in q.reason and q.metrics["tta_dice"] < 0.8
+    assert by(rep)["FEMUR RIGHT"].verdict == "pass"
+
+
 def test_a_structure_only_the_augmented_pass_finds_fails():
     lab = leg(pelvis=True)
     tta = lab.copy()

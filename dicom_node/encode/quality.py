@@ -188,13 +188,17 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------- the checks
 def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], card_labels,
            probs: np.ndarray | None = None, tta_labels: np.ndarray | None = None,
-           thresholds: dict[str, float] | None = None, declared: str | None = None) -> QualityReport:
+           thresholds: dict[str, float] | None = None, declared: str | None = None,
+           first_labels: np.ndarray | None = None) -> QualityReport:
     """Judge a sided label map (``seg_labels`` numbered by ``segments``, in the volume's slice order).
 
     ``probs``: the model's class probabilities (classes, n, rows, cols) uint8 0-255; ``tta_labels``: the
     unsided labels of the test-time-augmented pass. Either may be None (that measure is then left out).
     ``declared``: the series' declared laterality, as the result was sided with (default: read from the
     volume's first dataset, as infer/compute does), so the augmented pass is sided the same way.
+    ``first_labels``: the unsided labels of the unaugmented pass alone, when the result is the average of
+    both passes; the agreement is then measured between the two passes (the result lies between them, so
+    comparing it with one of them would understate how far they differ).
     """
     th = {**THRESHOLDS, **(thresholds or {})}
     n, rows, cols = seg_labels.shape
@@ -245,8 +249,17 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
             declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper() if first else ""
-        _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2)
+        ref = masks
+        if first_labels is not None:
+            ref = _sided_masks(vol, declared, first_labels, card_labels)
+        _agreement(vol, declared, tta_labels, card_labels, ref, by_name, report, th, z, thick, pixel_mm2)
     return report
+
+
+def _sided_masks(vol, declared, labels, card_labels) -> dict[str, np.ndarray]:
+    seg, segments = split_sides(labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
+                                vol.pixel_spacing, declared)
+    return {sg.name: seg == sg.number for sg in segments}
 
 
 def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
@@ -346,12 +359,10 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
 
 def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
     """Dice per sided structure between the result and the augmented pass (sided the same way)."""
-    tta_seg, tta_segments = split_sides(tta_labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
-                                        vol.pixel_spacing, declared)
-    tta_masks = {sg.name: tta_seg == sg.number for sg in tta_segments}
+    tta_masks = _sided_masks(vol, declared, tta_labels, card_labels)
     for name, q in by_name.items():
-        other = tta_masks.get(name)
-        d = _dice(masks[name], other) if other is not None else 0.0
+        other, mine = tta_masks.get(name), masks.get(name)
+        d = _dice(mine, other) if other is not None and mine is not None else 0.0
         q.metrics["tta_dice"] = round(d, 3)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
         if d < fail_below:
