@@ -43,6 +43,9 @@ from inference.synth import foreign  # noqa: E402
 from inference.predict import Predictor  # noqa: E402
 
 NAMES = {lab.value: lab.name for lab in DEFAULT_LABELS}
+#: what the gate's agreement compares with the augmented pass: "passes" — the unaugmented pass (the node's
+#: way since the result became the average of both), or "result" — the averaged result itself (--agreement)
+AGREEMENT = "passes"
 MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scored (a sliver at the edge)
 
 
@@ -93,10 +96,11 @@ def damages(labels: np.ndarray, spacing_mm: float):
             yield f"{NAMES[a].lower()}/{NAMES[b].lower()} swapped", out
 
 
-def judge(vol, labels, probs, tta, use_model: bool = True) -> dict:
+def judge(vol, labels, probs, tta, use_model: bool = True, first=None) -> dict:
     seg, segments = split_sides(labels, list(DEFAULT_LABELS), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing)
-    rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None)
+    rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None,
+                 first_labels=first if use_model and AGREEMENT == "passes" else None)
     return {"verdict": rep.verdict, "summary": rep.summary(),
             "metrics": {s.structure: s.metrics for s in rep.structures}}
 
@@ -134,8 +138,10 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
     out = {}
     for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")) if kind != "whole" else ():
         bad = predictor.predict(corrupt(vol.array, how, seed), vol.row_dir, vol.col_dir, quality=True, tta=True)
-        out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels})
+        out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels,
+                    f"{key}_first": bad.first_labels})
     np.savez_compressed(f, truth=ph.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
+                        first=pred.first_labels,
                         origins=vol.origins, row_dir=np.asarray(vol.row_dir), col_dir=np.asarray(vol.col_dir),
                         pixel_spacing=np.asarray(vol.pixel_spacing), slice_spacing=vol.slice_spacing,
                         scale=ph.anatomy.scale if ph.anatomy is not None else np.nan, **out, **extra)
@@ -160,8 +166,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--slices", type=int, default=30,
                     help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
+    ap.add_argument("--agreement", choices=("passes", "result"), default="passes",
+                    help="compare the augmented pass with the unaugmented one (the node) or with the averaged result")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
     args = ap.parse_args()
+    global AGREEMENT
+    AGREEMENT = args.agreement
     predictor = None
     rows, timing = [], []
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -192,8 +202,9 @@ def main() -> int:
         d = dices(c["labels"], truth)
         lowest = min(d.values(), default=float("nan"))  # nothing scored: neither good nor poor
         quality = "poor" if lowest < 0.7 else "good" if lowest >= 0.85 else "between"
+        single = dices(c["first"], truth) if "first" in c.files else None  # the unaugmented pass alone
         rows.append({**base, "variant": "as predicted", "class": quality, "damaged": False, "dice": d,
-                     **judge(vol, c["labels"], c["probs"], c["tta"]),
+                     "dice_single_pass": single, **judge(vol, c["labels"], c["probs"], c["tta"], first=c.get("first")),
                      "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
         for name, lab in damages(c["labels"], float(vol.pixel_spacing[1])):
             rows.append({**base, "variant": name, "damaged": True, "dice": dices(lab, truth),
@@ -204,7 +215,8 @@ def main() -> int:
                 continue
             rows.append({**base, "variant": f"model on {how}", "damaged": True,
                          "dice": dices(c[f"{key}_labels"], truth),
-                         **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"]),
+                         **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"],
+                                 first=c.get(f"{key}_first")),
                          "anatomy_only": judge(vol, c[f"{key}_labels"], None, None, False)["verdict"]})
     if args.predict_only:
         return 0

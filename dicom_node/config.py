@@ -240,7 +240,9 @@ class RetentionSettings:
 class QualitySettings:
     """The quality gate (dicom_node/encode/quality.py) runs on every job; these are its options."""
 
-    tta: bool = True  # the test-time-augmented second pass (doubles the model's time; the strongest check)
+    #: the test-time-augmented second pass (doubles the model's time; the strongest check); the result sent
+    #: is then the mean of both passes
+    tta: bool = True
 
     def validate(self) -> None:
         pass

@@ -31,8 +31,11 @@ class Prediction:
     #: 0-1), for the quality gate's confidence measure (uint8: a 512² series stays a few hundred MB at most)
     probs: np.ndarray | None = None
     #: with ``tta=True``: the labels of a second, test-time-augmented pass (input mirrored left-right and
-    #: gamma-shifted, output mirrored back), cleaned like ``labels``; the gate measures their agreement
+    #: gamma-shifted, output mirrored back), cleaned like ``labels``; the gate measures their agreement.
+    #: ``labels`` and ``probs`` are then the average of both passes (see :func:`predict_volume`), and
+    #: ``first_labels`` what the unaugmented pass alone would have given (cleaned), for comparisons
     tta_labels: np.ndarray | None = None
+    first_labels: np.ndarray | None = None
 
 #: Gamma applied to the normalised input in the test-time-augmented pass (x ** 0.8 brightens mid-greys):
 #: a contrast change a second scanner or protocol could make, within what training augmentation covers.
@@ -89,7 +92,8 @@ class Predictor:
         """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions.
 
         ``quality`` also returns the class probabilities, ``tta`` the labels of a test-time-augmented pass
-        (for the quality gate; the TTA pass runs the network a second time).
+        (for the quality gate; the TTA pass runs the network a second time, and the result is the average of
+        both passes).
         """
         return predict_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
                               postprocess, self._lock, self.dtype, pad_batches=self.compiled,
@@ -100,6 +104,13 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
                    device: torch.device, batch_size: int = 16, postprocess: bool = True,
                    lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32,
                    pad_batches: bool = False, quality: bool = False, tta: bool = False) -> Prediction:
+    """Segment a volume slice by slice in batches; see :meth:`Predictor.predict`.
+
+    With ``tta`` the labels are the argmax of the mean of both passes' class probabilities (and ``probs`` that
+    mean): the gate runs the augmented pass anyway, and averaging the two views is free accuracy — measured on
+    the three held-out sets, every structure's mean Dice rose or stayed (foreign family: femur 0.892 → 0.903,
+    fibula 0.899 → 0.911, pelvis 0.727 → 0.734; README, "Averaging the two passes").
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n, rows, cols = volume.shape
@@ -110,6 +121,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
     n_classes = len(card.labels) + 1
     probs = np.empty((n_classes, n) + t.shape, dtype=np.uint8) if quality else None
     out_tta = np.empty((n,) + t.shape, dtype=np.uint8) if tta else None
+    out_first = np.empty((n,) + t.shape, dtype=np.uint8) if tta else None
     timings["preprocess"] = time.perf_counter() - t0
     t_pred = t_tta = 0.0
     use_amp = dtype != torch.float32
@@ -126,10 +138,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
                 logits = net(x)
             logits = from_model_output(logits[:k].float(), t)
-            out[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            if probs is not None:
-                p = (logits.softmax(1) * 255.0).round_().to(torch.uint8).cpu().numpy()
-                probs[:, start:start + batch_size] = p.transpose(1, 0, 2, 3)
+            p = logits.softmax(1) if probs is not None or out_tta is not None else None
             t_pred += time.perf_counter() - tb
             if out_tta is not None:
                 tb = time.perf_counter()
@@ -140,12 +149,20 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
                     la = net(xa)
                 la = from_model_output(torch.flip(la[:k].float(), dims=[-1]), t)
                 out_tta[start:start + batch_size] = la.argmax(1).to(torch.uint8).cpu().numpy()
+                out_first[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+                p = p.add_(la.softmax(1)).mul_(0.5)  # the result: the mean of both views
                 t_tta += time.perf_counter() - tb
+            tb = time.perf_counter()
+            out[start:start + batch_size] = (p if p is not None else logits).argmax(1).to(torch.uint8).cpu().numpy()
+            if probs is not None:
+                probs[:, start:start + batch_size] = (p * 255.0).round_().to(torch.uint8).cpu().numpy().transpose(1, 0, 2, 3)
+            t_pred += time.perf_counter() - tb
     timings["predict"] = t_pred
     if out_tta is not None:
         timings["tta"] = t_tta
     labels = unorient(out, t)
     tta_labels = unorient(out_tta, t) if out_tta is not None else None
+    first_labels = unorient(out_first, t) if out_first is not None else None
     if probs is not None:
         probs = np.stack([unorient(probs[c], t) for c in range(n_classes)])
     if postprocess:
@@ -155,4 +172,5 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
         timings["postprocess"] = time.perf_counter() - t1
         if tta_labels is not None:
             tta_labels = clean_labels(tta_labels, names)
-    return Prediction(labels, timings, probs, tta_labels)
+            first_labels = clean_labels(first_labels, names)
+    return Prediction(labels, timings, probs, tta_labels, first_labels)

@@ -117,3 +117,30 @@ def test_compiled_predictor_pads_the_last_batch_and_labels_as_eager():
     assert b.shape == a.shape == ph.image.shape
     bone = (a > 0) | (b > 0)
     assert bone.sum() > 200 and ((a == b) & bone).sum() / bone.sum() > 0.99
+
+
+def test_with_the_augmented_pass_the_result_is_the_mean_of_both_passes():
+    """With ``tta`` the labels sent are the argmax of the two passes' mean probability: where the passes agree
+    that is their label, where they differ it sides with either (whichever is surer), and ``first_labels`` is
+    exactly what the plain pass alone gives."""
+    from inference.model import BUNDLED_MODEL
+    from inference.phantom import small_series
+    from inference.predict import Predictor
+
+    ph = small_series(seed=7, n_slices=12, size=128)
+    rd, cd = ph.geometry.row_dir, ph.geometry.col_dir
+    predictor = Predictor(BUNDLED_MODEL, device="cpu", precision="fp32")
+    plain = predictor.predict(ph.image, rd, cd, postprocess=False)
+    both = predictor.predict(ph.image, rd, cd, postprocess=False, quality=True, tta=True)
+    assert plain.first_labels is None
+    assert np.array_equal(both.first_labels, plain.labels)
+    agree = both.first_labels == both.tta_labels
+    assert np.array_equal(both.labels[agree], both.first_labels[agree])
+    differ = ~agree
+    assert differ.sum() >= 10, "the passes agree everywhere: this phantom no longer tests the averaging"
+    assert (both.labels[differ] == both.first_labels[differ]).any()
+    assert (both.labels[differ] == both.tta_labels[differ]).any()
+    # the probabilities kept for the gate's confidence are those of the labels sent
+    assert both.probs.shape == (len(DEFAULT_LABELS) + 1,) + ph.image.shape
+    assert (both.probs.argmax(0) == both.labels).mean() > 0.999
+    assert np.abs(both.probs.astype(int).sum(0) - 255).max() <= 3

@@ -33,9 +33,12 @@ class SeriesResult:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     #: for the quality gate (``quality=True``): class probabilities (classes, n, rows, cols) uint8 0-255, and
-    #: the unsided labels of the test-time-augmented pass (``tta=True``), both in the volume's order
+    #: the unsided labels of the test-time-augmented pass (``tta=True``), both in the volume's order; with
+    #: that pass ``labels`` and ``probs`` are the mean of both passes, and ``first_labels`` (unsided) the
+    #: plain pass alone, which the gate compares with the augmented one
     probs: np.ndarray | None = None
     tta_labels: np.ndarray | None = None
+    first_labels: np.ndarray | None = None
 
     @property
     def source_order_labels(self) -> np.ndarray:
@@ -76,10 +79,12 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
                                        vol.pixel_spacing, declared)
     cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
     vols = {sg.name: float(cm3[sg.number]) for sg in segments}
-    probs = tta_labels = None
+    probs = tta_labels = first_labels = None
     if quality and all(p.probs is not None for p in preds):
         probs = preds[0].probs if len(preds) == 1 else np.concatenate([p.probs for p in preds], axis=1)
     if tta and all(p.tta_labels is not None for p in preds):
         tta_labels = preds[0].tta_labels if len(preds) == 1 else np.concatenate([p.tta_labels for p in preds])
+        first_labels = preds[0].first_labels if len(preds) == 1 else np.concatenate([p.first_labels for p in preds])
     return SeriesResult(volume=vol, labels=seg_labels, segments=segments, volumes_cm3=vols, card=card,
-                        device=str(predictor.device), probs=probs, tta_labels=tta_labels)
+                        device=str(predictor.device), probs=probs, tta_labels=tta_labels,
+                        first_labels=first_labels)

@@ -58,6 +58,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="arithmetic of the network (auto: as the node would run it on this machine)")
     e.add_argument("--no-png", action="store_true")
+    e.add_argument("--single-pass", action="store_true",
+                   help="score the plain pass alone (default: the mean of it and the test-time-augmented pass, "
+                        "as the node sends results with quality.tta = true)")
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -106,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         model = load_settings(args.config).model_path  # the configured model, else the bundled one
     report = evaluate(model, args.data, args.out, device=args.device, png=not args.no_png,
-                      precision=args.precision)
+                      precision=args.precision, passes=1 if args.single_pass else 2)
     print((args.out / "evaluation.md").read_text())
     print(json.dumps(report["summary"]["mean"]))
     return 0
