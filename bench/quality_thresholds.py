@@ -43,9 +43,6 @@ from inference.synth import foreign  # noqa: E402
 from inference.predict import Predictor  # noqa: E402
 
 NAMES = {lab.value: lab.name for lab in DEFAULT_LABELS}
-#: what the gate's agreement compares with the augmented pass: "passes" — the unaugmented pass (the node's
-#: way since the result became the average of both), or "result" — the averaged result itself (--agreement)
-AGREEMENT = "passes"
 MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scored (a sliver at the edge)
 
 
@@ -100,7 +97,7 @@ def judge(vol, labels, probs, tta, use_model: bool = True, first=None) -> dict:
     seg, segments = split_sides(labels, list(DEFAULT_LABELS), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing)
     rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None,
-                 first_labels=first if use_model and AGREEMENT == "passes" else None)
+                 first_labels=first if use_model else None)
     return {"verdict": rep.verdict, "summary": rep.summary(),
             "metrics": {s.structure: s.metrics for s in rep.structures}}
 
@@ -170,9 +167,8 @@ def main() -> int:
                     help="compare the augmented pass with the unaugmented one (the node) or with the averaged result")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
     args = ap.parse_args()
-    global AGREEMENT
-    AGREEMENT = args.agreement
     predictor = None
+    passes = args.agreement == "passes"  # the gate compares the two passes (the node) or the mean with the augmented one
     rows, timing = [], []
     args.cache.mkdir(parents=True, exist_ok=True)
     plan = [(args.seed + i, "harsh" if (args.seed + i) % 2 else "wide") for i in range(args.cases)]
@@ -204,7 +200,7 @@ def main() -> int:
         quality = "poor" if lowest < 0.7 else "good" if lowest >= 0.85 else "between"
         single = dices(c["first"], truth) if "first" in c.files else None  # the unaugmented pass alone
         rows.append({**base, "variant": "as predicted", "class": quality, "damaged": False, "dice": d,
-                     "dice_single_pass": single, **judge(vol, c["labels"], c["probs"], c["tta"], first=c.get("first")),
+                     "dice_single_pass": single, **judge(vol, c["labels"], c["probs"], c["tta"], first=c.get("first") if passes else None),
                      "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
         for name, lab in damages(c["labels"], float(vol.pixel_spacing[1])):
             rows.append({**base, "variant": name, "damaged": True, "dice": dices(lab, truth),
@@ -216,7 +212,7 @@ def main() -> int:
             rows.append({**base, "variant": f"model on {how}", "damaged": True,
                          "dice": dices(c[f"{key}_labels"], truth),
                          **judge(vol, c[f"{key}_labels"], c[f"{key}_probs"], c[f"{key}_tta"],
-                                 first=c.get(f"{key}_first")),
+                                 first=c.get(f"{key}_first") if passes else None),
                          "anatomy_only": judge(vol, c[f"{key}_labels"], None, None, False)["verdict"]})
     if args.predict_only:
         return 0

@@ -358,7 +358,8 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
 
 
 def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
-    """Dice per sided structure between the result and the augmented pass (sided the same way)."""
+    """Dice per sided structure between ``masks`` (the result's, or the plain pass's when the result is the
+    mean of both) and the augmented pass, sided the same way."""
     tta_masks = _sided_masks(vol, declared, tta_labels, card_labels)
     for name, q in by_name.items():
         other, mine = tta_masks.get(name), masks.get(name)

@@ -79,12 +79,17 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
                                        vol.pixel_spacing, declared)
     cm3 = vol.volumes_cm3(seg_labels, len(segments) + 1)
     vols = {sg.name: float(cm3[sg.number]) for sg in segments}
-    probs = tta_labels = first_labels = None
-    if quality and all(p.probs is not None for p in preds):
-        probs = preds[0].probs if len(preds) == 1 else np.concatenate([p.probs for p in preds], axis=1)
-    if tta and all(p.tta_labels is not None for p in preds):
-        tta_labels = preds[0].tta_labels if len(preds) == 1 else np.concatenate([p.tta_labels for p in preds])
-        first_labels = preds[0].first_labels if len(preds) == 1 else np.concatenate([p.first_labels for p in preds])
+    probs = _joined(preds, "probs", axis=1) if quality else None
+    tta_labels = _joined(preds, "tta_labels") if tta else None
+    first_labels = _joined(preds, "first_labels") if tta else None
     return SeriesResult(volume=vol, labels=seg_labels, segments=segments, volumes_cm3=vols, card=card,
                         device=str(predictor.device), probs=probs, tta_labels=tta_labels,
                         first_labels=first_labels)
+
+
+def _joined(preds: list, name: str, axis: int = 0) -> np.ndarray | None:
+    """One attribute of every block's prediction, joined along the slices (None if any block lacks it)."""
+    parts = [getattr(p, name) for p in preds]
+    if any(a is None for a in parts):
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
