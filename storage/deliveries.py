@@ -207,32 +207,50 @@ def _log(s, row: OutboxItem, ok: bool, status: str, error: str, started: dt.date
 def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
               commitment: tuple[str, dt.datetime] | None = None) -> str | None:
     """The destination stored every file. With Storage Commitment, the row waits for the archive's answer
-    under ``transaction_uid`` until ``commit_deadline``. Returns the job's state if this finished it."""
+    under ``transaction_uid`` until ``commit_deadline``. Returns the job's state if this finished it.
+
+    The archive's answer can arrive on the node's listener while this runs (another thread, another
+    session): the change is a compare-and-set from ``sending``, so an answer recorded first is never turned
+    back into ``sent`` (which would ask for commitment again when the deadline passed, and commit twice)."""
     now = utcnow()
+    values: dict = {"sent_at": now, "claimed_by": "", "claim_expires_at": None, "last_error": "", "state": "sent"}
+    asked = ""
+    if commitment:
+        values.update(transaction_uid=commitment[0], commit_deadline=commitment[1],
+                      commit_requests=OutboxItem.commit_requests + 1)
+        asked = f"; Storage Commitment requested (transaction {commitment[0]})"
+    else:
+        values.update(commit_deadline=None, finished_at=now)
     with db.session() as s:
-        row = s.get(OutboxItem, item_id)
-        if row.state == "committed":  # the archive's answer arrived on our listener before this line
-            _log(s, row, True, "sent", "", started)
-            add_event(s, "sent", series_id=_series(s, row.job_id), job_id=row.job_id,
-                      detail=f"to {row.destination}, attempt {row.attempts}: {detail}; already committed")
-            return None
-        if row.state != "sending":
-            return None  # an admin got here first
+        took = _compare_and_set(s, item_id, ("sending",), values)
+        row = s.get(OutboxItem, item_id, populate_existing=True)
+        if not took:
+            if row is not None and row.state == "committed":  # the answer arrived on our listener first
+                _log(s, row, True, "sent", "", started)
+                add_event(s, "sent", series_id=_series(s, row.job_id), job_id=row.job_id,
+                          detail=f"to {row.destination}, attempt {row.attempts}: {detail}; already committed")
+            return None  # committed already, or an admin got here first
         job = s.get(Job, row.job_id)
         timings = json.loads(job.timings or "{}")  # the "send" stage: time on the wire, every destination
         timings["send"] = round(timings.get("send", 0.0) + (now - started).total_seconds(), 4)
         job.timings = json.dumps(timings)
-        row.sent_at, row.claimed_by, row.claim_expires_at, row.last_error = now, "", None, ""
-        if commitment:
-            row.state, row.transaction_uid, row.commit_deadline = "sent", commitment[0], commitment[1]
-            row.commit_requests += 1
-            detail += f"; Storage Commitment requested (transaction {commitment[0]})"
-        else:
-            row.state, row.commit_deadline, row.finished_at = "sent", None, now
         _log(s, row, True, "sent", "", started)
         add_event(s, "sent", series_id=_series(s, row.job_id), job_id=row.job_id,
-                  detail=f"to {row.destination}, attempt {row.attempts}: {detail}")
+                  detail=f"to {row.destination}, attempt {row.attempts}: {detail}{asked}")
         return _finish_job(s, row.job_id)
+
+
+def _compare_and_set(s, item_id: int, states: tuple[str, ...], values: dict, transaction_uid: str | None = None) -> bool:
+    """Move one row only if it is still in one of ``states`` (and under ``transaction_uid``, if given).
+
+    Why not read-then-write: the SELECT holds no lock on SQLite (and none under PostgreSQL's READ
+    COMMITTED), so the sender and a Storage Commitment answer on the listener could both read ``sending``
+    and both write; the UPDATE's own WHERE decides which one wins."""
+    cond = [OutboxItem.id == item_id, OutboxItem.state.in_(states)]
+    if transaction_uid is not None:
+        cond.append(OutboxItem.transaction_uid == transaction_uid)
+    return s.execute(update(OutboxItem).where(*cond).values(**values)
+                     .execution_options(synchronize_session=False)).rowcount == 1
 
 
 def set_transaction(db: Database, item_id: int, transaction_uid: str) -> None:
@@ -296,30 +314,37 @@ def _finish_job(s, job_id: int) -> str | None:
 def record_commitment(db: Database, transaction_uid: str, committed: set[str], failed: dict[str, str]) -> str:
     """The archive's N-EVENT-REPORT for a transaction: ``committed`` when it confirms every instance the row
     sent; failed references make the row pending again (the same files are sent again and committed
-    again). Returns what was done, in words (for the log)."""
+    again). Returns what was done, in words (for the log). A second answer for the same transaction (or
+    one racing the sender's own bookkeeping) changes nothing: the move is a compare-and-set."""
     now = utcnow()
     with db.session() as s:
         row = s.scalar(select(OutboxItem).where(OutboxItem.transaction_uid == transaction_uid))
         if row is None:
             return f"unknown transaction {transaction_uid}: ignored"
+        row_id, job_id, destination = row.id, row.job_id, row.destination
         uids = {f["sop_uid"] for f in json.loads(row.files)}
-        if row.state not in ("sent", "sending"):
-            return f"transaction {transaction_uid} of delivery {row.id} already {row.state}"
         missing = uids - committed
-        series_id = _series(s, row.job_id)
         if not missing:
-            row.state, row.committed_at, row.finished_at, row.commit_deadline = "committed", now, now, None
-            row.claimed_by = ""
-            add_event(s, "committed", series_id=series_id, job_id=row.job_id,
-                      detail=f"{row.destination} confirmed all {len(uids)} instances (Storage Commitment)")
-            _finish_job(s, row.job_id)
-            return f"delivery {row.id} committed"
-        reasons = "; ".join(f"{u}: {failed.get(u, 'not in the answer')}" for u in sorted(missing))
-        row.state, row.next_attempt_at, row.commit_deadline, row.claimed_by = "pending", now, None, ""
-        row.last_error = f"Storage Commitment failed for {len(missing)} of {len(uids)} instances ({reasons})"[:4000]
-        add_event(s, "retry", series_id=series_id, job_id=row.job_id,
-                  detail=f"delivery to {row.destination}: {row.last_error}; sending again")
-        return f"delivery {row.id}: {row.last_error}"
+            values = {"state": "committed", "committed_at": now, "finished_at": now, "commit_deadline": None,
+                      "claimed_by": ""}
+        else:
+            reasons = "; ".join(f"{u}: {failed.get(u, 'not in the answer')}" for u in sorted(missing))
+            error = f"Storage Commitment failed for {len(missing)} of {len(uids)} instances ({reasons})"[:4000]
+            values = {"state": "pending", "next_attempt_at": now, "commit_deadline": None, "claimed_by": "",
+                      "last_error": error}
+        if not _compare_and_set(s, row_id, ("sent", "sending"), values, transaction_uid):
+            state = s.get(OutboxItem, row_id, populate_existing=True).state
+            return f"transaction {transaction_uid} of delivery {row_id} already {state}"
+        s.get(OutboxItem, row_id, populate_existing=True)  # the session's copy as written, for _finish_job
+        series_id = _series(s, job_id)
+        if not missing:
+            add_event(s, "committed", series_id=series_id, job_id=job_id,
+                      detail=f"{destination} confirmed all {len(uids)} instances (Storage Commitment)")
+            _finish_job(s, job_id)
+            return f"delivery {row_id} committed"
+        add_event(s, "retry", series_id=series_id, job_id=job_id,
+                  detail=f"delivery to {destination}: {values['last_error']}; sending again")
+        return f"delivery {row_id}: {values['last_error']}"
 
 
 # ------------------------------------------------------------------------------------------ destinations

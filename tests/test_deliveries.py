@@ -170,3 +170,46 @@ def test_a_row_of_a_dead_sender_is_sent_again_at_once(db_url):  # noqa: F811
     with db.session() as s:
         assert any("stopped before the answer" in e.detail for e in s.scalars(select(Event).where(Event.kind == "retry")))
     db.dispose()
+
+
+def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url):  # noqa: F811
+    """The archive's Storage Commitment answer reaches the listener (another thread, another session) just as
+    the sender records its own send: whichever writes first, the row ends committed, with one "committed" on
+    the timeline, and is never asked for again. The answer is injected at the sender's first UPDATE of the
+    row, i.e. after anything a read-then-write would have read: a sender that wrote what it read before
+    would turn the row back into "sent" and, at the deadline, commit it a second time."""
+    from sqlalchemy import event
+
+    db = _db(db_url)
+    (job,) = _job(db)
+    deliveries.enqueue(db, job, {"archive": FILES})
+    (it,) = deliveries.claim(db, "archive", "host:1:sender", 60, 10)
+    deliveries.set_transaction(db, it.id, "2.25.90")
+    answered: list[str] = []
+    fired = threading.Event()
+
+    def answer_first(conn, cursor, statement, params, context, executemany):
+        if not fired.is_set() and statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            fired.set()  # once: the answer's own UPDATE passes through here too
+            t = threading.Thread(target=lambda: answered.append(
+                deliveries.record_commitment(db, "2.25.90", {"2.25.1", "2.25.2"}, {})))
+            t.start()
+            t.join(30)
+
+    event.listen(db.engine, "before_cursor_execute", answer_first)
+    try:
+        deliveries.mark_sent(db, it.id, utcnow(), "2 instances", ("2.25.90", utcnow() - dt.timedelta(seconds=1)))
+    finally:
+        event.remove(db.engine, "before_cursor_execute", answer_first)
+    assert answered == [f"delivery {it.id} committed"]
+    with db.session() as s:
+        row = s.get(OutboxItem, it.id)
+        assert (row.state, row.commit_deadline) == ("committed", None)
+        kinds = [e.kind for e in s.scalars(select(Event).where(Event.job_id == job).order_by(Event.id))]
+    assert kinds.count("committed") == 1 and "sent" in kinds, kinds
+    # the deadline given above is already past: a row wrongly left "sent" would be claimed to ask again
+    assert deliveries.claim(db, "archive", "host:1:sender", 60, 10) == []
+    assert _state(db, job) == ("done", "done")
+    # a second copy of the same answer changes nothing
+    assert "already committed" in deliveries.record_commitment(db, "2.25.90", {"2.25.1", "2.25.2"}, {})
+    db.dispose()
