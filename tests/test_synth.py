@@ -185,3 +185,35 @@ def test_mixed_classic_slices_are_mirrored_with_their_labels_and_replay_without_
     torch.randint(0, 4, (4,), generator=g1)
     assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))
     assert torch.equal(y[:4], cty[torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(2))])
+
+
+def test_blending_two_checkpoints_interpolates_weights_and_refuses_other_networks(tmp_path):
+    from inference.model_card import ModelCard, load_checkpoint, save_checkpoint
+    from inference.synth.average import blend, main
+
+    def make_card(version: str) -> ModelCard:
+        return ModelCard(version=version, trained_on="test tensors", intended_use="a test")
+
+    start, tuned, other = tmp_path / "start.safetensors", tmp_path / "tuned.safetensors", tmp_path / "o.safetensors"
+    save_checkpoint(start, {"w": torch.zeros(3), "bn.running_var": torch.ones(2),
+                            "bn.num_batches_tracked": torch.tensor(5)}, make_card("0.2.0"), half=False)
+    save_checkpoint(tuned, {"w": torch.tensor([4.0, -4.0, 2.0]), "bn.running_var": torch.full((2,), 3.0),
+                            "bn.num_batches_tracked": torch.tensor(9)}, make_card("0.3.0"), half=False)
+    state, card = blend(start, tuned, 0.25)
+    assert torch.allclose(state["w"], torch.tensor([1.0, -1.0, 0.5]))
+    assert torch.allclose(state["bn.running_var"], torch.full((2,), 1.5))
+    assert int(state["bn.num_batches_tracked"]) == 9  # integer buffers: the fine-tune's
+    assert card.training["blend"]["alpha"] == 0.25 and "v0.2.0" in card.training["blend"]["start"]
+    assert torch.equal(blend(start, tuned, 0.0)[0]["w"], torch.zeros(3))
+    main([str(start), str(tuned), "--alpha", "1", "--out", str(tmp_path / "b.safetensors"), "--version", "9.9.9"])
+    got, got_card = load_checkpoint(tmp_path / "b.safetensors")
+    assert got_card.version == "9.9.9" and torch.equal(got["w"].float(), torch.tensor([4.0, -4.0, 2.0]))
+    save_checkpoint(other, {"w": torch.zeros(4), "bn.running_var": torch.ones(2),
+                            "bn.num_batches_tracked": torch.tensor(1)}, make_card("0.0.1"), half=False)
+    for bad, alpha in ((other, 0.5), (tuned, 1.5)):
+        try:
+            blend(start, bad, alpha)
+        except ValueError as exc:
+            assert "shape" in str(exc) or "alpha" in str(exc)
+        else:
+            raise AssertionError(f"{bad} at {alpha} was blended")
