@@ -260,13 +260,15 @@ def set_transaction(db: Database, item_id: int, transaction_uid: str) -> None:
 
 
 def mark_retry(db: Database, item_id: int, started: dt.datetime, error: str, next_at: dt.datetime) -> None:
-    """This try failed: the row waits until ``next_at`` (its own clock, or its destination's)."""
+    """This try failed: the row waits until ``next_at`` (its own clock, or its destination's). A
+    compare-and-set from ``sending``, like :func:`mark_sent`: an archive that committed the instances although
+    its N-ACTION answer was lost has its answer kept, not overwritten."""
     with db.session() as s:
-        row = s.get(OutboxItem, item_id)
-        if row.state != "sending":
+        if not _compare_and_set(s, item_id, ("sending",), {
+                "state": "pending", "next_attempt_at": next_at, "last_error": error[:4000], "claimed_by": "",
+                "claim_expires_at": None}):
             return
-        row.state, row.next_attempt_at, row.last_error = "pending", next_at, error[:4000]
-        row.claimed_by, row.claim_expires_at = "", None
+        row = s.get(OutboxItem, item_id, populate_existing=True)
         _log(s, row, False, "failed", error, started)
         wait = max(0.0, (next_at - utcnow()).total_seconds())
         add_event(s, "retry", series_id=_series(s, row.job_id), job_id=row.job_id,

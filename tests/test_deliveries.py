@@ -10,6 +10,8 @@ import json
 import socket
 import threading
 
+import pytest
+
 from sqlalchemy import select, update
 
 from storage import deliveries, queue
@@ -172,12 +174,17 @@ def test_a_row_of_a_dead_sender_is_sent_again_at_once(db_url):  # noqa: F811
     db.dispose()
 
 
-def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url):  # noqa: F811
+
+
+@pytest.mark.parametrize("outcome", ["sent", "failed"])
+def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url, outcome):  # noqa: F811
     """The archive's Storage Commitment answer reaches the listener (another thread, another session) just as
-    the sender records its own send: whichever writes first, the row ends committed, with one "committed" on
-    the timeline, and is never asked for again. The answer is injected at the sender's first UPDATE of the
-    row, i.e. after anything a read-then-write would have read: a sender that wrote what it read before
-    would turn the row back into "sent" and, at the deadline, commit it a second time."""
+    the sender records its own outcome: the send succeeded ("sent"), or its N-ACTION answer was lost
+    ("failed": the sender schedules a retry). Either way the row ends committed, with one "committed" on the
+    timeline, and is never sent or asked for again. The answer is injected at the sender's first UPDATE of
+    the row, i.e. after anything a read-then-write would have read: a sender that wrote what it read before
+    would turn the row back into "sent" (asked again at the deadline) or "pending" (sent again), and commit
+    it a second time."""
     from sqlalchemy import event
 
     db = _db(db_url)
@@ -196,9 +203,13 @@ def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url):  # noqa:
             t.start()
             t.join(30)
 
+    past = utcnow() - dt.timedelta(seconds=1)  # a row wrongly left open would be due again at once
     event.listen(db.engine, "before_cursor_execute", answer_first)
     try:
-        deliveries.mark_sent(db, it.id, utcnow(), "2 instances", ("2.25.90", utcnow() - dt.timedelta(seconds=1)))
+        if outcome == "sent":
+            deliveries.mark_sent(db, it.id, utcnow(), "2 instances", ("2.25.90", past))
+        else:
+            deliveries.mark_retry(db, it.id, utcnow(), "no N-ACTION response (timeout or abort)", past)
     finally:
         event.remove(db.engine, "before_cursor_execute", answer_first)
     assert answered == [f"delivery {it.id} committed"]
@@ -206,8 +217,7 @@ def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url):  # noqa:
         row = s.get(OutboxItem, it.id)
         assert (row.state, row.commit_deadline) == ("committed", None)
         kinds = [e.kind for e in s.scalars(select(Event).where(Event.job_id == job).order_by(Event.id))]
-    assert kinds.count("committed") == 1 and "sent" in kinds, kinds
-    # the deadline given above is already past: a row wrongly left "sent" would be claimed to ask again
+    assert kinds.count("committed") == 1 and "retry" not in kinds, kinds
     assert deliveries.claim(db, "archive", "host:1:sender", 60, 10) == []
     assert _state(db, job) == ("done", "done")
     # a second copy of the same answer changes nothing
