@@ -116,11 +116,9 @@ def claim(db: Database, destination: str, owner: str, claim_seconds: float, limi
             before = row.state
             # compare-and-set: on SQLite the SELECT above holds no lock, so a second sender may have taken the
             # row in between; only the one whose update matches the state it read gets it
-            took = s.execute(update(OutboxItem).where(
-                OutboxItem.id == row.id, OutboxItem.state == before, OutboxItem.attempts == row.attempts).values(
-                state="sending", claimed_by=owner, claim_expires_at=now + dt.timedelta(seconds=claim_seconds),
-                attempts=OutboxItem.attempts + 1).execution_options(synchronize_session=False)).rowcount
-            if took != 1:
+            if not _compare_and_set(s, row.id, (before,), {
+                    "state": "sending", "claimed_by": owner, "claim_expires_at": now + dt.timedelta(seconds=claim_seconds),
+                    "attempts": OutboxItem.attempts + 1}, OutboxItem.attempts == row.attempts):
                 continue
             series_id = _series(s, row.job_id)
             if before == "sending":
@@ -240,17 +238,15 @@ def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
         return _finish_job(s, row.job_id)
 
 
-def _compare_and_set(s, item_id: int, states: tuple[str, ...], values: dict, transaction_uid: str | None = None) -> bool:
-    """Move one row only if it is still in one of ``states`` (and under ``transaction_uid``, if given).
+def _compare_and_set(s, item_id: int, states: tuple[str, ...], values: dict, *also) -> bool:
+    """Move one row only if it is still in one of ``states`` (and meets ``also``, further conditions).
 
     Why not read-then-write: the SELECT holds no lock on SQLite (and none under PostgreSQL's READ
-    COMMITTED), so the sender and a Storage Commitment answer on the listener could both read ``sending``
-    and both write; the UPDATE's own WHERE decides which one wins."""
-    cond = [OutboxItem.id == item_id, OutboxItem.state.in_(states)]
-    if transaction_uid is not None:
-        cond.append(OutboxItem.transaction_uid == transaction_uid)
-    return s.execute(update(OutboxItem).where(*cond).values(**values)
-                     .execution_options(synchronize_session=False)).rowcount == 1
+    COMMITTED), so two senders, or a sender and a Storage Commitment answer on the listener, could both
+    read the same state and both write; the UPDATE's own WHERE decides which one wins. The session's copy
+    of the row is left as it was read (callers that need the written row get it again)."""
+    return s.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state.in_(states), *also)
+                     .values(**values).execution_options(synchronize_session=False)).rowcount == 1
 
 
 def set_transaction(db: Database, item_id: int, transaction_uid: str) -> None:
@@ -334,7 +330,8 @@ def record_commitment(db: Database, transaction_uid: str, committed: set[str], f
             error = f"Storage Commitment failed for {len(missing)} of {len(uids)} instances ({reasons})"[:4000]
             values = {"state": "pending", "next_attempt_at": now, "commit_deadline": None, "claimed_by": "",
                       "last_error": error}
-        if not _compare_and_set(s, row_id, ("sent", "sending"), values, transaction_uid):
+        if not _compare_and_set(s, row_id, ("sent", "sending"), values,
+                                OutboxItem.transaction_uid == transaction_uid):
             state = s.get(OutboxItem, row_id, populate_existing=True).state
             return f"transaction {transaction_uid} of delivery {row_id} already {state}"
         s.get(OutboxItem, row_id, populate_existing=True)  # the session's copy as written, for _finish_job

@@ -174,8 +174,6 @@ def test_a_row_of_a_dead_sender_is_sent_again_at_once(db_url):  # noqa: F811
     db.dispose()
 
 
-
-
 @pytest.mark.parametrize("outcome", ["sent", "failed"])
 def test_an_answer_racing_the_senders_bookkeeping_commits_once(db_url, outcome):  # noqa: F811
     """The archive's Storage Commitment answer reaches the listener (another thread, another session) just as

@@ -19,10 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from inference.model_card import load_checkpoint, save_checkpoint
+from inference.model_card import ModelCard, load_checkpoint, save_checkpoint
 
 
-def blend(start: Path, tuned: Path, alpha: float) -> tuple[dict, object]:
+def blend(start: Path, tuned: Path, alpha: float) -> tuple[dict, ModelCard]:
     """``(1 - alpha) * start + alpha * tuned`` for every floating-point tensor; the card is ``tuned``'s,
     with the blend written into its training record."""
     if not 0.0 <= alpha <= 1.0:
