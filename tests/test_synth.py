@@ -215,3 +215,58 @@ def test_blending_two_checkpoints_interpolates_weights_and_refuses_other_network
         blend(start, other, 0.5)
     with pytest.raises(ValueError, match="alpha"):
         blend(start, tuned, 1.5)
+
+
+def test_keep_teacher_loss_holds_only_slices_without_the_free_classes():
+    from inference.synth.train import keep_teacher_loss
+
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(3, 5, 8, 8, generator=g)
+    target = torch.zeros(3, 8, 8, dtype=torch.long)
+    target[1, 2:4, 2:4] = 4  # slice 1 shows pelvis: free
+    assert keep_teacher_loss(teacher.clone(), teacher, target, (4,)).item() == pytest.approx(0.0, abs=1e-6)
+    student = teacher.clone().requires_grad_(True)
+    other = student.detach().clone()
+    other[0] = torch.randn(5, 8, 8, generator=g)
+    loss = keep_teacher_loss(student, other, target, (4,))
+    assert loss.item() > 0.01
+    loss.backward()
+    assert student.grad[0].abs().sum() > 0 and not student.grad[1].any()  # the free slice is not held
+    # moving only the free slice away from the teacher costs nothing
+    moved = teacher.clone()
+    moved[1] = torch.randn(5, 8, 8, generator=g)
+    assert keep_teacher_loss(moved, teacher, target, (4,)).item() == pytest.approx(0.0, abs=1e-6)
+    # every slice free: zero, and still a tensor that backpropagates
+    target[:, 0, 0] = 4
+    s2 = teacher.clone().requires_grad_(True)
+    z = keep_teacher_loss(s2, torch.randn(3, 5, 8, 8, generator=g), target, (4,))
+    z.backward()
+    assert z.item() == 0.0 and s2.grad is not None
+
+
+def test_keep_teacher_needs_a_starting_checkpoint_and_known_classes(capsys):
+    from inference.synth.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--keep-teacher", "1"])
+    assert "--init-from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--keep-teacher", "1", "--init-from", "w", "--teacher-free", "PELVIS,HIP"])
+    assert "HIP" in capsys.readouterr().err
+    a = parse_args(["--out", "x", "--keep-teacher", "1", "--init-from", "w", "--teacher-free", "PELVIS,FEMUR"])
+    assert a.keep_teacher == 1.0
+
+
+def test_a_fine_tune_held_to_its_teacher_runs_and_records_it(tmp_path):
+    from inference.model_card import read_card
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", BLOCK, "--out", out, "--init-from", ROOT / "inference/weights/demo-lower-limb.safetensors",
+                        "--keep-teacher", "1", "--maps", "2", "--val-maps", "1", "--map-size", "32", "--input-size", "32",
+                        "--batch-size", "2", "--max-steps", "2", "--val-every", "2", "--val-batches", "1",
+                        "--val-classic", "0", "--workers", "1", "--threads", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = read_card(out / "last.safetensors")
+    assert card.training["steps"] == 2 and "KL to the starting checkpoint" in card.training["keep_teacher"]
+    assert "init_from" in card.training

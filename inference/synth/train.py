@@ -16,6 +16,7 @@ torch, numpy, scipy, safetensors and segmentation-models-pytorch.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -142,7 +143,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-precision", action="store_true", help="store float32 weights (default float16)")
     p.add_argument("--version", default="0.2.0")
     p.add_argument("--focal-gamma", type=float, default=2.0)
-    return p.parse_args(argv)
+    p.add_argument("--keep-teacher", type=float, default=0.0,
+                   help="weight of a loss that keeps the output close to the --init-from checkpoint's on every "
+                        "slice whose target has none of --teacher-free (0: off)")
+    p.add_argument("--teacher-free", default="PELVIS",
+                   help="comma-separated classes the fine-tune may relearn: slices showing any are not held to the teacher")
+    a = p.parse_args(argv)
+    if a.keep_teacher and a.init_from is None:
+        p.error("--keep-teacher needs --init-from (the checkpoint whose output is kept)")
+    unknown = set(filter(None, a.teacher_free.split(","))) - set(CLASS_NAMES)
+    if unknown:
+        p.error(f"--teacher-free: unknown class {sorted(unknown)}; choose from {','.join(CLASS_NAMES)}")
+    return a
 
 
 def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.Tensor, n: int,
@@ -160,6 +172,26 @@ def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.
         ys = torch.where(m[:, None, None], ys.flip(-1), ys)
     x[:n] = xs.expand(-1, x.shape[1], -1, -1)
     y[:n] = ys
+
+
+def keep_teacher_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+                      free: tuple[int, ...]) -> torch.Tensor:
+    """KL(teacher || student) per pixel, averaged over the slices whose target has none of the ``free`` classes.
+
+    Why: each CPU fine-tune aimed at the pelvis gained it and lost tibia on the foreign stand-in (README, ft3),
+    although the knee data did not change. Holding the network to its starting point's output on slices that
+    show no pelvis (learning without forgetting, Li & Hoiem 2017) leaves it free to relearn only what the
+    fine-tune is for. Slices that show a free class are left to the ground truth alone: there the starting
+    point is what is wrong (acetabulum called femur). Zero, with a gradient, when every slice is free.
+    """
+    held = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    for k in free:
+        held &= ~(target == k).flatten(1).any(1)
+    if not held.any():
+        return student.sum() * 0.0
+    ls = torch.log_softmax(student[held].float(), 1)
+    lt = torch.log_softmax(teacher[held].float(), 1)
+    return (lt.exp() * (lt - ls)).sum(1).mean()
 
 
 def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> ModelCard:
@@ -180,6 +212,8 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "classic_mix": (f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms"
                             + (f", {a.classic_flip:.2f} of them mirrored" if a.classic_flip else "")
                             if a.classic_train else "none"),
+            **({"keep_teacher": f"{a.keep_teacher} x KL to the starting checkpoint on slices without "
+                                f"{a.teacher_free.replace(',', '/')}"} if a.keep_teacher else {}),
         },
     )
 
@@ -228,6 +262,10 @@ def main(argv: list[str] | None = None) -> Path:
         net.load_state_dict({k: v.float() for k, v in state.items()})
         card.training["init_from"] = f"{a.init_from.name} (v{init_card.version})"
     net = net.to(device).to(memory_format=torch.channels_last)
+    teacher = None
+    if a.keep_teacher:
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        free = tuple(CLASS_NAMES.index(c) + 1 for c in filter(None, a.teacher_free.split(",")))
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(a.seed)
     dgen = torch.Generator(device=rdev).manual_seed(a.seed) if rdev.type == "cuda" else None
@@ -275,6 +313,10 @@ def main(argv: list[str] | None = None) -> Path:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
         loss = dice_focal_loss(logits, y, a.focal_gamma)
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                t_logits = teacher(x.contiguous(memory_format=torch.channels_last))
+            loss = loss + a.keep_teacher * keep_teacher_loss(logits, t_logits, y, free)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
