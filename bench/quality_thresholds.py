@@ -23,6 +23,7 @@ Writes ``docs/quality-thresholds.json`` (every case, variant, Dice and metric) a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -38,6 +39,7 @@ from dicom_node.infer.segments import split_sides  # noqa: E402
 from dicom_node.infer.volume import SeriesVolume  # noqa: E402
 from inference.labels import DEFAULT_LABELS  # noqa: E402
 from inference.model import BUNDLED_MODEL  # noqa: E402
+from inference.model_card import read_card  # noqa: E402
 from inference.phantom import make_case  # noqa: E402
 from inference.synth import foreign  # noqa: E402
 from inference.predict import Predictor  # noqa: E402
@@ -158,8 +160,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--predict-only", action="store_true", help="only fill the cache (to split the work)")
     ap.add_argument("--judge-only", action="store_true", help="only judge the cases already in the cache")
+    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL,
+                    help="checkpoint to measure (default: the bundled model); a candidate is judged before it ships")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/quality-bench"),
-                    help="predictions are kept here (npz per case) and reused: re-judging takes seconds")
+                    help="predictions are kept under here, one folder per model (its hash), one npz per case, "
+                         "and reused: re-judging takes seconds")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--slices", type=int, default=30,
                     help="slices per case: a window at a random height (0: the whole body, ~120 slices, slower)")
@@ -167,6 +172,12 @@ def main() -> int:
                     help="compare the augmented pass with the unaugmented one (the node) or with the averaged result")
     ap.add_argument("--timed", type=int, default=2, help="cases on which predict is also timed without the gate")
     args = ap.parse_args()
+    if not args.model.is_file():
+        ap.error(f"--model {args.model}: no such checkpoint")
+    model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
+    args.cache = args.cache / model_sha[:16]  # another model's predictions are never judged as this one's
+    args.model_desc = (f"the bundled model (v{read_card(args.model).version})" if args.model.resolve() == BUNDLED_MODEL.resolve()
+                       else f"`--model {args.model.name}` (v{read_card(args.model).version}, sha256 {model_sha[:12]}…)")
     predictor = None
     passes = args.agreement == "passes"  # the gate compares the two passes (the node) or the mean with the augmented one
     rows, timing = [], []
@@ -182,7 +193,7 @@ def main() -> int:
         if not f.is_file():  # predicting is the slow part: kept, so thresholds can be re-judged in seconds
             if args.judge_only:
                 continue
-            predictor = predictor or Predictor(BUNDLED_MODEL, device="cpu", threads=args.threads)
+            predictor = predictor or Predictor(args.model, device="cpu", threads=args.threads)
             predict_case(predictor, seed, kind, args, f, i < args.timed)  # type: ignore[arg-type]
         if args.predict_only:
             continue
@@ -275,7 +286,7 @@ def summarise(rows: list[dict], timing: list[dict]) -> dict:
 
 def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
     lines = ["# Quality gate: measurements behind the thresholds", "",
-             f"`bench/quality_thresholds.py --cases {args.cases} --seed {args.seed}` with the bundled model "
+             f"`bench/quality_thresholds.py --cases {args.cases} --seed {args.seed}` with {args.model_desc} "
              f"(held-out phantoms, alternately `--wide` and `--harsh`, seeds {args.seed}-{args.seed + args.cases - 1}"
              + (f"; and {args.foreign} foreign-family cases, `--foreign {args.foreign} --foreign-seed {args.foreign_seed}`"
                 if args.foreign else "")
