@@ -176,8 +176,9 @@ def main() -> int:
         ap.error(f"--model {args.model}: no such checkpoint")
     model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
     args.cache = args.cache / model_sha[:16]  # another model's predictions are never judged as this one's
-    args.model_desc = (f"the bundled model (v{read_card(args.model).version})" if args.model.resolve() == BUNDLED_MODEL.resolve()
-                       else f"`--model {args.model.name}` (v{read_card(args.model).version}, sha256 {model_sha[:12]}…)")
+    version = read_card(args.model).version
+    args.model_desc = (f"the bundled model (v{version})" if args.model.resolve() == BUNDLED_MODEL.resolve()
+                       else f"`--model {args.model.name}` (v{version}, sha256 {model_sha[:12]}…)")
     predictor = None
     passes = args.agreement == "passes"  # the gate compares the two passes (the node) or the mean with the augmented one
     rows, timing = [], []

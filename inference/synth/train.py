@@ -151,9 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.keep_teacher and a.init_from is None:
         p.error("--keep-teacher needs --init-from (the checkpoint whose output is kept)")
-    unknown = set(filter(None, a.teacher_free.split(","))) - set(CLASS_NAMES)
+    names = [c for c in a.teacher_free.split(",") if c]
+    unknown = set(names) - set(CLASS_NAMES)
     if unknown:
         p.error(f"--teacher-free: unknown class {sorted(unknown)}; choose from {','.join(CLASS_NAMES)}")
+    a.free_classes = tuple(CLASS_NAMES.index(c) + 1 for c in names)  # class values (background is 0)
     return a
 
 
@@ -262,10 +264,7 @@ def main(argv: list[str] | None = None) -> Path:
         net.load_state_dict({k: v.float() for k, v in state.items()})
         card.training["init_from"] = f"{a.init_from.name} (v{init_card.version})"
     net = net.to(device).to(memory_format=torch.channels_last)
-    teacher = None
-    if a.keep_teacher:
-        teacher = copy.deepcopy(net).eval().requires_grad_(False)
-        free = tuple(CLASS_NAMES.index(c) + 1 for c in filter(None, a.teacher_free.split(",")))
+    teacher = copy.deepcopy(net).eval().requires_grad_(False) if a.keep_teacher else None
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(a.seed)
     dgen = torch.Generator(device=rdev).manual_seed(a.seed) if rdev.type == "cuda" else None
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> Path:
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 t_logits = teacher(x.contiguous(memory_format=torch.channels_last))
-            loss = loss + a.keep_teacher * keep_teacher_loss(logits, t_logits, y, free)
+            loss = loss + a.keep_teacher * keep_teacher_loss(logits, t_logits, y, a.free_classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
