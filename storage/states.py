@@ -1,0 +1,120 @@
+"""Every state, verdict and event kind the node stores, as string enums in one place.
+
+They are ``StrEnum`` so that the database keeps plain, readable strings (admins query the tables with SQL,
+the dashboard and the JSON API show them as they are) while the code compares against names a type checker
+knows: a misspelt state is an AttributeError at import, not a job that silently never matches a query.
+Modelled on highdicom's ``seg/enum.py`` and mercure's ``event_types.py``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SeriesState(StrEnum):
+    """Where a received series is: still arriving, complete and judged, then handed to a job."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    SKIPPED = "skipped"
+
+
+class JobState(StrEnum):
+    """One segmentation job's life: queued → running → (review) → delivering → done, or an end state."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    #: results are in the outbox; the job is done when every destination has them
+    DELIVERING = "delivering"
+    #: rows written before the outbox existed (a worker sending inside the job); still readable
+    SENDING = "sending"
+    #: held by the quality gate until a person approves or rejects it
+    REVIEW = "review"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    REJECTED = "rejected"
+    #: the quality gate failed and the destination's policy is ``drop``
+    DROPPED = "dropped"
+
+    @classmethod
+    def finished(cls) -> tuple[JobState, ...]:
+        """States a job never leaves by itself (an admin's requeue can still move it)."""
+        return (cls.DONE, cls.FAILED, cls.SKIPPED, cls.REJECTED, cls.DROPPED)
+
+    @classmethod
+    def superseding(cls) -> tuple[JobState, ...]:
+        """States of an older job that a new job for the same series replaces (it got further than queued)."""
+        return (cls.RUNNING, cls.DELIVERING, cls.SENDING, cls.REVIEW, cls.DONE)
+
+
+class OutboxState(StrEnum):
+    """One result's delivery to one destination."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    #: stored at the destination (and awaiting Storage Commitment where asked for)
+    SENT = "sent"
+    #: the destination confirmed it keeps every instance (Storage Commitment)
+    COMMITTED = "committed"
+    FAILED = "failed"
+    #: a newer job for the same series replaced it before it went out
+    CANCELLED = "cancelled"
+
+
+class Verdict(StrEnum):
+    """The quality gate's verdict on one structure, and on a job (its worst structure)."""
+
+    #: the gate has not run (jobs from before it existed, or skipped series)
+    NONE = ""
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+class ReviewDecision(StrEnum):
+    """A person's decision on a held result."""
+
+    NONE = ""
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class QualityPolicy(StrEnum):
+    """What a destination gets when the gate fails a result."""
+
+    HOLD = "hold"
+    SEND_FLAGGED = "send_flagged"
+    DROP = "drop"
+
+
+class EventKind(StrEnum):
+    """The kinds of line on a series' timeline (table ``events``)."""
+
+    RECEIVED = "received"
+    STABLE = "stable"
+    EXPECTED = "expected"
+    WAIT = "wait"
+    FETCH = "fetch"
+    FETCHED = "fetched"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    SKIPPED = "skipped"
+    SUPERSEDED = "superseded"
+    RUNNING = "running"
+    QUALITY = "quality"
+    REVIEW = "review"
+    ENCODED = "encoded"
+    DELIVERING = "delivering"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    COMMITTED = "committed"
+    CANCELLED = "cancelled"
+    RETRY = "retry"
+    RESENT = "resent"
+    REDELIVER = "redeliver"
+    REQUEUED = "requeued"
+    LEASE_EXPIRED = "lease-expired"
+    FAILED = "failed"
+    PURGED = "purged"
