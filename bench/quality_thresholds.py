@@ -14,8 +14,10 @@ predicts with probabilities and the test-time-augmented pass, as the node does. 
 ``--foreign N`` adds N cases of the foreign family (``inference/synth/foreign.py``: anatomy and renderer
 never used in training, whole 100-140-slice volumes), the nearest stand-in for another site's images.
 
-Writes ``docs/quality-thresholds.json`` (every case, variant, Dice and metric) and
-``docs/quality-thresholds.md`` (the tables in the README). Small enough for a 2-core CPU:
+Writes ``docs/quality-thresholds.json``, the summary the thresholds are judged by (kept in git, small; its
+tables are in ``docs/quality-gate.md``), and, under ``--details`` (an ignored folder), ``rows.json`` (every
+case, variant, Dice and metric) and ``cases.md`` (the summary tables and one line per result). Small enough
+for a 2-core CPU:
 
     .venv/bin/python bench/quality_thresholds.py --cases 8 --seed 7000
 """
@@ -157,7 +159,9 @@ def main() -> int:
     ap.add_argument("--whole", type=int, default=0,
                     help="classic held-out cases as whole volumes (pelvis to feet; --slices ignored) to add")
     ap.add_argument("--whole-seed", type=int, default=8000)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of the summary (quality-thresholds.json)")
+    ap.add_argument("--details", type=Path, default=ROOT / "bench" / "results" / "quality-thresholds",
+                    help="folder of the per-case data (rows.json, cases.md); ignored by git")
     ap.add_argument("--predict-only", action="store_true", help="only fill the cache (to split the work)")
     ap.add_argument("--judge-only", action="store_true", help="only judge the cases already in the cache")
     ap.add_argument("--model", type=Path, default=BUNDLED_MODEL,
@@ -229,10 +233,14 @@ def main() -> int:
     if args.predict_only:
         return 0
     report = summarise(rows, timing)
+    run = {"cases": args.cases, "seed": args.seed, "foreign": args.foreign, "foreign_seed": args.foreign_seed,
+           "whole": args.whole, "whole_seed": args.whole_seed, "slices": args.slices, "agreement": args.agreement,
+           "model": args.model_desc, "thresholds": THRESHOLDS, "area_bounds_cm2": AREA_BOUNDS_CM2}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality-thresholds.json").write_text(json.dumps({"summary": report, "rows": rows,
-                                                                  "timing": timing}, indent=1))
-    (args.out / "quality-thresholds.md").write_text(markdown(report, rows, timing, args))
+    (args.out / "quality-thresholds.json").write_text(json.dumps({"summary": report, "run": run}, indent=1) + "\n")
+    args.details.mkdir(parents=True, exist_ok=True)
+    (args.details / "rows.json").write_text(json.dumps({"summary": report, "rows": rows, "timing": timing}, indent=1))
+    (args.details / "cases.md").write_text(markdown(report, rows, timing, args))
     print(json.dumps(report, indent=1))
     return 0
 
