@@ -22,8 +22,8 @@ present or added later (e.g. review buttons), gets them without opting in:
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 import hmac
 import ipaddress
 import logging
