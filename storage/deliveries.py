@@ -20,7 +20,7 @@ from sqlalchemy import func, or_, select, update
 
 from .db import Database
 from .models import Delivery, DestinationState, Job, OutboxItem, Series, utcnow
-from .queue import add_event
+from .timeline import add_event
 
 OPEN = ("pending", "sending", "sent")
 

@@ -176,7 +176,7 @@ def cli_address() -> str:
 
 
 def cmd_retry(args) -> int:
-    from storage.queue import requeue
+    from storage.jobs import requeue
 
     _, db = _db(args)
     done = requeue(db, job_ids=args.jobs, actor=cli_actor(), address=cli_address(), action="retry")
@@ -186,7 +186,7 @@ def cmd_retry(args) -> int:
 
 
 def cmd_requeue(args) -> int:
-    from storage.queue import requeue
+    from storage.jobs import requeue
 
     _, db = _db(args)
     done = requeue(db, failed=True, actor=cli_actor(), address=cli_address(), action="requeue")
@@ -199,7 +199,7 @@ def cmd_review(args) -> int:
     import getpass
     import socket
 
-    from storage.queue import decide_review
+    from storage.review import decide_review
 
     _, db = _db(args)
     try:
@@ -235,7 +235,7 @@ def _db(args):
 
 
 def cmd_status(args) -> int:
-    from storage.queue import counts
+    from storage.jobs import counts
 
     settings, db = _db(args)
     c = counts(db)

@@ -27,9 +27,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from storage import deliveries, queue
+from storage import deliveries
 from storage.db import Database
+from storage.jobs import counts, requeue
 from storage.models import Event, Job, utcnow
+from storage.review import decide_review, quality_counts
+from storage.timeline import audit_log
 
 from .admin import job_rows
 from .web_security import WebGuard
@@ -132,7 +135,7 @@ def esc(v) -> str:
 
 
 def render_dashboard(settings: Settings, db: Database, csrf: str = "") -> str:
-    c = queue.counts(db)
+    c = counts(db)
     cards = "".join(f'<div class="card" style="background:{STATE_COLOURS.get(k, "#444")}" id="state-{k}">'
                     f'<div class="n">{c["jobs"].get(k, 0)}</div>{k}</div>' for k in STATE_COLOURS)
     jobs = job_rows(db, 30)
@@ -190,7 +193,7 @@ def render_job(settings: Settings, db: Database, job_id: int, csrf: str = "") ->
                    for d in j["deliveries"])
     audit = "".join(f"<tr><td>{esc(a['at'])}</td><td>{esc(a['action'])}</td><td>{esc(a['outcome'])}</td>"
                     f"<td>{esc(a['actor'])}</td><td>{esc(a['address'])}</td><td>{esc(a['detail'])}</td></tr>"
-                    for a in queue.audit_log(db, job_id))
+                    for a in audit_log(db, job_id))
     preview = f'<img id="preview" src="{job_id}/preview.png" alt="segmentation preview" style="max-width:100%">' if j["has_result"] else ""
     body = (f'<p><a href="../">← dashboard</a></p><h2>Job #{job_id}: {esc(j["state"])}</h2>'
             f'<p>study {esc(j["study_uid"])} · series {esc(j["series"])} ({j["instances"]} images) · attempts {j["attempts"]}'
@@ -324,7 +327,7 @@ class NodeCollector:
         self.record_backlog = record_backlog
 
     def collect(self):
-        c = queue.counts(self.db)
+        c = counts(self.db)
         g = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
         for st in STATE_COLOURS:
             g.add_metric([st], c["jobs"].get(st, 0))
@@ -348,7 +351,7 @@ class NodeCollector:
         yield sums
         qc = CounterMetricFamily("dicomnode_quality", "Jobs judged by the quality gate, by verdict",
                                  labels=["verdict"])
-        judged = queue.quality_counts(self.db)
+        judged = quality_counts(self.db)
         for v in ("pass", "warn", "fail"):
             qc.add_metric([v], judged.get(v, 0))
         yield qc
@@ -423,7 +426,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
     def healthz():
         ok_db = True
         try:
-            queue.counts(db)
+            counts(db)
         except Exception:
             ok_db = False
         free = shutil.disk_usage(settings.data_dir).free
@@ -458,7 +461,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
 
     @app.get("/api/status", dependencies=[Depends(auth)])
     def api_status():
-        return {**queue.counts(db), "disk": disk(settings)}
+        return {**counts(db), "disk": disk(settings)}
 
     @app.get("/api/destinations", dependencies=[Depends(auth)])
     def api_destinations():
@@ -482,7 +485,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
     @app.post("/api/jobs/{job_id}/retry", dependencies=[Depends(auth)])
     def api_retry(job_id: int, request: Request):
         actor, address = who(request)
-        done = queue.requeue(db, job_ids=[job_id], actor=actor, address=address, action="retry")
+        done = requeue(db, job_ids=[job_id], actor=actor, address=address, action="retry")
         if job_id not in done:
             raise HTTPException(409, "job is running or does not exist")
         return {"job": job_id, "state": job_rows(db, 1, job_id=job_id)[0]["state"]}
@@ -490,7 +493,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
     @app.get("/api/audit", dependencies=[Depends(auth)])
     def api_audit(limit: int = 200, job: int | None = None):
         """The admin audit trail, newest first: who did what, from where, when, and how it ended."""
-        return queue.audit_log(db, job, min(limit, 5000))
+        return audit_log(db, job, min(limit, 5000))
 
     def reviewer(request: Request, given: str) -> tuple[str, str]:
         """Who decided and from where: the name typed (or sent), how they were let in, the client address."""
@@ -513,7 +516,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None, 
 
     def review(request: Request, job_id: int, decision: str, fields: dict) -> dict:
         who, address = reviewer(request, fields.get("reviewer", ""))
-        if not queue.decide_review(db, job_id, decision, who, address, str(fields.get("reason", ""))[:2000]):
+        if not decide_review(db, job_id, decision, who, address, str(fields.get("reason", ""))[:2000]):
             raise HTTPException(409, "job is not waiting for review")
         return {"job": job_id, "review": decision, "state": "queued" if decision == "approved" else "rejected",
                 "by": who}
