@@ -31,6 +31,7 @@ from storage.jobs import add_timing, claim_job, fail_or_retry, heartbeat, save_v
 from storage.models import Job, utcnow
 from storage.review import hold_for_review, quality_of, save_quality
 from storage.series import series_instances
+from storage.states import EventKind, JobState, QualityPolicy, ReviewDecision, Verdict
 from storage.timeline import event, job_event
 
 from .config import Settings
@@ -132,7 +133,7 @@ class Pipeline:
             w = self.settings.worker
             state = fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
-            if state == "failed":
+            if state == JobState.FAILED:
                 notify(self.settings, "job-failed", {"job": job_id, "reason": err})
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
@@ -162,14 +163,14 @@ class Pipeline:
         try:
             result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta)
         except NotSegmentable as exc:
-            set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            set_state(self.db, job_id, JobState.SKIPPED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
         t = time.perf_counter()
         doing.append("recording the volumes")
         segments, vols, card = result.segments, result.volumes_cm3, result.card
         save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
-            set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
+            set_state(self.db, job_id, JobState.DONE, event_detail="no bone structure found; nothing sent",
                       reason="no bone structure found; nothing sent", finished_at=utcnow(),
                       model_version=card.version, device=result.device)
             return
@@ -180,17 +181,17 @@ class Pipeline:
         doing.append("encoding the SEG and SR")
         try:
             seg, path = encode_results(self.settings, result, job_dir,
-                                       failed=report.short_names() if report.verdict == "fail" else None)
+                                       failed=report.short_names() if report.verdict == Verdict.FAIL else None)
         except InvalidResult as exc:
-            set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            set_state(self.db, job_id, JobState.FAILED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
             notify(self.settings, "job-failed", {"job": job_id, "reason": str(exc)})
             return
         t = self._stage(job_id, "encode", t)
-        set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
+        set_state(self.db, job_id, JobState.RUNNING, seg_series_uid=seg.SeriesInstanceUID,
                   seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
                   device=result.device)
-        event(self.db, "encoded", series_id=series_id, job_id=job_id,
+        event(self.db, EventKind.ENCODED, series_id=series_id, job_id=job_id,
               detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         doing.append("queueing the results for delivery")
         outcome = self._deliver(job_id, path.parent, hb)
@@ -206,7 +207,7 @@ class Pipeline:
         save_quality(self.db, job_id, report.verdict, report.summary(),
                      [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
         self._stage(job_id, "quality", t)
-        if report.verdict != "pass":
+        if report.verdict != Verdict.PASS:
             log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
         return report
 
@@ -215,9 +216,9 @@ class Pipeline:
         hb.check()  # never queue a result whose job another worker has taken over
         newer = superseded_by(self.db, job_id)
         if newer is not None:
-            set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
+            set_state(self.db, job_id, JobState.SKIPPED, event_detail=f"superseded by job {newer}; not sent",
                       reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
-            return "skipped"
+            return JobState.SKIPPED
         return self.release_for_delivery(job_id, job_dir)
 
     def release_for_delivery(self, job_id: int, job_dir: Path) -> str:
@@ -231,14 +232,14 @@ class Pipeline:
         twice. Returns the job's new state.
         """
         verdict, review, failed = quality_of(self.db, job_id)
-        held = verdict == "fail" and review != "approved"
+        held = verdict == Verdict.FAIL and review != ReviewDecision.APPROVED
         dests = self.settings.destinations
-        send = [d for d in dests if not held or d.quality_policy == "send_flagged"]
-        hold = [d for d in dests if held and d.quality_policy == "hold"]
-        drop = [d for d in dests if held and d.quality_policy == "drop"]
+        send = [d for d in dests if not held or d.quality_policy == QualityPolicy.SEND_FLAGGED]
+        hold = [d for d in dests if held and d.quality_policy == QualityPolicy.HOLD]
+        drop = [d for d in dests if held and d.quality_policy == QualityPolicy.DROP]
         if drop:
-            job_event(self.db, job_id, "dropped", f"not sent to {', '.join(d.name for d in drop)} "
-                                                  f"(quality_policy drop): {failed}")
+            job_event(self.db, job_id, EventKind.DROPPED, f"not sent to {', '.join(d.name for d in drop)} "
+                                                          f"(quality_policy drop): {failed}")
         if send or not (hold or drop):
             files = outbox_files(self.settings, job_dir)
             deliveries.enqueue(self.db, job_id, {d.name: files[d.name] for d in send})
@@ -249,10 +250,10 @@ class Pipeline:
             log.warning("job %s held for review: quality checks failed (%s)", job_id, failed[:300])
             notify(self.settings, "job-held", {"job": job_id, "failed": failed[:1000],
                                                "destinations": [d.name for d in hold]})
-            return "review"
+            return JobState.REVIEW
         if drop and not send:
-            set_state(self.db, job_id, "dropped", event_detail=None, finished_at=utcnow(),
+            set_state(self.db, job_id, JobState.DROPPED, event_detail=None, finished_at=utcnow(),
                       reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
-            return "dropped"
+            return JobState.DROPPED
         with self.db.session() as s:  # delivering, or already done when there was nothing to send
             return s.get(Job, job_id).state

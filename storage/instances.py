@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .db import Database
 from .models import Instance, Job, Series, Study, utcnow
+from .states import EventKind, JobState, SeriesState
 from .timeline import add_event
 
 log = logging.getLogger("storage.instances")
@@ -61,7 +62,8 @@ def _fit(field_name: str, value):
 
 
 _INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows", "columns", "frames", "position",
-                    "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type", "images_in_acquisition", "acquisition_number")
+                    "orientation", "pixel_spacing", "frame_of_reference_uid", "image_type", "images_in_acquisition",
+                    "acquisition_number")
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Recorder:
         # series is withdrawn when a worker would claim it, or when the next job is made (claim_job,
         # mark_judged): that keeps a second statement off the ingest path.
         self._touch = update(se).where(se.c.id == bindparam("sid")).values(
-            n_instances=se.c.n_instances + bindparam("k"), state="receiving", completed_at=None,
+            n_instances=se.c.n_instances + bindparam("k"), state=SeriesState.RECEIVING, completed_at=None,
             # never backwards: start-up recovery records files with their (older) modification times
             last_received_at=case((se.c.last_received_at > bindparam("now"), se.c.last_received_at),
                                   else_=bindparam("now")))
@@ -189,7 +191,7 @@ class Recorder:
                     series_number=meta.series_number)
         s.add(se)
         s.flush()
-        add_event(s, "received", series_id=se.id, study_id=study_id, detail="first instance")
+        add_event(s, EventKind.RECEIVED, series_id=se.id, study_id=study_id, detail="first instance")
         return se.id
 
 
@@ -200,7 +202,7 @@ def purge_delivered_images(db: Database, hours: float) -> int:
     with db.session() as s:
         newest = select(Job.series_id, func.max(Job.id).label("jid")).group_by(Job.series_id).subquery()
         rows = s.execute(select(Job.series_id).join(newest, newest.c.jid == Job.id).where(
-            Job.state == "done", Job.finished_at < cutoff)).scalars().all()
+            Job.state == JobState.DONE, Job.finished_at < cutoff)).scalars().all()
         for series_id in rows:
             insts = s.scalars(select(Instance).where(Instance.series_id == series_id, Instance.path != "")).all()
             for inst in insts:
@@ -211,5 +213,5 @@ def purge_delivered_images(db: Database, hours: float) -> int:
                 inst.path = ""
                 removed += 1
             if insts:
-                add_event(s, "purged", series_id=series_id, detail=f"{len(insts)} images removed (retention)")
+                add_event(s, EventKind.PURGED, series_id=series_id, detail=f"{len(insts)} images removed (retention)")
     return removed

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 
 from .db import Database
 from .models import Job, QualityCheck, utcnow
+from .states import EventKind, JobState, ReviewDecision, Verdict
 from .timeline import add_audit, add_event
 
 
@@ -27,7 +28,7 @@ def save_quality(db: Database, job_id: int, verdict: str, summary: str,
             s.add(QualityCheck(job_id=job_id, structure=name[:32], verdict=v, reason=reason,
                                metrics=json.dumps(metrics)))
         job.quality = verdict
-        add_event(s, "quality", series_id=job.series_id, job_id=job_id, detail=summary)
+        add_event(s, EventKind.QUALITY, series_id=job.series_id, job_id=job_id, detail=summary)
 
 
 def quality_of(db: Database, job_id: int) -> tuple[str, str, str]:
@@ -35,7 +36,7 @@ def quality_of(db: Database, job_id: int) -> tuple[str, str, str]:
     with db.session() as s:
         job = s.get(Job, job_id)
         bad = s.execute(select(QualityCheck.structure, QualityCheck.reason).where(
-            QualityCheck.job_id == job_id, QualityCheck.verdict == "fail").order_by(QualityCheck.id)).all()
+            QualityCheck.job_id == job_id, QualityCheck.verdict == Verdict.FAIL).order_by(QualityCheck.id)).all()
         return job.quality, job.review, " | ".join(f"{n.lower()}: {r}" for n, r in bad)
 
 
@@ -43,9 +44,9 @@ def hold_for_review(db: Database, job_id: int, detail: str) -> None:
     """The result waits for a person: state ``review``, no lease (nothing claims it; it survives restarts)."""
     with db.session() as s:
         job = s.get(Job, job_id)
-        job.state, job.lease_owner, job.lease_expires_at = "review", "", None
+        job.state, job.lease_owner, job.lease_expires_at = JobState.REVIEW, "", None
         job.reason = detail[:4000]
-        add_event(s, "review", series_id=job.series_id, job_id=job_id, detail=detail)
+        add_event(s, EventKind.REVIEW, series_id=job.series_id, job_id=job_id, detail=detail)
 
 
 def decide_review(db: Database, job_id: int, decision: str, who: str, address: str = "", note: str = "") -> bool:
@@ -53,23 +54,23 @@ def decide_review(db: Database, job_id: int, decision: str, who: str, address: s
     two approvals (two admins, a double click) cannot both send. Approved goes back to the queue, and a
     worker delivers the existing result to the destinations that were holding it; rejected is final.
     Returns False when the job is not (or no longer) waiting for review."""
-    if decision not in ("approved", "rejected"):
+    if decision not in (ReviewDecision.APPROVED, ReviewDecision.REJECTED):
         raise ValueError(decision)
     now = utcnow()
     values = dict(review=decision, reviewed_by=who[:128], reviewed_from=address[:64], reviewed_at=now,
                   review_note=note[:4000])
-    if decision == "approved":
-        values.update(state="queued", attempts=0, next_attempt_at=None, reason="")
+    if decision == ReviewDecision.APPROVED:
+        values.update(state=JobState.QUEUED, attempts=0, next_attempt_at=None, reason="")
     else:
-        values.update(state="rejected", finished_at=now, reason=f"rejected in review: {note}" if note else
+        values.update(state=JobState.REJECTED, finished_at=now, reason=f"rejected in review: {note}" if note else
                       "rejected in review")
-    action = "approve" if decision == "approved" else "reject"
+    action = "approve" if decision == ReviewDecision.APPROVED else "reject"
     with db.session() as s:
-        res = s.execute(update(Job).where(Job.id == job_id, Job.state == "review").values(**values))
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.REVIEW).values(**values))
         if res.rowcount == 1:
             add_audit(s, who, address, action, job_id, "done", note)
             detail = f"by {who}" + (f" from {address}" if address else "") + (f": {note}" if note else "")
-            add_event(s, decision, series_id=s.scalar(select(Job.series_id).where(Job.id == job_id)),
+            add_event(s, EventKind(decision), series_id=s.scalar(select(Job.series_id).where(Job.id == job_id)),
                       job_id=job_id, detail=detail)
             return True
     with db.session() as s:  # refused: the audit trail keeps refused actions too

@@ -14,6 +14,7 @@ from sqlalchemy import case, func, select, update
 
 from .db import Database
 from .models import Instance, Series, Study, utcnow
+from .states import EventKind, SeriesState
 from .timeline import add_event
 
 
@@ -24,13 +25,13 @@ def stable_series(db: Database, stable_seconds: float) -> list[int]:
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     with db.session() as s:
         return list(s.scalars(select(Series.id).where(
-            Series.state == "receiving", Series.last_received_at <= cutoff,
+            Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff,
             Series.quiet_until.is_(None) | (Series.quiet_until <= now))))
 
 
 def receiving_series(db: Database) -> list[int]:
     with db.session() as s:
-        return list(s.scalars(select(Series.id).where(Series.state == "receiving")))
+        return list(s.scalars(select(Series.id).where(Series.state == SeriesState.RECEIVING)))
 
 
 @dataclass
@@ -85,7 +86,7 @@ def set_expected(db: Database, series_id: int, count: int | None, source: str, h
         changed = (se.expected_count, se.expected_from) != (count, source)
         se.expected_count, se.expected_from, se.expected_held = count, source[:64], held
         if changed:
-            add_event(s, "expected", series_id=series_id, detail=detail)
+            add_event(s, EventKind.EXPECTED, series_id=series_id, detail=detail)
         return changed
 
 
@@ -94,7 +95,7 @@ def count_fetch(db: Database, series_id: int, detail: str) -> int:
     with db.session() as s:
         s.execute(update(Series).where(Series.id == series_id).values(fetch_attempts=Series.fetch_attempts + 1))
         n = s.scalar(select(Series.fetch_attempts).where(Series.id == series_id)) or 0
-        add_event(s, "fetch", series_id=series_id, detail=f"attempt {n}: {detail}")
+        add_event(s, EventKind.FETCH, series_id=series_id, detail=f"attempt {n}: {detail}")
         return n
 
 
@@ -110,7 +111,7 @@ def extend_quiet(db: Database, until: dt.datetime, reason: str, series_uids: lis
     if not series_uids and not series_ids:
         return {}
     with db.session() as s:
-        q = select(Series.id, Series.series_uid).where(Series.state == "receiving")
+        q = select(Series.id, Series.series_uid).where(Series.state == SeriesState.RECEIVING)
         if series_uids is not None:
             q = q.where(Series.series_uid.in_(series_uids))
         if series_ids is not None:
@@ -119,7 +120,7 @@ def extend_quiet(db: Database, until: dt.datetime, reason: str, series_uids: lis
         for sid in found:
             s.execute(update(Series).where(Series.id == sid).values(
                 quiet_until=case((Series.quiet_until > until, Series.quiet_until), else_=until)))
-            add_event(s, "wait", series_id=sid, detail=reason)
+            add_event(s, EventKind.WAIT, series_id=sid, detail=reason)
         return found
 
 
@@ -131,7 +132,7 @@ def end_quiet(db: Database, series_uids: list[str], reason: str) -> int:
                                                      Series.quiet_until.is_not(None))))
         for sid in ids:
             s.execute(update(Series).where(Series.id == sid).values(quiet_until=None))
-            add_event(s, "resent", series_id=sid, detail=reason)
+            add_event(s, EventKind.RESENT, series_id=sid, detail=reason)
         return len(ids)
 
 

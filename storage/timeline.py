@@ -20,7 +20,8 @@ def add_event(s, kind: str, *, series_id: int | None = None, job_id: int | None 
     """Append one timeline event (inside the caller's transaction, so state and event agree)."""
     if study_id is None and series_id is not None:
         study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
-    s.add(Event(kind=kind, study_id=study_id, series_id=series_id, job_id=job_id, detail=detail[:2000], at=at or utcnow()))
+    s.add(Event(kind=kind, study_id=study_id, series_id=series_id, job_id=job_id, detail=detail[:2000],
+                at=at or utcnow()))
 
 
 def event(db: Database, kind: str, **kw) -> None:

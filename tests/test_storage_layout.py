@@ -1,6 +1,6 @@
 """storage/ is the lowest layer: its modules import each other without a cycle, never import the node
-(``dicom_node``), and none is named like a standard-library module (``storage/queue.py`` once hid ``queue``
-from readers and from tools that resolve names by file)."""
+(``dicom_node``), and none is named like a standard-library module (a reader, or a tool that resolves names
+by file, would take it for the standard library's)."""
 
 from __future__ import annotations
 

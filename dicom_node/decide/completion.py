@@ -33,6 +33,7 @@ from storage.series import (
     CompletionView, completion_view, count_fetch, held_sop_uids, receiving_series, series_instances, set_expected,
     stable_series,
 )
+from storage.states import EventKind, SeriesState
 from storage.timeline import event
 
 from ..config import Settings, Source
@@ -149,7 +150,7 @@ class Completion:
         if not quiet and series_id in self._uncounted:  # nothing but the timer can tell: keep ingest cheap
             return
         v = completion_view(self.db, series_id, with_instances=False)
-        if v is None or v.state != "receiving":
+        if v is None or v.state != SeriesState.RECEIVING:
             return
         src = self._by_name.get(v.expected_from)  # asked before: no need to look at the instances again
         full = src is None or series_id in self._unanswered
@@ -196,7 +197,7 @@ class Completion:
     def _ask_once(self, series_id: int, src: Source, quiet: bool) -> bool:
         """One C-FIND and what follows from it; True when the answer needs confirming by a second one."""
         v = completion_view(self.db, series_id, with_instances=False)
-        if v is None or v.state != "receiving":
+        if v is None or v.state != SeriesState.RECEIVING:
             return False
         held = v.n_instances
         try:
@@ -205,7 +206,7 @@ class Completion:
             self._unanswered[series_id] = f"{src.name} did not answer: {exc}"
             log.warning("series %s: %s asked for its instance count: %s; the quiet timer decides",
                         series_id, src.name, exc)
-            event(self.db, "expected", series_id=series_id, detail=self._unanswered[series_id])
+            event(self.db, EventKind.EXPECTED, series_id=series_id, detail=self._unanswered[series_id])
             self._requeue(series_id, quiet)
             return False
         if not n:
@@ -259,10 +260,10 @@ class Completion:
         try:
             res = query.move(calling, src, v.study_uid, v.series_uid, missing)
         except query.QueryFailed as exc:
-            event(self.db, "fetched", series_id=series_id, detail=f"nothing from {src.name}: {exc}")
+            event(self.db, EventKind.FETCHED, series_id=series_id, detail=f"nothing from {src.name}: {exc}")
             log.warning("series %s: fetch from %s failed: %s", series_id, src.name, exc)
             return
-        event(self.db, "fetched", series_id=series_id,
+        event(self.db, EventKind.FETCHED, series_id=series_id,
               detail=f"{res.completed} instances from {src.name}"
                      + (f", {res.failed} failed" if res.failed else ""))
         # the moved instances came in through the listener: their recording wakes the next check
@@ -271,7 +272,7 @@ class Completion:
     def judge(self, series_id: int, held: int, how: str) -> int | None:
         """Apply the rules to the complete series: a job queued, or skipped with the reason."""
         series, instances = series_instances(self.db, series_id)
-        if series.state != "receiving" or len(instances) < held:
+        if series.state != SeriesState.RECEIVING or len(instances) < held:
             return None
         try:
             d = decide(series, series.study.study_description, instances, self.settings.rules)
