@@ -24,10 +24,15 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from storage import deliveries, queue
+from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.jobs import add_timing, claim_job, fail_or_retry, heartbeat, save_volumes, set_state, superseded_by
 from storage.models import Job, utcnow
+from storage.review import hold_for_review, quality_of, save_quality
+from storage.series import series_instances
+from storage.states import EventKind, JobState, QualityPolicy, ReviewDecision, Verdict
+from storage.timeline import event, job_event
 
 from .config import Settings
 from .deliver.outbox import outbox_files
@@ -69,14 +74,14 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.lease / 3):
             try:
-                if not queue.heartbeat(self.db, self.job_id, self.owner, self.lease):
+                if not heartbeat(self.db, self.job_id, self.owner, self.lease):
                     self.lost.set()
                     return
             except Exception:  # a database hiccup: try again at the next beat
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def check(self) -> None:
-        if self.lost.is_set() or not queue.heartbeat(self.db, self.job_id, self.owner, self.lease):
+        if self.lost.is_set() or not heartbeat(self.db, self.job_id, self.owner, self.lease):
             raise LeaseLost(f"job {self.job_id} was taken over by another worker")
 
 
@@ -101,7 +106,7 @@ class Pipeline:
     def run_next(self) -> bool:
         """Run one due job if there is one; returns whether a job was run."""
         w = self.settings.worker
-        job_id = queue.claim_job(self.db, self.owner, w.lease_seconds, w.max_attempts)
+        job_id = claim_job(self.db, self.owner, w.lease_seconds, w.max_attempts)
         if job_id is None:
             return False
         self.run(job_id)
@@ -126,14 +131,14 @@ class Pipeline:
             # the exception itself (its text may quote header values) only at debug level, for whoever fixes it
             log.debug("job %s: %s while %s\n%s", job_id, type(exc).__name__, doing[-1], traceback.format_exc())
             w = self.settings.worker
-            state = queue.fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
+            state = fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
-            if state == "failed":
+            if state == JobState.FAILED:
                 notify(self.settings, "job-failed", {"job": job_id, "reason": err})
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
         now = time.perf_counter()
-        queue.add_timing(self.db, job_id, name, now - t0)
+        add_timing(self.db, job_id, name, now - t0)
         return now
 
     def _run(self, job_id: int, hb: _Heartbeat, doing: list[str]) -> None:
@@ -145,29 +150,29 @@ class Pipeline:
             doing.append("queueing the results for delivery")
             self._deliver(job_id, Path(seg_path).parent, hb)
             return
-        series, instances = queue.series_instances(self.db, series_id)
+        series, instances = series_instances(self.db, series_id)
         doing.append("loading the model")
         predictor = self.predictor
         doing.append("loading the images")
 
         def timing(stage: str, sec: float) -> None:
-            queue.add_timing(self.db, job_id, stage, sec)
+            add_timing(self.db, job_id, stage, sec)
             if stage == "load":
                 doing.append("running the model")
 
         try:
             result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta)
         except NotSegmentable as exc:
-            queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            set_state(self.db, job_id, JobState.SKIPPED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
         t = time.perf_counter()
         doing.append("recording the volumes")
         segments, vols, card = result.segments, result.volumes_cm3, result.card
-        queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
+        save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
-            queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
-                            reason="no bone structure found; nothing sent", finished_at=utcnow(),
-                            model_version=card.version, device=result.device)
+            set_state(self.db, job_id, JobState.DONE, event_detail="no bone structure found; nothing sent",
+                      reason="no bone structure found; nothing sent", finished_at=utcnow(),
+                      model_version=card.version, device=result.device)
             return
         report = self._judge(job_id, result)
         t = time.perf_counter()
@@ -176,18 +181,18 @@ class Pipeline:
         doing.append("encoding the SEG and SR")
         try:
             seg, path = encode_results(self.settings, result, job_dir,
-                                       failed=report.short_names() if report.verdict == "fail" else None)
+                                       failed=report.short_names() if report.verdict == Verdict.FAIL else None)
         except InvalidResult as exc:
-            queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            set_state(self.db, job_id, JobState.FAILED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
             notify(self.settings, "job-failed", {"job": job_id, "reason": str(exc)})
             return
         t = self._stage(job_id, "encode", t)
-        queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
-                        seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
-                        device=result.device)
-        queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
-                    detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
+        set_state(self.db, job_id, JobState.RUNNING, seg_series_uid=seg.SeriesInstanceUID,
+                  seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
+                  device=result.device)
+        event(self.db, EventKind.ENCODED, series_id=series_id, job_id=job_id,
+              detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         doing.append("queueing the results for delivery")
         outcome = self._deliver(job_id, path.parent, hb)
         log.info("job %s %s: %s", job_id, outcome, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
@@ -199,21 +204,21 @@ class Pipeline:
         report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
                         result.tta_labels, first_labels=result.first_labels)
         result.probs = result.tta_labels = result.first_labels = None
-        queue.save_quality(self.db, job_id, report.verdict, report.summary(),
-                           [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
+        save_quality(self.db, job_id, report.verdict, report.summary(),
+                     [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
         self._stage(job_id, "quality", t)
-        if report.verdict != "pass":
+        if report.verdict != Verdict.PASS:
             log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
         return report
 
     def _deliver(self, job_id: int, job_dir: Path, hb: _Heartbeat) -> str:
         """Hand the encoded files on (unless a newer job superseded this one); returns the job's new state."""
         hb.check()  # never queue a result whose job another worker has taken over
-        newer = queue.superseded_by(self.db, job_id)
+        newer = superseded_by(self.db, job_id)
         if newer is not None:
-            queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
-                            reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
-            return "skipped"
+            set_state(self.db, job_id, JobState.SKIPPED, event_detail=f"superseded by job {newer}; not sent",
+                      reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
+            return JobState.SKIPPED
         return self.release_for_delivery(job_id, job_dir)
 
     def release_for_delivery(self, job_id: int, job_dir: Path) -> str:
@@ -226,29 +231,29 @@ class Pipeline:
         recorded). The outbox keeps one row per destination and job, so an approval or a retry never sends
         twice. Returns the job's new state.
         """
-        verdict, review, failed = queue.quality_of(self.db, job_id)
-        held = verdict == "fail" and review != "approved"
+        verdict, review, failed = quality_of(self.db, job_id)
+        held = verdict == Verdict.FAIL and review != ReviewDecision.APPROVED
         dests = self.settings.destinations
-        send = [d for d in dests if not held or d.quality_policy == "send_flagged"]
-        hold = [d for d in dests if held and d.quality_policy == "hold"]
-        drop = [d for d in dests if held and d.quality_policy == "drop"]
+        send = [d for d in dests if not held or d.quality_policy == QualityPolicy.SEND_FLAGGED]
+        hold = [d for d in dests if held and d.quality_policy == QualityPolicy.HOLD]
+        drop = [d for d in dests if held and d.quality_policy == QualityPolicy.DROP]
         if drop:
-            queue.job_event(self.db, job_id, "dropped", f"not sent to {', '.join(d.name for d in drop)} "
-                                                        f"(quality_policy drop): {failed}")
+            job_event(self.db, job_id, EventKind.DROPPED, f"not sent to {', '.join(d.name for d in drop)} "
+                                                          f"(quality_policy drop): {failed}")
         if send or not (hold or drop):
             files = outbox_files(self.settings, job_dir)
             deliveries.enqueue(self.db, job_id, {d.name: files[d.name] for d in send})
             self.on_outbox()
         if hold:
-            queue.hold_for_review(self.db, job_id, f"quality checks failed; held for review before sending to "
-                                                   f"{', '.join(d.name for d in hold)}: {failed}")
+            hold_for_review(self.db, job_id, f"quality checks failed; held for review before sending to "
+                                             f"{', '.join(d.name for d in hold)}: {failed}")
             log.warning("job %s held for review: quality checks failed (%s)", job_id, failed[:300])
             notify(self.settings, "job-held", {"job": job_id, "failed": failed[:1000],
                                                "destinations": [d.name for d in hold]})
-            return "review"
+            return JobState.REVIEW
         if drop and not send:
-            queue.set_state(self.db, job_id, "dropped", event_detail=None, finished_at=utcnow(),
-                            reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
-            return "dropped"
+            set_state(self.db, job_id, JobState.DROPPED, event_detail=None, finished_at=utcnow(),
+                      reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
+            return JobState.DROPPED
         with self.db.session() as s:  # delivering, or already done when there was nothing to send
             return s.get(Job, job_id).state

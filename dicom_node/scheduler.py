@@ -15,8 +15,9 @@ import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from storage import queue
 from storage.db import Database
+from storage.instances import purge_delivered_images
+from storage.jobs import expired_leases, release_dead_local_leases
 
 from .config import Settings
 from .pipeline import Pipeline
@@ -50,15 +51,15 @@ class NodeScheduler:
         """Jobs of workers on this host that died are released at once; expired leases elsewhere are reported
         (any worker's next claim takes them)."""
         try:
-            queue.release_dead_local_leases(self.db, socket.gethostname())
-            for job_id, owner in queue.expired_leases(self.db):
+            release_dead_local_leases(self.db, socket.gethostname())
+            for job_id, owner in expired_leases(self.db):
                 log.warning("job %s: lease of %s expired; waiting for a worker to take it over", job_id, owner)
         except Exception:
             log.exception("watchdog failed")
 
     def _purge(self) -> None:
         try:
-            n = queue.purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours)
+            n = purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours)
             if n:
                 log.info("retention: removed %d stored images of delivered series", n)
         except Exception:

@@ -7,9 +7,9 @@ import signal
 import socket
 import threading
 
-from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.jobs import release_dead_local_leases
 
 from .config import Settings
 from .deliver.outbox import Outbox
@@ -99,7 +99,7 @@ class Node:
         return make_predictor(self.settings)
 
     def start(self, preload: bool = True) -> None:
-        n = queue.release_dead_local_leases(self.db, socket.gethostname())
+        n = release_dead_local_leases(self.db, socket.gethostname())
         if n:
             log.warning("%d jobs were interrupted by the last shutdown and will be taken again", n)
         self.scp.start()

@@ -5,7 +5,7 @@ Why a table and not a retry loop in the job: a PACS down for hours must hold nei
 job's attempts; rows wait with ``next_attempt_at`` and any sender process (``serve`` or ``dicom-node
 sender``) takes them with row locks, so a crash or restart loses nothing and sends nothing twice on purpose.
 
-States (models.OUTBOX_STATES): pending → sending → sent → committed, or failed / cancelled. A row "sent" to
+States (``OutboxState``): pending → sending → sent → committed, or failed / cancelled. A row "sent" to
 a destination with Storage Commitment waits (``commit_deadline``) for the archive's N-EVENT-REPORT.
 A job is ``delivering`` while any of its rows is open and becomes ``done`` (or ``failed``) with the last.
 """
@@ -20,9 +20,10 @@ from sqlalchemy import func, or_, select, update
 
 from .db import Database
 from .models import Delivery, DestinationState, Job, OutboxItem, Series, utcnow
-from .queue import add_event
+from .states import EventKind, JobState, OutboxState, SeriesState
+from .timeline import add_event
 
-OPEN = ("pending", "sending", "sent")
+OPEN = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.SENT)
 
 
 @dataclass
@@ -45,7 +46,7 @@ def backoff(initial: float, maximum: float, n: int) -> float:
 
 def _done(row: OutboxItem) -> bool:
     """Delivered for good: committed, or sent to a destination that does not confirm (no deadline)."""
-    return row.state == "committed" or (row.state == "sent" and row.commit_deadline is None)
+    return row.state == OutboxState.COMMITTED or (row.state == OutboxState.SENT and row.commit_deadline is None)
 
 
 # ------------------------------------------------------------------------------------------ enqueue
@@ -56,18 +57,18 @@ def enqueue(db: Database, job_id: int, per_destination: dict[str, list[dict]]) -
     with db.session() as s:
         job = s.get(Job, job_id)
         have = set(s.scalars(select(OutboxItem.destination).where(
-            OutboxItem.job_id == job_id, OutboxItem.state != "failed")))
+            OutboxItem.job_id == job_id, OutboxItem.state != OutboxState.FAILED)))
         ids = []
         for dest, files in per_destination.items():
             if dest in have:
                 continue
-            row = OutboxItem(job_id=job_id, destination=dest, state="pending", files=json.dumps(files),
+            row = OutboxItem(job_id=job_id, destination=dest, state=OutboxState.PENDING, files=json.dumps(files),
                              created_at=now, next_attempt_at=now)
             s.add(row)
             s.flush()
             ids.append(row.id)
-        job.state, job.lease_owner = "delivering", ""
-        add_event(s, "delivering", series_id=job.series_id, job_id=job_id,
+        job.state, job.lease_owner = JobState.DELIVERING, ""
+        add_event(s, EventKind.DELIVERING, series_id=job.series_id, job_id=job_id,
                   detail=", ".join(per_destination) or "no destination configured")
         _finish_job(s, job_id)
         return ids
@@ -80,13 +81,13 @@ def cancel_superseded(db: Database) -> list[int]:
     now = utcnow()
     with db.session() as s:
         rows = s.execute(select(OutboxItem).join(Job, Job.id == OutboxItem.job_id).where(
-            OutboxItem.state == "pending", Job.superseded_by.is_not(None))).scalars().all()
+            OutboxItem.state == OutboxState.PENDING, Job.superseded_by.is_not(None))).scalars().all()
         jobs = set()
         for row in rows:
-            row.state, row.finished_at = "cancelled", now
+            row.state, row.finished_at = OutboxState.CANCELLED, now
             newer = s.get(Job, row.job_id).superseded_by
             row.last_error = f"superseded by job {newer} (later instances arrived); not sent"
-            add_event(s, "cancelled", series_id=s.get(Job, row.job_id).series_id, job_id=row.job_id,
+            add_event(s, EventKind.CANCELLED, series_id=s.get(Job, row.job_id).series_id, job_id=row.job_id,
                       detail=f"delivery to {row.destination}: {row.last_error}")
             jobs.add(row.job_id)
         for jid in jobs:
@@ -103,9 +104,10 @@ def claim(db: Database, destination: str, owner: str, claim_seconds: float, limi
     senders never take the same row; SQLite's single writer serialises the update.
     """
     now = utcnow()
-    due = ((OutboxItem.state == "pending") & (OutboxItem.next_attempt_at <= now)) \
-        | ((OutboxItem.state == "sending") & (OutboxItem.claim_expires_at < now)) \
-        | ((OutboxItem.state == "sent") & OutboxItem.commit_deadline.is_not(None) & (OutboxItem.commit_deadline < now))
+    due = ((OutboxItem.state == OutboxState.PENDING) & (OutboxItem.next_attempt_at <= now)) \
+        | ((OutboxItem.state == OutboxState.SENDING) & (OutboxItem.claim_expires_at < now)) \
+        | ((OutboxItem.state == OutboxState.SENT) & OutboxItem.commit_deadline.is_not(None)
+           & (OutboxItem.commit_deadline < now))
     q = select(OutboxItem).where(OutboxItem.destination == destination, due) \
         .order_by(OutboxItem.job_id, OutboxItem.id).limit(limit)
     if db.engine.dialect.name == "postgresql":
@@ -117,16 +119,17 @@ def claim(db: Database, destination: str, owner: str, claim_seconds: float, limi
             # compare-and-set: on SQLite the SELECT above holds no lock, so a second sender may have taken the
             # row in between; only the one whose update matches the state it read gets it
             if not _compare_and_set(s, row.id, (before,), {
-                    "state": "sending", "claimed_by": owner, "claim_expires_at": now + dt.timedelta(seconds=claim_seconds),
+                    "state": OutboxState.SENDING, "claimed_by": owner,
+                    "claim_expires_at": now + dt.timedelta(seconds=claim_seconds),
                     "attempts": OutboxItem.attempts + 1}, OutboxItem.attempts == row.attempts):
                 continue
             series_id = _series(s, row.job_id)
-            if before == "sending":
-                add_event(s, "retry", series_id=series_id, job_id=row.job_id,
+            if before == OutboxState.SENDING:
+                add_event(s, EventKind.RETRY, series_id=series_id, job_id=row.job_id,
                           detail=f"delivery to {destination}: its sender {row.claimed_by} stopped before the "
                                  "answer; sending the same files again")
-            elif before == "sent":
-                add_event(s, "retry", series_id=series_id, job_id=row.job_id,
+            elif before == OutboxState.SENT:
+                add_event(s, EventKind.RETRY, series_id=series_id, job_id=row.job_id,
                           detail=f"delivery to {destination}: no Storage Commitment answer by "
                                  f"{row.commit_deadline:%H:%M:%S}; sending again and asking again")
             out.append(Claimed(row.id, row.job_id, series_id, row.destination, json.loads(row.files),
@@ -142,7 +145,7 @@ def release_dead_local_claims(db: Database, host: str) -> int:
     now = utcnow()
     n = 0
     with db.session() as s:
-        for row in s.scalars(select(OutboxItem).where(OutboxItem.state == "sending",
+        for row in s.scalars(select(OutboxItem).where(OutboxItem.state == OutboxState.SENDING,
                                                       OutboxItem.claimed_by.like(f"{host}:%"))):
             try:
                 os.kill(int(row.claimed_by.split(":")[1]), 0)
@@ -163,7 +166,7 @@ def overdue_commitments(db: Database, destination: str, max_requests: int) -> li
     out = []
     with db.session() as s:
         rows = s.scalars(select(OutboxItem).where(
-            OutboxItem.destination == destination, OutboxItem.state == "sent",
+            OutboxItem.destination == destination, OutboxItem.state == OutboxState.SENT,
             OutboxItem.commit_deadline < now, OutboxItem.commit_requests >= max_requests)).all()
         for row in rows:
             reason = (f"no Storage Commitment answer from {destination} after {row.commit_requests} requests "
@@ -180,7 +183,7 @@ def give_up(db: Database, destination: str, hours: float) -> list[tuple[int, int
     out = []
     with db.session() as s:
         rows = s.scalars(select(OutboxItem).where(
-            OutboxItem.destination == destination, OutboxItem.state.in_(("pending", "sent")),
+            OutboxItem.destination == destination, OutboxItem.state.in_((OutboxState.PENDING, OutboxState.SENT)),
             OutboxItem.created_at < cutoff)).all()
         for row in rows:
             if _done(row):
@@ -211,7 +214,8 @@ def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
     session): the change is a compare-and-set from ``sending``, so an answer recorded first is never turned
     back into ``sent`` (which would ask for commitment again when the deadline passed, and commit twice)."""
     now = utcnow()
-    values: dict = {"sent_at": now, "claimed_by": "", "claim_expires_at": None, "last_error": "", "state": "sent"}
+    values: dict = {"sent_at": now, "claimed_by": "", "claim_expires_at": None, "last_error": "",
+                    "state": OutboxState.SENT}
     asked = ""
     if commitment:
         values.update(transaction_uid=commitment[0], commit_deadline=commitment[1],
@@ -220,20 +224,20 @@ def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
     else:
         values.update(commit_deadline=None, finished_at=now)
     with db.session() as s:
-        took = _compare_and_set(s, item_id, ("sending",), values)
+        took = _compare_and_set(s, item_id, (OutboxState.SENDING,), values)
         row = s.get(OutboxItem, item_id, populate_existing=True)
         if not took:
-            if row is not None and row.state == "committed":  # the answer arrived on our listener first
-                _log(s, row, True, "sent", "", started)
-                add_event(s, "sent", series_id=_series(s, row.job_id), job_id=row.job_id,
+            if row is not None and row.state == OutboxState.COMMITTED:  # the answer arrived on our listener first
+                _log(s, row, True, OutboxState.SENT, "", started)
+                add_event(s, EventKind.SENT, series_id=_series(s, row.job_id), job_id=row.job_id,
                           detail=f"to {row.destination}, attempt {row.attempts}: {detail}; already committed")
             return None  # committed already, or an admin got here first
         job = s.get(Job, row.job_id)
         timings = json.loads(job.timings or "{}")  # the "send" stage: time on the wire, every destination
         timings["send"] = round(timings.get("send", 0.0) + (now - started).total_seconds(), 4)
         job.timings = json.dumps(timings)
-        _log(s, row, True, "sent", "", started)
-        add_event(s, "sent", series_id=_series(s, row.job_id), job_id=row.job_id,
+        _log(s, row, True, OutboxState.SENT, "", started)
+        add_event(s, EventKind.SENT, series_id=_series(s, row.job_id), job_id=row.job_id,
                   detail=f"to {row.destination}, attempt {row.attempts}: {detail}{asked}")
         return _finish_job(s, row.job_id)
 
@@ -260,20 +264,20 @@ def mark_retry(db: Database, item_id: int, started: dt.datetime, error: str, nex
     compare-and-set from ``sending``, like :func:`mark_sent`: an archive that committed the instances although
     its N-ACTION answer was lost has its answer kept, not overwritten."""
     with db.session() as s:
-        if not _compare_and_set(s, item_id, ("sending",), {
-                "state": "pending", "next_attempt_at": next_at, "last_error": error[:4000], "claimed_by": "",
+        if not _compare_and_set(s, item_id, (OutboxState.SENDING,), {
+                "state": OutboxState.PENDING, "next_attempt_at": next_at, "last_error": error[:4000], "claimed_by": "",
                 "claim_expires_at": None}):
             return
         row = s.get(OutboxItem, item_id, populate_existing=True)
-        _log(s, row, False, "failed", error, started)
+        _log(s, row, False, OutboxState.FAILED, error, started)
         wait = max(0.0, (next_at - utcnow()).total_seconds())
-        add_event(s, "retry", series_id=_series(s, row.job_id), job_id=row.job_id,
+        add_event(s, EventKind.RETRY, series_id=_series(s, row.job_id), job_id=row.job_id,
                   detail=f"delivery to {row.destination}, attempt {row.attempts}: {error}; next try in {wait:.0f} s")
 
 
 def _fail(s, row: OutboxItem, reason: str, now: dt.datetime) -> None:
-    row.state, row.finished_at, row.last_error, row.claimed_by = "failed", now, reason[:4000], ""
-    add_event(s, "failed", series_id=_series(s, row.job_id), job_id=row.job_id,
+    row.state, row.finished_at, row.last_error, row.claimed_by = OutboxState.FAILED, now, reason[:4000], ""
+    add_event(s, EventKind.FAILED, series_id=_series(s, row.job_id), job_id=row.job_id,
               detail=f"delivery to {row.destination}: {reason}")
     _finish_job(s, row.job_id)
 
@@ -283,27 +287,28 @@ def _finish_job(s, job_id: int) -> str | None:
     skipped (superseded before anything was sent). The series follows its job."""
     s.flush()
     job = s.get(Job, job_id)
-    if job.state not in ("delivering", "sending"):
+    if job.state not in (JobState.DELIVERING, JobState.SENDING):
         return None
     rows = s.scalars(select(OutboxItem).where(OutboxItem.job_id == job_id)).all()
     if any(r.state in OPEN and not _done(r) for r in rows):
         return None
     now = utcnow()
-    failed = [r for r in rows if r.state == "failed"]
+    failed = [r for r in rows if r.state == OutboxState.FAILED]
     if failed:
-        job.state, job.reason = "failed", "; ".join(f"{r.destination}: {r.last_error}" for r in failed)[:4000]
-    elif rows and all(r.state == "cancelled" for r in rows):
-        job.state = "skipped"
+        job.state, job.reason = JobState.FAILED, "; ".join(f"{r.destination}: {r.last_error}" for r in failed)[:4000]
+    elif rows and all(r.state == OutboxState.CANCELLED for r in rows):
+        job.state = JobState.SKIPPED
         job.reason = f"superseded by job {job.superseded_by} (later instances arrived); not sent"
     else:
-        job.state, job.reason = "done", ""
+        job.state, job.reason = JobState.DONE, ""
     job.finished_at, job.lease_owner = now, ""
-    if job.state != "skipped":
-        add_event(s, "delivered" if job.state == "done" else "failed", series_id=job.series_id, job_id=job_id,
-                  detail=", ".join(f"{r.destination} {r.state}" for r in rows) if job.state == "done" else job.reason)
+    if job.state != JobState.SKIPPED:
+        done = job.state == JobState.DONE
+        add_event(s, EventKind.DELIVERED if done else EventKind.FAILED, series_id=job.series_id, job_id=job_id,
+                  detail=", ".join(f"{r.destination} {r.state}" for r in rows) if done else job.reason)
     series = s.get(Series, job.series_id)
     newest = s.scalar(select(func.max(Job.id)).where(Job.series_id == job.series_id))
-    if series.state == "queued" and newest == job_id:
+    if series.state == SeriesState.QUEUED and newest == job_id:
         series.state = job.state  # the series' own state no longer says "queued" once its job is over
     return job.state
 
@@ -323,25 +328,25 @@ def record_commitment(db: Database, transaction_uid: str, committed: set[str], f
         uids = {f["sop_uid"] for f in json.loads(row.files)}
         missing = uids - committed
         if not missing:
-            values = {"state": "committed", "committed_at": now, "finished_at": now, "commit_deadline": None,
+            values = {"state": OutboxState.COMMITTED, "committed_at": now, "finished_at": now, "commit_deadline": None,
                       "claimed_by": ""}
         else:
             reasons = "; ".join(f"{u}: {failed.get(u, 'not in the answer')}" for u in sorted(missing))
             error = f"Storage Commitment failed for {len(missing)} of {len(uids)} instances ({reasons})"[:4000]
-            values = {"state": "pending", "next_attempt_at": now, "commit_deadline": None, "claimed_by": "",
+            values = {"state": OutboxState.PENDING, "next_attempt_at": now, "commit_deadline": None, "claimed_by": "",
                       "last_error": error}
-        if not _compare_and_set(s, row_id, ("sent", "sending"), values,
+        if not _compare_and_set(s, row_id, (OutboxState.SENT, OutboxState.SENDING), values,
                                 OutboxItem.transaction_uid == transaction_uid):
             state = s.get(OutboxItem, row_id, populate_existing=True).state
             return f"transaction {transaction_uid} of delivery {row_id} already {state}"
         s.get(OutboxItem, row_id, populate_existing=True)  # the session's copy as written, for _finish_job
         series_id = _series(s, job_id)
         if not missing:
-            add_event(s, "committed", series_id=series_id, job_id=job_id,
+            add_event(s, EventKind.COMMITTED, series_id=series_id, job_id=job_id,
                       detail=f"{destination} confirmed all {len(uids)} instances (Storage Commitment)")
             _finish_job(s, job_id)
             return f"delivery {row_id} committed"
-        add_event(s, "retry", series_id=series_id, job_id=job_id,
+        add_event(s, EventKind.RETRY, series_id=series_id, job_id=job_id,
                   detail=f"delivery to {destination}: {values['last_error']}; sending again")
         return f"delivery {row_id}: {values['last_error']}"
 
@@ -389,7 +394,7 @@ def destination_ok(db: Database, name: str) -> tuple[bool, dt.datetime | None]:
         if not d.up:
             d.up, d.since = True, now
         d.failures, d.next_attempt_at, d.last_ok_at, d.down_notified = 0, None, now, False
-        s.execute(update(OutboxItem).where(OutboxItem.destination == name, OutboxItem.state == "pending",
+        s.execute(update(OutboxItem).where(OutboxItem.destination == name, OutboxItem.state == OutboxState.PENDING,
                                            OutboxItem.next_attempt_at > now).values(next_attempt_at=now))
         return was_alerted, down_since
 
@@ -413,13 +418,15 @@ def destination_summary(db: Database, names: list[str]) -> list[dict]:
     now = utcnow()
     with db.session() as s:
         out = []
-        waiting = dict(s.execute(select(OutboxItem.destination, func.count()).where(
-            OutboxItem.state.in_(OPEN), or_(OutboxItem.state != "sent", OutboxItem.commit_deadline.is_not(None)))
-            .group_by(OutboxItem.destination)).all())
-        oldest = dict(s.execute(select(OutboxItem.destination, func.min(OutboxItem.created_at)).where(
-            OutboxItem.state.in_(OPEN), or_(OutboxItem.state != "sent", OutboxItem.commit_deadline.is_not(None)))
-            .group_by(OutboxItem.destination)).all())
-        failed = dict(s.execute(select(OutboxItem.destination, func.count()).where(OutboxItem.state == "failed")
+        # rows still owed to their destination (a row sent where no Storage Commitment is awaited is delivered)
+        owed = (OutboxItem.state.in_(OPEN),
+                or_(OutboxItem.state != OutboxState.SENT, OutboxItem.commit_deadline.is_not(None)))
+        waiting = dict(s.execute(select(OutboxItem.destination, func.count()).where(*owed)
+                                 .group_by(OutboxItem.destination)).all())
+        oldest = dict(s.execute(select(OutboxItem.destination, func.min(OutboxItem.created_at)).where(*owed)
+                                .group_by(OutboxItem.destination)).all())
+        failed = dict(s.execute(select(OutboxItem.destination, func.count())
+                                .where(OutboxItem.state == OutboxState.FAILED)
                                 .group_by(OutboxItem.destination)).all())
         states = {d.name: d for d in s.scalars(select(DestinationState))}
         for name in list(names) + sorted(set(states) - set(names)):
@@ -450,7 +457,8 @@ def list_items(db: Database, state: str | None = None, destination: str | None =
         iso = lambda t: t.isoformat(timespec="seconds") + "Z" if t else None  # noqa: E731
         return [{"id": r.id, "job": r.job_id, "destination": r.destination, "state": r.state,
                  "attempts": r.attempts, "instances": [f["sop_uid"] for f in json.loads(r.files)],
-                 "created": iso(r.created_at), "next_try": iso(r.next_attempt_at) if r.state == "pending" else None,
+                 "created": iso(r.created_at),
+                 "next_try": iso(r.next_attempt_at) if r.state == OutboxState.PENDING else None,
                  "sent": iso(r.sent_at), "committed": iso(r.committed_at), "transaction_uid": r.transaction_uid,
                  "error": r.last_error} for r in s.scalars(q)]
 
@@ -466,15 +474,15 @@ def requeue(db: Database, ids: list[int] | None = None, job_ids: list[int] | Non
             q = q.where(OutboxItem.id.in_(ids))
         if job_ids is not None:
             q = q.where(OutboxItem.job_id.in_(job_ids))
-        q = q.where(OutboxItem.state == "failed") if failed_only else q.where(OutboxItem.state != "sending")
+        q = q.where(OutboxItem.state == OutboxState.FAILED if failed_only else OutboxItem.state != OutboxState.SENDING)
         out = []
         for row in s.scalars(q).all():
-            row.state, row.attempts, row.commit_requests, row.next_attempt_at = "pending", 0, 0, now
+            row.state, row.attempts, row.commit_requests, row.next_attempt_at = OutboxState.PENDING, 0, 0, now
             row.created_at, row.finished_at, row.commit_deadline, row.claimed_by = now, None, None, ""
             job = s.get(Job, row.job_id)
-            if job.state in ("failed", "done"):
-                job.state, job.finished_at, job.reason = "delivering", None, ""
-            add_event(s, "requeued", series_id=job.series_id, job_id=job.id,
+            if job.state in (JobState.FAILED, JobState.DONE):
+                job.state, job.finished_at, job.reason = JobState.DELIVERING, None, ""
+            add_event(s, EventKind.REQUEUED, series_id=job.series_id, job_id=job.id,
                       detail=f"delivery to {row.destination} by an admin")
             out.append(row.id)
         return out

@@ -12,6 +12,8 @@ import datetime as dt
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .states import JobState, OutboxState, ReviewDecision, SeriesState, Verdict
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -33,7 +35,8 @@ class Study(Base):
 
 
 class Series(Base):
-    """A received series. ``state``: receiving → complete → queued | skipped (then the job takes over)."""
+    """A received series. ``state`` (``SeriesState``): receiving → queued | skipped when judged complete, then
+    the end state of its newest job (done, failed, skipped)."""
 
     __tablename__ = "series"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -43,7 +46,7 @@ class Series(Base):
     body_part: Mapped[str] = mapped_column(String(64), default="")
     series_description: Mapped[str] = mapped_column(String(64), default="")
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="receiving")
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -90,22 +93,21 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-#: queued → running (a worker holds its lease: load, predict, quality gate, encode) → delivering (the result
-#: waits in the outbox; no worker is held) → done (every delivery sent, or committed where the destination
-#: confirms) | failed; or skipped. review: held by the quality gate until a person approves (then queued, to
-#: go to the outbox) or rejects it; rejected: never sent; dropped: failed the gate under quality_policy "drop"
-#: (kept here, not sent). "sending" is the state of jobs from before the outbox (a worker sending in the job).
-JOB_STATES = ("queued", "running", "delivering", "sending", "review", "done", "failed", "skipped", "rejected",
-              "dropped")
-
-
 class Job(Base):
-    """Segmentation of one series. ``timings`` holds seconds per stage as JSON."""
+    """Segmentation of one series. ``timings`` holds seconds per stage as JSON.
+
+    ``state`` (``JobState``): queued → running (a worker holds its lease: load, predict, quality gate, encode)
+    → delivering (the result waits in the outbox; no worker is held) → done (every delivery sent, or committed
+    where the destination confirms) | failed; or skipped. review: held by the quality gate until a person
+    approves (then queued, to go to the outbox) or rejects it; rejected: never sent; dropped: failed the gate
+    under quality_policy ``drop`` (kept here, not sent). ``sending`` is the state of jobs from before the
+    outbox (a worker sending in the job).
+    """
 
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
     reason: Mapped[str] = mapped_column(Text, default="")  # skip reason or last error
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     urgent: Mapped[bool] = mapped_column(default=False)
@@ -130,8 +132,8 @@ class Job(Base):
     n_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # quality gate: the worst per-structure verdict (pass | warn | fail; "" before the gate ran), and the
     # review of a held result: approved | rejected, by whom (user or token name), from where, when, why
-    quality: Mapped[str] = mapped_column(String(8), default="", server_default="")
-    review: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    quality: Mapped[str] = mapped_column(String(8), default=Verdict.NONE, server_default="")
+    review: Mapped[str] = mapped_column(String(16), default=ReviewDecision.NONE, server_default="")
     reviewed_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
     reviewed_from: Mapped[str] = mapped_column(String(64), default="", server_default="")
     reviewed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
@@ -183,24 +185,23 @@ class Delivery(Base):
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
 
-#: pending (due at next_attempt_at) → sending (a sender holds its claim) → sent (the destination answered
-#: success; waiting for Storage Commitment where configured) → committed (the archive confirmed every
-#: instance) | failed (given up: the dead letter) | cancelled (the job was superseded before it was sent).
-#: A destination without Storage Commitment ends at "sent".
-OUTBOX_STATES = ("pending", "sending", "sent", "committed", "failed", "cancelled")
-
-
 class OutboxItem(Base):
     """One job's result for one destination: what must arrive there, and where that stands.
 
     The files are encoded once per job (same SOP Instance UIDs on every re-send). Each try is also a row in
-    ``deliveries`` (the attempt log shown on the timeline)."""
+    ``deliveries`` (the attempt log shown on the timeline).
+
+    ``state`` (``OutboxState``): pending (due at next_attempt_at) → sending (a sender holds its claim) → sent
+    (the destination answered success; waiting for Storage Commitment where configured) → committed (the
+    archive confirmed every instance) | failed (given up: the dead letter) | cancelled (the job was superseded
+    before it was sent). A destination without Storage Commitment ends at ``sent``.
+    """
 
     __tablename__ = "outbox"
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING, index=True)
     # JSON list of {"path", "sop_class", "sop_uid"}: the files this destination receives
     files: Mapped[str] = mapped_column(Text, default="[]")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -258,7 +259,7 @@ class QualityCheck(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     structure: Mapped[str] = mapped_column(String(32))
-    verdict: Mapped[str] = mapped_column(String(8))  # pass | warn | fail
+    verdict: Mapped[str] = mapped_column(String(8))  # Verdict
     reason: Mapped[str] = mapped_column(Text, default="")
     metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON
     job: Mapped[Job] = relationship(back_populates="quality_checks")

@@ -29,7 +29,7 @@ from typing import Callable
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from .queue import Received, Recorder
+from .instances import Received, Recorder
 
 log = logging.getLogger("storage.recording")
 

@@ -18,6 +18,9 @@ class SeriesState(StrEnum):
     COMPLETE = "complete"
     QUEUED = "queued"
     SKIPPED = "skipped"
+    #: the series' newest job ended (delivered, or given up): the series says so rather than "queued"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class JobState(StrEnum):
@@ -118,3 +121,16 @@ class EventKind(StrEnum):
     LEASE_EXPIRED = "lease-expired"
     FAILED = "failed"
     PURGED = "purged"
+    #: the quality gate failed the result and a destination's policy is ``drop``
+    DROPPED = "dropped"
+    #: a person's review of a held result (``ReviewDecision``)
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    #: an admin's retry or requeue that was refused (the job was running or delivering)
+    RETRY_REFUSED = "retry-refused"
+    REQUEUE_REFUSED = "requeue-refused"
+
+    @classmethod
+    def refused(cls, action: str) -> EventKind:
+        """The event of a refused admin action (``retry`` or ``requeue``); any other action reads as a retry."""
+        return cls.REQUEUE_REFUSED if action == "requeue" else cls.RETRY_REFUSED

@@ -21,7 +21,7 @@ from conftest import ENV, NodeProcess, PacsSCP, free_port, storescu, wait_for, w
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.decide.completion import image_expectation
 from storage.models import Delivery, Event, Instance, Job, Series
-from storage.queue import CompletionView
+from storage.series import CompletionView
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
@@ -339,10 +339,10 @@ def test_bad_completion_settings_name_the_key(tmp_path, text, key):
 def test_extended_quiet_period_holds_the_timer_until_it_ends_or_the_resend_arrives(tmp_path):
     import datetime as dt
 
-    from storage import queue
     from storage.db import Database
+    from storage.instances import InstanceMeta, Recorder
     from storage.models import utcnow
-    from storage.queue import InstanceMeta, Recorder
+    from storage.series import completion_view, count_fetch, end_quiet, extend_quiet, stable_series
 
     db = Database(f"sqlite:///{tmp_path / 'node.db'}")
     db.create_schema()
@@ -352,13 +352,13 @@ def test_extended_quiet_period_holds_the_timer_until_it_ends_or_the_resend_arriv
         rec.record(InstanceMeta(sop_uid=f"1.2.3.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid="1.2",
                                 series_uid="1.2.9", images_in_acquisition=3, acquisition_number=1), "/x", 1, "ORTHANC")
     sid = touched[0].pop()  # the recorder says which series got instances (the completion check's wake-up)
-    v = queue.completion_view(db, sid)
+    v = completion_view(db, sid)
     assert (v.n_instances, v.calling_aets, v.images_in_acquisition) == (3, ("ORTHANC",), (3, 3, 3))
     assert image_expectation(v)[0] == 3
-    assert queue.stable_series(db, 0.0) == [sid]
-    assert queue.extend_quiet(db, utcnow() + dt.timedelta(seconds=60), "aborted", series_uids=["1.2.9"]) == {sid: "1.2.9"}
-    assert queue.stable_series(db, 0.0) == []  # quiet, but within the grace
-    assert queue.end_quiet(db, ["1.2.9"], "released") == 1
-    assert queue.stable_series(db, 0.0) == [sid]
-    assert queue.count_fetch(db, sid, "C-MOVE of 1") == 1 and queue.count_fetch(db, sid, "C-MOVE of 1") == 2
+    assert stable_series(db, 0.0) == [sid]
+    assert extend_quiet(db, utcnow() + dt.timedelta(seconds=60), "aborted", series_uids=["1.2.9"]) == {sid: "1.2.9"}
+    assert stable_series(db, 0.0) == []  # quiet, but within the grace
+    assert end_quiet(db, ["1.2.9"], "released") == 1
+    assert stable_series(db, 0.0) == [sid]
+    assert count_fetch(db, sid, "C-MOVE of 1") == 1 and count_fetch(db, sid, "C-MOVE of 1") == 2
     db.dispose()

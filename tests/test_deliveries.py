@@ -14,8 +14,9 @@ import pytest
 
 from sqlalchemy import select, update
 
-from storage import deliveries, queue
+from storage import deliveries
 from storage.db import Database
+from storage.jobs import requeue
 from storage.models import Event, Job, OutboxItem, Series, Study, utcnow
 
 from test_durability import db_url  # noqa: F401  (the SQLite / PostgreSQL fixture)
@@ -115,7 +116,7 @@ def test_give_up_then_retry_sends_the_same_files_without_computing_again(db_url)
     ((_, j, reason),) = deliveries.give_up(db, "pacs", 24)
     assert j == job and "given up after 24 h" in reason and "connection refused" in reason
     assert _state(db, job) == ("failed", "failed")
-    assert queue.requeue(db, job_ids=[job]) == [job]  # dicom-node retry
+    assert requeue(db, job_ids=[job]) == [job]  # dicom-node retry
     with db.session() as s:
         row = s.scalar(select(OutboxItem))
         assert (row.state, row.attempts, json.loads(row.files)) == ("pending", 0, FILES)

@@ -211,7 +211,7 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(db_url, tmp_pa
 
 
 def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
-    from storage import queue
+    from storage.instances import purge_delivered_images
 
     _, paths = write_series(tmp_path / "one", seed=34, n_slices=1, size=32)
     copies = []
@@ -238,6 +238,6 @@ def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
     with db.session() as s:
         assert [s.get(Job, j).state for j in ids] == ["queued", "queued", "done"]
     # retention: the delivered series' image is removed, the queued ones' are kept
-    assert queue.purge_delivered_images(db, hours=0) == 1
+    assert purge_delivered_images(db, hours=0) == 1
     assert not copies[2].exists() and copies[0].exists() and copies[1].exists()
     db.dispose()

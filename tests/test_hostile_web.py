@@ -75,7 +75,7 @@ class Dashboard:
             s.get(Job, self.job).state = "failed"
 
     def audit(self) -> list[dict]:
-        from storage.queue import audit_log
+        from storage.timeline import audit_log
 
         return audit_log(self.db, self.job)
 

@@ -15,11 +15,12 @@ from dicom_node.errors import EXCEPTION_NAME, DeliveryFailed, admin_message, net
 from dicom_node.pipeline import Pipeline
 from dicom_node.receive.headers import to_meta
 from dicom_node.service import make_predictor
-from storage import queue
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.instances import Recorder
+from storage.jobs import mark_judged
 from storage.models import Event, Job
-from storage.queue import Recorder
+from storage.series import stable_series
 
 from conftest import write_series
 
@@ -65,8 +66,8 @@ def test_a_job_whose_images_vanished_says_so_and_logs_the_exception(tmp_path, ca
     for p in paths:
         assert rec.record(to_meta(pydicom.dcmread(p, stop_before_pixels=True)), str(p), p.stat().st_size)
     time.sleep(0.05)
-    (series_id,) = queue.stable_series(db, 0.01)
-    job_id = queue.mark_judged(db, series_id, queue=True, reason="", expected_count=len(paths))
+    (series_id,) = stable_series(db, 0.01)
+    job_id = mark_judged(db, series_id, queue=True, reason="", expected_count=len(paths))
     paths[7].unlink()
     pipeline = Pipeline(settings, db, FileStore(tmp_path / "var", fsync=False), lambda: make_predictor(settings))
     with caplog.at_level(logging.DEBUG, logger="dicom_node.pipeline"):

@@ -7,10 +7,11 @@ import time
 
 from sqlalchemy import select
 
-from storage import queue
 from storage.db import Database
+from storage.instances import InstanceMeta, Recorder
+from storage.jobs import claim_job, mark_judged, set_state
 from storage.models import Event, Job, Series
-from storage.queue import InstanceMeta, Recorder
+from storage.series import stable_series
 
 
 def meta(i: int, series: str = "1.2.3.1") -> InstanceMeta:
@@ -41,21 +42,21 @@ def test_late_instance_withdraws_queued_job_and_reopens_series(tmp_path):
     for i in range(3):
         rec.record(meta(i), "p", 1)
     time.sleep(0.05)
-    (sid,) = queue.stable_series(db, 0.01)
-    job = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    (sid,) = stable_series(db, 0.01)
+    job = mark_judged(db, sid, queue=True, reason="", expected_count=3)
     assert job is not None
     assert rec.record(meta(3), "p", 1)
     with db.session() as s:
         assert s.get(Series, sid).state == "receiving"
     # the queued job is never run on the old three slices: withdrawn when a worker would take it
-    assert queue.claim_job(db) is None
+    assert claim_job(db) is None
     with db.session() as s:
         j = s.get(Job, job)
         assert j.state == "skipped" and "superseded" in j.reason
         assert s.scalar(select(Event.detail).where(Event.job_id == job, Event.kind == "skipped")).startswith("superseded")
     # the count guard: a decision made on 3 instances is not applied to a series that now has 4
-    assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=3) is None
-    assert queue.mark_judged(db, sid, queue=True, reason="", expected_count=4) is not None
+    assert mark_judged(db, sid, queue=True, reason="", expected_count=3) is None
+    assert mark_judged(db, sid, queue=True, reason="", expected_count=4) is not None
 
 
 def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
@@ -67,9 +68,9 @@ def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
         rec.record(meta(0, series=f"1.2.3.{10 + k}"), "p", 1)
         with db.session() as s:
             sid = s.scalar(select(Series.id).where(Series.series_uid == f"1.2.3.{10 + k}"))
-        ids.append(queue.mark_judged(db, sid, queue=True, reason="", urgent=urgent))
+        ids.append(mark_judged(db, sid, queue=True, reason="", urgent=urgent))
     got = []
-    threads = [threading.Thread(target=lambda: got.append(queue.claim_job(db))) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: got.append(claim_job(db))) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
@@ -85,8 +86,8 @@ def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
         rec2.record(meta(0, series=f"9.{k}"), "p", 1)
         with db2.session() as s:
             sid = s.scalar(select(Series.id).where(Series.series_uid == f"9.{k}"))
-        order.append(queue.mark_judged(db2, sid, queue=True, reason="", urgent=urgent))
-    assert [queue.claim_job(db2) for _ in range(3)] == [order[1], order[0], order[2]]
+        order.append(mark_judged(db2, sid, queue=True, reason="", urgent=urgent))
+    assert [claim_job(db2) for _ in range(3)] == [order[1], order[0], order[2]]
 
 
 def test_rerun_after_late_instances_supersedes_the_delivered_result(tmp_path):
@@ -96,15 +97,15 @@ def test_rerun_after_late_instances_supersedes_the_delivered_result(tmp_path):
     for i in range(3):
         rec.record(meta(i), "p", 1)
     time.sleep(0.02)
-    (sid,) = queue.stable_series(db, 0.01)
-    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
-    assert queue.claim_job(db, "w1") == first
-    queue.set_state(db, first, "done", event_detail="")
+    (sid,) = stable_series(db, 0.01)
+    first = mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    assert claim_job(db, "w1") == first
+    set_state(db, first, "done", event_detail="")
     rec.record(meta(0), "p", 1)  # identical re-send: no new job, series stays judged
-    assert queue.stable_series(db, 0.0) == []
+    assert stable_series(db, 0.0) == []
     rec.record(meta(7), "p", 1)  # a genuinely new instance reopens it
     time.sleep(0.02)
-    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=4)
+    second = mark_judged(db, sid, queue=True, reason="", expected_count=4)
     with db.session() as s:
         assert s.get(Job, first).superseded_by == second
         kinds = [e.kind for e in s.scalars(select(Event).where(Event.series_id == sid).order_by(Event.id))]
@@ -118,13 +119,13 @@ def test_next_completion_withdraws_a_job_still_queued(tmp_path):
     rec = Recorder(db)
     for i in range(3):
         rec.record(meta(i), "p", 1)
-    (sid,) = queue.stable_series(db, 0.0)
-    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    (sid,) = stable_series(db, 0.0)
+    first = mark_judged(db, sid, queue=True, reason="", expected_count=3)
     rec.record(meta(3), "p", 1)
-    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=4)
+    second = mark_judged(db, sid, queue=True, reason="", expected_count=4)
     with db.session() as s:
         assert s.get(Job, first).state == "skipped" and s.get(Job, second).state == "queued"
-    assert queue.claim_job(db) == second and queue.claim_job(db) is None
+    assert claim_job(db) == second and claim_job(db) is None
 
 
 def test_job_keeps_its_own_image_count_and_the_series_follows_its_job(tmp_path):
@@ -137,15 +138,15 @@ def test_job_keeps_its_own_image_count_and_the_series_follows_its_job(tmp_path):
     rec = Recorder(db)
     for i in range(3):
         rec.record(meta(i), "p", 1)
-    (sid,) = queue.stable_series(db, 0.0)
-    first = queue.mark_judged(db, sid, queue=True, reason="", expected_count=3)
-    assert queue.claim_job(db, "w1") == first
-    queue.set_state(db, first, "done", event_detail="")
+    (sid,) = stable_series(db, 0.0)
+    first = mark_judged(db, sid, queue=True, reason="", expected_count=3)
+    assert claim_job(db, "w1") == first
+    set_state(db, first, "done", event_detail="")
     with db.session() as s:
         assert s.get(Series, sid).state == "done"
     for i in range(3, 5):
         rec.record(meta(i), "p", 1)
-    second = queue.mark_judged(db, sid, queue=True, reason="", expected_count=5)
+    second = mark_judged(db, sid, queue=True, reason="", expected_count=5)
     rows = {r["job"]: r["instances"] for r in job_rows(db)}
     assert rows == {first: 3, second: 5}
     with db.session() as s:

@@ -18,7 +18,7 @@ from dicom_node.service import open_storage
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Instance, Series
-from storage.queue import Received, Recorder
+from storage.instances import Received, Recorder
 from storage.recording import BackgroundRecorder
 from test_queue import meta
 

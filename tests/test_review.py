@@ -13,8 +13,8 @@ from conftest import free_port, wait_for
 from dicom_node.config import Destination, Settings
 from dicom_node.pipeline import Pipeline
 from dicom_node.service import open_storage
-from storage import queue
 from storage.models import Event, Job, OutboxItem, Series, Study
+from storage.review import decide_review, save_quality
 
 
 def held_job(tmp_path, policy: str, verdict: str = "fail"):
@@ -33,8 +33,8 @@ def held_job(tmp_path, policy: str, verdict: str = "fail"):
         s.add(job)
         s.flush()
         jid = job.id
-    queue.save_quality(db, jid, verdict, f"{verdict}: tibia left: no fibula",
-                       [("TIBIA LEFT", verdict, "fail: no fibula beside it over 12.0 cm", {"length_cm": 12.0})])
+    save_quality(db, jid, verdict, f"{verdict}: tibia left: no fibula",
+                 [("TIBIA LEFT", verdict, "fail: no fibula beside it over 12.0 cm", {"length_cm": 12.0})])
     return settings, db, store, jid
 
 
@@ -67,15 +67,15 @@ def test_a_passing_result_without_destinations_is_done(tmp_path):
 def test_one_decision_per_held_job(tmp_path):
     settings, db, store, jid = held_job(tmp_path, "hold")
     Pipeline(settings, db, store, None).release_for_delivery(jid, tmp_path)
-    assert queue.decide_review(db, jid, "approved", "alice (cli)", "ws1", "fine")
-    assert not queue.decide_review(db, jid, "approved", "bob (cli)")  # a second approval sends nothing more
-    assert not queue.decide_review(db, jid, "rejected", "bob (cli)")
+    assert decide_review(db, jid, "approved", "alice (cli)", "ws1", "fine")
+    assert not decide_review(db, jid, "approved", "bob (cli)")  # a second approval sends nothing more
+    assert not decide_review(db, jid, "rejected", "bob (cli)")
     job = state(db, jid)
     assert (job.state, job.attempts, job.review, job.reviewed_by, job.reviewed_from) == \
         ("queued", 0, "approved", "alice (cli)", "ws1")
     assert job.reviewed_at is not None and job.review_note == "fine"
     with pytest.raises(ValueError):
-        queue.decide_review(db, jid, "maybe", "x")
+        decide_review(db, jid, "maybe", "x")
 
 
 def test_dashboard_form_rejects_and_records_who_and_where(tmp_path):

@@ -27,9 +27,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from storage import queue
 from storage.db import Database
-from storage.queue import CompletionView
+from storage.jobs import mark_judged
+from storage.series import (
+    CompletionView, completion_view, count_fetch, held_sop_uids, receiving_series, series_instances, set_expected,
+    stable_series,
+)
+from storage.states import EventKind, SeriesState
+from storage.timeline import event
 
 from ..config import Settings, Source
 from . import query
@@ -85,7 +90,7 @@ class Completion:
 
     def scan(self) -> int:
         """The timer's part: every series quiet for ``stable_seconds`` is checked once more."""
-        ids = queue.stable_series(self.db, self.settings.series.stable_seconds)
+        ids = stable_series(self.db, self.settings.series.stable_seconds)
         with self._cond:
             for sid in ids:
                 self._pending[sid] = True
@@ -95,7 +100,7 @@ class Completion:
 
     def check_all(self) -> None:
         """Every series still receiving (at start: ask the sources about what was arriving before)."""
-        self.notify(set(queue.receiving_series(self.db)))
+        self.notify(set(receiving_series(self.db)))
 
     # ---------------------------------------------------------------------------------- thread
     def start(self) -> None:
@@ -144,13 +149,13 @@ class Completion:
             return
         if not quiet and series_id in self._uncounted:  # nothing but the timer can tell: keep ingest cheap
             return
-        v = queue.completion_view(self.db, series_id, with_instances=False)
-        if v is None or v.state != "receiving":
+        v = completion_view(self.db, series_id, with_instances=False)
+        if v is None or v.state != SeriesState.RECEIVING:
             return
         src = self._by_name.get(v.expected_from)  # asked before: no need to look at the instances again
         full = src is None or series_id in self._unanswered
         if full:
-            v = queue.completion_view(self.db, series_id)
+            v = completion_view(self.db, series_id)
             if v is None:
                 return
             src = self.source_for(v)
@@ -191,8 +196,8 @@ class Completion:
 
     def _ask_once(self, series_id: int, src: Source, quiet: bool) -> bool:
         """One C-FIND and what follows from it; True when the answer needs confirming by a second one."""
-        v = queue.completion_view(self.db, series_id, with_instances=False)
-        if v is None or v.state != "receiving":
+        v = completion_view(self.db, series_id, with_instances=False)
+        if v is None or v.state != SeriesState.RECEIVING:
             return False
         held = v.n_instances
         try:
@@ -201,17 +206,17 @@ class Completion:
             self._unanswered[series_id] = f"{src.name} did not answer: {exc}"
             log.warning("series %s: %s asked for its instance count: %s; the quiet timer decides",
                         series_id, src.name, exc)
-            queue.event(self.db, "expected", series_id=series_id, detail=self._unanswered[series_id])
+            event(self.db, EventKind.EXPECTED, series_id=series_id, detail=self._unanswered[series_id])
             self._requeue(series_id, quiet)
             return False
         if not n:
             self._unanswered[series_id] = f"{src.name} does not know the series"
-            queue.set_expected(self.db, series_id, None, src.name, held, self._unanswered[series_id])
+            set_expected(self.db, series_id, None, src.name, held, self._unanswered[series_id])
             self._requeue(series_id, quiet)
             return False
         previous = v.expected_count if v.expected_from == src.name else None
-        queue.set_expected(self.db, series_id, n, src.name, held,
-                           f"{src.name} holds {n} instances; the node holds {held}")
+        set_expected(self.db, series_id, n, src.name, held,
+                     f"{src.name} holds {n} instances; the node holds {held}")
         if held >= n:
             # The same count twice (once before, once after the node held them all), or once the series is
             # quiet: a PACS that forwards instances as they reach it would otherwise have a partial series
@@ -241,41 +246,41 @@ class Completion:
         calling = self.settings.scp.ae_title
         try:
             missing = sorted(query.instance_uids(calling, src, v.study_uid, v.series_uid)
-                             - queue.held_sop_uids(self.db, series_id))
+                             - held_sop_uids(self.db, series_id))
         except query.QueryFailed as exc:
-            queue.count_fetch(self.db, series_id, f"listing the instances of {src.name} failed: {exc}")
+            count_fetch(self.db, series_id, f"listing the instances of {src.name} failed: {exc}")
             return
         if not missing:
             self.judge(series_id, held, f"quiet; {src.name} counts {n} instances but lists none the node lacks")
             return
-        k = queue.count_fetch(self.db, series_id, f"C-MOVE of {len(missing)} missing instances from {src.name} "
-                                                  f"to {calling} (of {limit})")
+        k = count_fetch(self.db, series_id, f"C-MOVE of {len(missing)} missing instances from {src.name} "
+                                            f"to {calling} (of {limit})")
         log.info("series %s: fetching %d missing instances from %s (attempt %d of %d)", series_id, len(missing),
                  src.name, k, limit)
         try:
             res = query.move(calling, src, v.study_uid, v.series_uid, missing)
         except query.QueryFailed as exc:
-            queue.event(self.db, "fetched", series_id=series_id, detail=f"nothing from {src.name}: {exc}")
+            event(self.db, EventKind.FETCHED, series_id=series_id, detail=f"nothing from {src.name}: {exc}")
             log.warning("series %s: fetch from %s failed: %s", series_id, src.name, exc)
             return
-        queue.event(self.db, "fetched", series_id=series_id,
-                    detail=f"{res.completed} instances from {src.name}"
-                           + (f", {res.failed} failed" if res.failed else ""))
+        event(self.db, EventKind.FETCHED, series_id=series_id,
+              detail=f"{res.completed} instances from {src.name}"
+                     + (f", {res.failed} failed" if res.failed else ""))
         # the moved instances came in through the listener: their recording wakes the next check
 
     # ---------------------------------------------------------------------------------- judging
     def judge(self, series_id: int, held: int, how: str) -> int | None:
         """Apply the rules to the complete series: a job queued, or skipped with the reason."""
-        series, instances = queue.series_instances(self.db, series_id)
-        if series.state != "receiving" or len(instances) < held:
+        series, instances = series_instances(self.db, series_id)
+        if series.state != SeriesState.RECEIVING or len(instances) < held:
             return None
         try:
             d = decide(series, series.study.study_description, instances, self.settings.rules)
         except Exception as exc:  # one odd series is skipped in words; it must not stop the others
             log.debug("series %s: deciding failed", series_id, exc_info=True)
             d = Decision(False, admin_message(exc, "deciding whether to segment the series"))
-        job = queue.mark_judged(self.db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
-                                expected_count=len(instances), how=how)
+        job = mark_judged(self.db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
+                          expected_count=len(instances), how=how)
         if job is None:
             return None
         self._unanswered.pop(series_id, None)

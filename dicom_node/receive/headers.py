@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from storage.queue import InstanceMeta
+from storage.instances import InstanceMeta
 
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 

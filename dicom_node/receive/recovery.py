@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from storage.filestore import FileStore
 from storage.models import Instance
-from storage.queue import Received, Recorder
+from storage.instances import Received, Recorder
 from storage.recording import commit_rows
 
 from .headers import UnreadableData, read_received

@@ -39,12 +39,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from storage import deliveries, queue
+from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.instances import InstanceMeta, Received, Recorder
 from storage.models import utcnow
-from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
+from storage.series import end_quiet, extend_quiet, receiving_series
 
 from .acceptor import Acceptor, address_allowed
 from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
@@ -187,7 +188,7 @@ class StorageSCP:
         if resent:  # the resend an aborted association or a crash made us wait for: settle normally again
             self._waiting.difference_update(resent)
             try:
-                queue.end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
+                end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
             except Exception:
                 log.exception("could not end the extended quiet period")
 
@@ -202,8 +203,8 @@ class StorageSCP:
         try:
             self.writer.flush(timeout=self.settings.scp.network_timeout or 30)  # their rows exist first
             until = utcnow() + dt.timedelta(seconds=grace)
-            ids = queue.extend_quiet(self.db, until, f"association from {peer.calling_ae} {how}; not judged quiet "
-                                                     f"for {grace:g} s (series.abort_grace_seconds)", sorted(uids))
+            ids = extend_quiet(self.db, until, f"association from {peer.calling_ae} {how}; not judged quiet "
+                                               f"for {grace:g} s (series.abort_grace_seconds)", sorted(uids))
             self._waiting.update(ids.values())
             if ids:
                 log.warning("association from %s %s mid-series: %d series wait %g s more for a resend",
@@ -312,7 +313,7 @@ class StorageSCP:
             clean.unlink()
         else:
             record_unrecorded(self.store, self.recorder, on_rejected=self._rejected)
-            self.interrupted = queue.receiving_series(self.db)
+            self.interrupted = receiving_series(self.db)
         self.writer.start()
         if not (cfg.tls.enabled and not cfg.tls.plain_listener):
             self.server.start((cfg.bind_address, cfg.port))
@@ -329,9 +330,9 @@ class StorageSCP:
         Called by the service just before completion checks start, so a slow model load does not use it up."""
         ser = self.settings.series
         wait = max(ser.stable_seconds, ser.abort_grace_seconds)
-        ids = queue.extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
-                                 f"the node restarted after an unclean stop; not judged quiet for {wait:g} s",
-                                 series_ids=self.interrupted)
+        ids = extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
+                           f"the node restarted after an unclean stop; not judged quiet for {wait:g} s",
+                           series_ids=self.interrupted)
         self._waiting.update(ids.values())
         self.interrupted = []
         if ids:

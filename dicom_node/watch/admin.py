@@ -8,7 +8,17 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
 from storage.db import Database
-from storage.models import Delivery, Event, Instance, Job, OutboxItem, QualityCheck, Series, StructureVolume, Study
+from storage.models import (
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    OutboxItem,
+    QualityCheck,
+    Series,
+    StructureVolume,
+    Study,
+)
 
 
 def _fmt_dur(seconds: float) -> str:

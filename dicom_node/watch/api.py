@@ -7,8 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
-from storage import deliveries, queue
+from storage import deliveries
+from storage.jobs import counts, requeue
 from storage.states import ReviewDecision
+from storage.timeline import audit_log
 
 from .admin import job_rows
 from .dashboard_data import disk, hourly, job_timeline
@@ -23,7 +25,7 @@ router = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
 
 @router.get("/status")
 def api_status(ctx: Context) -> dict[str, Any]:
-    return {**queue.counts(ctx.db), "disk": disk(ctx.settings)}
+    return {**counts(ctx.db), "disk": disk(ctx.settings)}
 
 
 @router.get("/destinations")
@@ -54,7 +56,7 @@ def api_job(job_id: int, ctx: Context) -> dict[str, Any]:
 def api_retry(job_id: int, request: Request, ctx: Context) -> dict[str, Any]:
     """Queue a failed (or finished) job again; audited with how the caller was let in and from where."""
     actor = "web (token)" if ctx.token else "web (loopback, no token)"
-    done = queue.requeue(ctx.db, job_ids=[job_id], actor=actor, address=client_address(request), action="retry")
+    done = requeue(ctx.db, job_ids=[job_id], actor=actor, address=client_address(request), action="retry")
     if job_id not in done:
         raise HTTPException(409, "job is running or does not exist")
     return {"job": job_id, "state": job_rows(ctx.db, 1, job_id=job_id)[0]["state"]}
@@ -63,7 +65,7 @@ def api_retry(job_id: int, request: Request, ctx: Context) -> dict[str, Any]:
 @router.get("/audit")
 def api_audit(ctx: Context, limit: int = 200, job: int | None = None) -> list[dict[str, Any]]:
     """The admin audit trail, newest first: who did what, from where, when, and how it ended."""
-    return queue.audit_log(ctx.db, job, min(limit, MAX_AUDIT))
+    return audit_log(ctx.db, job, min(limit, MAX_AUDIT))
 
 
 @router.post("/jobs/{job_id}/approve")

@@ -8,11 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from . import cli_model
 from inference.dataset import DatasetError
 from inference.model_card import ModelCardError
+from storage.states import JobState, OutboxState, ReviewDecision, Verdict
 
 from ..config import ConfigError, load_settings
+from . import cli_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.set_defaults(func=cmd_sender)
 
     dl = sub.add_parser("deliveries", help="list deliveries (the outbox) and destinations; --requeue sends again")
-    dl.add_argument("--state", choices=["pending", "sending", "sent", "committed", "failed", "cancelled"])
+    dl.add_argument("--state", choices=list(OutboxState))
     dl.add_argument("--destination")
     dl.add_argument("--job", type=int)
     dl.add_argument("-n", "--limit", type=int, default=50)
@@ -65,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("approve", help="send a result held for review (quality gate) to its destinations")
     ap.add_argument("job", type=int)
     ap.add_argument("--reason", default="", help="why (kept with the review)")
-    ap.set_defaults(func=cmd_review, decision="approved")
+    ap.set_defaults(func=cmd_review, decision=ReviewDecision.APPROVED)
 
     rj = sub.add_parser("reject", help="never send a result held for review (quality gate)")
     rj.add_argument("job", type=int)
     rj.add_argument("--reason", default="", help="why (kept with the review)")
-    rj.set_defaults(func=cmd_review, decision="rejected")
+    rj.set_defaults(func=cmd_review, decision=ReviewDecision.REJECTED)
 
     se = sub.add_parser("send", help="send a folder (or files) of DICOM to an AE")
     se.add_argument("paths", nargs="+", type=Path)
@@ -132,7 +133,8 @@ def cmd_deliveries(args) -> int:
         if args.requeue:
             done = deliveries.requeue(db, ids=args.requeue, failed_only=False)
         else:
-            ids = [r["id"] for r in deliveries.list_items(db, "failed", args.destination, args.job, limit=100000)]
+            failed = deliveries.list_items(db, OutboxState.FAILED, args.destination, args.job, limit=100000)
+            ids = [r["id"] for r in failed]
             done = deliveries.requeue(db, ids=ids) if ids else []
         print(f"{len(done)} deliveries queued again: {' '.join(map(str, done)) or '-'}")
         return 0 if not args.requeue or set(done) == set(args.requeue) else 1
@@ -176,7 +178,7 @@ def cli_address() -> str:
 
 
 def cmd_retry(args) -> int:
-    from storage.queue import requeue
+    from storage.jobs import requeue
 
     _, db = _db(args)
     done = requeue(db, job_ids=args.jobs, actor=cli_actor(), address=cli_address(), action="retry")
@@ -186,7 +188,7 @@ def cmd_retry(args) -> int:
 
 
 def cmd_requeue(args) -> int:
-    from storage.queue import requeue
+    from storage.jobs import requeue
 
     _, db = _db(args)
     done = requeue(db, failed=True, actor=cli_actor(), address=cli_address(), action="requeue")
@@ -199,7 +201,7 @@ def cmd_review(args) -> int:
     import getpass
     import socket
 
-    from storage.queue import decide_review
+    from storage.review import decide_review
 
     _, db = _db(args)
     try:
@@ -210,7 +212,8 @@ def cmd_review(args) -> int:
     if not ok:
         print(f"job {args.job} is not waiting for review (see: dicom-node show {args.job})", file=sys.stderr)
         return 1
-    print(f"job {args.job}: {args.decision}" + (" (queued to send)" if args.decision == "approved" else " (never sent)"))
+    sent = " (queued to send)" if args.decision == ReviewDecision.APPROVED else " (never sent)"
+    print(f"job {args.job}: {args.decision}{sent}")
     return 0
 
 
@@ -235,7 +238,7 @@ def _db(args):
 
 
 def cmd_status(args) -> int:
-    from storage.queue import counts
+    from storage.jobs import counts
 
     settings, db = _db(args)
     c = counts(db)
@@ -269,14 +272,15 @@ def cmd_jobs(args) -> int:
         if r["volumes_cm3"]:
             print("       volumes: " + ", ".join(f"{k.lower()} {v} cm³" for k, v in r["volumes_cm3"].items()))
         if r["quality"]:
-            bad = [f"{q['structure'].lower()} {q['verdict']}" for q in r["quality_checks"] if q["verdict"] != "pass"]
+            bad = [f"{q['structure'].lower()} {q['verdict']}" for q in r["quality_checks"]
+                   if q["verdict"] != Verdict.PASS]
             print(f"       quality: {r['quality']}" + (f" ({', '.join(bad)})" if bad else ""))
         if r["review"]:
             rv = r["review"]
             print(f"       review: {rv['decision']} by {rv['by']} at {rv['at']}" + (f": {rv['note']}" if rv["note"] else ""))
         if r["reason"]:
-            label = {"skipped": "skipped", "review": "held", "dropped": "dropped", "rejected": "rejected"}.get(
-                r["state"], "error")
+            explained = (JobState.SKIPPED, JobState.REVIEW, JobState.DROPPED, JobState.REJECTED)
+            label = ("held" if r["state"] == JobState.REVIEW else r["state"]) if r["state"] in explained else "error"
             print(f"       {label}: {r['reason']}")
         for d in r["deliveries"]:
             print(f"       sent to {d['destination']} (try {d['attempt']}): ok" if d["ok"] else

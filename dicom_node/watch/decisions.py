@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 
 from fastapi import HTTPException, Request
 
-from storage import queue
+from storage.review import decide_review
 from storage.states import JobState, ReviewDecision
 
 from .web_context import client_address, web_context
@@ -41,7 +41,7 @@ async def decide(request: Request, job_id: int, decision: ReviewDecision) -> dic
     fields = await review_fields(request)
     who, address = reviewer(request, fields.get("reviewer", ""))
     note = str(fields.get("reason", ""))[:NOTE_CHARS]
-    if not queue.decide_review(web_context(request).db, job_id, decision, who, address, note):
+    if not decide_review(web_context(request).db, job_id, decision, who, address, note):
         raise HTTPException(409, "job is not waiting for review")
     state = JobState.QUEUED if decision == ReviewDecision.APPROVED else JobState.REJECTED
     return {"job": job_id, "review": decision.value, "state": state.value, "by": who}

@@ -13,9 +13,11 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
-from storage import deliveries, queue
+from storage import deliveries
 from storage.db import Database
+from storage.jobs import counts
 from storage.models import Job, utcnow
+from storage.review import quality_counts
 from storage.states import JobState, Verdict
 
 from ..config import Settings
@@ -35,7 +37,7 @@ class NodeCollector:
         self.record_backlog = record_backlog
 
     def collect(self) -> Iterator[Metric]:
-        c = queue.counts(self.db)
+        c = counts(self.db)
         g = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
         for st in JobState:
             g.add_metric([st.value], c["jobs"].get(st, 0))
@@ -59,7 +61,7 @@ class NodeCollector:
         yield sums
         qc = CounterMetricFamily("dicomnode_quality", "Jobs judged by the quality gate, by verdict",
                                  labels=["verdict"])
-        judged = queue.quality_counts(self.db)
+        judged = quality_counts(self.db)
         for v in (Verdict.PASS, Verdict.WARN, Verdict.FAIL):
             qc.add_metric([v.value], judged.get(v, 0))
         yield qc
@@ -99,7 +101,7 @@ def healthz(ctx: Context) -> JSONResponse:
     """200 while the database answers, the listener runs and the disk is above the node's floor; else 503."""
     ok_db = True
     try:
-        queue.counts(ctx.db)
+        counts(ctx.db)
     except Exception:  # noqa: BLE001 - whatever the database's trouble, the answer is "degraded", not a 500
         ok_db = False
     floor_mb = ctx.settings.scp.min_free_disk_mb

@@ -7,12 +7,23 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from storage import deliveries, queue
+from storage import deliveries
+from storage.jobs import counts
 from storage.models import utcnow
 from storage.states import JobState, ReviewDecision, Verdict
+from storage.timeline import audit_log
 
 from .admin import job_rows
-from .dashboard_data import STAGES, STATE_COLOURS, VERDICT_COLOURS, age, bar_chart, disk, hourly, job_timeline
+from .dashboard_data import (
+    STAGES,
+    STATE_COLOURS,
+    VERDICT_COLOURS,
+    age,
+    bar_chart,
+    disk,
+    hourly,
+    job_timeline,
+)
 from .decisions import decide
 from .preview import preview_png
 from .web_context import Context, WebContext, require_token
@@ -43,7 +54,7 @@ def dashboard(ctx: Context) -> HTMLResponse:
     hours = hourly(ctx.db)
     labels = [h["hour"] for h in hours]
     return render(
-        "dashboard.html", ctx, counts=queue.counts(ctx.db), disk=disk(ctx.settings),
+        "dashboard.html", ctx, counts=counts(ctx.db), disk=disk(ctx.settings),
         destinations=deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations]),
         failed=job_rows(ctx.db, FAILED_JOBS, JobState.FAILED), jobs=job_rows(ctx.db, RECENT_JOBS),
         throughput=bar_chart([h["done"] for h in hours], labels, "#198754", "jobs"),
@@ -56,7 +67,7 @@ def job_page(job_id: int, ctx: Context) -> HTMLResponse:
     if not rows:
         raise HTTPException(404, "no such job")
     return render("job.html", ctx, job_id=job_id, j=rows[0], timeline=job_timeline(ctx.db, job_id),
-                  audit=queue.audit_log(ctx.db, job_id))
+                  audit=audit_log(ctx.db, job_id))
 
 
 @router.get("/jobs/{job_id}/preview.png")
