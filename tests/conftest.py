@@ -308,6 +308,20 @@ class NodeProcess:
                               capture_output=True, text=True, env=ENV, timeout=120)
 
     def jobs(self) -> list[dict]:
+        """The node's 100 newest jobs, as ``dicom-node jobs --json -n 100`` prints them, read in this process:
+        the command's own process cost 1.5 s of CPU a call (11 s on the loaded machine), and tests poll this.
+        ``jobs_cli`` runs the command itself; test_end_to_end checks that both agree."""
+        import json
+
+        from dicom_node.watch.admin import job_rows
+
+        db = self.db()
+        try:
+            return json.loads(json.dumps(job_rows(db, 100)))
+        finally:
+            db.dispose()
+
+    def jobs_cli(self) -> list[dict]:
         import json
 
         r = self.cli("jobs", "--json", "-n", "100")
@@ -358,6 +372,23 @@ def node(tmp_path_factory, pacs):
     yield n
     n.stop()
     assert n.proc.returncode in (0, -15), n.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def bundled_predictor():
+    """The bundled model on the CPU, loaded once per precision for the whole session (``"auto"`` is what a node
+    on this machine runs): tests only call ``predict``, which keeps no state between series."""
+    from inference.model import BUNDLED_MODEL
+    from inference.predict import Predictor
+
+    loaded: dict[str, Predictor] = {}
+
+    def get(precision: str = "auto") -> Predictor:
+        if precision not in loaded:
+            loaded[precision] = Predictor(BUNDLED_MODEL, device="cpu", precision=precision)
+        return loaded[precision]
+
+    return get
 
 
 def write_series(folder: Path, seed: int = 1, **kw) -> tuple:

@@ -43,10 +43,11 @@ def db_url(request, tmp_path):
     admin.dispose()
 
 
-def config(tmp_path: Path, url: str, lease: float = 30.0) -> Path:
+def config(tmp_path: Path, url: str, lease: float = 30.0, model: Path | None = None) -> Path:
     p = tmp_path / "worker.toml"
+    model_line = f'model_path = "{model}"\n' if model else ""
     p.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\ndatabase_url = "{url}"\nlog_level = "INFO"\n'
-                 f'[scp]\nport = 0\n[inference]\ndevice = "cpu"\nthreads = 1\n'
+                 f'[scp]\nport = 0\n[inference]\ndevice = "cpu"\nthreads = 1\n{model_line}'
                  f'[worker]\npoll_seconds = 0.2\nlease_seconds = {lease}\nretry_backoff_seconds = 0.5\n'
                  '[quality]\ntta = false\n')  # these tests are about the queue: one network pass per job
     return p
@@ -100,12 +101,27 @@ def test_migrations_match_the_models(db_url):
     assert diff == []
 
 
-def test_three_workers_drain_300_jobs_each_exactly_once(db_url, tmp_path):
+@pytest.fixture(scope="module")
+def small_input_model(tmp_path_factory) -> Path:
+    """The bundled network with its card's input size set to 32 (the U-Net is fully convolutional, so the
+    same weights run): a job's network pass costs a 64th of the 256² one. For the tests of the queue, where
+    what the model finds does not matter and 300 passes at 256² were most of a run (0.7 s each on 2 cores)."""
+    from inference.model import BUNDLED_MODEL
+    from inference.model_card import load_checkpoint, save_checkpoint
+
+    weights, card = load_checkpoint(BUNDLED_MODEL)
+    card.input_size = 32
+    path = tmp_path_factory.mktemp("model") / "small-input.safetensors"
+    save_checkpoint(path, weights, card)
+    return path
+
+
+def test_three_workers_drain_300_jobs_each_exactly_once(db_url, tmp_path, small_input_model):
     _, paths = write_series(tmp_path / "one", seed=31, n_slices=1, size=32)
     db = Database(db_url)
     db.create_schema()
     ids = queue_jobs(db, paths, 300)
-    cfg = config(tmp_path, db_url)
+    cfg = config(tmp_path, db_url, model=small_input_model)
     workers = [start_worker(cfg, tmp_path / f"w{i}.log") for i in range(3)]
     try:
         def drained():
@@ -130,6 +146,7 @@ def test_three_workers_drain_300_jobs_each_exactly_once(db_url, tmp_path):
     db.dispose()
 
 
+@pytest.mark.slow
 def test_killed_worker_job_finishes_on_another_after_lease_expiry(db_url, tmp_path):
     _, paths = write_series(tmp_path / "big", seed=32, n_slices=48, size=256)
     db = Database(db_url)

@@ -15,8 +15,6 @@ from conftest import storescu, wait_for, write_series
 from dicom_node.decide.rules import stack
 from dicom_node.infer.volume import load_series
 from inference.labels import DEFAULT_LABELS
-from inference.model import BUNDLED_MODEL
-from inference.predict import Predictor
 
 
 def _seg_for(pacs, study_uid: str, series_uid: str):
@@ -49,7 +47,7 @@ def _instances_like_node(paths):
     return ordered
 
 
-def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
+def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predictor):
     ph, paths = write_series(workdir / "s1", seed=11, order="shuffled")
     src = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     study_uid, series_uid = src[0].StudyInstanceUID, src[0].SeriesInstanceUID
@@ -112,7 +110,7 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir):
     # the labels sit where the model's prediction put them: predict the same series here and compare
     ordered = _instances_like_node(paths)
     vol = load_series(ordered)
-    pred = Predictor(BUNDLED_MODEL, device="cpu").predict(vol.array, vol.row_dir, vol.col_dir).labels
+    pred = bundled_predictor().predict(vol.array, vol.row_dir, vol.col_dir).labels
     uids = [d.SOPInstanceUID for d in vol.datasets]
     px = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
     got = np.zeros_like(pred)
@@ -147,6 +145,10 @@ def test_pynetdicom_send_and_duplicates_stored_once(node, pacs, workdir):
     assert job["instances"] == len(paths)
     # both legs in this phantom: femur and tibia are reported per side
     assert {"FEMUR LEFT", "FEMUR RIGHT", "TIBIA LEFT", "TIBIA RIGHT"} <= set(job["volumes_cm3"])
+    # the tests read jobs in-process (conftest); `dicom-node jobs --json` prints the same rows
+    in_cli = lambda: next(j for j in node.jobs_cli() if j["job"] == job["job"])  # noqa: E731
+    wait_for(lambda: in_cli() == next(j for j in node.jobs() if j["job"] == job["job"]), 30, 1.0,
+             "`dicom-node jobs --json` to print the job as the tests read it")
 
 
 def test_dcmtk_echo(node):

@@ -25,6 +25,8 @@ import pytest
 
 from conftest import NodeProcess, PacsSCP, storescu, wait_for
 
+pytestmark = pytest.mark.slow
+
 N_CASES = int(os.environ.get("FOREIGN_THROUGH_NODE_CASES", "1"))
 SEED = 500  # the README's foreign table: dicom-node phantoms --family foreign --cases 4 --seed 500
 BONES = {"FEMUR": 1, "TIBIA": 2, "FIBULA": 3, "PELVIS": 4}

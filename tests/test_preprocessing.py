@@ -54,13 +54,10 @@ def test_mask_comes_back_on_the_same_pixels(rows, cols, row_dir, col_dir):
     assert mismatch < (0.02 if max(rows, cols) <= 256 else 0.12), mismatch
 
 
-def test_bundled_model_segments_the_left_leg_on_the_left_for_every_orientation():
+def test_bundled_model_segments_the_left_leg_on_the_left_for_every_orientation(bundled_predictor):
     """One-legged phantom, rendered with reversed and swapped axes: the bundled model's bones must land on
     the patient's left (+x in LPS), on the phantom's own bone voxels."""
-    from inference.model import BUNDLED_MODEL
-    from inference.predict import Predictor
-
-    predictor = Predictor(BUNDLED_MODEL, device="cpu")
+    predictor = bundled_predictor()
     anat = replace(Anatomy(scale=0.8, legs="left"), noise=0.02)
     for row_dir, col_dir in (((1, 0, 0), (0, 1, 0)), ((-1, 0, 0), (0, -1, 0)), ((0, 1, 0), (1, 0, 0))):
         ps, n = 1.6, 220
@@ -78,7 +75,7 @@ def test_bundled_model_segments_the_left_leg_on_the_left_for_every_orientation()
         assert dice > 0.8, (row_dir, col_dir, dice)
 
 
-def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused():
+def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused(bundled_predictor):
     """The precision knob: bf16 (the default on CPUs with bf16 instructions, and on CUDA) labels a phantom
     as float32 does; fp16 on a CPU is refused with a message saying what to use."""
     from inference.model import BUNDLED_MODEL
@@ -87,9 +84,9 @@ def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused():
 
     ph = small_series(seed=7, n_slices=12, size=128)
     rd, cd = ph.geometry.row_dir, ph.geometry.col_dir
-    ref = Predictor(BUNDLED_MODEL, device="cpu", precision="fp32")
+    ref = bundled_predictor("fp32")
     assert ref.dtype == torch.float32
-    half = Predictor(BUNDLED_MODEL, device="cpu", precision="bf16")
+    half = bundled_predictor("bf16")
     assert half.dtype == torch.bfloat16
     a = ref.predict(ph.image, rd, cd).labels
     b = half.predict(ph.image, rd, cd).labels
@@ -100,6 +97,7 @@ def test_bf16_labels_match_fp32_and_fp16_on_cpu_is_refused():
         Predictor(BUNDLED_MODEL, device="cpu", precision="fp16")
 
 
+@pytest.mark.slow
 def test_compiled_predictor_pads_the_last_batch_and_labels_as_eager():
     """inference.compile: one compilation at load for batches of batch_size; a series whose last batch is
     short is padded, not recompiled, and labelled as the uncompiled model labels it."""
@@ -119,17 +117,15 @@ def test_compiled_predictor_pads_the_last_batch_and_labels_as_eager():
     assert bone.sum() > 200 and ((a == b) & bone).sum() / bone.sum() > 0.99
 
 
-def test_with_the_augmented_pass_the_result_is_the_mean_of_both_passes():
+def test_with_the_augmented_pass_the_result_is_the_mean_of_both_passes(bundled_predictor):
     """With ``tta`` the labels sent are the argmax of the two passes' mean probability: where the passes agree
     that is their label, where they differ it sides with either (whichever is surer), and ``first_labels`` is
     exactly what the plain pass alone gives."""
-    from inference.model import BUNDLED_MODEL
     from inference.phantom import small_series
-    from inference.predict import Predictor
 
     ph = small_series(seed=7, n_slices=12, size=128)
     rd, cd = ph.geometry.row_dir, ph.geometry.col_dir
-    predictor = Predictor(BUNDLED_MODEL, device="cpu", precision="fp32")
+    predictor = bundled_predictor("fp32")
     plain = predictor.predict(ph.image, rd, cd, postprocess=False)
     both = predictor.predict(ph.image, rd, cd, postprocess=False, quality=True, tta=True)
     assert plain.first_labels is None

@@ -31,6 +31,8 @@ import pytest
 
 from conftest import ENV, NodeProcess, check_results_valid, free_port, storescu, wait_for, write_series
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 VIEWER = ROOT / "tests/viewer"
 OHIF_DIST = VIEWER / "node_modules/@ohif/app/dist"
