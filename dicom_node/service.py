@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
+import time
+from typing import Callable
 
 from storage import queue
 from storage.db import Database
@@ -19,6 +23,32 @@ from .tls import client_context
 from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
+
+#: The longest ``Node.stop`` takes, whatever the disk, the database, a destination or a running job do: inside
+#: the 10 s that leave room under orchestrators' stop timeouts (systemd's 90 s, many others' 30 s).
+STOP_BUDGET_S = 8.0
+#: Of that, what the recorder may use to commit received instances (the rest are recorded at the next start).
+RECORDER_STOP_S = 3.0
+
+
+def bounded(step: Callable[[], None], seconds: float, what: str) -> bool:
+    """Run one stop step for at most ``seconds`` (in a daemon thread, so a step blocked in the database or the
+    network cannot hold the stop); returns whether it finished."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("stopping %s failed", what)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"stop-{what}", daemon=True).start()
+    if not done.wait(max(0.0, seconds)):
+        log.warning("stopping %s took longer than %.1f s: left behind", what, seconds)
+        return False
+    return True
 
 
 def setup_logging(settings: Settings) -> None:
@@ -112,16 +142,33 @@ class Node:
         if self.web:
             self.web.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop within STOP_BUDGET_S in every state; returns whether everything ended (False: a job, a delivery or
+        a step blocked in the database was left behind, as a crash would leave it: its lease or claim is taken
+        again at the next start, and received instances not yet recorded are recorded then)."""
+        deadline = time.monotonic() + STOP_BUDGET_S
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
         self._sender_stop.set()
         self.outbox.wake()
-        self.scp.stop()
-        self.scheduler.stop()
+        self.pipeline.stopping.set()
+        clean = bounded(lambda: self.scp.stop(RECORDER_STOP_S), min(RECORDER_STOP_S + 2.0, left()), "the listener")
+        clean &= bounded(lambda: self.scheduler.stop(max(0.5, left() - 1.0)), left(), "the scheduler")
         if self._sender.is_alive():
-            self._sender.join(30)
+            self._sender.join(max(0.0, left() - 0.5))
+            if self._sender.is_alive():
+                log.warning("the sender is still delivering: its claimed deliveries are sent at the next start")
+                clean = False
         if self.web:
-            self.web.stop()
+            clean &= bounded(self.web.stop, left(), "the dashboard")
+        job = self.pipeline.current_job
+        if job is not None:
+            log.warning("job %s left running at stop: it is taken again at the next start", job)
+            clean = False
         self._stopped.set()
+        return clean
 
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +181,15 @@ class Node:
             print(f"dashboard on http://{self.settings.web.bind_address}:{self.settings.web.port}/", flush=True)
         self._stopped.wait()
         log.info("stopping")
-        self.stop()
+        t0 = time.monotonic()
+        clean = self.stop()
+        log.info("stopped in %.1f s%s", time.monotonic() - t0, "" if clean else " (work left for the next start)")
+        # The interpreter's own exit joins every executor thread, a running job's and a stuck database call's
+        # included, however long they take: end the process here, once the orderly stop is done.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_worker(settings: Settings) -> None:
