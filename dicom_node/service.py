@@ -24,31 +24,35 @@ from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
 
-#: The longest ``Node.stop`` takes, whatever the disk, the database, a destination or a running job do: inside
-#: the 10 s that leave room under orchestrators' stop timeouts (systemd's 90 s, many others' 30 s).
-STOP_BUDGET_S = 8.0
+#: The longest ``Node.stop`` takes, whatever the disk, the database, a destination or a running job do: well
+#: inside 10 s (room for a loaded machine), under orchestrators' stop timeouts (systemd's 90 s, many others' 30 s).
+STOP_BUDGET_S = 6.0
 #: Of that, what the recorder may use to commit received instances (the rest are recorded at the next start).
 RECORDER_STOP_S = 3.0
 
 
-def bounded(step: Callable[[], None], seconds: float, what: str) -> bool:
-    """Run one stop step for at most ``seconds`` (in a daemon thread, so a step blocked in the database or the
-    network cannot hold the stop); returns whether it finished."""
-    done = threading.Event()
+def stop_all(steps: dict[str, Callable[[], None]], seconds: float) -> list[str]:
+    """Run the stop steps side by side, each in a daemon thread, for at most ``seconds`` together (so a step
+    blocked in the database or the network holds neither the others nor the stop); returns those left behind."""
+    done: dict[str, threading.Event] = {}
 
-    def run() -> None:
+    def run(what: str, step: Callable[[], None]) -> None:
         try:
             step()
         except Exception:
             log.exception("stopping %s failed", what)
         finally:
-            done.set()
+            done[what].set()
 
-    threading.Thread(target=run, name=f"stop-{what}", daemon=True).start()
-    if not done.wait(max(0.0, seconds)):
-        log.warning("stopping %s took longer than %.1f s: left behind", what, seconds)
-        return False
-    return True
+    for what, step in steps.items():
+        done[what] = threading.Event()
+        threading.Thread(target=run, args=(what, step), name=f"stop-{what}", daemon=True).start()
+    deadline = time.monotonic() + seconds
+    left = [what for what, ev in done.items() if not ev.wait(max(0.0, deadline - time.monotonic()))]
+    for what in left:
+        log.warning("stopping %s took longer than %.0f s: left behind, as a crash would leave it (taken up again "
+                    "at the next start)", what, seconds)
+    return left
 
 
 def setup_logging(settings: Settings) -> None:
@@ -146,23 +150,18 @@ class Node:
         """Stop within STOP_BUDGET_S in every state; returns whether everything ended (False: a job, a delivery or
         a step blocked in the database was left behind, as a crash would leave it: its lease or claim is taken
         again at the next start, and received instances not yet recorded are recorded then)."""
-        deadline = time.monotonic() + STOP_BUDGET_S
-
-        def left() -> float:
-            return deadline - time.monotonic()
-
         self._sender_stop.set()
         self.outbox.wake()
         self.pipeline.stopping.set()
-        clean = bounded(lambda: self.scp.stop(RECORDER_STOP_S), min(RECORDER_STOP_S + 2.0, left()), "the listener")
-        clean &= bounded(lambda: self.scheduler.stop(max(0.5, left() - 1.0)), left(), "the scheduler")
+        steps: dict[str, Callable[[], None]] = {
+            "the listener": lambda: self.scp.stop(RECORDER_STOP_S),
+            "the scheduler": lambda: self.scheduler.stop(STOP_BUDGET_S),
+        }
         if self._sender.is_alive():
-            self._sender.join(max(0.0, left() - 0.5))
-            if self._sender.is_alive():
-                log.warning("the sender is still delivering: its claimed deliveries are sent at the next start")
-                clean = False
+            steps["the sender"] = self._sender.join  # a delivery in progress ends with its round
         if self.web:
-            clean &= bounded(self.web.stop, left(), "the dashboard")
+            steps["the dashboard"] = self.web.stop
+        clean = not stop_all(steps, STOP_BUDGET_S)
         job = self.pipeline.current_job
         if job is not None:
             log.warning("job %s left running at stop: it is taken again at the next start", job)
