@@ -170,9 +170,21 @@ class Node:
         return clean
 
     def serve_forever(self) -> None:
+        starting = True
+
+        def on_signal(*_) -> None:
+            self._stopped.set()
+            if starting:  # a start may take long (the model, the start-up recovery): do not finish it first
+                raise _StoppedWhileStarting
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopped.set())
-        self.start()
+            signal.signal(sig, on_signal)
+        try:
+            self.start()
+            starting = False
+        except _StoppedWhileStarting:
+            log.warning("stopped while starting: what was begun is taken up again at the next start")
+            _exit_now()
         ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
         print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
               "Ctrl-C to stop", flush=True)
@@ -183,12 +195,37 @@ class Node:
         t0 = time.monotonic()
         clean = self.stop()
         log.info("stopped in %.1f s%s", time.monotonic() - t0, "" if clean else " (work left for the next start)")
-        # The interpreter's own exit joins every executor thread, a running job's and a stuck database call's
-        # included, however long they take: end the process here, once the orderly stop is done.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_now()
+
+
+class _StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT arrived before the node had started."""
+
+
+def _exit_now() -> None:
+    """End the process once the orderly stop is done: the interpreter's own exit would join every executor
+    thread, a running job's and a stuck database call's included, however long they take."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _until_stopped(loop: Callable[[threading.Event], None], name: str) -> None:
+    """Run ``loop(stop)`` until SIGTERM or SIGINT, then give it STOP_BUDGET_S to end its round (a job or a
+    delivery in progress is left to its lease or claim, as after a crash) and end the process."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.wait(1.0):
+        pass
+    thread.join(STOP_BUDGET_S)
+    if thread.is_alive():
+        log.warning("the %s's round did not end within %.0f s: what it was doing is taken up again by the next "
+                    "claim", name, STOP_BUDGET_S)
+    _exit_now()
 
 
 def run_worker(settings: Settings) -> None:
@@ -198,25 +235,23 @@ def run_worker(settings: Settings) -> None:
     from inference.model_card import read_card
 
     read_card(settings.model_path)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     pipeline = Pipeline(settings, db, store, lambda: make_predictor(settings), worker_id("worker"))
     _ = pipeline.predictor
     print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
-    while not stop.is_set():
-        if not pipeline.run_next():
-            stop.wait(settings.worker.poll_seconds)
+
+    def work(stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not pipeline.run_next():
+                stop.wait(settings.worker.poll_seconds)
+
+    _until_stopped(work, "worker")
 
 
 def run_sender(settings: Settings) -> None:
     """``dicom-node sender``: only the outbox's sender loop (e.g. on a host near the PACS, or with
     ``sender.enabled = false`` in ``serve``). Several senders may run: rows are claimed with row locks."""
     db, _ = open_storage(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     outbox = Outbox(settings, db, worker_id("sender"))
     print(f"dicom-node sender {outbox.owner} for {', '.join(d.name for d in settings.destinations) or 'no destination'}",
           flush=True)
-    outbox.run_forever(stop)
+    _until_stopped(outbox.run_forever, "sender")
