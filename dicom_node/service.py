@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from storage import queue
 from storage.db import Database
@@ -18,9 +18,9 @@ from storage.filestore import FileStore
 from .config import Settings
 from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
+from .receive.scp import StorageSCP, quiet_pynetdicom
 from .scheduler import NodeScheduler
 from .tls import client_context
-from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
 

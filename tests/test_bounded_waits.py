@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import NodeProcess, PacsSCP, storescu, wait_for, write_series
 from sqlalchemy import select
 
-from conftest import NodeProcess, PacsSCP, storescu, wait_for, write_series
 from dicom_node.config import load_settings
 from dicom_node.receive.scp import CLEAN_STOP_MARKER, StorageSCP
 from dicom_node.service import open_storage

@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 import rawdicom as raw
 from conftest import DCMTK, ENV, wait_for
+
 from dicom_node.config import ConfigError, load_settings
-from dicom_node.receive.connections import ConnectionLedger, ConnectionLimits, RefusalLog
+from dicom_node.receive.connections import (
+    ConnectionLedger,
+    ConnectionLimits,
+    RefusalLog,
+)
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage
 
@@ -191,12 +195,12 @@ def test_without_configured_peers_no_slot_is_reserved():
 
 
 def test_refusals_are_logged_once_per_interval_with_the_count(caplog):
-    log = RefusalLog(interval=0.3)
+    refusals = RefusalLog(interval=0.3)
     for _ in range(50):
-        log.warn("10.0.0.9", "closed at connect: full")
-    log.warn("10.0.0.8", "closed at connect: full")
+        refusals.refused("10.0.0.9", "closed at connect: full")
+    refusals.refused("10.0.0.8", "closed at connect: full")
     time.sleep(0.35)
-    log.warn("10.0.0.9", "closed at connect: full")
+    refusals.refused("10.0.0.9", "closed at connect: full")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["connection from 10.0.0.9 closed at connect: full",
                      "connection from 10.0.0.8 closed at connect: full",

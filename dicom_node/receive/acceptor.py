@@ -30,13 +30,20 @@ import socketserver
 import ssl
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from pynetdicom.presentation import PresentationContext
 
 from .association import MAX_PDU, Association
-from .connections import ConnectionLedger, ConnectionLimits, RefusalLog, address_allowed, log
+from .connections import (
+    ConnectionLedger,
+    ConnectionLimits,
+    RefusalLog,
+    address_allowed,
+    log,
+)
 from .dimse import Handlers
+
 
 # --------------------------------------------------------------------------------------------- server
 class _Server(socketserver.ThreadingTCPServer):
@@ -44,7 +51,7 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], handler, acceptor: "Acceptor", tls: ssl.SSLContext | None):
+    def __init__(self, address: tuple[str, int], handler, acceptor: Acceptor, tls: ssl.SSLContext | None):
         self.acceptor = acceptor
         self.tls = tls
         # The kernel's queue of connections not yet accepted: room for every slot at once (a PACS opening
@@ -120,7 +127,7 @@ class Acceptor:
         (refusals at connect and drops before association, which a flood repeats as fast as it reconnects)
         are logged at most once per interval per address and reason, with the count of those not logged."""
         if burst:
-            self._refusals.warn(address, reason)
+            self._refusals.refused(address, reason)
         else:
             log.warning("connection from %s %s", address, reason)
 

@@ -25,8 +25,18 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from .connections import log
-from .dimse import (C_STORE_RQ, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, NO_DATASET, Peer, ProtocolError,
-                    Rejection, _us, dispatch, parse_command)
+from .dimse import (
+    C_STORE_RQ,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    NO_DATASET,
+    Peer,
+    ProtocolError,
+    Rejection,
+    _us,
+    dispatch,
+    parse_command,
+)
 
 if TYPE_CHECKING:
     from .acceptor import Acceptor
@@ -77,7 +87,7 @@ LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02)  # transient, service-provide
 class Association:
     """One accepted connection, served in its own thread from A-ASSOCIATE-RQ to release or abort."""
 
-    def __init__(self, acceptor: "Acceptor", sock: socket.socket, address: tuple[str, int], accepted_at: float,
+    def __init__(self, acceptor: Acceptor, sock: socket.socket, address: tuple[str, int], accepted_at: float,
                  tls: ssl.SSLContext | None = None):
         self.acceptor = acceptor
         self.sock = sock
@@ -127,7 +137,7 @@ class Association:
                 self._timeout = remaining
             try:
                 k = sock.recv_into(view[got:], n - got)
-            except (socket.timeout, ssl.SSLWantReadError):
+            except (TimeoutError, ssl.SSLWantReadError):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Dropped(what) from None

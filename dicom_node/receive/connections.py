@@ -23,8 +23,8 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 from urllib.parse import urlsplit
 
 log = logging.getLogger("dicom_node.receive.acceptor")
@@ -56,7 +56,7 @@ class ConnectionLimits:
 
     @classmethod
     def resolve(cls, max_associations: int, max_associations_per_peer: int = 0, max_connections: int = 0,
-                max_connections_per_peer: int = 0, reserved_connections: int = 0) -> "ConnectionLimits":
+                max_connections_per_peer: int = 0, reserved_connections: int = 0) -> ConnectionLimits:
         """0 means derived: 4 x max_associations connections (at least 32), a quarter of them per address (at
         least max_associations_per_peer) and an eighth of them reserved for the configured peers."""
         per_assoc = max_associations_per_peer or max_associations
@@ -99,7 +99,7 @@ class RefusalLog:
         self._quiet_until: dict[tuple[str, str], float] = {}
         self._suppressed: Counter[tuple[str, str]] = Counter()
 
-    def warn(self, address: str, reason: str) -> None:
+    def refused(self, address: str, reason: str) -> None:
         key = (address, reason)
         now = time.monotonic()
         with self._lock:

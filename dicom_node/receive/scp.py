@@ -22,15 +22,12 @@ import logging
 import threading
 from pathlib import Path
 
-from pynetdicom import _config
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -40,6 +37,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import _config
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification
 
 from storage import deliveries, queue
 from storage.db import Database
@@ -48,15 +48,15 @@ from storage.models import utcnow
 from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
 
-from .acceptor import Acceptor
-from .connections import address_allowed, destination_hosts, peer_addresses
-from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..notify import notify
 from ..tls import server_context
+from .acceptor import Acceptor
+from .connections import address_allowed, destination_hosts, peer_addresses
+from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
-from .uids import is_uid, uid_problem
 from .recovery import record_unrecorded
+from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
 
