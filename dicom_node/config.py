@@ -76,6 +76,10 @@ class ScpSettings:
     network_timeout: float = 60
     association_request_timeout: float = 10
     max_associations_per_peer: int = 8
+    max_connections: int = 0  # 0: 4 x max_associations, at least 32
+    max_connections_per_peer: int = 0  # 0: a quarter of max_connections, at least max_associations_per_peer
+    reserved_connections: int = 0  # 0: an eighth of max_connections
+    release_wait_seconds: float = 3
     require_called_ae: bool = True
     tls: ScpTlsSettings = field(default_factory=ScpTlsSettings)
 
@@ -93,10 +97,31 @@ class ScpSettings:
         _positive("scp.network_timeout", self.network_timeout)
         _positive("scp.association_request_timeout", self.association_request_timeout)
         _positive("scp.max_associations_per_peer", self.max_associations_per_peer)
+        self._validate_connections()
+        _positive("scp.release_wait_seconds", self.release_wait_seconds)
         if self.tls.port == self.port and self.tls.enabled and self.tls.plain_listener and self.port:
             raise ConfigError(f"scp.tls.port: {self.tls.port} is also scp.port; the TLS listener needs its own port")
         if self.min_free_disk_mb < 0:
             raise ConfigError("scp.min_free_disk_mb must be >= 0")
+
+    def _validate_connections(self) -> None:
+        """The connection caps (0: derived, see receive/connections.py) must leave room for the associations."""
+        for key in ("max_connections", "max_connections_per_peer", "reserved_connections"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"scp.{key} must be >= 0 (0: derived from scp.max_associations)")
+        total = self.max_connections or max(4 * self.max_associations, 32)
+        if self.max_connections and self.max_connections < self.max_associations:
+            raise ConfigError(f"scp.max_connections ({self.max_connections}) must be >= scp.max_associations "
+                              f"({self.max_associations}): every association is a connection")
+        per_peer = self.max_connections_per_peer
+        if per_peer and per_peer < self.max_associations_per_peer:
+            raise ConfigError(f"scp.max_connections_per_peer ({per_peer}) must be >= scp.max_associations_per_peer "
+                              f"({self.max_associations_per_peer})")
+        if per_peer > total:
+            raise ConfigError(f"scp.max_connections_per_peer ({per_peer}) must be <= scp.max_connections ({total})")
+        if self.reserved_connections >= total:
+            raise ConfigError(f"scp.reserved_connections ({self.reserved_connections}) must be below "
+                              f"scp.max_connections ({total})")
 
 
 @dataclass

@@ -95,6 +95,9 @@ class Pipeline:
         self.owner = owner or worker_id()
         #: called after a result went into the outbox (serve: wakes its sender thread at once)
         self.on_outbox: Callable[[], None] = lambda: None
+        #: set when the node stops: no further job is claimed (the running one is left to its lease)
+        self.stopping = threading.Event()
+        self.current_job: int | None = None
 
     @property
     def predictor(self):
@@ -114,12 +117,13 @@ class Pipeline:
 
     def drain(self) -> int:
         n = 0
-        while self.run_next():
+        while not self.stopping.is_set() and self.run_next():
             n += 1
         return n
 
     def run(self, job_id: int) -> None:
         doing = ["starting the job"]  # what the job was doing, for the reason an admin reads
+        self.current_job = job_id
         try:
             with _Heartbeat(self.db, job_id, self.owner, self.settings.worker.lease_seconds) as hb:
                 self._run(job_id, hb, doing)
@@ -135,6 +139,8 @@ class Pipeline:
             log.info("job %s is now %s", job_id, state)
             if state == JobState.FAILED:
                 notify(self.settings, "job-failed", {"job": job_id, "reason": err})
+        finally:
+            self.current_job = None
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
         now = time.perf_counter()

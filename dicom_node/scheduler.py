@@ -92,6 +92,9 @@ class NodeScheduler:
         except Exception:
             log.exception("dispatch failed")
 
-    def stop(self) -> None:
-        self.completion.stop()
-        self.sched.shutdown(wait=True)
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the completion checks and the timers without waiting for a running dispatch: a job in progress is
+        left to its lease (taken again at the next start, as after a crash), no further job is claimed."""
+        self.pipeline.stopping.set()
+        self.completion.stop(timeout)
+        self.sched.shutdown(wait=False)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
+import time
+from collections.abc import Callable
 
 from storage.db import Database
 from storage.filestore import FileStore
@@ -14,11 +18,41 @@ from storage.jobs import release_dead_local_leases
 from .config import Settings
 from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
+from .receive.scp import StorageSCP, quiet_pynetdicom
 from .scheduler import NodeScheduler
 from .tls import client_context
-from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
+
+#: The longest ``Node.stop`` takes, whatever the disk, the database, a destination or a running job do: well
+#: inside 10 s (room for a loaded machine), under orchestrators' stop timeouts (systemd's 90 s, many others' 30 s).
+STOP_BUDGET_S = 6.0
+#: Of that, what the recorder may use to commit received instances (the rest are recorded at the next start).
+RECORDER_STOP_S = 3.0
+
+
+def stop_all(steps: dict[str, Callable[[], None]], seconds: float) -> list[str]:
+    """Run the stop steps side by side, each in a daemon thread, for at most ``seconds`` together (so a step
+    blocked in the database or the network holds neither the others nor the stop); returns those left behind."""
+    done: dict[str, threading.Event] = {}
+
+    def run(what: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("stopping %s failed", what)
+        finally:
+            done[what].set()
+
+    for what, step in steps.items():
+        done[what] = threading.Event()
+        threading.Thread(target=run, args=(what, step), name=f"stop-{what}", daemon=True).start()
+    deadline = time.monotonic() + seconds
+    left = [what for what, ev in done.items() if not ev.wait(max(0.0, deadline - time.monotonic()))]
+    for what in left:
+        log.warning("stopping %s took longer than %.0f s: left behind, as a crash would leave it (taken up again "
+                    "at the next start)", what, seconds)
+    return left
 
 
 def setup_logging(settings: Settings) -> None:
@@ -112,21 +146,45 @@ class Node:
         if self.web:
             self.web.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop within STOP_BUDGET_S in every state; returns whether everything ended (False: a job, a delivery or
+        a step blocked in the database was left behind, as a crash would leave it: its lease or claim is taken
+        again at the next start, and received instances not yet recorded are recorded then)."""
         self._sender_stop.set()
         self.outbox.wake()
-        self.scp.stop()
-        self.scheduler.stop()
+        self.pipeline.stopping.set()
+        steps: dict[str, Callable[[], None]] = {
+            "the listener": lambda: self.scp.stop(RECORDER_STOP_S),
+            "the scheduler": lambda: self.scheduler.stop(STOP_BUDGET_S),
+        }
         if self._sender.is_alive():
-            self._sender.join(30)
+            steps["the sender"] = self._sender.join  # a delivery in progress ends with its round
         if self.web:
-            self.web.stop()
+            steps["the dashboard"] = self.web.stop
+        clean = not stop_all(steps, STOP_BUDGET_S)
+        job = self.pipeline.current_job
+        if job is not None:
+            log.warning("job %s left running at stop: it is taken again at the next start", job)
+            clean = False
         self._stopped.set()
+        return clean
 
     def serve_forever(self) -> None:
+        starting = True
+
+        def on_signal(*_) -> None:
+            self._stopped.set()
+            if starting:  # a start may take long (the model, the start-up recovery): do not finish it first
+                raise _StoppedWhileStarting
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopped.set())
-        self.start()
+            signal.signal(sig, on_signal)
+        try:
+            self.start()
+            starting = False
+        except _StoppedWhileStarting:
+            log.warning("stopped while starting: what was begun is taken up again at the next start")
+            _exit_now()
         ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
         print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
               "Ctrl-C to stop", flush=True)
@@ -134,7 +192,40 @@ class Node:
             print(f"dashboard on http://{self.settings.web.bind_address}:{self.settings.web.port}/", flush=True)
         self._stopped.wait()
         log.info("stopping")
-        self.stop()
+        t0 = time.monotonic()
+        clean = self.stop()
+        log.info("stopped in %.1f s%s", time.monotonic() - t0, "" if clean else " (work left for the next start)")
+        _exit_now()
+
+
+class _StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT arrived before the node had started."""
+
+
+def _exit_now() -> None:
+    """End the process once the orderly stop is done: the interpreter's own exit would join every executor
+    thread, a running job's and a stuck database call's included, however long they take."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _until_stopped(loop: Callable[[threading.Event], None], name: str) -> None:
+    """Run ``loop(stop)`` until SIGTERM or SIGINT, then give it STOP_BUDGET_S to end its round (a job or a
+    delivery in progress is left to its lease or claim, as after a crash) and end the process."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.wait(1.0):
+        pass
+    thread.join(STOP_BUDGET_S)
+    if thread.is_alive():
+        log.warning("the %s's round did not end within %.0f s: what it was doing is taken up again by the next "
+                    "claim", name, STOP_BUDGET_S)
+    _exit_now()
 
 
 def run_worker(settings: Settings) -> None:
@@ -144,25 +235,23 @@ def run_worker(settings: Settings) -> None:
     from inference.model_card import read_card
 
     read_card(settings.model_path)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     pipeline = Pipeline(settings, db, store, lambda: make_predictor(settings), worker_id("worker"))
     _ = pipeline.predictor
     print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
-    while not stop.is_set():
-        if not pipeline.run_next():
-            stop.wait(settings.worker.poll_seconds)
+
+    def work(stop: threading.Event) -> None:
+        while not stop.is_set():
+            if not pipeline.run_next():
+                stop.wait(settings.worker.poll_seconds)
+
+    _until_stopped(work, "worker")
 
 
 def run_sender(settings: Settings) -> None:
     """``dicom-node sender``: only the outbox's sender loop (e.g. on a host near the PACS, or with
     ``sender.enabled = false`` in ``serve``). Several senders may run: rows are claimed with row locks."""
     db, _ = open_storage(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     outbox = Outbox(settings, db, worker_id("sender"))
     print(f"dicom-node sender {outbox.owner} for {', '.join(d.name for d in settings.destinations) or 'no destination'}",
           flush=True)
-    outbox.run_forever(stop)
+    _until_stopped(outbox.run_forever, "sender")

@@ -7,8 +7,9 @@ success once the file is written (and fsynced when ``scp.fsync``), hands the hea
 follows within milliseconds, in one transaction with whatever else arrived meanwhile.
 
 What keeps that honest:
-- before the node confirms an association's release it waits until everything received so far is committed
-  (``flush``), so a sender that has finished knows its instances are in the database;
+- before the node confirms an association's release it waits, a few seconds at most, until that association's
+  rows are committed (``wait``), so a sender that has finished knows its instances are in the database, and a
+  database that hangs or refuses does not turn a stored series into a failed release;
 - a batch the database refuses (down, unreachable, locked) stays queued and is retried with back-off;
   while it fails, or while more than ``MAX_BACKLOG`` rows wait, the listener refuses new instances with
   Out of Resources, so the backlog stays bounded;
@@ -108,8 +109,10 @@ class BackgroundRecorder:
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._committed >= seq, timeout)
 
-    def stop(self, timeout: float = 30) -> None:
-        """Commit what is queued (as far as the database lets us within ``timeout``) and end the thread."""
+    def stop(self, timeout: float = 3) -> None:
+        """Commit what is queued (as far as the database lets us within ``timeout``) and end the thread. Bounded
+        whatever the database does: a batch stuck in a commit is left to its daemon thread, and the files of
+        rows not committed are recorded at the next start."""
         if self._thread is None:
             return
         if not self.flush(timeout) and self._items:
@@ -118,7 +121,7 @@ class BackgroundRecorder:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(5)
+        self._thread.join(1)
         if not self._thread.is_alive():  # else keep it: a later start() must not run a second writer
             self._thread = None
 

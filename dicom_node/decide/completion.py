@@ -109,12 +109,13 @@ class Completion:
             self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """End the thread; a check stuck in the database is left to the (daemon) thread after ``timeout``."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(timeout)
             self._thread = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -4,8 +4,10 @@ One handler per event, as pynetdicom's own apps do; the association itself is se
 (why: see there). The C-STORE handler reads the header fields once, writes the encoded bytes it received
 (no pixel decoding) and answers success once the file is on disk (fsynced when ``scp.fsync``); its database
 row is committed a few milliseconds later in a batch (storage/recording.py), and before an association's
-release is confirmed, so a sender that has finished knows its instances are recorded (an association that
-stored nothing, such as a C-ECHO health probe, is released at once, whatever the database does).
+release is confirmed, so a sender that has finished knows its instances are recorded. That wait is bounded
+(``scp.release_wait_seconds``): a database that is down or full never turns stored instances into a failed
+release; their rows follow when it answers, or at the next start (receive/recovery.py). An association that
+stored nothing, such as a C-ECHO health probe, is released at once.
 
 Before anything is written, the command and the data set must agree and their UIDs must be DICOM UIDs
 (receive/uids.py): those UIDs name the file, so a value such as ``..`` or ``1.2 3`` is refused (0xC000, kept in
@@ -20,15 +22,12 @@ import logging
 import threading
 from pathlib import Path
 
-from pynetdicom import _config
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -38,6 +37,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import _config
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification
 
 from storage import deliveries
 from storage.db import Database
@@ -47,14 +49,15 @@ from storage.models import utcnow
 from storage.recording import BackgroundRecorder
 from storage.series import end_quiet, extend_quiet, receiving_series
 
-from .acceptor import Acceptor, address_allowed
-from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..notify import notify
 from ..tls import server_context
+from .acceptor import Acceptor
+from .connections import address_allowed, destination_hosts, peer_addresses
+from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
-from .uids import is_uid, uid_problem
 from .recovery import record_unrecorded
+from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
 
@@ -147,6 +150,7 @@ class StorageSCP:
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
+        self._released: set[Peer] = set()  # released with every row recorded: on_closed ends their quiet wait
 
     # ------------------------------------------------------------------------------ handlers
     def on_requested(self, peer: Peer) -> Rejection | None:
@@ -173,19 +177,30 @@ class StorageSCP:
 
     def on_release(self, peer: Peer, stored: bool = True) -> None:
         """A-RELEASE-RQ: confirm once this association's instances are in the database, or after
-        scp.network_timeout at the latest (the peer must not hang on a database outage). An association that
-        stored nothing (a C-ECHO, the PACS's health probe) is confirmed at once, whatever the database does."""
-        delivered = self._assoc_series.pop(peer, None)
+        scp.release_wait_seconds at the latest, whatever the database does (a sender whose instances are on
+        disk must not report a failed release; what is not recorded then is recorded when the database answers,
+        or by the start-up recovery). An association that stored nothing (a C-ECHO, the PACS's health probe)
+        is confirmed at once. Ending an extended quiet period waits for on_closed, after the confirmation."""
         with self._stats_lock:
             seq = self._last_seq.pop(peer, None)
         if not stored or seq is None:
             return
-        if not self.writer.wait(seq, timeout=self.settings.scp.network_timeout or 30):
-            log.warning("release confirmed to %s after scp.network_timeout with its instances not yet recorded "
-                        "(database slow or down: %s); the files are on disk and are recorded when it answers",
-                        peer.calling_ae, self.writer.failing)
+        cfg = self.settings.scp
+        wait = min(cfg.release_wait_seconds, cfg.network_timeout or cfg.release_wait_seconds)
+        if self.writer.wait(seq, timeout=wait):
+            self._released.add(peer)
+        else:
+            log.warning("release confirmed to %s after %g s (scp.release_wait_seconds) with %d received instances "
+                        "not yet recorded (database slow or down: %s); their files are on disk and are recorded when "
+                        "the database answers, or by the start-up recovery if the node stops first",
+                        peer.calling_ae, wait, self.writer.backlog, self.writer.failing or "no answer yet")
+
+    def _end_quiet(self, peer: Peer) -> None:
+        """A released association delivered to series whose quiet period was extended for a resend (after an
+        aborted association or a crash): they settle normally again."""
+        delivered = self._assoc_series.pop(peer, None)
         resent = delivered & self._waiting if delivered and self._waiting else None
-        if resent:  # the resend an aborted association or a crash made us wait for: settle normally again
+        if resent:
             self._waiting.difference_update(resent)
             try:
                 end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
@@ -223,9 +238,12 @@ class StorageSCP:
         return SUCCESS
 
     def on_closed(self, peer: Peer) -> None:
-        """The association ended (released or not): forget its last row."""
+        """The association ended (released or not, the release already confirmed): forget its last row."""
         with self._stats_lock:
             self._last_seq.pop(peer, None)
+        if peer in self._released:  # its rows are recorded, so the series rows exist
+            self._released.discard(peer)
+            self._end_quiet(peer)
         self._assoc_series.pop(peer, None)
 
     def on_store(self, request: StoreRequest) -> int:
@@ -304,7 +322,10 @@ class StorageSCP:
                                network_timeout=cfg.network_timeout,
                                association_request_timeout=cfg.association_request_timeout,
                                max_associations_per_peer=cfg.max_associations_per_peer,
-                               allowed_peers=cfg.allowed_peers)
+                               allowed_peers=cfg.allowed_peers, max_connections=cfg.max_connections,
+                               max_connections_per_peer=cfg.max_connections_per_peer,
+                               reserved_connections=cfg.reserved_connections,
+                               peer_hosts=peer_addresses(destination_hosts(self.settings.destinations)))
         self.store.start_spares()
         # Walking incoming/ costs time on a large store and is only needed after an unclean stop: a clean
         # stop that committed every row leaves a marker, which this start consumes.
@@ -343,11 +364,17 @@ class StorageSCP:
     def port(self) -> int:
         return self.server.server_address[1] if self.server else self.settings.scp.port
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop listening, then give the recorder up to ``timeout`` seconds to commit what is queued (a stop
+        must not wait on a database that is down or a disk that is full: whatever is left has its file on disk
+        and no clean-stop marker, so the next start records it)."""
         if self.server:
             self.server.stop()
             self.server = None
-        self.writer.stop()
+        self.writer.stop(timeout)
         if self.writer.backlog == 0 and self.writer.failing is None:
-            (self.store.root / CLEAN_STOP_MARKER).write_text("every stored instance was recorded\n")
+            try:
+                (self.store.root / CLEAN_STOP_MARKER).write_text("every stored instance was recorded\n")
+            except OSError as exc:  # a full disk: the next start walks incoming/, which is only slower
+                log.warning("clean-stop marker not written (%s): the next start checks every stored file", exc)
         self.store.stop_spares()
