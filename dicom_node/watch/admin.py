@@ -8,6 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
 from storage.db import Database
+from storage.latency import held_at, latency
 from storage.models import (
     Delivery,
     Event,
@@ -95,8 +96,10 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
         if job_id is not None:
             q = q.where(Job.id == job_id)
         rows = []
-        for job in s.scalars(q):
-            total = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+        found = s.scalars(q).all()
+        held = held_at(s, (job.id for job in found))
+        for job in found:
+            took = latency(job, job.series.last_received_at, held.get(job.id))
             rows.append({
                 "job": job.id, "state": job.state, "attempts": job.attempts, "urgent": job.urgent, "rule": job.rule,
                 "study_uid": job.series.study.study_uid, "accession": job.series.study.accession_number,
@@ -105,7 +108,9 @@ def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: in
                 # the count this job segmented (older jobs: the series may have grown since)
                 "instances": job.n_instances if job.n_instances is not None else job.series.n_instances,
                 "created": job.created_at.isoformat(timespec="seconds"),
-                "total_s": round(total, 2) if total is not None else None,
+                # last image → delivered, and the part of it spent waiting for a person's review
+                "total_s": round(took.total_s, 2) if took.total_s is not None else None,
+                "review_wait_s": round(took.review_wait_s, 2) if took.review_wait_s is not None else None,
                 "stages_s": json.loads(job.timings or "{}"), "reason": job.reason,
                 "superseded_by": job.superseded_by,
                 "volumes_cm3": {v.structure: round(v.volume_cm3, 1) for v in job.volumes},

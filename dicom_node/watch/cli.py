@@ -266,7 +266,8 @@ def cmd_jobs(args) -> int:
     for r in rows:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in r["stages_s"].items())
         print(f"#{r['job']:<5} {r['state']:<10} {r['modality']:<3} {r['instances']:>4} img  "
-              f"{(r['series'] or '')[:28]:<28} {r['created']}  total={r['total_s']}s attempts={r['attempts']}")
+              f"{(r['series'] or '')[:28]:<28} {r['created']}  total={r['total_s']}s attempts={r['attempts']}"
+              + (f" (review wait {r['review_wait_s']}s)" if r["review_wait_s"] is not None else ""))
         if stages:
             print(f"       stages: {stages}")
         if r["volumes_cm3"]:

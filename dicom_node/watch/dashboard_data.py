@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from storage.db import Database
+from storage.latency import finished_latencies
 from storage.models import Event, Job, utcnow
 from storage.states import JobState, Verdict
 
@@ -37,16 +38,16 @@ def job_timeline(db: Database, job_id: int) -> list[dict]:
 
 
 def hourly(db: Database, hours: int = 24) -> list[dict]:
-    """Per hour over the last ``hours``: jobs finished, and the median/95th percentile job duration."""
+    """Per hour over the last ``hours``: jobs finished, and the median/95th percentile of the time from last
+    image to delivery with review waits left out (what the node, not the reviewer, spent)."""
     since = utcnow() - dt.timedelta(hours=hours)
     with db.session() as s:
-        rows = s.execute(select(Job.finished_at, Job.started_at)
-                         .where(Job.state == JobState.DONE, Job.finished_at >= since)).all()
+        rows = finished_latencies(s, since)
     buckets: dict[int, list[float]] = {h: [] for h in range(hours)}
-    for fin, start in rows:
+    for fin, took in rows:
         h = int((fin - since).total_seconds() // 3600)
-        if 0 <= h < hours and start:
-            buckets[h].append((fin - start).total_seconds())
+        if 0 <= h < hours and took.node_s is not None:
+            buckets[h].append(took.node_s)
     out = []
     for h in range(hours):
         d = sorted(buckets[h])
