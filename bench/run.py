@@ -241,7 +241,7 @@ def bench_ingest(work: Path, n: int, rounds: int) -> dict:
 
 
 def bench_send(work: Path, n: int) -> dict:
-    from dicom_node.deliver.sender import send_items
+    from dicom_node.deliver.dimse import send_items
 
     study = work / "send" / "s"
     make_study(study, n, seed=5)

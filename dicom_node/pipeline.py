@@ -1,16 +1,15 @@
 """One job from queued to encoded, orchestrating the stages: infer (load → preprocess/predict/postprocess,
-sides, volumes) → quality gate → encode (SEG + SR, checked) → release for delivery → the outbox.
+sides, volumes) → gate (quality checks) → encode (SEG + SR, checked) → release for delivery → the outbox.
 
-The quality gate (encode/quality.py) judges every result before anything is encoded or sent; what a failed
-result does at each destination (hold for review, send flagged, drop) is decided in one place,
-:meth:`Pipeline.release_for_delivery`. Sending itself is the sender loop's (deliver/outbox.py): a worker
-never waits on a destination.
+The gate (gate/quality.py) judges every result before anything is encoded or sent; what a failed result does
+at each destination (hold for review, send flagged, drop) is decided by gate/release.py and carried out in one
+place, :meth:`Pipeline.release_for_delivery`.
 
 The job's compute part ends with the encoded files put in the outbox (one row per destination, job state
 ``delivering``); the sender loop (deliver/outbox.py) sends them, so a worker never waits on a PACS.
-Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table). While a job runs, a heartbeat renews its lease so that
-another worker takes it over only if this one dies. An exception marks the job for retry (with backoff)
-or failure, and never escapes into the scheduler.
+Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table). While a
+job runs, a heartbeat renews its lease so that another worker takes it over only if this one dies. An
+exception marks the job for retry (with backoff) or failure, and never escapes into the scheduler.
 """
 
 from __future__ import annotations
@@ -28,12 +27,14 @@ from storage import deliveries, queue
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Job, utcnow
+from storage.states import EventKind, JobState, Verdict
 
 from .config import Settings
-from .deliver.outbox import outbox_files
-from .encode.quality import QualityReport, assess
+from .deliver.delivery import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
+from .gate.quality import QualityReport, assess
+from .gate.release import release_plan
 from .errors import admin_message
 from .infer.compute import NotSegmentable, segment_series
 from .notify import notify
@@ -128,7 +129,7 @@ class Pipeline:
             w = self.settings.worker
             state = queue.fail_or_retry(self.db, job_id, err, w.max_attempts, w.retry_backoff_seconds)
             log.info("job %s is now %s", job_id, state)
-            if state == "failed":
+            if state == JobState.FAILED:
                 notify(self.settings, "job-failed", {"job": job_id, "reason": err})
 
     def _stage(self, job_id: int, name: str, t0: float) -> float:
@@ -158,14 +159,14 @@ class Pipeline:
         try:
             result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta)
         except NotSegmentable as exc:
-            queue.set_state(self.db, job_id, "skipped", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            queue.set_state(self.db, job_id, JobState.SKIPPED, event_detail=str(exc), reason=str(exc),
+                            finished_at=utcnow())
             return
-        t = time.perf_counter()
         doing.append("recording the volumes")
         segments, vols, card = result.segments, result.volumes_cm3, result.card
         queue.save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
         if not segments:
-            queue.set_state(self.db, job_id, "done", event_detail="no bone structure found; nothing sent",
+            queue.set_state(self.db, job_id, JobState.DONE, event_detail="no bone structure found; nothing sent",
                             reason="no bone structure found; nothing sent", finished_at=utcnow(),
                             model_version=card.version, device=result.device)
             return
@@ -176,17 +177,18 @@ class Pipeline:
         doing.append("encoding the SEG and SR")
         try:
             seg, path = encode_results(self.settings, result, job_dir,
-                                       failed=report.short_names() if report.verdict == "fail" else None)
+                                       failed=report.short_names() if report.verdict == Verdict.FAIL else None)
         except InvalidResult as exc:
-            queue.set_state(self.db, job_id, "failed", event_detail=str(exc), reason=str(exc), finished_at=utcnow())
+            queue.set_state(self.db, job_id, JobState.FAILED, event_detail=str(exc), reason=str(exc),
+                            finished_at=utcnow())
             log.error("job %s: %s", job_id, exc)
             notify(self.settings, "job-failed", {"job": job_id, "reason": str(exc)})
             return
         t = self._stage(job_id, "encode", t)
-        queue.set_state(self.db, job_id, "running", seg_series_uid=seg.SeriesInstanceUID,
+        queue.set_state(self.db, job_id, JobState.RUNNING, seg_series_uid=seg.SeriesInstanceUID,
                         seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
                         device=result.device)
-        queue.event(self.db, "encoded", series_id=series_id, job_id=job_id,
+        queue.event(self.db, EventKind.ENCODED, series_id=series_id, job_id=job_id,
                     detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         doing.append("queueing the results for delivery")
         outcome = self._deliver(job_id, path.parent, hb)
@@ -202,7 +204,7 @@ class Pipeline:
         queue.save_quality(self.db, job_id, report.verdict, report.summary(),
                            [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])
         self._stage(job_id, "quality", t)
-        if report.verdict != "pass":
+        if report.verdict != Verdict.PASS:
             log.warning("job %s: quality %s: %s", job_id, report.verdict, report.summary())
         return report
 
@@ -211,27 +213,21 @@ class Pipeline:
         hb.check()  # never queue a result whose job another worker has taken over
         newer = queue.superseded_by(self.db, job_id)
         if newer is not None:
-            queue.set_state(self.db, job_id, "skipped", event_detail=f"superseded by job {newer}; not sent",
+            queue.set_state(self.db, job_id, JobState.SKIPPED, event_detail=f"superseded by job {newer}; not sent",
                             reason=f"superseded by job {newer} (later instances arrived)", finished_at=utcnow())
-            return "skipped"
+            return JobState.SKIPPED
         return self.release_for_delivery(job_id, job_dir)
 
     def release_for_delivery(self, job_id: int, job_dir: Path) -> str:
-        """The one place a checked result is let out: which destinations get it now, given the quality gate.
+        """The one place a checked result is let out, to the destinations :func:`release_plan` names.
 
-        A result that passed (or only warned) goes to every destination's outbox row, as before the gate
-        existed. A result that failed goes, per destination's ``quality_policy``: ``send_flagged`` now (its
-        SEG and SR say the checks failed, and which); ``hold`` only after a person approves it (the job waits
-        in ``review``, and an approval queues it again, back through here); ``drop`` never (kept here,
-        recorded). The outbox keeps one row per destination and job, so an approval or a retry never sends
-        twice. Returns the job's new state.
+        A held result waits in ``review``; an approval queues the job again, back through here. The outbox
+        keeps one row per destination and job, so an approval or a retry never sends twice. Returns the job's
+        new state.
         """
         verdict, review, failed = queue.quality_of(self.db, job_id)
-        held = verdict == "fail" and review != "approved"
-        dests = self.settings.destinations
-        send = [d for d in dests if not held or d.quality_policy == "send_flagged"]
-        hold = [d for d in dests if held and d.quality_policy == "hold"]
-        drop = [d for d in dests if held and d.quality_policy == "drop"]
+        plan = release_plan(verdict, review, self.settings.destinations)
+        send, hold, drop = plan.send, plan.hold, plan.drop
         if drop:
             queue.job_event(self.db, job_id, "dropped", f"not sent to {', '.join(d.name for d in drop)} "
                                                         f"(quality_policy drop): {failed}")
@@ -245,10 +241,10 @@ class Pipeline:
             log.warning("job %s held for review: quality checks failed (%s)", job_id, failed[:300])
             notify(self.settings, "job-held", {"job": job_id, "failed": failed[:1000],
                                                "destinations": [d.name for d in hold]})
-            return "review"
+            return JobState.REVIEW
         if drop and not send:
-            queue.set_state(self.db, job_id, "dropped", event_detail=None, finished_at=utcnow(),
+            queue.set_state(self.db, job_id, JobState.DROPPED, event_detail=None, finished_at=utcnow(),
                             reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
-            return "dropped"
+            return JobState.DROPPED
         with self.db.session() as s:  # delivering, or already done when there was nothing to send
             return s.get(Job, job_id).state

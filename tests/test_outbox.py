@@ -405,7 +405,7 @@ def test_commitment_answered_on_the_sending_association(tmp_path):
 
     from dicom_node.config import Destination, Settings
     from dicom_node.deliver.outbox import Outbox
-    from dicom_node.receive.dimse import COMMITMENT_INSTANCE, COMMITMENT_SOP_CLASS
+    from dicom_node.deliver.commitment import INSTANCE as COMMITMENT_INSTANCE, SOP_CLASS as COMMITMENT_SOP_CLASS
     from storage import deliveries
     from storage.db import Database
     from storage.models import Job, OutboxItem, Series, Study
