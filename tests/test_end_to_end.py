@@ -12,7 +12,7 @@ import pydicom
 import highdicom as hd
 
 from conftest import storescu, wait_for, write_series
-from dicom_node.decide.rules import stack
+from dicom_node.slices import stack
 from dicom_node.infer.volume import load_series
 from inference.labels import DEFAULT_LABELS
 from inference.model import BUNDLED_MODEL
