@@ -33,9 +33,9 @@ from .config import Settings
 from .deliver.delivery import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
+from .errors import admin_message
 from .gate.quality import QualityReport, assess
 from .gate.release import release_plan
-from .errors import admin_message
 from .infer.compute import NotSegmentable, segment_series
 from .notify import notify
 

@@ -15,9 +15,9 @@ from .config import Settings
 from .deliver import commitment
 from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
+from .receive.scp import StorageSCP, quiet_pynetdicom
 from .scheduler import NodeScheduler
 from .tls import client_context
-from .receive.scp import StorageSCP, quiet_pynetdicom
 
 log = logging.getLogger("dicom_node")
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from storage.models import Instance
 
-
 #: A step between slices longer than this many times the usual one is a gap between stations.
 GAP_FACTOR = 1.5
 #: Fewest slices in one block of a series with gaps (fewer: skipped, most likely stray slices).
@@ -79,8 +78,10 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
     # a position sent twice (a repeated slice, a re-sent corrected image): the instance received last wins
     received = [(getattr(i, "received_at", None) or 0, getattr(i, "id", 0) or 0) for i in images]
     order = sorted(range(len(images)), key=lambda k: (round(float(d[k]), 3), received[k]))
-    keep = [k for n, k in enumerate(order) if n + 1 == len(order) or round(float(d[order[n + 1]]), 3) != round(float(d[k]), 3)]
-    note = f"{len(order) - len(keep)} duplicate slice positions: kept the instance received last" if len(keep) < len(order) else ""
+    keep = [k for n, k in enumerate(order)
+            if n + 1 == len(order) or round(float(d[order[n + 1]]), 3) != round(float(d[k]), 3)]
+    note = (f"{len(order) - len(keep)} duplicate slice positions: kept the instance received last"
+            if len(keep) < len(order) else "")
     order = np.asarray(keep)
     d = d[order]
     if len(d) > 1:

@@ -1,8 +1,8 @@
 """Deciding which complete series are segmented, and saying why the others are not.
 
 Two checks, in order: the configured rules (modality, lower-limb terms in body part or descriptions,
-minimum slice count), then the geometry (the slices must stack into one volume: dicom_node/slices.py). Every series that is not
-segmented gets a reason an admin can read in ``dicom-node jobs``.
+minimum slice count), then the geometry (the slices must stack into one volume: see dicom_node/slices.py).
+Every series that is not segmented gets a reason an admin can read in ``dicom-node jobs``.
 """
 
 from __future__ import annotations

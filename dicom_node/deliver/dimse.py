@@ -122,7 +122,8 @@ def send_items(host: str, port: int, called: str, items: list, calling: str = "S
     metas = []
     for it in items:
         if isinstance(it, pydicom.Dataset):
-            metas.append((it, it.SOPClassUID, it.file_meta.TransferSyntaxUID if hasattr(it, "file_meta") else ExplicitVRLittleEndian))
+            ts = it.file_meta.TransferSyntaxUID if hasattr(it, "file_meta") else ExplicitVRLittleEndian
+            metas.append((it, it.SOPClassUID, ts))
         else:
             ds = pydicom.dcmread(it, stop_before_pixels=True)
             metas.append((str(it), ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))

@@ -21,15 +21,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pynetdicom import _config
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -39,6 +36,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import _config
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification
 
 from storage import queue
 from storage.db import Database
@@ -47,14 +47,14 @@ from storage.models import utcnow
 from storage.queue import InstanceMeta, Received, Recorder
 from storage.recording import BackgroundRecorder
 
-from .acceptor import Acceptor, address_allowed
-from .dimse import EventReport, Peer, Rejection, StoreRequest
 from ..config import Settings
 from ..notify import notify
 from ..tls import server_context
+from .acceptor import Acceptor, address_allowed
+from .dimse import EventReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
-from .uids import is_uid, uid_problem
 from .recovery import record_unrecorded
+from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
 
