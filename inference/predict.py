@@ -83,10 +83,6 @@ class Predictor:
         self.net, self.compiled = net, True
         log.info("model compiled for batches of %d in %.1f s", self.batch_size, time.perf_counter() - t0)
 
-    @property
-    def label_names(self) -> dict[int, str]:
-        return {lab.value: lab.name for lab in self.card.labels}
-
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
                 tta: bool = False) -> Prediction:
         """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions.

@@ -506,10 +506,6 @@ class Acceptor:
         log.warning("connection from %s %s", address, reason)
 
     @property
-    def open_associations(self) -> int:
-        return self._active
-
-    @property
     def open_connections(self) -> int:
         return self._connections
 
