@@ -1,4 +1,4 @@
-"""Measure the quality gate (dicom_node/encode/quality.py) and keep the numbers its thresholds come from.
+"""Measure the quality gate (dicom_node/gate/quality.py) and keep the numbers its thresholds come from.
 
 For held-out phantoms (``make_case(seed, wide/harsh)``, seeds the demo model never saw) the bundled model
 predicts with probabilities and the test-time-augmented pass, as the node does. Then:
@@ -36,15 +36,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.encode.quality import AREA_BOUNDS_CM2, THRESHOLDS, assess  # noqa: E402
+from dicom_node.gate.quality import AREA_BOUNDS_CM2, THRESHOLDS, assess  # noqa: E402
 from dicom_node.infer.segments import split_sides  # noqa: E402
 from dicom_node.infer.volume import SeriesVolume  # noqa: E402
 from inference.labels import DEFAULT_LABELS  # noqa: E402
 from inference.model import BUNDLED_MODEL  # noqa: E402
 from inference.model_card import read_card  # noqa: E402
 from inference.phantom import make_case  # noqa: E402
-from inference.synth import foreign  # noqa: E402
 from inference.predict import Predictor  # noqa: E402
+from inference.synth import foreign  # noqa: E402
 
 NAMES = {lab.value: lab.name for lab in DEFAULT_LABELS}
 MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scored (a sliver at the edge)
@@ -323,7 +323,7 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
     for key, per in s["good_metric_ranges"].items():
         lines.append(f"| {key} | " + " | ".join(f"{per[b][0]}–{per[b][1]}" if b in per else "–"
                                                for b in sorted(s["good_metric_ranges"]["area_cm2"])) + " |")
-    lines += ["", "Thresholds in force (dicom_node/encode/quality.py):", "", "```",
+    lines += ["", "Thresholds in force (dicom_node/gate/quality.py):", "", "```",
               json.dumps(THRESHOLDS, indent=1), "mean cross-section bounds cm² (fail<, warn<, warn>, fail>): "
               + json.dumps(AREA_BOUNDS_CM2), "```", "",
               "| case | set | variant | min Dice | verdict | anatomy only | why |", "|---|---|---|---|---|---|---|"]

@@ -55,7 +55,13 @@ def make_study(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[Pat
     """An n-slice axial MR series of size² (rendered phantom slabs, repeated with new positions/UIDs)."""
     from dataclasses import replace
 
-    from inference.phantom import Geometry, Phantom, random_anatomy, render, write_dicom_series
+    from inference.phantom import (
+        Geometry,
+        Phantom,
+        random_anatomy,
+        render,
+        write_dicom_series,
+    )
 
     rng = np.random.default_rng(seed)
     anat = random_anatomy(rng)
@@ -241,7 +247,7 @@ def bench_ingest(work: Path, n: int, rounds: int) -> dict:
 
 
 def bench_send(work: Path, n: int) -> dict:
-    from dicom_node.deliver.sender import send_items
+    from dicom_node.deliver.dimse import send_items
 
     study = work / "send" / "s"
     make_study(study, n, seed=5)
@@ -305,7 +311,12 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from inference.model import BUNDLED_MODEL, load_model, native_bf16_cpu, pick_precision
+    from inference.model import (
+        BUNDLED_MODEL,
+        load_model,
+        native_bf16_cpu,
+        pick_precision,
+    )
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     out = {}
@@ -372,11 +383,12 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
 def bench_seg(sizes: list[int]) -> dict:
     from dataclasses import replace
 
+    import pydicom
+
     from dicom_node.encode.seg_writer import build_seg
     from dicom_node.infer.segments import split_sides
     from inference.model_card import ModelCard
     from inference.phantom import Anatomy, Geometry, Phantom, write_dicom_series
-    import pydicom
 
     out = {}
     for n in sizes:
@@ -540,11 +552,10 @@ def bench_end_to_end_source(work: Path, n_studies: int, n_slices: int, stable: f
 
 # ------------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    import torch
-
+    import highdicom
     import pydicom
     import pynetdicom
-    import highdicom
+    import torch
 
     cpu = ""
     try:

@@ -21,10 +21,6 @@ class Explained(Exception):
     """An error whose message is already written for an admin (it is shown as it is)."""
 
 
-class DeliveryFailed(Explained):
-    """Every attempt at some destination failed; the message names each destination and why."""
-
-
 def admin_message(exc: BaseException, stage: str, job_id: int | None = None) -> str:
     """The reason recorded on a job for ``exc``, raised while ``stage`` (e.g. "loading the images")."""
     if isinstance(exc, Explained):

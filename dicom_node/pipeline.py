@@ -1,16 +1,15 @@
 """One job from queued to encoded, orchestrating the stages: infer (load → preprocess/predict/postprocess,
-sides, volumes) → quality gate → encode (SEG + SR, checked) → release for delivery → the outbox.
+sides, volumes) → gate (quality checks) → encode (SEG + SR, checked) → release for delivery → the outbox.
 
-The quality gate (encode/quality.py) judges every result before anything is encoded or sent; what a failed
-result does at each destination (hold for review, send flagged, drop) is decided in one place,
-:meth:`Pipeline.release_for_delivery`. Sending itself is the sender loop's (deliver/outbox.py): a worker
-never waits on a destination.
+The gate (gate/quality.py) judges every result before anything is encoded or sent; what a failed result does
+at each destination (hold for review, send flagged, drop) is decided by gate/release.py and carried out in one
+place, :meth:`Pipeline.release_for_delivery`.
 
 The job's compute part ends with the encoded files put in the outbox (one row per destination, job state
 ``delivering``); the sender loop (deliver/outbox.py) sends them, so a worker never waits on a PACS.
-Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table). While a job runs, a heartbeat renews its lease so that
-another worker takes it over only if this one dies. An exception marks the job for retry (with backoff)
-or failure, and never escapes into the scheduler.
+Each stage's duration goes into the job's ``timings`` and each step onto the timeline (events table). While a
+job runs, a heartbeat renews its lease so that another worker takes it over only if this one dies. An
+exception marks the job for retry (with backoff) or failure, and never escapes into the scheduler.
 """
 
 from __future__ import annotations
@@ -27,19 +26,28 @@ from typing import Callable
 from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.jobs import add_timing, claim_job, fail_or_retry, heartbeat, save_volumes, set_state, superseded_by
+from storage.jobs import (
+    add_timing,
+    claim_job,
+    fail_or_retry,
+    heartbeat,
+    save_volumes,
+    set_state,
+    superseded_by,
+)
 from storage.models import Job, utcnow
 from storage.review import hold_for_review, quality_of, save_quality
 from storage.series import series_instances
-from storage.states import EventKind, JobState, QualityPolicy, ReviewDecision, Verdict
+from storage.states import EventKind, JobState, Verdict
 from storage.timeline import event, job_event
 
 from .config import Settings
-from .deliver.outbox import outbox_files
-from .encode.quality import QualityReport, assess
+from .deliver.delivery import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
 from .errors import admin_message
+from .gate.quality import QualityReport, assess
+from .gate.release import release_plan
 from .infer.compute import NotSegmentable, segment_series
 from .notify import notify
 
@@ -171,7 +179,6 @@ class Pipeline:
         except NotSegmentable as exc:
             set_state(self.db, job_id, JobState.SKIPPED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
-        t = time.perf_counter()
         doing.append("recording the volumes")
         segments, vols, card = result.segments, result.volumes_cm3, result.card
         save_volumes(self.db, job_id, {sg.name: (sg.label.snomed_code, vols[sg.name]) for sg in segments})
@@ -228,21 +235,15 @@ class Pipeline:
         return self.release_for_delivery(job_id, job_dir)
 
     def release_for_delivery(self, job_id: int, job_dir: Path) -> str:
-        """The one place a checked result is let out: which destinations get it now, given the quality gate.
+        """The one place a checked result is let out, to the destinations :func:`release_plan` names.
 
-        A result that passed (or only warned) goes to every destination's outbox row, as before the gate
-        existed. A result that failed goes, per destination's ``quality_policy``: ``send_flagged`` now (its
-        SEG and SR say the checks failed, and which); ``hold`` only after a person approves it (the job waits
-        in ``review``, and an approval queues it again, back through here); ``drop`` never (kept here,
-        recorded). The outbox keeps one row per destination and job, so an approval or a retry never sends
-        twice. Returns the job's new state.
+        A held result waits in ``review``; an approval queues the job again, back through here. The outbox
+        keeps one row per destination and job, so an approval or a retry never sends twice. Returns the job's
+        new state.
         """
         verdict, review, failed = quality_of(self.db, job_id)
-        held = verdict == Verdict.FAIL and review != ReviewDecision.APPROVED
-        dests = self.settings.destinations
-        send = [d for d in dests if not held or d.quality_policy == QualityPolicy.SEND_FLAGGED]
-        hold = [d for d in dests if held and d.quality_policy == QualityPolicy.HOLD]
-        drop = [d for d in dests if held and d.quality_policy == QualityPolicy.DROP]
+        plan = release_plan(verdict, review, self.settings.destinations)
+        send, hold, drop = plan.send, plan.hold, plan.drop
         if drop:
             job_event(self.db, job_id, EventKind.DROPPED, f"not sent to {', '.join(d.name for d in drop)} "
                                                           f"(quality_policy drop): {failed}")

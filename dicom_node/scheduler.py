@@ -20,8 +20,8 @@ from storage.instances import purge_delivered_images
 from storage.jobs import expired_leases, release_dead_local_leases
 
 from .config import Settings
-from .pipeline import Pipeline
 from .decide.completion import Completion
+from .pipeline import Pipeline
 
 log = logging.getLogger("dicom_node.scheduler")
 

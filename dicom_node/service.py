@@ -16,6 +16,7 @@ from storage.filestore import FileStore
 from storage.jobs import release_dead_local_leases
 
 from .config import Settings
+from .deliver import commitment
 from .deliver.outbox import Outbox
 from .pipeline import Pipeline, worker_id
 from .receive.scp import StorageSCP, quiet_pynetdicom
@@ -107,7 +108,9 @@ class Node:
 
         read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
         self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
-        self.scp = StorageSCP(settings, self.db, self.store)
+        # Storage Commitment answers arrive on the listener; the deliver stage handles them
+        self.scp = StorageSCP(settings, self.db, self.store,
+                              event_reports={commitment.SOP_CLASS: commitment.ListenerAnswers(self.db)})
         for i, dest in enumerate(settings.destinations):  # a bad certificate or key stops the start, key named
             if dest.tls:
                 client_context(dest, f"destinations[{i}]")

@@ -48,10 +48,3 @@ DEFAULT_LABELS: tuple[Label, ...] = (
     Label(3, "FIBULA", "87342007", "Fibula", (0, 158, 115)),
     Label(4, "PELVIS", "118645006", "Pelvis", (204, 121, 167)),
 )
-
-
-def label_by_name(labels: tuple[Label, ...] | list[Label], name: str) -> Label:
-    for lab in labels:
-        if lab.name == name.upper():
-            return lab
-    raise KeyError(name)

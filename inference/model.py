@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .bundled import BUNDLED_MODEL  # noqa: F401 (benches and tests name the bundled model here)
 from .model_card import ModelCard, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-BUNDLED_MODEL = Path(__file__).parent / "weights" / "demo-lower-limb.safetensors"
 
 
 def build_network(card: ModelCard, encoder_weights_file: Path | None = None) -> torch.nn.Module:

@@ -18,7 +18,14 @@ import torch
 from .model import load_model, pick_device, pick_precision
 from .model_card import ModelCard
 from .postprocess import clean_labels
-from .preprocessing import from_model_output, intensity_range, orient, plan_transform, to_model_input, unorient
+from .preprocessing import (
+    from_model_output,
+    intensity_range,
+    orient,
+    plan_transform,
+    to_model_input,
+    unorient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +89,6 @@ class Predictor:
             return
         self.net, self.compiled = net, True
         log.info("model compiled for batches of %d in %.1f s", self.batch_size, time.perf_counter() - t0)
-
-    @property
-    def label_names(self) -> dict[int, str]:
-        return {lab.value: lab.name for lab in self.card.labels}
 
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
                 tta: bool = False) -> Prediction:

@@ -25,7 +25,13 @@ from . import augment
 from .dataset import Case, list_cases, load_case, split_cases
 from .model import build_network, pick_device
 from .model_card import ModelCard, save_checkpoint
-from .preprocessing import intensity_range, labels_to_model_grid, orient, plan_transform, to_model_input
+from .preprocessing import (
+    intensity_range,
+    labels_to_model_grid,
+    orient,
+    plan_transform,
+    to_model_input,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
-
 class Database:
     def __init__(self, url: str):
         self.url = url

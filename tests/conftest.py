@@ -90,10 +90,9 @@ class _PixelmedServer:
     JVM that hangs fails the check after ``timeout`` seconds instead of hanging the suite."""
 
     def __init__(self):
-        import threading
-
         import atexit
         import tempfile
+        import threading
 
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()

@@ -11,7 +11,11 @@ import time
 
 import pydicom
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
 from pynetdicom.presentation import build_context
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -6,11 +6,9 @@ files come from check_results_valid (dciodvfy + Pixelmed), as for every result o
 
 from __future__ import annotations
 
-
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import check_results_valid, write_series
 
 AIR_PURPOSE = ("1630", "99IHE", "Processing Algorithm")

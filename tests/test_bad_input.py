@@ -8,9 +8,8 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom import AE, _config
-
 from conftest import DCMTK, ENV, NodeProcess, storescu, write_series
+from pynetdicom import AE, _config
 
 
 def raw_send(port: int, path, aet: str = "GOODSCU") -> int | None:

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import (
+    ENV,
+    NodeProcess,
+    PacsSCP,
+    free_port,
+    storescu,
+    wait_for,
+    write_series,
+)
 from sqlalchemy import func, select
 
-from conftest import ENV, NodeProcess, PacsSCP, free_port, storescu, wait_for, write_series
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.decide.completion import image_expectation
 from storage.models import Delivery, Event, Instance, Job, Series
@@ -342,7 +350,13 @@ def test_extended_quiet_period_holds_the_timer_until_it_ends_or_the_resend_arriv
     from storage.db import Database
     from storage.instances import InstanceMeta, Recorder
     from storage.models import utcnow
-    from storage.series import completion_view, count_fetch, end_quiet, extend_quiet, stable_series
+    from storage.series import (
+        completion_view,
+        count_fetch,
+        end_quiet,
+        extend_quiet,
+        stable_series,
+    )
 
     db = Database(f"sqlite:///{tmp_path / 'node.db'}")
     db.create_schema()

@@ -10,7 +10,6 @@ import urllib.request
 
 import pydicom
 import pytest
-
 from conftest import NodeProcess, PacsSCP, storescu, write_series
 
 TOKEN = "s3cret-token-for-tests"

@@ -11,15 +11,13 @@ import socket
 import threading
 
 import pytest
-
 from sqlalchemy import select, update
+from test_durability import db_url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 
 from storage import deliveries
 from storage.db import Database
 from storage.jobs import requeue
 from storage.models import Event, Job, OutboxItem, Series, Study, utcnow
-
-from test_durability import db_url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 
 FILES = [{"path": "/results/job/SEG_binary.dcm", "sop_class": "1.2.840.10008.5.1.4.1.1.66.4", "sop_uid": "2.25.1"},
          {"path": "/results/job/SR_binary.dcm", "sop_class": "1.2.840.10008.5.1.4.1.1.88.34", "sop_uid": "2.25.2"}]

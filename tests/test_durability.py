@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import ENV, NodeProcess, wait_for, write_series
 from sqlalchemy import create_engine, func, select, text
 
-from conftest import ENV, NodeProcess, wait_for, write_series
 from storage.db import Database
 from storage.models import Event, Instance, Job, Series, Study, utcnow
 

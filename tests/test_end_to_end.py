@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import subprocess
 
+import highdicom as hd
 import numpy as np
 import pydicom
-import highdicom as hd
-
 from conftest import storescu, wait_for, write_series
-from dicom_node.decide.rules import stack
+
 from dicom_node.infer.volume import load_series
+from dicom_node.slices import stack
 from inference.labels import DEFAULT_LABELS
 
 

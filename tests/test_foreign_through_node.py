@@ -17,12 +17,10 @@ README's table (seeds 500-503) and prints each one's Dice.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import NodeProcess, PacsSCP, storescu, wait_for
 
 pytestmark = pytest.mark.slow

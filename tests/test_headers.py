@@ -7,10 +7,16 @@ import subprocess
 
 import pydicom
 import pytest
+from conftest import write_series
 from pydicom.uid import ImplicitVRLittleEndian
 
-from conftest import write_series
-from dicom_node.receive.headers import UnreadableData, _scan_explicit_le, parse_received, read_received, to_meta
+from dicom_node.receive.headers import (
+    UnreadableData,
+    _scan_explicit_le,
+    parse_received,
+    read_received,
+    to_meta,
+)
 
 
 def body_of(path) -> tuple[bytes, str]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 import rawdicom as raw
 from conftest import DCMTK, ENV, storescu, wait_for, write_series
+
 from dicom_node.config import load_settings
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ENV, ROOT, free_port, wait_for
+
 from dicom_node.config import load_settings
 from dicom_node.service import open_storage
 from dicom_node.watch.web import WebServer, create_app

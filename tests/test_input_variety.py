@@ -8,9 +8,8 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, generate_uid
-
 from conftest import NodeProcess, PacsSCP, storescu, write_series
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import re
 import time
 
 import pydicom
+from conftest import write_series
 from sqlalchemy import select
 
 from dicom_node.config import load_settings
-from dicom_node.errors import EXCEPTION_NAME, DeliveryFailed, admin_message, network_reason
+from dicom_node.errors import EXCEPTION_NAME, Explained, admin_message, network_reason
 from dicom_node.pipeline import Pipeline
 from dicom_node.receive.headers import to_meta
 from dicom_node.service import make_predictor
@@ -21,8 +22,6 @@ from storage.instances import Recorder
 from storage.jobs import mark_judged
 from storage.models import Event, Job
 from storage.series import stable_series
-
-from conftest import write_series
 
 
 def test_the_pattern_catches_exception_text():
@@ -40,7 +39,7 @@ def test_known_failures_are_put_in_words():
         MemoryError(): "not enough memory while loading the images",
         ConnectionRefusedError(111, "refused"): "connection refused",
         TimeoutError(): "no answer from the peer in time",
-        DeliveryFailed("delivery failed: pacs: status 0xA700"): "delivery failed: pacs: status 0xA700",
+        Explained("delivery failed: pacs: status 0xA700"): "delivery failed: pacs: status 0xA700",
     }
     for exc, words in cases.items():
         msg = admin_message(exc, "loading the images", 7)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
-
 from conftest import NodeProcess, check_results_valid, free_port, wait_for, write_series
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,9 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
+from conftest import NodeProcess, PacsSCP, free_port, storescu, wait_for, write_series
 
 from storage.deliveries import OPEN
-
-from conftest import NodeProcess, PacsSCP, free_port, storescu, wait_for, write_series
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
@@ -404,8 +403,9 @@ def test_commitment_answered_on_the_sending_association(tmp_path):
     from sqlalchemy import select
 
     from dicom_node.config import Destination, Settings
+    from dicom_node.deliver.commitment import INSTANCE as COMMITMENT_INSTANCE
+    from dicom_node.deliver.commitment import SOP_CLASS as COMMITMENT_SOP_CLASS
     from dicom_node.deliver.outbox import Outbox
-    from dicom_node.receive.dimse import COMMITMENT_INSTANCE, COMMITMENT_SOP_CLASS
     from storage import deliveries
     from storage.db import Database
     from storage.models import Job, OutboxItem, Series, Study

@@ -1,4 +1,4 @@
-"""The quality gate's checks (dicom_node/encode/quality.py) on hand-made label maps with known anatomy.
+"""The quality gate's checks (dicom_node/gate/quality.py) on hand-made label maps with known anatomy.
 
 Each check is shown to fire on the one defect it is for, and to stay quiet on a plausible leg, including
 the same leg stored in the opposite slice order (feet-first or reversed stacking).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicom_node.encode.quality import QualityReport, StructureQuality, assess, worst
+from dicom_node.gate.quality import QualityReport, StructureQuality, assess, worst
 from dicom_node.infer.segments import split_sides
 from dicom_node.infer.volume import SeriesVolume
 from inference.labels import DEFAULT_LABELS

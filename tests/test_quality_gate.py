@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import NodeProcess, PacsSCP, storescu, wait_for
 
 TOKEN = "quality-gate-test-token"

@@ -7,20 +7,20 @@ import shutil
 import sqlite3
 
 import pydicom
+from conftest import storescu, wait_for, write_series
 from pynetdicom import AE
 from sqlalchemy import func, select
+from test_queue import meta
 
-from conftest import storescu, wait_for, write_series
 from dicom_node.config import load_settings
 from dicom_node.receive.recovery import record_unrecorded
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import Instance, Series
 from storage.instances import Received, Recorder
+from storage.models import Instance, Series
 from storage.recording import BackgroundRecorder
-from test_queue import meta
 
 
 def n_instances(db: Database) -> int:

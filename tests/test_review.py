@@ -8,8 +8,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import free_port, wait_for
+
 from dicom_node.config import Destination, Settings
 from dicom_node.pipeline import Pipeline
 from dicom_node.service import open_storage

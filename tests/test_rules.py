@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dicom_node.config import Rule
-from dicom_node.decide.rules import decide, match_rules, split_blocks, stack
+from dicom_node.decide.rules import decide, match_rules
+from dicom_node.slices import split_blocks, stack
 
 
 def series(modality="MR", body="", desc=""):

@@ -57,8 +57,8 @@ def test_pelvis_gives_the_midline_and_stays_one_segment():
 def test_result_check_refuses_a_seg_that_does_not_match_its_source(tmp_path):
     """The node's own last check: a SEG with another matrix or frame of reference is refused with the reason."""
     import pydicom
-
     from conftest import write_series
+
     from dicom_node.encode.seg_writer import build_seg
     from dicom_node.encode.validate import InvalidResult, check_seg
     from inference.model_card import ModelCard

@@ -13,14 +13,24 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 import rawdicom as raw
-from conftest import DCMTK, ENV, ROOT, NodeProcess, PacsSCP, free_port, need_dcmtk, wait_for, write_series
+from conftest import (
+    DCMTK,
+    ENV,
+    ROOT,
+    NodeProcess,
+    PacsSCP,
+    free_port,
+    need_dcmtk,
+    wait_for,
+    write_series,
+)
+
 from dicom_node.config import ConfigError, Destination, load_settings
-from dicom_node.deliver.sender import send_items
-from dicom_node.tls import client_context, server_name
+from dicom_node.deliver.dimse import send_items
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.service import open_storage
+from dicom_node.tls import client_context, server_name
 
 
 def _openssl(cwd: Path, *args: str) -> None:

@@ -28,8 +28,15 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
-
-from conftest import ENV, NodeProcess, check_results_valid, free_port, storescu, wait_for, write_series
+from conftest import (
+    ENV,
+    NodeProcess,
+    check_results_valid,
+    free_port,
+    storescu,
+    wait_for,
+    write_series,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -30,15 +30,21 @@ from typing import Callable
 from storage.db import Database
 from storage.jobs import mark_judged
 from storage.series import (
-    CompletionView, completion_view, count_fetch, held_sop_uids, receiving_series, series_instances, set_expected,
+    CompletionView,
+    completion_view,
+    count_fetch,
+    held_sop_uids,
+    receiving_series,
+    series_instances,
+    set_expected,
     stable_series,
 )
 from storage.states import EventKind, SeriesState
 from storage.timeline import event
 
 from ..config import Settings, Source
-from . import query
 from ..errors import admin_message
+from . import query
 from .rules import Decision, decide
 
 log = logging.getLogger("dicom_node.decide.completion")

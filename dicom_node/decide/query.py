@@ -45,7 +45,7 @@ class MoveResult:
 
 def _nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN: no Nagle delay, or each small C-FIND exchange waits ~40 ms for a delayed ACK
-    (deliver/sender.py does the same for results; a stage may not import a later one)."""
+    (deliver/dimse.py does the same for results; a stage may not import a later one)."""
     try:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):

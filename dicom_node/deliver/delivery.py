@@ -1,18 +1,33 @@
 """What each destination receives: the SEG of its profile (binary or labelmap) and, unless
-``send_sr = false``, the measurements SR. The outbox (outbox.py) sends these files; they are encoded once
-per job, so every re-send carries the same SOP Instance UIDs.
+``send_sr = false``, the measurements SR, named as encode wrote them (encode/results.py). They are encoded
+once per job and read here once, at queueing, so every re-send carries the same SOP Instance UIDs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Destination
+import pydicom
+
+from ..config import Destination, Settings
+from ..encode.results import result_files
 
 
 def files_for(dest: Destination, job_dir: Path) -> list[str]:
     """The files one destination receives: the SEG of its profile, and the SR unless ``send_sr = false``."""
-    files = [str(job_dir / f"SEG_{dest.seg_type}.dcm")]
-    if dest.send_sr:
-        files.append(str(job_dir / f"SR_{dest.seg_type}.dcm"))
-    return files
+    return [str(p) for p in result_files(job_dir).for_destination(dest.seg_type, dest.send_sr)]
+
+
+def outbox_files(settings: Settings, job_dir: Path) -> dict[str, list[dict]]:
+    """Per destination, the files of its profile with their SOP class and instance (read once, at queueing,
+    so that every re-send carries exactly these UIDs)."""
+    read: dict[str, dict] = {}  # destinations of one profile share files: each is read once
+
+    def meta(path: str) -> dict:
+        if path not in read:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            read[path] = {"path": path, "sop_class": str(ds.SOPClassUID), "sop_uid": str(ds.SOPInstanceUID),
+                          "ts": str(ds.file_meta.TransferSyntaxUID)}
+        return read[path]
+
+    return {dest.name: [meta(path) for path in files_for(dest, job_dir)] for dest in settings.destinations}

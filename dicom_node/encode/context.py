@@ -20,12 +20,12 @@ import logging
 import warnings
 
 from highdicom.enum import SpecificCharacterSetValues
+from pydicom import config
 from pydicom.charset import convert_encodings, encode_string
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom import config
 from pydicom.valuerep import PersonName, validate_value
 
 log = logging.getLogger("dicom_node.encode")

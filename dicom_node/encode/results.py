@@ -6,6 +6,8 @@ Nothing leaves the node from here; a result that does not match its source raise
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -16,6 +18,47 @@ from .context import result_context
 from .seg_writer import build_seg
 from .sr_writer import build_sr
 from .validate import check_seg, check_sr
+
+
+class ResultKind(StrEnum):
+    """The two objects written per SEG profile."""
+
+    SEG = "SEG"
+    SR = "SR"
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where a job's results lie: ``<KIND>_<profile>.dcm`` in the job's folder. Encode writes these names and
+    deliver reads them, so the convention is spelled here only."""
+
+    job_dir: Path
+
+    def path(self, kind: ResultKind, seg_type: str) -> Path:
+        return self.job_dir / f"{kind}_{seg_type}.dcm"
+
+    def seg(self, seg_type: str) -> Path:
+        return self.path(ResultKind.SEG, seg_type)
+
+    def sr(self, seg_type: str) -> Path:
+        return self.path(ResultKind.SR, seg_type)
+
+    def for_destination(self, seg_type: str, send_sr: bool) -> list[Path]:
+        """The files one destination receives: the SEG of its profile, and the SR unless it declines it."""
+        return [self.seg(seg_type)] + ([self.sr(seg_type)] if send_sr else [])
+
+    @staticmethod
+    def kind_of(path: str | Path) -> str:
+        """SEG or SR, from a result file's name (for messages about one file of a delivery); the whole name
+        for a file this convention did not name."""
+        name = Path(path).name
+        head = name.split("_", 1)[0]
+        return head if head in ResultKind.__members__ else name
+
+
+def result_files(job_dir: Path) -> ResultFiles:
+    """The result files of the job whose folder is ``job_dir``."""
+    return ResultFiles(Path(job_dir))
 
 
 def seg_types(settings: Settings) -> list[str]:
@@ -32,7 +75,7 @@ def flagged_description(description: str, failed: list[str]) -> str:
 
 def encode_results(settings: Settings, result: SeriesResult, job_dir: Path,
                    failed: list[str] | None = None) -> tuple[Dataset, Path]:
-    """Write ``SEG_<type>.dcm`` and ``SR_<type>.dcm`` into ``job_dir`` for each profile, re-read and check
+    """Write the SEG and the SR of each profile into ``job_dir`` (named by :class:`ResultFiles`), re-read and check
     each against the source; returns the first SEG (its UIDs go on the job) and its path.
 
     ``failed``: the structures that failed the quality gate; then the SEG's series description and the SR
@@ -44,8 +87,9 @@ def encode_results(settings: Settings, result: SeriesResult, job_dir: Path,
     first: tuple[Dataset, Path] | None = None
     context = result_context(vol.datasets)  # absent Type 2 attributes present and empty, text encodable
     labels = result.source_order_labels
+    names = result_files(job_dir)
     for seg_type in seg_types(settings):
-        seg_path, sr_path = job_dir / f"SEG_{seg_type}.dcm", job_dir / f"SR_{seg_type}.dcm"
+        seg_path, sr_path = names.seg(seg_type), names.sr(seg_type)
         seg = build_seg(context, labels, result.segments, result.card,
                         series_description=description, series_number=out.series_number,
                         manufacturer=out.manufacturer, segmentation_type=seg_type.upper())

@@ -8,11 +8,11 @@ algorithm as Contributing Equipment (IHE AI Results, see equipment.py).
 
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
+from highdicom.sr.coding import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from highdicom.sr.coding import CodedConcept
 
 from inference.labels import CATEGORY_CODE
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..decide.rules import split_blocks, stack
+from ..slices import stack_blocks
 from .segments import Segment, split_sides
 from .volume import NotStackable, SeriesVolume, load_series
 
@@ -50,18 +50,18 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
     """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends.
 
     ``quality`` keeps the model's probabilities and ``tta`` runs the test-time-augmented pass, both for the
-    quality gate (encode/quality.py).
+    quality gate (gate/quality.py).
     """
     import time
 
     note = timing or (lambda stage, seconds: None)
     t = time.perf_counter()
-    ordered, why = stack(instances)
-    if ordered is None:  # cannot happen for a job the rules queued, unless files changed since
+    blocks, why = stack_blocks(instances)
+    if blocks is None:  # cannot happen for a job the rules queued, unless files changed since
         raise NotSegmentable(why)
     try:
         # one block, unless the series has gaps between stations: each block is its own volume
-        parts = [load_series(block) for block in split_blocks(ordered)]
+        parts = [load_series(block) for block in blocks]
     except NotStackable as exc:
         raise NotSegmentable(str(exc)) from None
     note("load", time.perf_counter() - t)

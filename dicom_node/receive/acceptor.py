@@ -136,10 +136,6 @@ class Acceptor:
         return self.limits.max_connections
 
     @property
-    def open_associations(self) -> int:
-        return self.ledger.associations
-
-    @property
     def open_connections(self) -> int:
         return self.ledger.connections
 

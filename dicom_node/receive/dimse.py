@@ -1,6 +1,6 @@
-"""DIMSE on an established association: the C-STORE and C-ECHO command sets (PS3.7 §9.3) and the
-N-EVENT-REPORT of Storage Commitment (§10.3.1, PS3.4 J), what a handler is told about a request, and the
-answer it gives.
+"""DIMSE on an established association: the C-STORE, C-ECHO and N-EVENT-REPORT command sets (PS3.7 §9.3,
+§10.3.1), what a handler is told about a request, and the answer it gives. What an event report means
+(Storage Commitment) is the handler's business, registered by the service.
 
 The upper layer (:mod:`.acceptor`) frames PDUs and assembles each message's command set and data set; this
 module reads the command, calls the handler and encodes the response command set. Kept apart so that the
@@ -25,9 +25,6 @@ IMPLEMENTATION_UID = generate_uid(entropy_srcs=["dicom-seg-node", __version__])
 IMPLEMENTATION_VERSION = f"SEGNODE_{__version__.replace('.', '')}"[:16]
 
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
-#: Storage Commitment Push Model SOP class and its well-known instance (PS3.4 J.3)
-COMMITMENT_SOP_CLASS = "1.2.840.10008.1.20.1"
-COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_DATASET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
@@ -99,13 +96,26 @@ def file_preamble(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
 
 
 @dataclass
-class CommitmentReport:
-    """An archive's Storage Commitment answer: which instances of a transaction it holds, which it does not."""
+class EventReport:
+    """One received N-EVENT-REPORT: its SOP class and instance, event type and the still encoded Event
+    Information (None when the request carried none)."""
 
     peer: Peer
-    transaction_uid: str
-    committed: set[str]
-    failed: dict[str, str]  # SOP Instance UID -> failure reason in words
+    sop_class_uid: str
+    sop_instance_uid: str
+    event_type: int
+    data: bytes | None
+    transfer_syntax: str
+
+    def information(self):
+        """The Event Information as a pydicom Dataset (raises on undecodable data)."""
+        from io import BytesIO
+
+        from pydicom.filereader import read_dataset
+
+        ts = self.transfer_syntax
+        return read_dataset(BytesIO(self.data or b""), is_implicit_VR=ts == "1.2.840.10008.1.2",
+                            is_little_endian=ts != "1.2.840.10008.1.2.2")
 
 
 class Handlers(Protocol):
@@ -114,34 +124,8 @@ class Handlers(Protocol):
     def on_release(self, peer: Peer, stored: bool) -> None: ...
     def on_closed(self, peer: Peer) -> None: ...
     def on_store(self, request: StoreRequest) -> int: ...
-    def on_commitment(self, report: CommitmentReport) -> int: ...
+    def on_event_report(self, report: EventReport) -> int: ...
     def on_aborted(self, peer: Peer, how: str) -> None: ...  # established, then ended without A-RELEASE
-
-
-#: Failure Reason (0008,1197) values of Storage Commitment (PS3.3 C.14.1.1)
-FAILURE_REASONS = {0x0110: "processing failure", 0x0112: "no such object instance", 0x0213: "resource limitation",
-                   0x0122: "referenced SOP class not supported", 0x0119: "class / instance conflict",
-                   0x0131: "duplicate transaction UID"}
-
-
-def commitment_report(ds) -> tuple[str, set[str], dict[str, str]]:
-    """(transaction UID, committed SOP Instance UIDs, failed ones with their reason) from the Event
-    Information of an N-EVENT-REPORT (event type 1: all committed, 2: failures exist)."""
-    committed = {str(r.ReferencedSOPInstanceUID) for r in ds.get("ReferencedSOPSequence", [])}
-    failed = {}
-    for r in ds.get("FailedSOPSequence", []):
-        code = int(r.get("FailureReason", 0x0110))
-        failed[str(r.ReferencedSOPInstanceUID)] = f"0x{code:04X} {FAILURE_REASONS.get(code, 'failure')}"
-    return str(ds.TransactionUID), committed - set(failed), failed
-
-
-def _read_event_information(data: bytes, transfer_syntax: str):
-    from io import BytesIO
-
-    from pydicom.filereader import read_dataset
-
-    return read_dataset(BytesIO(data), is_implicit_VR=transfer_syntax == "1.2.840.10008.1.2",
-                        is_little_endian=transfer_syntax != "1.2.840.10008.1.2.2")
 
 
 class ProtocolError(Exception):
@@ -223,19 +207,8 @@ def dispatch(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], transfer_syn
 
 def _event_report(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], message_id: int, sop_class: str,
                   transfer_syntax: str, data: bytes | None) -> bytes:
-    """N-EVENT-REPORT-RQ: only Storage Commitment results (event type 1 or 2) are understood; the answer is
-    N-EVENT-REPORT-RSP (0x8100)."""
+    """N-EVENT-REPORT-RQ, answered with N-EVENT-REPORT-RSP (0x8100) and the handler's status."""
     sop_instance = _uid(cmd, 0x00001000)
     event_type = _us(cmd, 0x00001002)
-    if sop_class != COMMITMENT_SOP_CLASS:
-        log.warning("N-EVENT-REPORT for SOP class %s from %s: not supported (0x0112)", sop_class, peer.address)
-        return encode_response(0x8100, message_id, 0x0112, sop_class, sop_instance, event_type)  # no such SOP instance
-    if event_type not in (1, 2) or data is None:
-        return encode_response(0x8100, message_id, 0x0113, sop_class, sop_instance, event_type)  # no such event type
-    try:
-        txn, committed, failed = commitment_report(_read_event_information(data, transfer_syntax))
-    except Exception as exc:
-        log.warning("undecodable Storage Commitment report from %s: %s", peer.address, exc)
-        return encode_response(0x8100, message_id, 0x0115, sop_class, sop_instance, event_type)  # invalid argument
-    status = handlers.on_commitment(CommitmentReport(peer, txn, committed, failed))
+    status = handlers.on_event_report(EventReport(peer, sop_class, sop_instance, event_type, data, transfer_syntax))
     return encode_response(0x8100, message_id, status, sop_class, sop_instance, event_type)

@@ -21,8 +21,8 @@ from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
 
 from storage.filestore import FileStore
-from storage.models import Instance
 from storage.instances import Received, Recorder
+from storage.models import Instance
 from storage.recording import commit_rows
 
 from .headers import UnreadableData, read_received

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import threading
 from pathlib import Path
+from typing import Callable, Mapping
 
 from pydicom.uid import (
     JPEG2000,
@@ -41,7 +42,6 @@ from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification
 
-from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.instances import InstanceMeta, Received, Recorder
@@ -54,7 +54,7 @@ from ..notify import notify
 from ..tls import server_context
 from .acceptor import Acceptor
 from .connections import address_allowed, destination_hosts, peer_addresses
-from .dimse import COMMITMENT_SOP_CLASS, CommitmentReport, Peer, Rejection, StoreRequest
+from .dimse import EventReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
 from .uids import is_uid, uid_problem
@@ -80,6 +80,11 @@ PROCESSING_FAILURE = 0x0110
 DATASET_MISMATCH = 0xA900
 #: PS3.7 C.5: "Refused: SOP Class not supported" (the command's class is not its presentation context's).
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: PS3.7 C.4.2: N-EVENT-REPORT "No such SOP Instance", for a class nobody here handles.
+NO_SUCH_SOP_INSTANCE = 0x0112
+
+#: Answers an N-EVENT-REPORT of one SOP class with a status (Storage Commitment: deliver/commitment.py).
+EventReportHandler = Callable[[EventReport], int]
 
 
 def quiet_pynetdicom() -> None:
@@ -88,15 +93,17 @@ def quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def supported_contexts() -> list:
-    """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode."""
+def supported_contexts(event_classes: list[str] | tuple[str, ...] = ()) -> list:
+    """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode, and
+    the SOP classes whose N-EVENT-REPORTs a handler answers."""
     contexts = [build_context(Verification)]
     contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
-    # Storage Commitment answers: an archive opens an association to send N-EVENT-REPORT, as the SCP of the
-    # class (role selection proposed by it); we accept either role.
-    commitment = build_context(COMMITMENT_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    commitment.scu_role, commitment.scp_role = True, True
-    contexts.append(commitment)
+    for sop_class in event_classes:
+        # e.g. Storage Commitment answers: an archive opens an association to send N-EVENT-REPORT, as the SCP
+        # of the class (role selection proposed by it); we accept either role.
+        cx = build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        cx.scu_role, cx.scp_role = True, True
+        contexts.append(cx)
     return contexts
 
 
@@ -128,8 +135,11 @@ def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | 
 class StorageSCP:
     """Accepts associations and stores what arrives."""
 
-    def __init__(self, settings: Settings, db: Database, store: FileStore):
+    def __init__(self, settings: Settings, db: Database, store: FileStore,
+                 event_reports: Mapping[str, EventReportHandler] | None = None):
         self.settings = settings
+        #: N-EVENT-REPORT handlers by SOP class, registered by the service (a later stage's business)
+        self.event_reports: dict[str, EventReportHandler] = dict(event_reports or {})
         self.db = db
         self.store = store
         self.recorder = Recorder(db)
@@ -227,15 +237,14 @@ class StorageSCP:
         except Exception:  # the database is down or the node is stopping: the timer alone decides
             log.exception("could not extend the quiet period after an aborted association")
 
-    def on_commitment(self, report: CommitmentReport) -> int:
-        """An archive's Storage Commitment answer (N-EVENT-REPORT): recorded against our delivery."""
-        try:
-            outcome = deliveries.record_commitment(self.db, report.transaction_uid, report.committed, report.failed)
-        except Exception:
-            log.exception("Storage Commitment answer from %s could not be recorded", report.peer.calling_ae)
-            return PROCESSING_FAILURE
-        log.info("Storage Commitment answer from %s: %s", report.peer.calling_ae, outcome)
-        return SUCCESS
+    def on_event_report(self, report: EventReport) -> int:
+        """An N-EVENT-REPORT (an archive's Storage Commitment answer): answered by its class's handler."""
+        handler = self.event_reports.get(report.sop_class_uid)
+        if handler is None:
+            log.warning("N-EVENT-REPORT for SOP class %s from %s: not supported (0x0112)", report.sop_class_uid,
+                        report.peer.address)
+            return NO_SUCH_SOP_INSTANCE
+        return handler(report)
 
     def on_closed(self, peer: Peer) -> None:
         """The association ended (released or not, the release already confirmed): forget its last row."""
@@ -318,7 +327,7 @@ class StorageSCP:
     # ------------------------------------------------------------------------------ server
     def start(self) -> None:
         cfg = self.settings.scp
-        self.server = Acceptor(supported_contexts(), self, max_associations=cfg.max_associations,
+        self.server = Acceptor(supported_contexts(tuple(self.event_reports)), self, max_associations=cfg.max_associations,
                                network_timeout=cfg.network_timeout,
                                association_request_timeout=cfg.association_request_timeout,
                                max_associations_per_peer=cfg.max_associations_per_peer,

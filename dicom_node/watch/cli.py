@@ -292,7 +292,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_send(args) -> int:
-    from ..deliver.sender import dicom_files, send_items
+    from ..deliver.dimse import dicom_files, send_items
 
     files = []
     for p in args.paths:
@@ -314,7 +314,7 @@ def cmd_send(args) -> int:
 
 
 def cmd_echo(args) -> int:
-    from ..deliver.sender import echo
+    from ..deliver.dimse import echo
 
     if args.destination:
         from ..tls import client_context, server_name
