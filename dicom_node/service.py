@@ -188,7 +188,9 @@ class Node:
         except _StoppedWhileStarting:
             log.warning("stopped while starting: what was begun is taken up again at the next start")
             _exit_now()
-        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
+        listener = self.scp.server
+        assert listener is not None, "start() returned, so the listeners are open"
+        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in listener.addresses())
         print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
               "Ctrl-C to stop", flush=True)
         if self.web:

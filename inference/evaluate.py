@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,7 +65,7 @@ def evaluate(model: Path, data: Path, out: Path, device: str = "auto", cases: li
         seconds = time.perf_counter() - t0
         vp = volumes_cm3(pred, names, case.voxel_mm3)
         vt = volumes_cm3(case.labels, names, case.voxel_mm3)
-        row = {"case": case_name, "slices": int(case.image.shape[0]), "matrix": list(case.image.shape[1:]),
+        row: dict[str, Any] = {"case": case_name, "slices": int(case.image.shape[0]), "matrix": list(case.image.shape[1:]),
                "spacing_mm": [round(v, 3) for v in case.spacing], "seconds": round(seconds, 2), "structures": {}}
         for v, name in names.items():
             d = dice(pred == v, case.labels == v)

@@ -13,9 +13,9 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -77,7 +77,7 @@ class Received:
     received_at: dt.datetime = field(default_factory=utcnow)
 
 
-_LENGTHS = {c.name: c.type.length for c in Instance.__table__.columns if getattr(c.type, "length", None)}
+_LENGTHS = {c.name: n for c in Instance.__table__.columns if (n := getattr(c.type, "length", None))}
 
 
 class Recorder:
@@ -90,8 +90,8 @@ class Recorder:
         self.on_series = on_series
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
-        se = Series.__table__
-        self._insert = insert(Instance.__table__)
+        se = cast(Table, Series.__table__)
+        self._insert = insert(cast(Table, Instance.__table__))
         # One UPDATE per series and batch: count, time, and (re)open the series. A new instance reopens a
         # series that was already judged: it must settle again, and the next completion makes a new job, so a
         # late instance produces a fresh result rather than being silently ignored. A job still queued for the
@@ -102,7 +102,7 @@ class Recorder:
             # never backwards: start-up recovery records files with their (older) modification times
             last_received_at=case((se.c.last_received_at > bindparam("now"), se.c.last_received_at),
                                   else_=bindparam("now")))
-        ins = Instance.__table__
+        ins = cast(Table, Instance.__table__)
         # A file re-sent after the retention purge emptied its row's path: the row points at it again.
         self._repath = update(ins).where(ins.c.sop_uid == bindparam("uid"), ins.c.path == "").values(
             path=bindparam("new_path"), size=bindparam("new_size"))

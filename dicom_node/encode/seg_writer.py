@@ -68,7 +68,7 @@ def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segm
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=model_name(card),
-        software_versions=software_versions(card),
+        software_versions=software_versions(card),  # type: ignore[arg-type]  # stub says tuple[str]; takes any sequence
         device_serial_number="0",
         content_label="BONES",
         content_description="Automatic segmentation of femur, tibia, fibula and pelvis",

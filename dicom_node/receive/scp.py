@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -40,7 +41,7 @@ from pydicom.uid import (
 )
 from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from storage.db import Database
 from storage.filestore import FileStore
@@ -63,7 +64,7 @@ log = logging.getLogger("dicom_node.receive.scp")
 
 #: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
 #: pylibjpeg-openjpeg, pylibjpeg-rle) can decode for inference.
-TRANSFER_SYNTAXES = [
+TRANSFER_SYNTAXES: list[str | UID] = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless,
@@ -97,7 +98,8 @@ def supported_contexts(event_classes: list[str] | tuple[str, ...] = ()) -> list:
     """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode, and
     the SOP classes whose N-EVENT-REPORTs a handler answers."""
     contexts = [build_context(Verification)]
-    contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+                 if cx.abstract_syntax is not None]
     for sop_class in event_classes:
         # e.g. Storage Commitment answers: an archive opens an association to send N-EVENT-REPORT, as the SCP
         # of the class (role selection proposed by it); we accept either role.

@@ -135,7 +135,7 @@ def _affine_grid(b: int, size: int, gen: torch.Generator, cfg: RenderConfig, dev
     c, s = torch.cos(th), torch.sin(th)
     a = torch.stack([torch.stack([c * sx * flip, -s * sy + sh, _u(gen, -cfg.shift, cfg.shift, b, device="cpu")], 1),
                      torch.stack([s * sx * flip, c * sy, _u(gen, -cfg.shift, cfg.shift, b, device="cpu")], 1)], 1)
-    grid = F.affine_grid(a.to(device), (b, 1, size, size), align_corners=False)
+    grid = F.affine_grid(a.to(device), [b, 1, size, size], align_corners=False)
     if cfg.elastic > 0:
         coarse = (torch.rand(b, 2, 5, 5, generator=gen) * 2 - 1).to(device) * cfg.elastic
         grid = grid + F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
             g["lr"] = max(lr, a.lr * 0.02)
         x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if n_classic:
+        if n_classic and ctx is not None and cty is not None:  # n_classic is 0 without classic slices
             mix_classic(x, y, ctx, cty, n_classic, gen, a.classic_flip)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))
