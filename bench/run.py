@@ -119,7 +119,7 @@ class OrthancProc:
                 return
             except OSError:
                 if time.monotonic() > end or self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc did not start")
+                    raise RuntimeError("Orthanc did not start") from None
                 time.sleep(0.2)
 
     def api(self, path: str, data: bytes | None = None):
@@ -153,8 +153,9 @@ class NodeProc:
             f'fsync = {"true" if fsync else "false"}\nmin_free_disk_mb = 1\n'
             f'[series]\nstable_seconds = {stable}\nscan_interval_seconds = 0.2\n[worker]\npoll_seconds = 0.2\n'
             f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest + extra)
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"), "serve"],
-                                     cwd=ROOT, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"), stderr=subprocess.STDOUT)
+        with open(workdir / "node.log", "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"), "serve"],
+                                         cwd=ROOT, env=ENV_NODELAY, stdout=log, stderr=subprocess.STDOUT)
         # Wait for the node's ready line, not just the open port: the port opens before the model has loaded,
         # and sending while torch loads would measure the model load, not ingest.
         deadline = time.time() + 180
@@ -369,7 +370,7 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
                         continue
                     if compiled:
                         res.setdefault("compile_s", {})[str(bs)] = time.perf_counter() - tc
-                    sec = timed(dev, lambda: m(x), iters, warmup=1)
+                    sec = timed(dev, lambda: m(x), iters, warmup=1)  # noqa: B023  # called here, in this iteration
                 sps = bs * iters / sec
                 floor_sps = peak[dtype] * 1e9 / flops
                 res["variants"].append({"variant": name, "batch": bs, "slices_s": sps, "reference_gflops": peak[dtype],
@@ -563,7 +564,7 @@ def machine() -> dict:
     except (StopIteration, OSError):
         pass
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
             "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "highdicom": highdicom.__version__,

@@ -28,7 +28,7 @@ log = logging.getLogger("dicom_node.notify")
 
 EVENTS = ("destination-down", "destination-up", "delivery-failed", "job-failed", "job-held", "disk-floor")
 
-_queue: "queue.Queue[tuple[list[str], float, bytes]]" = queue.Queue(maxsize=1000)
+_queue: queue.Queue[tuple[list[str], float, bytes]] = queue.Queue(maxsize=1000)
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
 

@@ -20,8 +20,8 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from storage import deliveries
 from storage.db import Database

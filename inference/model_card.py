@@ -62,7 +62,7 @@ class ModelCard:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:

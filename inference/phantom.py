@@ -168,7 +168,7 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     x = np.cos(th) * x0 + np.sin(th) * y0
     y = -np.sin(th) * x0 + np.cos(th) * y0
 
-    I = anat.intensities
+    tone = anat.intensities
     cort = anat.cortex_mm * (0.6 + 0.4 * s)
     zh, zk, za = anat.z_head, anat.z_knee, anat.z_ankle
     dh = 85 * s + anat.leg_spread / 2  # hip centre half-distance
@@ -264,16 +264,16 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
 
     # ---- compose intensities, outermost first
     tex = _texture(x, y, z, anat.texture_seed, 0.05)
-    img[outline] = I["skin"]
-    img[skin_core] = I["fat"]
-    img[muscle_region] = I["muscle"]
-    img[muscle_region & septa] = I["fat"]
-    img[viscera & muscle_region] = I["viscera"]
+    img[outline] = tone["skin"]
+    img[skin_core] = tone["fat"]
+    img[muscle_region] = tone["muscle"]
+    img[muscle_region & septa] = tone["fat"]
+    img[viscera & muscle_region] = tone["viscera"]
     img += np.where(muscle_region, tex, 0.0)
     for value, inside, marrow in bones:
         inside = inside & outline
-        img[inside] = I["cortex"]
-        img[marrow & outline] = I["marrow"] + tex[marrow & outline]
+        img[inside] = tone["cortex"]
+        img[marrow & outline] = tone["marrow"] + tex[marrow & outline]
         lab[inside] = value
     # multiplicative smooth bias field
     b = anat.bias

@@ -125,7 +125,7 @@ def _card(cfg: TrainConfig, train_names, val_names, best: dict) -> ModelCard:
             "date": _dt.date.today().isoformat(),
             "train_cases": train_names,
             "val_cases": val_names,
-            "loss": "dice + categorical focal (gamma %.1f)" % cfg.focal_gamma,
+            "loss": f"dice + categorical focal (gamma {cfg.focal_gamma:.1f})",
             "optimizer": f"Adam lr={cfg.lr} decay={cfg.lr_decay}/epoch",
             "batch_size": cfg.batch_size,
             "crop_size": cfg.crop_size,

@@ -97,7 +97,7 @@ class _PixelmedServer:
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
         # the JVM's stderr goes to a file: an unread pipe could fill and stall it
-        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115  # open for the server's life
         atexit.register(self.close)
 
     def _start(self) -> subprocess.Popen:
@@ -279,8 +279,9 @@ class NodeProcess:
             f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest + more
         )
         self.log = self.dir / "node.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(self.config), "serve"],
-                                     cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=ENV)
+        with open(self.log, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(self.config), "serve"],
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         if wait_echo:
             wait_for(self._answers, 90, 0.5, "the node to answer C-ECHO")
         else:

@@ -59,7 +59,7 @@ def test_seg_and_sr_name_the_algorithm_and_pass_dciodvfy_and_pixelmed(results):
     assert sr.VerificationFlag == "UNVERIFIED"
     root = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
     assert root["Procedure reported"].ConceptCodeSequence[0].CodeValue == "25056-3"  # MR, from CID 100
-    assert root["Device Observer UID"].UID == card.device_uid
+    assert card.device_uid == root["Device Observer UID"].UID
     assert check_results_valid([tmp / "seg.dcm", tmp / "sr.dcm"]) == 2
 
 

@@ -94,7 +94,7 @@ def test_the_foreign_result_is_held_until_approved_then_its_seg_scores_as_evalua
         r = node.cli("approve", str(job["job"]), "--reason", "acceptance test: scored below")
         assert r.returncode == 0, r.stderr
         # read the PACS's files only once the node has its answer: storescp answers after the file is written
-        wait_for(lambda: any(d["ok"] for d in job_of(node, series_uid)["deliveries"]),
+        wait_for(lambda: any(d["ok"] for d in job_of(node, series_uid)["deliveries"]),  # noqa: B023  # waited on now
                  180, 0.5, f"the delivery of case {seed}")
         dice = bone_dice(seg_at(pacs, series_uid), uids, truth)
         mean3 = (dice["FEMUR"] + dice["TIBIA"] + dice["PELVIS"]) / 3

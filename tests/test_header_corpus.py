@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
@@ -246,7 +246,7 @@ def _results(pacs: PacsSCP, series_uid: str) -> dict[str, pydicom.Dataset]:
         if ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid:
             out["SEG"] = pydicom.dcmread(p)
     seg = out.get("SEG")
-    for p, ds in headers:
+    for _, ds in headers:
         if seg is not None and ds.Modality == "SR" and any(
                 i.ReferencedSOPInstanceUID == seg.SOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence):

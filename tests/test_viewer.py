@@ -144,8 +144,8 @@ def orthanc(tmp_path_factory):
            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": ["/usr/share/orthanc/plugins"],
            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"}}
     (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([str(ORTHANC), str(tmp / "orthanc.json")], stdout=open(tmp / "orthanc.log", "w"),
-                            stderr=subprocess.STDOUT)
+    with open(tmp / "orthanc.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(ORTHANC), str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
 
     def up():
         try:

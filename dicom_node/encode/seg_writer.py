@@ -15,12 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from inference.labels import CATEGORY_CODE
-
-LOWER_LIMB = ("61685007", "SCT", "Lower limb")
 from inference.model_card import ModelCard
 
 from ..infer.segments import Segment
 from .equipment import algorithm_equipment, model_name, software_versions
+
+LOWER_LIMB = ("61685007", "SCT", "Lower limb")
 
 
 def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:

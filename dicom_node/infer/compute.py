@@ -7,8 +7,8 @@ raises :class:`NotSegmentable` with the reason in words (the job is then ``skipp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

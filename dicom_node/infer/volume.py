@@ -54,7 +54,7 @@ class SeriesVolume:
         return total / 1000.0
 
     @classmethod
-    def join(cls, parts: list["SeriesVolume"]) -> "SeriesVolume":
+    def join(cls, parts: list[SeriesVolume]) -> SeriesVolume:
         """Blocks of one series with gaps between them (single-frame slices), as one stack for the SEG."""
         if len(parts) == 1:
             return parts[0]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
@@ -47,7 +47,7 @@ def read_stored(path: Path) -> Received:
     except Exception as exc:
         raise UnreadableData(f"unreadable file meta: {exc}") from None
     meta = read_received(raw[_dataset_offset(raw):], ts)
-    when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)
+    when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).replace(tzinfo=None)
     return Received(meta, str(path), len(raw), aet, when)
 
 

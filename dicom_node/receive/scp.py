@@ -20,8 +20,8 @@ import datetime as dt
 import ipaddress
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from pydicom.uid import (
     JPEG2000,

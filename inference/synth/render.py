@@ -33,7 +33,7 @@ class LabelBank:
     slice_mm: float = 3.0
 
     @classmethod
-    def from_maps(cls, maps: list[np.ndarray], device: torch.device | str = "cpu", slice_mm: float = 3.0) -> "LabelBank":
+    def from_maps(cls, maps: list[np.ndarray], device: torch.device | str = "cpu", slice_mm: float = 3.0) -> LabelBank:
         sizes = {m.shape[1:] for m in maps}
         if len(sizes) != 1:
             raise ValueError(f"label maps must share their in-plane size, got {sizes}")
