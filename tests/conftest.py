@@ -237,8 +237,12 @@ class PacsSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.port = port or free_port()
-        self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
-                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(0.3)
 
     def files(self) -> list[Path]:
@@ -255,10 +259,22 @@ class PacsSCP:
 class NodeProcess:
     """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
 
-    def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
-                 worker: str = "", web: str = "", database_url: str = "", port: int | None = None,
-                 dest_extra: str = "", more: str = "", series: str = "stable_seconds = 1.0\nscan_interval_seconds = 0.3",
-                 tta: bool = False):
+    def __init__(
+        self,
+        tmp: Path,
+        pacs: PacsSCP | None,
+        extra: str = "",
+        name: str = "node",
+        wait_echo: bool = True,
+        worker: str = "",
+        web: str = "",
+        database_url: str = "",
+        port: int | None = None,
+        dest_extra: str = "",
+        more: str = "",
+        series: str = "stable_seconds = 1.0\nscan_interval_seconds = 0.3",
+        tta: bool = False,
+    ):
         # The gate's augmented pass doubles the network time of every job; only the gate's own tests
         # (tests/test_quality_gate.py) need it, the rest test transport, storage and encoding.
         if "[quality]" not in more:
@@ -401,7 +417,9 @@ def write_series(folder: Path, seed: int = 1, **kw) -> tuple:
     return ph, paths
 
 
-def storescu(port: int, *paths: Path, aet: str = "STORESCU", flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def storescu(
+    port: int, *paths: Path, aet: str = "STORESCU", flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     need_dcmtk()
     return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "SEGNODE", "+sd", *flags, "127.0.0.1", str(port),
                            *map(str, paths)], env=ENV, capture_output=True, text=True, timeout=120)

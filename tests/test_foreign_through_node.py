@@ -88,7 +88,9 @@ def test_the_foreign_result_is_held_until_approved_then_its_seg_scores_as_evalua
         job = job_of(node, series_uid)
         # the lower pelvis is missed in both passes (README): the anatomy check must hold it, unsent
         assert job["state"] == "review" and job["quality"] == "fail", job
-        pelvis = [q for q in job["quality_checks"] if q["structure"].upper().startswith("PELVIS") and q["verdict"] == "fail"]
+        pelvis = [
+            q for q in job["quality_checks"] if q["structure"].upper().startswith("PELVIS") and q["verdict"] == "fail"
+        ]
         assert pelvis and "lower pelvis looks missing" in pelvis[0]["reason"], job["quality_checks"]
         assert seg_at(pacs, series_uid) is None
         r = node.cli("approve", str(job["job"]), "--reason", "acceptance test: scored below")

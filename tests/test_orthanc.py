@@ -92,7 +92,9 @@ def test_study_routed_by_orthanc_comes_back_into_the_same_study(orthanc_and_node
     db.dispose()
     assert callers == {"ORTHANC"}
     # and the SEG in Orthanc references the MR series, in the same study
-    seg_series = next(s for s in api(o.http, f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "SEG")
+    seg_series = next(
+        s for s in api(o.http, f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "SEG"
+    )
     inst = api(o.http, f"/series/{seg_series['ID']}/instances")[0]
     tags = api(o.http, f"/instances/{inst['ID']}/simplified-tags")
     assert tags["StudyInstanceUID"] == ds.StudyInstanceUID

@@ -33,7 +33,9 @@ def _timeline(node: NodeProcess, job_id: int) -> list[tuple[str, str]]:
     db = node.db()
     try:
         with db.session() as s:
-            return [(e.kind, e.detail) for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+            return [
+                (e.kind, e.detail) for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))
+            ]
     finally:
         db.dispose()
 

@@ -261,11 +261,45 @@ def test_a_fine_tune_held_to_its_teacher_runs_and_records_it(tmp_path):
     from inference.model_card import read_card
 
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-c", BLOCK, "--out", out, "--init-from", ROOT / "inference/weights/demo-lower-limb.safetensors",
-                        "--keep-teacher", "1", "--maps", "2", "--val-maps", "1", "--map-size", "32", "--input-size", "32",
-                        "--batch-size", "2", "--max-steps", "2", "--val-every", "2", "--val-batches", "1",
-                        "--val-classic", "0", "--workers", "1", "--threads", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK,
+            "--out",
+            out,
+            "--init-from",
+            ROOT / "inference/weights/demo-lower-limb.safetensors",
+            "--keep-teacher",
+            "1",
+            "--maps",
+            "2",
+            "--val-maps",
+            "1",
+            "--map-size",
+            "32",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--val-every",
+            "2",
+            "--val-batches",
+            "1",
+            "--val-classic",
+            "0",
+            "--workers",
+            "1",
+            "--threads",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     card = read_card(out / "last.safetensors")
     assert card.training["steps"] == 2 and "KL to the starting checkpoint" in card.training["keep_teacher"]
