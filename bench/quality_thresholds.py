@@ -337,7 +337,8 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
         f"not failed ({100 * s['good_not_failed'] / max(s['good'], 1):.0f} % sent) |",
         f"| as predicted, in between | {s['between']} | {s['between_not_failed']} not failed |",
         f"| as predicted, poor (some Dice < 0.7) | {s['poor_as_predicted']} | {s['poor_caught']} fail |",
-        f"| all results with some structure's Dice < 0.7 (damaged or poor) | {s['dice_below_0.7']} | {s['caught']} fail "
+        f"| all results with some structure's Dice < 0.7 (damaged or poor) | {s['dice_below_0.7']} | "
+        f"{s['caught']} fail "
         f"({100 * s['caught'] / max(s['dice_below_0.7'], 1):.0f} % caught; anatomy checks alone: "
         f"{s['caught_by_anatomy_only']}) |",
         f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |",

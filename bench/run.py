@@ -642,7 +642,8 @@ def table(res: dict) -> str:
                 "variant's floor uses the faster of a matmul and a large 3×3 convolution timed in the same "
                 "precision (reference GFLOP/s)",
                 "",
-                "| variant | batch | slices/s | reference GFLOP/s | floor slices/s | fraction of floor | target ≥ 0.6 (CPU) |",
+                "| variant | batch | slices/s | reference GFLOP/s | floor slices/s | fraction of floor "
+                "| target ≥ 0.6 (CPU) |",
                 "|---|---|---|---|---|---|---|",
             ]
             for v in r["variants"]:
@@ -680,7 +681,8 @@ def table(res: dict) -> str:
             "| p50 s | p95 s | overhead beyond predict (p50) s | target ≤ 2 s | " + burst_key + " | node peak RSS MB |",
             "|---|---|---|---|---|---|",
             f"| {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['overhead_beyond_predict_p50_s']:.2f} | "
-            f"{'met' if r['overhead_beyond_predict_p50_s'] <= 2 else 'MISSED'} | {r[burst_key]:.2f} | {r['node_peak_rss_mb']:.0f} |",
+            f"{'met' if r['overhead_beyond_predict_p50_s'] <= 2 else 'MISSED'} | {r[burst_key]:.2f} | "
+            f"{r['node_peak_rss_mb']:.0f} |",
             "",
             f"mean stage seconds: {st}",
             "",

@@ -257,6 +257,6 @@ def run_sender(settings: Settings) -> None:
     ``sender.enabled = false`` in ``serve``). Several senders may run: rows are claimed with row locks."""
     db, _ = open_storage(settings)
     outbox = Outbox(settings, db, worker_id("sender"))
-    print(f"dicom-node sender {outbox.owner} for {', '.join(d.name for d in settings.destinations) or 'no destination'}",
-          flush=True)
+    destinations = ", ".join(d.name for d in settings.destinations) or "no destination"
+    print(f"dicom-node sender {outbox.owner} for {destinations}", flush=True)
     _until_stopped(outbox.run_forever, "sender")

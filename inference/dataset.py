@@ -118,9 +118,11 @@ def _grid_differences(scan: SimpleITK.Image, mask: SimpleITK.Image) -> list[str]
     if scan.GetSize() != mask.GetSize():
         problems.append(f"size {mask.GetSize()} vs scan {scan.GetSize()}")
     if not np.allclose(scan.GetSpacing(), mask.GetSpacing(), atol=1e-3):
-        problems.append(f"spacing {tuple(round(v, 4) for v in mask.GetSpacing())} vs scan {tuple(round(v, 4) for v in scan.GetSpacing())}")
+        problems.append(f"spacing {tuple(round(v, 4) for v in mask.GetSpacing())} "
+                        f"vs scan {tuple(round(v, 4) for v in scan.GetSpacing())}")
     if not np.allclose(scan.GetOrigin(), mask.GetOrigin(), atol=0.05):
-        problems.append(f"origin {tuple(round(v, 2) for v in mask.GetOrigin())} vs scan {tuple(round(v, 2) for v in scan.GetOrigin())}")
+        problems.append(f"origin {tuple(round(v, 2) for v in mask.GetOrigin())} "
+                        f"vs scan {tuple(round(v, 2) for v in scan.GetOrigin())}")
     if not np.allclose(scan.GetDirection(), mask.GetDirection(), atol=1e-3):
         problems.append("direction differs from the scan's")
     return problems
@@ -166,7 +168,8 @@ def load_case(root: Path, case: str, labels: tuple[Label, ...] = DEFAULT_LABELS)
     )
 
 
-def split_cases(names: list[str], folds: int, fold: int, seed: int, val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+def split_cases(names: list[str], folds: int, fold: int, seed: int,
+                val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
     """Case-level split: slices of one case never sit on both sides.
 
     ``folds`` > 1 gives k-fold (``folds`` = number of cases gives leave-one-out); otherwise a

@@ -197,7 +197,8 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     viscera = rho <= 1
 
     # sacrum (part of the bony pelvis label)
-    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s], [18 * s, 10 * s], cort)))
+    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s],
+                                  [18 * s, 10 * s], cort)))
 
     sides = {"left": 1.0, "right": -1.0}
     for side, sg in sides.items():
@@ -228,7 +229,8 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
         rr = np.sqrt(np.maximum(rh**2 - (zz - zh) ** 2, 0.5))
         bones.append((FEMUR, *_solid(x, y, z, zz, [sg * dh] * 13, [0] * 13, rr, rr, cort)))
         bones.append(
-            (FEMUR, *_solid(x, y, z, [zh - 5 * s, zh - 30 * s, zh - 55 * s], [sg * (dh + 12 * s), sg * (dh + 26 * s), sg * (dh + 30 * s)],
+            (FEMUR, *_solid(x, y, z, [zh - 5 * s, zh - 30 * s, zh - 55 * s],
+                            [sg * (dh + 12 * s), sg * (dh + 26 * s), sg * (dh + 30 * s)],
                             [0, 0, 2 * s], [15 * s, 20 * s, 16 * s], [14 * s, 15 * s, 14 * s], cort))
         )
         zf = [zh - 50 * s, zh - 200 * s, zk + 60 * s, zk + 25 * s, zk + 2 * s]
@@ -278,7 +280,8 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     # multiplicative smooth bias field
     b = anat.bias
     if any(b):
-        field_ = np.exp(b[0] * x0 / 200 + b[1] * y0 / 200 + b[2] * z / 500 + b[3] * (x0 / 200) ** 2 + b[4] * (y0 / 200) ** 2)
+        field_ = np.exp(b[0] * x0 / 200 + b[1] * y0 / 200 + b[2] * z / 500
+                        + b[3] * (x0 / 200) ** 2 + b[4] * (y0 / 200) ** 2)
         img = img * field_
     return img.astype(np.float32), lab
 

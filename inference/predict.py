@@ -86,7 +86,8 @@ class Predictor:
                     device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 net(x)
         except Exception as exc:  # no C compiler, unsupported platform or op: run eagerly, say why
-            log.warning("torch.compile failed, running the model uncompiled: %s: %s", type(exc).__name__, str(exc)[:300])
+            log.warning("torch.compile failed, running the model uncompiled: %s: %s", type(exc).__name__,
+                        str(exc)[:300])
             return
         # torch.compile of a module gives a module (OptimizedModule); its stub says any callable
         self.net, self.compiled = cast(torch.nn.Module, net), True
@@ -163,7 +164,8 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             out[start:start + batch_size] = (p if p is not None else logits).argmax(1).to(torch.uint8).cpu().numpy()
             if probs is not None:
                 assert p is not None, "probabilities are computed whenever they are kept"
-                probs[:, start:start + batch_size] = (p * 255.0).round_().to(torch.uint8).cpu().numpy().transpose(1, 0, 2, 3)
+                scaled = (p * 255.0).round_().to(torch.uint8).cpu().numpy()
+                probs[:, start:start + batch_size] = scaled.transpose(1, 0, 2, 3)
             t_pred += time.perf_counter() - tb
     timings["predict"] = t_pred
     if out_tta is not None:

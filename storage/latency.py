@@ -61,4 +61,5 @@ def finished_latencies(s: Session, since: dt.datetime) -> list[tuple[dt.datetime
     rows = s.execute(select(Job, Series.last_received_at).join(Series, Job.series_id == Series.id)
                      .where(Job.state == JobState.DONE, Job.finished_at >= since)).all()
     held = held_at(s, (job.id for job, _ in rows))
-    return [(job.finished_at, latency(job, last, held.get(job.id))) for job, last in rows if job.finished_at is not None]
+    return [(job.finished_at, latency(job, last, held.get(job.id)))
+            for job, last in rows if job.finished_at is not None]

@@ -25,7 +25,8 @@ def save_quality(db: Database, job_id: int, verdict: str, summary: str,
     verdict, and a "quality" event with the summary, in one transaction."""
     with db.session() as s:
         job = get_row(s, Job, job_id)
-        s.execute(cast(Table, QualityCheck.__table__).delete().where(QualityCheck.job_id == job_id))  # a repeated attempt
+        # a repeated attempt replaces the checks of the one before
+        s.execute(cast(Table, QualityCheck.__table__).delete().where(QualityCheck.job_id == job_id))
         for name, v, reason, metrics in structures:
             s.add(QualityCheck(job_id=job_id, structure=name[:32], verdict=v, reason=reason,
                                metrics=json.dumps(metrics)))

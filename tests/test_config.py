@@ -79,7 +79,8 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     cases = {
         "retry_initial_seconds = 60\nretry_max_seconds = 10": "destinations[0].retry_max_seconds",
         "give_up_after_hours = 0": "destinations[0].give_up_after_hours",
-        'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true': "destinations[0].storage_commitment",
+        'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true':
+            "destinations[0].storage_commitment",
         "commitment_max_requests = 0": "destinations[0].commitment_max_requests",
     }
     for extra, key in cases.items():

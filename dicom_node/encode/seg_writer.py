@@ -78,7 +78,8 @@ def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segm
     )
     for item, sg in zip(seg.SegmentSequence, segments):
         if sg.modifier:
-            item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
+            prop = item.SegmentedPropertyTypeCodeSequence[0]
+            prop.SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
     seg.SeriesDescription = series_description[:64]
     anatomy = _frame_anatomy(source[0], segments)
     if anatomy is not None:

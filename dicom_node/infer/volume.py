@@ -165,7 +165,8 @@ def load_multiframe(path: str) -> SeriesVolume:
     normal = np.cross(iop[:3], iop[3:])
     if abs(normal[2]) < 0.8:
         raise NotStackable("sagittal or coronal frames: the model segments axial slices only")
-    pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")] for k in range(n)])
+    pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+                    for k in range(n)])
     d = pos @ normal
     order = np.argsort(d, kind="stable")
     gaps = np.diff(d[order])
@@ -190,7 +191,8 @@ def load_multiframe(path: str) -> SeriesVolume:
         invert_monochrome1(pixels, list(range(n)))
     del ds.PixelData
     _share_orientation(ds)
-    spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
+    spacing = (float(np.median(gaps)) if len(gaps)
+               else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness")))
     return SeriesVolume(pixels[order], [ds], tuple(iop[:3]), tuple(iop[3:]), ps, spacing, pos[order], order)  # type: ignore[arg-type]
 
 

@@ -170,8 +170,9 @@ class Association:
             artim = self.accepted_at + acc.association_request_timeout
             if self.tls is not None:
                 self._handshake(artim)
-            pdu_type, body = self._read_pdu(artim, f"no complete A-ASSOCIATE-RQ within {acc.association_request_timeout:g} s "
-                                            "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ, grow=True)
+            pdu_type, body = self._read_pdu(
+                artim, f"no complete A-ASSOCIATE-RQ within {acc.association_request_timeout:g} s "
+                "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ, grow=True)
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
             if not self._associate(body):
@@ -278,7 +279,8 @@ class Association:
             items = primitive.user_information or []
             roles = {i.sop_class_uid: (i.scu_role, i.scp_role) for i in items
                      if isinstance(i, SCP_SCU_RoleSelectionNegotiation) and i.sop_class_uid is not None}
-            results, ac_roles = negotiate_as_acceptor(primitive.presentation_context_definition_list, acc.contexts, roles)
+            results, ac_roles = negotiate_as_acceptor(primitive.presentation_context_definition_list, acc.contexts,
+                                                      roles)
             if not any(cx.result == 0x00 for cx in results):
                 rejection, why = NO_PRESENTATION_CONTEXT, "no acceptable presentation context proposed"
         if rejection is None:

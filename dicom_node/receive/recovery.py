@@ -77,7 +77,8 @@ def record_unrecorded(store: FileStore, recorder: Recorder, batch_size: int = 50
                 continue
             except UnreadableData as exc:
                 kept = store.quarantine_file(path, f"unreadable at start-up recovery: {exc}")
-                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc, kept.name if kept else "-")
+                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc,
+                            kept.name if kept else "-")
                 continue
             if len(pending) >= batch_size:
                 recorded += sum(1 for f in commit_rows(recorder, pending, on_rejected) if f)

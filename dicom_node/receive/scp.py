@@ -267,7 +267,8 @@ class StorageSCP:
 
     def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
-            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
+            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)",
+                      self.settings.scp.min_free_disk_mb)
             self._count("refused")
             if not self._disk_floor_told:  # once per episode, not once per refused image
                 self._disk_floor_told = True
@@ -329,7 +330,8 @@ class StorageSCP:
     # ------------------------------------------------------------------------------ server
     def start(self) -> None:
         cfg = self.settings.scp
-        self.server = Acceptor(supported_contexts(tuple(self.event_reports)), self, max_associations=cfg.max_associations,
+        self.server = Acceptor(supported_contexts(tuple(self.event_reports)), self,
+                               max_associations=cfg.max_associations,
                                network_timeout=cfg.network_timeout,
                                association_request_timeout=cfg.association_request_timeout,
                                max_associations_per_peer=cfg.max_associations_per_peer,

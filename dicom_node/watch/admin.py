@@ -64,16 +64,19 @@ def show(db: Database, what: str) -> str | None:
                     out.append("    stages: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()))
                 if job.quality:
                     out.append(f"    quality: {job.quality}")
-                    for q in s.scalars(select(QualityCheck).where(QualityCheck.job_id == job.id).order_by(QualityCheck.id)):
+                    checks = select(QualityCheck).where(QualityCheck.job_id == job.id).order_by(QualityCheck.id)
+                    for q in s.scalars(checks):
                         out.append(f"      {q.structure.lower():<14} {q.verdict:<5} {q.reason}")
                 if job.review:
                     out.append(f"    review: {job.review} by {job.reviewed_by}"
                                + (f" from {job.reviewed_from}" if job.reviewed_from else "")
-                               + (f" at {job.reviewed_at.isoformat(sep=' ', timespec='seconds')}" if job.reviewed_at else "")
+                               + (f" at {job.reviewed_at.isoformat(sep=' ', timespec='seconds')}"
+                                  if job.reviewed_at else "")
                                + (f": {job.review_note}" if job.review_note else ""))
                 vols = s.scalars(select(StructureVolume).where(StructureVolume.job_id == job.id)).all()
                 if vols:
-                    out.append("    volumes: " + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
+                    out.append("    volumes: "
+                               + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
                 if job.seg_path:
                     out.append(f"    result: {job.seg_path} (SEG series {job.seg_series_uid})")
                 for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):

@@ -244,7 +244,8 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             continue
         cx = sg * _lerp(z, [b.z_hip, b.z_knee, b.z_ankle], [b.dh + 20 * s, b.dk, b.da]) + sg * fx_off * (z > b.z_knee)
         cy = fy_off * (z > b.z_knee) + _lerp(z, [b.z_knee, b.z_knee - 80 * s, b.z_ankle], [5 * s, 18 * s, 10 * s])
-        R = _lerp(z, [b.z_hip, b.z_knee + 70 * s, b.z_knee, b.z_knee - 0.3 * (b.z_knee - b.z_ankle), b.z_ankle, b.z_bot],
+        R = _lerp(z, [b.z_hip, b.z_knee + 70 * s, b.z_knee, b.z_knee - 0.3 * (b.z_knee - b.z_ankle), b.z_ankle,
+                      b.z_bot],
                   [80 * s * m, 52 * s * m, 47 * s, 54 * s * m, 27 * s, 28 * s])
         sl = _box(X, Y, cx, cy, R * (1 + float(p["h_limb"][:, 1].sum())) + 1)
         d, _ = _star(X[sl], Y[sl], cx, cy, R, p["h_limb"])

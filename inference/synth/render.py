@@ -48,7 +48,8 @@ class LabelBank:
             idx.append(i)
             start += n
         vol = torch.from_numpy(np.concatenate(maps)).to(device)
-        return cls(vol, torch.from_numpy(np.concatenate(up)).to(device), torch.from_numpy(np.concatenate(down)).to(device),
+        return cls(vol, torch.from_numpy(np.concatenate(up)).to(device),
+                   torch.from_numpy(np.concatenate(down)).to(device),
                    torch.from_numpy(np.concatenate(bone)).to(device), slice_mm)
 
     def bone_index(self) -> torch.Tensor:
