@@ -72,6 +72,22 @@ def make_study(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[Pat
     return write_dicom_series(Phantom(anat, geom, image, labels), folder, seed=seed)
 
 
+def whole_leg_study(folder: Path, size: int = 448, seed: int = 0, thickness: float | None = None) -> list[Path]:
+    """A whole-leg axial MR series, iliac crest to below the ankle, both legs, size² (a rendered phantom, not a
+    repeated slab: every slice is anatomy, so the quality gate passes it when the model is right). The slice
+    thickness is chosen for about 158 slices at the anatomy's size, as the series this was measured on."""
+    from inference.phantom import Geometry, random_anatomy, render, write_dicom_series
+
+    anat = random_anatomy(np.random.default_rng(seed))
+    top, bottom = anat.z_extent
+    thick = thickness or (top - bottom) / 158
+    n = int((top - bottom) / thick)
+    ps = (2 * 170 * anat.scale + 60) / size
+    g = Geometry(size, size, n, (ps, ps), (-(size - 1) / 2 * ps, 15 * anat.scale - (size - 1) / 2 * ps, top),
+                 slice_step=(0, 0, -thick), slice_thickness=thick)
+    return write_dicom_series(render(anat, g, seed=seed), folder, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------- peers
 class DcmtkSCP:
     def __init__(self, folder: Path, nodelay: bool = True, aet: str = "PACS"):
