@@ -29,9 +29,24 @@ _IN_PLANE = np.zeros((3, 3, 3), bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
+def nonzero_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the non-zero voxels of ``labels`` (n, rows, cols), None when all are zero: two
+    vectorised reductions (slices holding anything; the maximum over slices), not a per-voxel loop."""
+    held = np.flatnonzero(labels.any(axis=(1, 2)))
+    if not held.size:
+        return None
+    top = labels[held[0]:held[-1] + 1].max(axis=0)
+    rows, cols = np.flatnonzero(top.any(axis=1)), np.flatnonzero(top.any(axis=0))
+    return slice(held[0], held[-1] + 1), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
-    """Bounding box of each label value present (one pass over the volume)."""
-    return {v + 1: box for v, box in enumerate(ndimage.find_objects(labels)) if box is not None}
+    """Bounding box of each label value present (``find_objects`` inside the box of all of them)."""
+    inner = nonzero_box(labels)
+    if inner is None:
+        return {}
+    return {v + 1: tuple(slice(o.start + b.start, o.start + b.stop) for o, b in zip(inner, box))
+            for v, box in enumerate(ndimage.find_objects(labels[inner])) if box is not None}
 
 
 def fill_slice_holes(mask: np.ndarray) -> np.ndarray:
