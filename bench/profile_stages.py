@@ -56,6 +56,8 @@ def network_outputs(vol, cache: Path | None, model: Path | None):
 
 def stages(vol, raw: dict, work: Path):
     """The steps after the network, as callables sharing their results (each needs the one before)."""
+    import torch
+
     from dicom_node.config import Settings
     from dicom_node.encode.quality import assess
     from dicom_node.encode.results import encode_results
@@ -63,8 +65,6 @@ def stages(vol, raw: dict, work: Path):
     from dicom_node.infer.segments import split_sides
     from inference.model import load_model
     from inference.postprocess import clean_labels
-
-    import torch
 
     _, card = load_model(Settings().model_path, torch.device("cpu"))
     names = {lab.value: lab.name for lab in card.labels}

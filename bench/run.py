@@ -164,7 +164,8 @@ class NodeProc:
             f'[series]\nstable_seconds = {stable}\nscan_interval_seconds = 0.2\n[worker]\npoll_seconds = 0.2\n'
             f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest + extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"), "serve"],
-                                     cwd=root, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"), stderr=subprocess.STDOUT)
+                                     cwd=root, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"),
+                                     stderr=subprocess.STDOUT)
         # Wait for the node's ready line, not just the open port: the port opens before the model has loaded,
         # and sending while torch loads would measure the model load, not ingest.
         deadline = time.time() + 180
@@ -560,7 +561,8 @@ def bench_stage_times(work: Path, trees: dict[str, Path], rounds: int, size: int
         for node, pacs in nodes.values():
             node.stop()
             pacs.stop()
-    out: dict = {"slices": geom.n_slices, "size": size, "rounds": rounds, "trees": {k: str(v) for k, v in trees.items()}}
+    out: dict = {"slices": geom.n_slices, "size": size, "rounds": rounds,
+                 "trees": {k: str(v) for k, v in trees.items()}}
     for name, runs in jobs.items():
         stages = sorted({k for j in runs for k in j["timings"]})
         mean = {k: statistics.mean(j["timings"].get(k, 0.0) for j in runs) for k in stages}
