@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from inference.postprocess import label_boxes
+
 from ..infer.segments import PAIRED, Segment, split_sides
 from ..infer.volume import SeriesVolume
 
@@ -165,8 +167,10 @@ class _Shape:
     voxels: int
 
 
-def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float) -> _Shape:
-    per_slice = mask.reshape(mask.shape[0], -1).sum(1)
+def _shape(mask: np.ndarray, box: tuple[slice, ...], z: np.ndarray, thick: np.ndarray, pixel_mm2: float) -> _Shape:
+    """The measures of a structure given as its ``mask`` inside its bounding ``box`` of the volume."""
+    per_slice = np.zeros(len(z), dtype=np.int64)
+    per_slice[box[0]] = mask.reshape(mask.shape[0], -1).sum(1)
     area = per_slice * pixel_mm2
     vol_mm3 = float((area * thick).sum())
     present = per_slice > 0
@@ -180,9 +184,37 @@ def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float)
                   int(per_slice.sum()))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+@dataclass
+class _Sided:
+    """A sided label map with the number and bounding box of each segment it holds, by segment name."""
+
+    labels: np.ndarray
+    numbers: dict[str, int]
+    boxes: dict[int, tuple[slice, ...]]
+
+    @classmethod
+    def of(cls, labels: np.ndarray, segments: list[Segment]) -> "_Sided":
+        boxes = label_boxes(labels)
+        return cls(labels, {sg.name: sg.number for sg in segments if sg.number in boxes}, boxes)
+
+    def mask(self, name: str) -> tuple[tuple[slice, ...], np.ndarray]:
+        number = self.numbers[name]
+        box = self.boxes[number]
+        return box, self.labels[box] == number
+
+
+def _dice(a: _Sided, b: _Sided, name: str) -> float:
+    """Dice of one segment between two sided maps, counted inside the segments' boxes."""
+    box_a, mask_a = a.mask(name)
+    box_b, mask_b = b.mask(name)
+    s = int(mask_a.sum()) + int(mask_b.sum())
+    if s == 0:
+        return 1.0
+    both = tuple(slice(max(p.start, q.start), min(p.stop, q.stop)) for p, q in zip(box_a, box_b))
+    if any(c.start >= c.stop for c in both):
+        return 0.0
+    inter = (a.labels[both] == a.numbers[name]) & (b.labels[both] == b.numbers[name])
+    return 2.0 * int(inter.sum()) / s
 
 
 # ------------------------------------------------------------------------------------------- the checks
@@ -208,14 +240,14 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     report = QualityReport([], tta=tta_labels is not None)
     by_name: dict[str, StructureQuality] = {}
     shapes: dict[str, _Shape] = {}
-    masks: dict[str, np.ndarray] = {}
+    result = _Sided.of(seg_labels, segments)
     for sg in segments:
-        mask = seg_labels == sg.number
-        if not mask.any():
+        if sg.name not in result.numbers:
             continue
+        box, mask = result.mask(sg.name)
         q = StructureQuality(sg.name)
-        sh = _shape(mask, z, thick, pixel_mm2)
-        shapes[sg.name], masks[sg.name], by_name[sg.name] = sh, mask, q
+        sh = _shape(mask, box, z, thick, pixel_mm2)
+        shapes[sg.name], by_name[sg.name] = sh, q
         report.structures.append(q)
         area = sh.volume_cm3 / sh.length_cm if sh.length_cm else 0.0
         q.metrics.update(volume_cm3=round(sh.volume_cm3, 2), length_cm=round(sh.length_cm, 1),
@@ -235,7 +267,7 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
                 q.flag("warn", f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
         # the model's confidence in its own class inside the structure
         if probs is not None:
-            conf = float(probs[sg.label.value][mask].mean()) / 255.0
+            conf = float(probs[sg.label.value][box][mask].mean()) / 255.0
             q.metrics["confidence"] = round(conf, 3)
             if conf < th["confidence_fail"]:
                 q.flag("fail", f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
@@ -249,17 +281,15 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
             declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper() if first else ""
-        ref = masks
-        if first_labels is not None:
-            ref = _sided_masks(vol, declared, first_labels, card_labels)
+        ref = _sided(vol, declared, first_labels, card_labels) if first_labels is not None else result
         _agreement(vol, declared, tta_labels, card_labels, ref, by_name, report, th, z, thick, pixel_mm2)
     return report
 
 
-def _sided_masks(vol, declared, labels, card_labels) -> dict[str, np.ndarray]:
+def _sided(vol, declared, labels, card_labels) -> _Sided:
     seg, segments = split_sides(labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing, declared)
-    return {sg.name: seg == sg.number for sg in segments}
+    return _Sided.of(seg, segments)
 
 
 def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
@@ -357,13 +387,13 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
         q.flag("warn", why)
 
 
-def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
-    """Dice per sided structure between ``masks`` (the result's, or the plain pass's when the result is the
-    mean of both) and the augmented pass, sided the same way."""
-    tta_masks = _sided_masks(vol, declared, tta_labels, card_labels)
+def _agreement(vol, declared, tta_labels, card_labels, ref: _Sided, by_name, report, th, z, thick,
+               pixel_mm2) -> None:
+    """Dice per sided structure between ``ref`` (the result, or the plain pass when the result is the mean of
+    both) and the augmented pass, sided the same way."""
+    tta = _sided(vol, declared, tta_labels, card_labels)
     for name, q in by_name.items():
-        other, mine = tta_masks.get(name), masks.get(name)
-        d = _dice(mine, other) if other is not None and mine is not None else 0.0
+        d = _dice(ref, tta, name) if name in ref.numbers and name in tta.numbers else 0.0
         q.metrics["tta_dice"] = round(d, 3)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
         if d < fail_below:
@@ -371,10 +401,11 @@ def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, t
                            f"(< {fail_below})")
         elif d < th["tta_dice_warn"]:
             q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
-    for name, m in tta_masks.items():
-        if name in by_name or not m.any():
+    for name in tta.numbers:
+        if name in by_name:
             continue
-        cm3 = _shape(m, z, thick, pixel_mm2).volume_cm3
+        box, mask = tta.mask(name)
+        cm3 = _shape(mask, box, z, thick, pixel_mm2).volume_cm3
         if cm3 >= th["tta_missing_cm3"]:
             q = StructureQuality(name, metrics={"tta_volume_cm3": round(cm3, 2), "tta_dice": 0.0})
             q.flag("fail", f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
