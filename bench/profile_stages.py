@@ -6,7 +6,7 @@ one whole-leg series, per function (cProfile), on the outputs the network produc
 
 The network runs once (its outputs are cached with ``--cache``, so profiling runs repeat only the work
 after it); each stage then runs as the worker runs it (``inference.predict`` cleaning, ``infer.compute``
-sides and volumes, ``encode.quality.assess``, ``encode.results.encode_results``), timed ``--repeat`` times,
+sides and volumes, ``gate.quality.assess``, ``encode.results.encode_results``), timed ``--repeat`` times,
 and profiled once.
 """
 
@@ -59,7 +59,7 @@ def stages(vol, raw: dict, work: Path):
     import torch
 
     from dicom_node.config import Settings
-    from dicom_node.encode.quality import assess
+    from dicom_node.gate.quality import assess
     from dicom_node.encode.results import encode_results
     from dicom_node.infer.compute import SeriesResult
     from dicom_node.infer.segments import split_sides

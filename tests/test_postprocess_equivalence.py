@@ -150,7 +150,7 @@ def case(name: str):
 
 def gate_records(name: str) -> dict[str, list]:
     """The gate's structures (name, verdict, reasons, metrics) for a case, in three variants."""
-    from dicom_node.encode.quality import assess
+    from dicom_node.gate.quality import assess
 
     vol, result, plain, augmented, probs = case(name)
     lab, first, tta = (clean_labels(a, NAMES) for a in (result, plain, augmented))

@@ -31,11 +31,12 @@ import numpy as np
 from scipy import ndimage
 
 from inference.postprocess import label_boxes
+from storage.states import Verdict
 
 from ..infer.segments import PAIRED, Segment, split_sides
 from ..infer.volume import SeriesVolume
 
-VERDICTS = ("pass", "warn", "fail")
+VERDICTS = (Verdict.PASS, Verdict.WARN, Verdict.FAIL)
 
 #: The thresholds, chosen from the measurements in docs/quality-thresholds.md (bench/quality_thresholds.py).
 THRESHOLDS: dict[str, float] = {
@@ -90,7 +91,7 @@ class StructureQuality:
     """One structure's (and side's) verdict, why, and the numbers behind it."""
 
     structure: str  # segment name, e.g. "TIBIA LEFT"
-    verdict: str = "pass"
+    verdict: str = Verdict.PASS
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -114,11 +115,11 @@ class QualityReport:
         return worst(s.verdict for s in self.structures)
 
     def failed(self) -> list[StructureQuality]:
-        return [s for s in self.structures if s.verdict == "fail"]
+        return [s for s in self.structures if s.verdict == Verdict.FAIL]
 
     def summary(self) -> str:
         """One line for the timeline: the verdict and every structure that did not pass, with why."""
-        bad = [s for s in self.structures if s.verdict != "pass"]
+        bad = [s for s in self.structures if s.verdict != Verdict.PASS]
         if not bad:
             return f"pass ({len(self.structures)} structures{', with TTA' if self.tta else ''})"
         return self.verdict + ": " + " | ".join(f"{s.structure.lower()}: {s.reason}" for s in bad)
@@ -133,7 +134,7 @@ class QualityReport:
 
 
 def worst(verdicts) -> str:
-    return max(verdicts, key=VERDICTS.index, default="pass")
+    return max(verdicts, key=VERDICTS.index, default=Verdict.PASS)
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -255,24 +256,24 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
         # one connected piece per bone per side
         allowed = MAX_PIECES.get(sg.label.name, 2 if sg.label.name in PAIRED and not sg.side else 1)
         if sh.pieces > allowed:
-            q.flag("fail", f"in {sh.pieces} separate pieces (expected {allowed})")
+            q.flag(Verdict.FAIL, f"in {sh.pieces} separate pieces (expected {allowed})")
         # volume per cm of covered length: the mean cross-section of the bone
         bounds = AREA_BOUNDS_CM2.get(sg.label.name)
         if bounds is not None:
             lo_f, lo_w, hi_w, hi_f = bounds
             if area < lo_f or area > hi_f:
-                q.flag("fail", f"mean cross-section {area:.2f} cm² (volume per cm of length) outside "
+                q.flag(Verdict.FAIL, f"mean cross-section {area:.2f} cm² (volume per cm of length) outside "
                                f"{lo_f}-{hi_f} cm²")
             elif area < lo_w or area > hi_w:
-                q.flag("warn", f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
+                q.flag(Verdict.WARN, f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
         # the model's confidence in its own class inside the structure
         if probs is not None:
             conf = float(probs[sg.label.value][box][mask].mean()) / 255.0
             q.metrics["confidence"] = round(conf, 3)
             if conf < th["confidence_fail"]:
-                q.flag("fail", f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
+                q.flag(Verdict.FAIL, f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
             elif conf < th["confidence_warn"]:
-                q.flag("warn", f"model less sure than usual: mean probability {conf:.2f}")
+                q.flag(Verdict.WARN, f"model less sure than usual: mean probability {conf:.2f}")
 
     _relations(vol, segments, shapes, by_name, th, pixel_mm2)
     _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
@@ -301,7 +302,7 @@ def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
         tib, fib, fem = (shapes.get(b + suffix) for b in ("TIBIA", "FIBULA", "FEMUR"))
         for this, other, name, other_name in ((tib, fib, "TIBIA", "fibula"), (fib, tib, "FIBULA", "tibia")):
             if this is not None and other is None and this.length_cm > th["alone_cm"]:
-                by_name[name + suffix].flag("fail", f"no {other_name} beside it over {this.length_cm:.1f} cm")
+                by_name[name + suffix].flag(Verdict.FAIL, f"no {other_name} beside it over {this.length_cm:.1f} cm")
         if tib is not None and fib is not None:
             both = (tib.area_mm2 > 0) & (fib.area_mm2 > 0)
             if both.any():
@@ -309,19 +310,19 @@ def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
                 for b in ("TIBIA", "FIBULA"):
                     by_name[b + suffix].metrics["fibula_larger_share"] = round(share, 3)
                 why = f"fibula as large as the tibia or larger on {share:.0%} of {int(both.sum())} shared slices"
-                for verdict in ("fail", "warn"):
+                for verdict in (Verdict.FAIL, Verdict.WARN):
                     if share > th[f"fibula_larger_{verdict}"]:
                         by_name["TIBIA" + suffix].flag(verdict, why)
                         by_name["FIBULA" + suffix].flag(verdict, why)
                         break
         if fem is not None and tib is not None and fem.z_mid <= tib.z_mid:
             why = f"femur not above the tibia (centres at z {fem.z_mid:.0f} and {tib.z_mid:.0f} mm)"
-            by_name["FEMUR" + suffix].flag("fail", why)
-            by_name["TIBIA" + suffix].flag("fail", why)
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, why)
+            by_name["TIBIA" + suffix].flag(Verdict.FAIL, why)
         if fem is not None and pelvis is not None and pelvis.z_mid <= fem.z_mid:
             why = f"pelvis not above the femur (centres at z {pelvis.z_mid:.0f} and {fem.z_mid:.0f} mm)"
-            by_name["PELVIS"].flag("fail", why)
-            by_name["FEMUR" + suffix].flag("fail", why)
+            by_name["PELVIS"].flag(Verdict.FAIL, why)
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, why)
 
 
 def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) -> None:
@@ -332,20 +333,20 @@ def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) ->
     femurs = [n for n in shapes if n.startswith("FEMUR")]
     pelvis = shapes.get("PELVIS")
     if pelvis is not None and not femurs and z_bottom < pelvis.z_bottom - reach:
-        by_name["PELVIS"].flag("fail", f"no femur below it, although the scan reaches "
+        by_name["PELVIS"].flag(Verdict.FAIL, f"no femur below it, although the scan reaches "
                                        f"{(pelvis.z_bottom - z_bottom) / 10:.0f} cm further down")
     sides = sorted({sg.side for sg in segments if sg.label.name in PAIRED})
     for side in sides:
         suffix = {"L": " LEFT", "R": " RIGHT"}.get(side, "")
         fem, tib = shapes.get("FEMUR" + suffix), shapes.get("TIBIA" + suffix)
         if fem is not None and tib is None and z_bottom < fem.z_bottom - reach:
-            by_name["FEMUR" + suffix].flag("fail", f"no tibia below it, although the scan reaches "
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, f"no tibia below it, although the scan reaches "
                                                    f"{(fem.z_bottom - z_bottom) / 10:.0f} cm further down")
         if tib is not None and fem is None and z_top > tib.z_top + reach:
-            by_name["TIBIA" + suffix].flag("fail", f"no femur above it, although the scan reaches "
+            by_name["TIBIA" + suffix].flag(Verdict.FAIL, f"no femur above it, although the scan reaches "
                                                    f"{(z_top - tib.z_top) / 10:.0f} cm further up")
         if fem is not None and pelvis is None and z_top > fem.z_top + 2 * reach:
-            by_name["FEMUR" + suffix].flag("fail", f"no pelvis above it, although the scan reaches "
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, f"no pelvis above it, although the scan reaches "
                                                    f"{(z_top - fem.z_top) / 10:.0f} cm further up")
 
 
@@ -382,9 +383,9 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
     q = by_name["PELVIS"]
     q.metrics["pelvis_reach_heads"] = round(worst_ratio, 2)
     if worst_ratio < th["pelvis_reach_fail"]:
-        q.flag("fail", why)
+        q.flag(Verdict.FAIL, why)
     elif worst_ratio < th["pelvis_reach_warn"]:
-        q.flag("warn", why)
+        q.flag(Verdict.WARN, why)
 
 
 def _agreement(vol, declared, tta_labels, card_labels, ref: _Sided, by_name, report, th, z, thick,
@@ -397,10 +398,10 @@ def _agreement(vol, declared, tta_labels, card_labels, ref: _Sided, by_name, rep
         q.metrics["tta_dice"] = round(d, 3)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
         if d < fail_below:
-            q.flag("fail", f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
+            q.flag(Verdict.FAIL, f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
                            f"(< {fail_below})")
         elif d < th["tta_dice_warn"]:
-            q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
+            q.flag(Verdict.WARN, f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
     for name in tta.numbers:
         if name in by_name:
             continue
@@ -408,5 +409,5 @@ def _agreement(vol, declared, tta_labels, card_labels, ref: _Sided, by_name, rep
         cm3 = _shape(mask, box, z, thick, pixel_mm2).volume_cm3
         if cm3 >= th["tta_missing_cm3"]:
             q = StructureQuality(name, metrics={"tta_volume_cm3": round(cm3, 2), "tta_dice": 0.0})
-            q.flag("fail", f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
+            q.flag(Verdict.FAIL, f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
             report.structures.append(q)
