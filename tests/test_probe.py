@@ -88,8 +88,9 @@ def _one_row(tmp_path, destination: str):
 
 
 def test_the_first_good_probe_wakes_the_sleeping_sender(tmp_path):
-    """The sender polls only every 30 s and the backoff is 300 s: the probe alone (every 0.5 s) must bring
-    the row out within seconds of the destination's return, and nothing is probed while it is up."""
+    """The sender polls only every 30 s and the backoff is 300 s: the probe alone (every 2 s) brings the row
+    out, at once after the probe's answer (the loop is woken, not left to sleep until its next look), and
+    nothing is probed while the destination is up."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
     from sqlalchemy import select
@@ -102,12 +103,21 @@ def test_the_first_good_probe_wakes_the_sleeping_sender(tmp_path):
     db, job_id = _one_row(tmp_path, "pacs")
     port = free_port()
     dest = Destination(name="pacs", ae_title="PACS", port=port, retry_initial_seconds=300, retry_max_seconds=300,
-                       probe_seconds=0.5)
+                       probe_seconds=2)
     settings = Settings(destinations=[dest], sender=SenderSettings(poll_seconds=30))
     outbox = Outbox(settings, db, "host:1:sender")
     probes: list[str] = []
+    answered: list[float] = []
     real = outbox.prober._check
-    outbox.prober._check = lambda d: probes.append(d.name) or real(d)
+
+    def check(d: Destination) -> str:
+        probes.append(d.name)
+        reason = real(d)
+        if not reason:
+            answered.append(time.monotonic())
+        return reason
+
+    outbox.prober._check = check
     outbox.run_once()  # nobody listens: down, the row waits 300 s
     (d,) = deliveries.destination_summary(db, ["pacs"])
     assert d["up"] is False and deliveries.destination_wait(db, "pacs") > 250
@@ -122,6 +132,7 @@ def test_the_first_good_probe_wakes_the_sleeping_sender(tmp_path):
     server = None
     try:
         wait_for(lambda: len(probes) >= 2, 10, 0.1, "probes while it is down")
+        time.sleep(0.5)
         with db.session() as s:
             assert s.scalar(select(OutboxItem.attempts)) == 1  # probes are not deliveries
         server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
@@ -133,7 +144,8 @@ def test_the_first_good_probe_wakes_the_sleeping_sender(tmp_path):
                 return s.scalar(select(OutboxItem.state)) == "sent"
 
         wait_for(sent, 10, 0.05, "the delivery after the destination's return")
-        assert time.monotonic() - back < 0.5 + 4.0  # one interval and the round, not 30 s of poll or 300 s of backoff
+        assert time.monotonic() - back < 2 + 2.0  # one interval and the round, not 30 s of poll or 300 s of backoff
+        assert len(answered) == 1 and time.monotonic() - answered[0] < 1.5  # woken by the answer itself
         assert len(stored) == 1
         (d,) = deliveries.destination_summary(db, ["pacs"])
         assert d["up"] is True and d["failures"] == 0
