@@ -100,7 +100,7 @@ def test_the_first_good_probe_wakes_the_sleeping_sender(tmp_path):
     from storage import deliveries
     from storage.models import OutboxItem
 
-    db, job_id = _one_row(tmp_path, "pacs")
+    db, _ = _one_row(tmp_path, "pacs")
     port = free_port()
     dest = Destination(name="pacs", ae_title="PACS", port=port, retry_initial_seconds=300, retry_max_seconds=300,
                        probe_seconds=2)
@@ -247,8 +247,8 @@ def test_stow_probe_counts_any_answer_below_500():
     for status, up in ((200, True), (204, True), (401, True), (404, True), (503, False)):
         server, seen = _http(status)
         try:
-            dest = Destination(name="web", protocol="stow", url=f"http://127.0.0.1:{server.server_address[1]}/dicom-web/")
-            reason = query_destination(dest, timeout=2.0)
+            url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web/"
+            reason = query_destination(Destination(name="web", protocol="stow", url=url), timeout=2.0)
             assert (reason == "") is up, (status, reason)
             assert seen == ["/dicom-web/studies?limit=1"]
         finally:
@@ -262,3 +262,35 @@ def test_stow_probe_counts_any_answer_below_500():
         assert query_destination(slow, timeout=1.0) and time.monotonic() - t0 < 4
     finally:
         server.shutdown()
+
+
+def test_the_sender_stops_without_waiting_for_a_probe_in_flight(tmp_path):
+    """The destination accepts TCP but never answers: its probe hangs until its timeout, and the sender's loop
+    still ends at once (the node's stop is bounded; the probe thread reports nothing after it)."""
+    from dicom_node.deliver.outbox import Outbox
+    from storage import deliveries
+
+    db, _ = _one_row(tmp_path, "pacs")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(4)
+    dest = Destination(name="pacs", ae_title="PACS", port=mute.getsockname()[1], retry_initial_seconds=300,
+                       retry_max_seconds=300, probe_seconds=0.2)
+    outbox = Outbox(Settings(destinations=[dest]), db, "host:1:sender")
+    deliveries.destination_failed(db, "pacs", "connection refused", 300, 300)
+    stop = threading.Event()
+    sender = threading.Thread(target=outbox.run_forever, args=(stop,), daemon=True)
+    sender.start()
+    try:
+        wait_for(lambda: outbox.prober.in_flight("pacs"), 10, 0.05, "a probe in flight")
+        t0 = time.monotonic()
+        stop.set()
+        outbox.wake()
+        sender.join(3)
+        assert not sender.is_alive() and time.monotonic() - t0 < 3
+        assert outbox.prober.in_flight("pacs")  # still waiting on the mute peer, alone, in its daemon thread
+        assert not outbox.prober.maybe_probe(dest)
+    finally:
+        stop.set()
+        mute.close()
+        db.dispose()
