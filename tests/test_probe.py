@@ -213,12 +213,22 @@ def test_echo_probe_is_bounded_and_says_why():
         assert reason and time.monotonic() - t0 < 5
     finally:
         mute.close()
+    for offered in (Verification, SEG):  # an archive without Verification: its association alone proves it up
+        scp = AE(ae_title="PACS")
+        scp.add_supported_context(offered)
+        port = free_port()
+        server = scp.start_server(("127.0.0.1", port), block=False)
+        try:
+            assert echo_destination(Destination(ae_title="PACS", port=port), "SEGNODE") == ""
+        finally:
+            server.shutdown()
     scp = AE(ae_title="PACS")
     scp.add_supported_context(Verification)
+    scp.require_called_aet = True  # the node calls it by a title it does not have: rejected, not up
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False)
     try:
-        assert echo_destination(Destination(ae_title="PACS", port=port), "SEGNODE") == ""
+        assert "rejected" in echo_destination(Destination(ae_title="OTHER", port=port), "SEGNODE")
     finally:
         server.shutdown()
 

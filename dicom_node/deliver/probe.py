@@ -25,17 +25,21 @@ from ..tls import client_context, server_name
 
 log = logging.getLogger("dicom_node.deliver.probe")
 
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 #: Every step of one probe (TCP connect, association answer, C-ECHO answer, HTTP answer) is bounded by this.
 PROBE_TIMEOUT_S = 4.0
 
 
 def echo_destination(dest: Destination, calling_ae: str, timeout: float = PROBE_TIMEOUT_S) -> str:
     """C-ECHO the destination as deliveries reach it (AE titles, DICOM TLS); returns "" when it answers,
-    otherwise why not. An accepted association proves it up even where it does not offer Verification."""
+    otherwise why not. The SEG and SR storage classes are proposed too (nothing is sent on them): an archive
+    that does not offer Verification still accepts the association, and that proves it up."""
     ae = AE(ae_title=dest.calling_ae_title or calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    ae.add_requested_context(Verification)
+    for sop_class in (Verification, SEGMENTATION, COMPREHENSIVE_3D_SR):
+        ae.add_requested_context(sop_class)
     tls = (client_context(dest), server_name(dest)) if dest.tls else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
@@ -43,7 +47,7 @@ def echo_destination(dest: Destination, calling_ae: str, timeout: float = PROBE_
             return f"association rejected by {dest.host}:{dest.port}"
         return f"no association with {dest.host}:{dest.port} within {timeout:g} s"
     try:
-        if not assoc.accepted_contexts:
+        if not any(cx.abstract_syntax == Verification for cx in assoc.accepted_contexts):
             return ""
         status = assoc.send_c_echo()
         return "" if status else f"no C-ECHO answer from {dest.host}:{dest.port} within {timeout:g} s"
