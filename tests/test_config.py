@@ -81,6 +81,7 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
         'give_up_after_hours = 0': "destinations[0].give_up_after_hours",
         'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true': "destinations[0].storage_commitment",
         'commitment_max_requests = 0': "destinations[0].commitment_max_requests",
+        'probe_seconds = 0': "destinations[0].probe_seconds",
     }
     for extra, key in cases.items():
         p.write_text(f'[[destinations]]\nname = "pacs"\n{extra}\n')
@@ -94,6 +95,7 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     s = load_settings(p, environ={})
     assert s.notifications.webhooks == ["http://hooks.example/x"] and s.sender.poll_seconds == 0.5
     assert s.destinations[0].storage_commitment and s.destinations[0].retry_max_seconds == 300.0
+    assert s.destinations[0].probe_seconds == 15.0
 
 
 @pytest.mark.parametrize("text, key", [
