@@ -179,8 +179,8 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
         t1 = time.perf_counter()
         names = {lab.value: lab.name for lab in card.labels}
         labels = clean_labels(labels, names)
-        timings["postprocess"] = time.perf_counter() - t1
         if tta_labels is not None and first_labels is not None:  # the augmented pass makes both
             tta_labels = clean_labels(tta_labels, names)
             first_labels = clean_labels(first_labels, names)
+        timings["postprocess"] = time.perf_counter() - t1
     return Prediction(labels, timings, probs, tta_labels, first_labels)

@@ -18,7 +18,7 @@ from . import deliveries
 from .db import Database
 from .models import Instance, Job, OutboxItem, Series, StructureVolume, Study, utcnow
 from .rows import get_row, rowcount
-from .states import EventKind, JobState, OutboxState, SeriesState
+from .states import AuditOutcome, EventKind, JobState, OutboxState, SeriesState
 from .timeline import add_audit, add_event
 
 #: states in which a worker holds the job's lease (``sending``: jobs from before the outbox)
@@ -214,7 +214,7 @@ def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False
         redeliver = []
         for job in jobs:
             if job.state in (JobState.RUNNING, JobState.SENDING, JobState.DELIVERING):
-                add_audit(s, actor, address, action, job.id, "refused", f"job is {job.state}")
+                add_audit(s, actor, address, action, job.id, AuditOutcome.REFUSED, f"job is {job.state}")
                 add_event(s, EventKind.refused(action), series_id=job.series_id, job_id=job.id,
                           detail=f"{who}: job is {job.state}")
                 continue
@@ -222,17 +222,17 @@ def requeue(db: Database, job_ids: list[int] | None = None, failed: bool = False
                 OutboxItem.job_id == job.id, OutboxItem.state == OutboxState.FAILED))
             if job.state == JobState.FAILED and has_failed_delivery:
                 redeliver.append(job.id)
-                add_audit(s, actor, address, action, job.id, "done", "failed delivery → outbox again")
+                add_audit(s, actor, address, action, job.id, AuditOutcome.DONE, "failed delivery → outbox again")
                 add_event(s, EventKind.REDELIVER, series_id=job.series_id, job_id=job.id, detail=who)
                 continue
             before = job.state
             job.state, job.attempts, job.next_attempt_at = JobState.QUEUED, 0, None
             job.finished_at, job.lease_owner = None, ""
-            add_audit(s, actor, address, action, job.id, "done", f"{before} → queued")
+            add_audit(s, actor, address, action, job.id, AuditOutcome.DONE, f"{before} → queued")
             add_event(s, EventKind.REQUEUED, series_id=job.series_id, job_id=job.id, detail=who)
         found = {j.id for j in jobs}
         for missing in sorted(set(job_ids or []) - found):
-            add_audit(s, actor, address, action, None, "refused",
+            add_audit(s, actor, address, action, None, AuditOutcome.REFUSED,
                       f"job {missing}: no such job" + (" in state failed" if failed else ""))
         queued = [j.id for j in jobs if j.state == JobState.QUEUED]
     if redeliver:

@@ -15,7 +15,7 @@ from sqlalchemy import Table, func, select, update
 from .db import Database
 from .models import Job, QualityCheck, utcnow
 from .rows import get_row, rowcount
-from .states import EventKind, JobState, ReviewDecision, Verdict
+from .states import AuditOutcome, EventKind, JobState, ReviewDecision, Verdict
 from .timeline import add_audit, add_event
 
 
@@ -71,14 +71,14 @@ def decide_review(db: Database, job_id: int, decision: str, who: str, address: s
     with db.session() as s:
         res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.REVIEW).values(**values))
         if rowcount(res) == 1:
-            add_audit(s, who, address, action, job_id, "done", note)
+            add_audit(s, who, address, action, job_id, AuditOutcome.DONE, note)
             detail = f"by {who}" + (f" from {address}" if address else "") + (f": {note}" if note else "")
             add_event(s, EventKind(decision), series_id=s.scalar(select(Job.series_id).where(Job.id == job_id)),
                       job_id=job_id, detail=detail)
             return True
     with db.session() as s:  # refused: the audit trail keeps refused actions too
         exists = s.get(Job, job_id) is not None
-        add_audit(s, who, address, action, job_id if exists else None, "refused",
+        add_audit(s, who, address, action, job_id if exists else None, AuditOutcome.REFUSED,
                   "job is not waiting for review" if exists else f"job {job_id}: no such job")
     return False
 

@@ -3,43 +3,44 @@
 They are ``StrEnum`` so that the database keeps plain, readable strings (admins query the tables with SQL,
 the dashboard and the JSON API show them as they are) while the code compares against names a type checker
 knows: a misspelt state is an AttributeError at import, not a job that silently never matches a query.
-Modelled on highdicom's ``seg/enum.py`` and mercure's ``event_types.py``.
+Modelled on highdicom's ``seg/enum.py`` and mercure's ``event_types.py``. A member's value is its name in
+lower case (``auto()``), spelt out only where it differs.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import StrEnum, auto
 
 
 class SeriesState(StrEnum):
     """Where a received series is: still arriving, complete and judged, then handed to a job."""
 
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    QUEUED = "queued"
-    SKIPPED = "skipped"
+    RECEIVING = auto()
+    COMPLETE = auto()
+    QUEUED = auto()
+    SKIPPED = auto()
     #: the series' newest job ended (delivered, or given up): the series says so rather than "queued"
-    DONE = "done"
-    FAILED = "failed"
+    DONE = auto()
+    FAILED = auto()
 
 
 class JobState(StrEnum):
     """One segmentation job's life: queued → running → (review) → delivering → done, or an end state."""
 
-    QUEUED = "queued"
-    RUNNING = "running"
+    QUEUED = auto()
+    RUNNING = auto()
     #: results are in the outbox; the job is done when every destination has them
-    DELIVERING = "delivering"
+    DELIVERING = auto()
     #: rows written before the outbox existed (a worker sending inside the job); still readable
-    SENDING = "sending"
+    SENDING = auto()
     #: held by the quality gate until a person approves or rejects it
-    REVIEW = "review"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    REJECTED = "rejected"
+    REVIEW = auto()
+    DONE = auto()
+    FAILED = auto()
+    SKIPPED = auto()
+    REJECTED = auto()
     #: the quality gate failed and the destination's policy is ``drop``
-    DROPPED = "dropped"
+    DROPPED = auto()
 
     @classmethod
     def finished(cls) -> tuple[JobState, ...]:
@@ -55,15 +56,15 @@ class JobState(StrEnum):
 class OutboxState(StrEnum):
     """One result's delivery to one destination."""
 
-    PENDING = "pending"
-    SENDING = "sending"
+    PENDING = auto()
+    SENDING = auto()
     #: stored at the destination (and awaiting Storage Commitment where asked for)
-    SENT = "sent"
+    SENT = auto()
     #: the destination confirmed it keeps every instance (Storage Commitment)
-    COMMITTED = "committed"
-    FAILED = "failed"
+    COMMITTED = auto()
+    FAILED = auto()
     #: a newer job for the same series replaced it before it went out
-    CANCELLED = "cancelled"
+    CANCELLED = auto()
 
 
 class Verdict(StrEnum):
@@ -71,61 +72,61 @@ class Verdict(StrEnum):
 
     #: the gate has not run (jobs from before it existed, or skipped series)
     NONE = ""
-    PASS = "pass"
-    WARN = "warn"
-    FAIL = "fail"
+    PASS = auto()
+    WARN = auto()
+    FAIL = auto()
 
 
 class ReviewDecision(StrEnum):
     """A person's decision on a held result."""
 
     NONE = ""
-    APPROVED = "approved"
-    REJECTED = "rejected"
+    APPROVED = auto()
+    REJECTED = auto()
 
 
 class QualityPolicy(StrEnum):
     """What a destination gets when the gate fails a result."""
 
-    HOLD = "hold"
-    SEND_FLAGGED = "send_flagged"
-    DROP = "drop"
+    HOLD = auto()
+    SEND_FLAGGED = auto()
+    DROP = auto()
 
 
 class EventKind(StrEnum):
     """The kinds of line on a series' timeline (table ``events``)."""
 
-    RECEIVED = "received"
-    STABLE = "stable"
-    EXPECTED = "expected"
-    WAIT = "wait"
-    FETCH = "fetch"
-    FETCHED = "fetched"
-    COMPLETE = "complete"
-    QUEUED = "queued"
-    SKIPPED = "skipped"
-    SUPERSEDED = "superseded"
-    RUNNING = "running"
-    QUALITY = "quality"
-    REVIEW = "review"
-    ENCODED = "encoded"
-    DELIVERING = "delivering"
-    SENT = "sent"
-    DELIVERED = "delivered"
-    COMMITTED = "committed"
-    CANCELLED = "cancelled"
-    RETRY = "retry"
-    RESENT = "resent"
-    REDELIVER = "redeliver"
-    REQUEUED = "requeued"
+    RECEIVED = auto()
+    STABLE = auto()
+    EXPECTED = auto()
+    WAIT = auto()
+    FETCH = auto()
+    FETCHED = auto()
+    COMPLETE = auto()
+    QUEUED = auto()
+    SKIPPED = auto()
+    SUPERSEDED = auto()
+    RUNNING = auto()
+    QUALITY = auto()
+    REVIEW = auto()
+    ENCODED = auto()
+    DELIVERING = auto()
+    SENT = auto()
+    DELIVERED = auto()
+    COMMITTED = auto()
+    CANCELLED = auto()
+    RETRY = auto()
+    RESENT = auto()
+    REDELIVER = auto()
+    REQUEUED = auto()
     LEASE_EXPIRED = "lease-expired"
-    FAILED = "failed"
-    PURGED = "purged"
+    FAILED = auto()
+    PURGED = auto()
     #: the quality gate failed the result and a destination's policy is ``drop``
-    DROPPED = "dropped"
+    DROPPED = auto()
     #: a person's review of a held result (``ReviewDecision``)
-    APPROVED = "approved"
-    REJECTED = "rejected"
+    APPROVED = auto()
+    REJECTED = auto()
     #: an admin's retry or requeue that was refused (the job was running or delivering)
     RETRY_REFUSED = "retry-refused"
     REQUEUE_REFUSED = "requeue-refused"
@@ -134,3 +135,10 @@ class EventKind(StrEnum):
     def refused(cls, action: str) -> EventKind:
         """The event of a refused admin action (``retry`` or ``requeue``); any other action reads as a retry."""
         return cls.REQUEUE_REFUSED if action == "requeue" else cls.RETRY_REFUSED
+
+
+class AuditOutcome(StrEnum):
+    """What became of an admin's action (table ``audit``)."""
+
+    DONE = auto()
+    REFUSED = auto()

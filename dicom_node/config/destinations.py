@@ -28,6 +28,9 @@ class Destination:
     backoff_seconds: float = 5.0  # unused, likewise
     retry_initial_seconds: float = 10.0
     retry_max_seconds: float = 300.0
+    # while down, a C-ECHO (or, for STOW, a QIDO request) this often, apart from the backoff: the first answer
+    # sends every waiting delivery at once
+    probe_seconds: float = 15.0
     give_up_after_hours: float = 24.0
     storage_commitment: bool = False
     commitment_timeout_seconds: float = 120.0
@@ -62,6 +65,7 @@ class Destination:
         if self.retry_max_seconds < self.retry_initial_seconds:
             raise ConfigError(f"{key}.retry_max_seconds ({self.retry_max_seconds}) must be >= "
                               f"{key}.retry_initial_seconds ({self.retry_initial_seconds})")
+        _positive(f"{key}.probe_seconds", self.probe_seconds)
         _positive(f"{key}.give_up_after_hours", self.give_up_after_hours)
         _positive(f"{key}.commitment_timeout_seconds", self.commitment_timeout_seconds)
         _positive(f"{key}.commitment_max_requests", self.commitment_max_requests)

@@ -6,7 +6,9 @@ Storage Commitment request; if the destination is down and its clock has not run
 otherwise every due row is claimed and handed to the destination's transport (dispatch.py: DIMSE C-STORE on
 one association, or STOW-RS), which says per row what happened. A failure of the destination as a whole
 (refused, timeout, rejected, aborted) marks it down: all its rows wait together on its backoff clock; its
-first success wakes them all.
+first success wakes them all. While it is down it is also probed every ``probe_seconds`` (probe.py: one
+C-ECHO or QIDO request, apart from the backoff): the first probe answered marks it up, which makes its rows
+due at once, and wakes this loop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..config import Destination, Settings
 from ..notify import notify
 from . import commitment
 from .dispatch import transport_for
+from .probe import Prober, check
 from .transport import DestinationError, Outcome
 
 log = logging.getLogger("dicom_node.deliver.outbox")
@@ -39,6 +42,8 @@ class Outbox:
         self.connect_timeout = 10.0
         self.same_association_wait = 2.0
         self._wake = threading.Event()
+        self.prober = Prober(self._answered_probe, lambda dest: check(dest, settings.scp.ae_title))
+        self._next_probe_in: float | None = None  # after a round: seconds until the soonest probe is due
 
     # ------------------------------------------------------------------------------ loop
     def wake(self) -> None:
@@ -46,17 +51,24 @@ class Outbox:
         self._wake.set()
 
     def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # the sender must outlive any one error (a database hiccup, a bad file)
-                log.exception("sender round failed")
-            self._wake.wait(self.settings.sender.poll_seconds)
-            self._wake.clear()
+        try:
+            while not stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:  # the sender must outlive any one error (a database hiccup, a bad file)
+                    log.exception("sender round failed")
+                wait = self.settings.sender.poll_seconds
+                if self._next_probe_in is not None:
+                    wait = min(wait, self._next_probe_in + 0.05)
+                self._wake.wait(wait)
+                self._wake.clear()
+        finally:
+            self.prober.close()
 
     def run_once(self) -> int:
         """One round over every destination; returns how many deliveries were tried."""
         tried = 0
+        self._next_probe_in = None
         deliveries.release_dead_local_claims(self.db, socket.gethostname())
         deliveries.cancel_superseded(self.db)
         for dest in self.settings.destinations:
@@ -65,6 +77,7 @@ class Outbox:
             for job_id, reason in commitment.fail_overdue(self.db, dest):
                 self._told_failed(dest, job_id, reason)
             if deliveries.destination_wait(self.db, dest.name) > 0:
+                self._probe(dest)
                 continue
             items = deliveries.claim(self.db, dest.name, self.owner, self.settings.sender.claim_seconds,
                                      self.settings.sender.batch_size)
@@ -76,6 +89,19 @@ class Outbox:
                       alert["last_error"])
             notify(self.settings, "destination-down", alert)
         return tried
+
+    def _probe(self, dest: Destination) -> None:
+        """The destination is down and its backoff runs: probe it if its interval is up (in the background),
+        and note when the next probe is due, so that the loop does not sleep past it."""
+        self.prober.maybe_probe(dest)
+        due = dest.probe_seconds if self.prober.in_flight(dest.name) else self.prober.due_in(dest)
+        self._next_probe_in = due if self._next_probe_in is None else min(self._next_probe_in, due)
+
+    def _answered_probe(self, dest: Destination) -> None:
+        """A probe was answered (in the probe's thread): up again, its rows due now, the loop woken."""
+        self._up(dest)
+        log.info("destination %s answered a probe: its waiting deliveries go out now", dest.name)
+        self.wake()
 
     def _told_failed(self, dest: Destination, job_id: int, reason: str) -> None:
         log.error("delivery of job %s to %s failed: %s", job_id, dest.name, reason)
@@ -97,6 +123,7 @@ class Outbox:
                 self._record(dest, it, started, outcome)
         except DestinationError as exc:
             reason = str(exc)
+            self.prober.tried(dest.name)
             next_at = deliveries.destination_failed(self.db, dest.name, reason, dest.retry_initial_seconds,
                                                     dest.retry_max_seconds)
             rest = [it for it in items if it.id not in answered]

@@ -22,9 +22,11 @@ class KeySlice:
     outline: np.ndarray   # closed polyline, (n, 2) column/row in SCOORD pixel coordinates (0,0 = top-left corner)
 
 
-def key_slice(mask: np.ndarray) -> KeySlice | None:
+def key_slice(mask: np.ndarray, box: tuple[slice, ...] | None = None) -> KeySlice | None:
     """The middle slice holding ``mask`` (n, rows, cols) and the convex outline of its largest piece there;
-    None for an empty mask."""
+    None for an empty mask. ``box``: ``mask`` is only this bounding box of the images (index and outline are
+    still given on the whole images)."""
+    at = [0, 0, 0] if box is None else [s.start for s in box]
     holding = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
     if not holding.size:
         return None
@@ -32,6 +34,7 @@ def key_slice(mask: np.ndarray) -> KeySlice | None:
     pieces, n = ndimage.label(mask[index])
     largest = 1 + int(np.argmax(np.bincount(pieces.ravel(), minlength=n + 1)[1:]))
     rows, cols = np.nonzero(pieces == largest)
+    index, rows, cols = index + at[0], rows + at[1], cols + at[2]
     # the corners of the pixels, so that the outline encloses every pixel of the piece (even a single one)
     corners = np.unique(np.concatenate([np.stack([cols + dc, rows + dr], axis=1)
                                         for dr in (0, 1) for dc in (0, 1)]).astype(np.float32), axis=0)

@@ -100,8 +100,8 @@ def encode_results(settings: Settings, result: SeriesResult, job_dir: Path,
                       failed=failed_names if failed is not None else None)
         sr.save_as(sr_path, enforce_file_format=True)
         # re-read what was written and compare it with the source before anything is sent
-        check_seg(str(seg_path), vol.datasets)
-        check_sr(str(sr_path), str(seg_path), vol.datasets)
+        written = check_seg(str(seg_path), vol.datasets)
+        check_sr(str(sr_path), written, vol.datasets)
         first = first or (seg, seg_path)
     assert first is not None
     return first

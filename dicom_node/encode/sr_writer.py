@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 
 from inference.labels import CATEGORY_CODE
 from inference.model_card import ModelCard
+from inference.postprocess import label_boxes
 
 from ..infer.segments import Segment
 from .equipment import algorithm_equipment, model_name, procedure_reported
@@ -64,6 +65,7 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
     context = hd.sr.ObservationContext(observer_person_context=None, observer_device_context=observer)
     algo = hd.sr.AlgorithmIdentification(name=card.name[:64], version=card.version[:64])
     groups: list = []
+    boxes = label_boxes(labels)
     for sg in segments:
         site = CodedConcept(sg.label.snomed_code, "SCT", sg.label.snomed_meaning)
         modifier = CodedConcept(*sg.modifier) if sg.modifier else None
@@ -85,7 +87,8 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
             qualitative_evaluations=None if failed is None else [hd.sr.QualitativeEvaluation(
                 QC_CHECK, QC_FAILED if short_name(sg) in failed else QC_PASSED)],
         ))
-        key = key_slice(labels == sg.number)
+        box = boxes.get(sg.number)
+        key = key_slice(labels[box] == sg.number, box) if box is not None else None
         if key is not None:
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=hd.sr.ImageRegion(

@@ -20,8 +20,10 @@ def _f(v) -> list[float]:
     return [float(x) for x in v]
 
 
-def check_seg(path: str, source: list[Dataset]) -> None:
-    seg = pydicom.dcmread(path)
+def check_seg(path: str, source: list[Dataset]) -> Dataset:
+    """Refuse (:class:`InvalidResult`) a written SEG that does not match its source; returns its header as read
+    back (everything checked here is in the header: the pixel data is not read)."""
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
     src = source[0]
     problems = []
     if seg.SOPClassUID not in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"):
@@ -63,11 +65,13 @@ def check_seg(path: str, source: list[Dataset]) -> None:
                 break
     if problems:
         raise InvalidResult("SEG refused: " + "; ".join(problems))
+    return seg
 
 
-def check_sr(path: str, seg_path: str, source: list[Dataset]) -> None:
+def check_sr(path: str, seg: Dataset, source: list[Dataset]) -> None:
+    """Refuse a written SR whose study or evidence does not match; ``seg``: the SEG's header as
+    :func:`check_seg` read it back from its file."""
     sr = pydicom.dcmread(path)
-    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
     evidence = {i.ReferencedSOPInstanceUID for s in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     problems = []

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from inference.postprocess import label_boxes
+from storage.states import Verdict
+
 from ..infer.segments import PAIRED, Segment, split_sides
 from ..infer.volume import SeriesVolume
 
-VERDICTS = ("pass", "warn", "fail")
+VERDICTS = (Verdict.PASS, Verdict.WARN, Verdict.FAIL)
 
 #: The thresholds, chosen from the measurements in docs/quality-thresholds.md (bench/quality_thresholds.py).
 THRESHOLDS: dict[str, float] = {
@@ -89,7 +92,7 @@ class StructureQuality:
     """One structure's (and side's) verdict, why, and the numbers behind it."""
 
     structure: str  # segment name, e.g. "TIBIA LEFT"
-    verdict: str = "pass"
+    verdict: str = Verdict.PASS
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -113,11 +116,11 @@ class QualityReport:
         return worst(s.verdict for s in self.structures)
 
     def failed(self) -> list[StructureQuality]:
-        return [s for s in self.structures if s.verdict == "fail"]
+        return [s for s in self.structures if s.verdict == Verdict.FAIL]
 
     def summary(self) -> str:
         """One line for the timeline: the verdict and every structure that did not pass, with why."""
-        bad = [s for s in self.structures if s.verdict != "pass"]
+        bad = [s for s in self.structures if s.verdict != Verdict.PASS]
         if not bad:
             return f"pass ({len(self.structures)} structures{', with TTA' if self.tta else ''})"
         return self.verdict + ": " + " | ".join(f"{s.structure.lower()}: {s.reason}" for s in bad)
@@ -132,7 +135,7 @@ class QualityReport:
 
 
 def worst(verdicts) -> str:
-    return max(verdicts, key=VERDICTS.index, default="pass")
+    return max(verdicts, key=VERDICTS.index, default=Verdict.PASS)
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -166,8 +169,10 @@ class _Shape:
     voxels: int
 
 
-def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float) -> _Shape:
-    per_slice = mask.reshape(mask.shape[0], -1).sum(1)
+def _shape(mask: np.ndarray, box: tuple[slice, ...], z: np.ndarray, thick: np.ndarray, pixel_mm2: float) -> _Shape:
+    """The measures of a structure given as its ``mask`` inside its bounding ``box`` of the volume."""
+    per_slice = np.zeros(len(z), dtype=np.int64)
+    per_slice[box[0]] = mask.reshape(mask.shape[0], -1).sum(1)
     area = per_slice * pixel_mm2
     vol_mm3 = float((area * thick).sum())
     present = per_slice > 0
@@ -181,9 +186,37 @@ def _shape(mask: np.ndarray, z: np.ndarray, thick: np.ndarray, pixel_mm2: float)
                   int(per_slice.sum()))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+@dataclass
+class _Sided:
+    """A sided label map with the number and bounding box of each segment it holds, by segment name."""
+
+    labels: np.ndarray
+    numbers: dict[str, int]
+    boxes: dict[int, tuple[slice, ...]]
+
+    @classmethod
+    def of(cls, labels: np.ndarray, segments: list[Segment]) -> _Sided:
+        boxes = label_boxes(labels)
+        return cls(labels, {sg.name: sg.number for sg in segments if sg.number in boxes}, boxes)
+
+    def mask(self, name: str) -> tuple[tuple[slice, ...], np.ndarray]:
+        number = self.numbers[name]
+        box = self.boxes[number]
+        return box, self.labels[box] == number
+
+
+def _dice(a: _Sided, b: _Sided, name: str) -> float:
+    """Dice of one segment between two sided maps, counted inside the segments' boxes."""
+    box_a, mask_a = a.mask(name)
+    box_b, mask_b = b.mask(name)
+    s = int(mask_a.sum()) + int(mask_b.sum())
+    if s == 0:
+        return 1.0
+    both = tuple(slice(max(p.start, q.start), min(p.stop, q.stop)) for p, q in zip(box_a, box_b))
+    if any(c.start >= c.stop for c in both):
+        return 0.0
+    inter = (a.labels[both] == a.numbers[name]) & (b.labels[both] == b.numbers[name])
+    return 2.0 * int(inter.sum()) / s
 
 
 # ------------------------------------------------------------------------------------------- the checks
@@ -209,14 +242,14 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     report = QualityReport([], tta=tta_labels is not None)
     by_name: dict[str, StructureQuality] = {}
     shapes: dict[str, _Shape] = {}
-    masks: dict[str, np.ndarray] = {}
+    result = _Sided.of(seg_labels, segments)
     for sg in segments:
-        mask = seg_labels == sg.number
-        if not mask.any():
+        if sg.name not in result.numbers:
             continue
+        box, mask = result.mask(sg.name)
         q = StructureQuality(sg.name)
-        sh = _shape(mask, z, thick, pixel_mm2)
-        shapes[sg.name], masks[sg.name], by_name[sg.name] = sh, mask, q
+        sh = _shape(mask, box, z, thick, pixel_mm2)
+        shapes[sg.name], by_name[sg.name] = sh, q
         report.structures.append(q)
         area = sh.volume_cm3 / sh.length_cm if sh.length_cm else 0.0
         q.metrics.update(volume_cm3=round(sh.volume_cm3, 2), length_cm=round(sh.length_cm, 1),
@@ -224,24 +257,24 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
         # one connected piece per bone per side
         allowed = MAX_PIECES.get(sg.label.name, 2 if sg.label.name in PAIRED and not sg.side else 1)
         if sh.pieces > allowed:
-            q.flag("fail", f"in {sh.pieces} separate pieces (expected {allowed})")
+            q.flag(Verdict.FAIL, f"in {sh.pieces} separate pieces (expected {allowed})")
         # volume per cm of covered length: the mean cross-section of the bone
         bounds = AREA_BOUNDS_CM2.get(sg.label.name)
         if bounds is not None:
             lo_f, lo_w, hi_w, hi_f = bounds
             if area < lo_f or area > hi_f:
-                q.flag("fail", f"mean cross-section {area:.2f} cm² (volume per cm of length) outside "
+                q.flag(Verdict.FAIL, f"mean cross-section {area:.2f} cm² (volume per cm of length) outside "
                                f"{lo_f}-{hi_f} cm²")
             elif area < lo_w or area > hi_w:
-                q.flag("warn", f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
+                q.flag(Verdict.WARN, f"mean cross-section {area:.2f} cm² outside the usual {lo_w}-{hi_w} cm²")
         # the model's confidence in its own class inside the structure
         if probs is not None:
-            conf = float(probs[sg.label.value][mask].mean()) / 255.0
+            conf = float(probs[sg.label.value][box][mask].mean()) / 255.0
             q.metrics["confidence"] = round(conf, 3)
             if conf < th["confidence_fail"]:
-                q.flag("fail", f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
+                q.flag(Verdict.FAIL, f"model unsure: mean probability {conf:.2f} (< {th['confidence_fail']})")
             elif conf < th["confidence_warn"]:
-                q.flag("warn", f"model less sure than usual: mean probability {conf:.2f}")
+                q.flag(Verdict.WARN, f"model less sure than usual: mean probability {conf:.2f}")
 
     _relations(vol, segments, shapes, by_name, th, pixel_mm2)
     _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
@@ -250,17 +283,15 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
             declared = str(first.get("ImageLaterality", "") or first.get("Laterality", "")).upper() if first else ""
-        ref = masks
-        if first_labels is not None:
-            ref = _sided_masks(vol, declared, first_labels, card_labels)
+        ref = _sided(vol, declared, first_labels, card_labels) if first_labels is not None else result
         _agreement(vol, declared, tta_labels, card_labels, ref, by_name, report, th, z, thick, pixel_mm2)
     return report
 
 
-def _sided_masks(vol, declared, labels, card_labels) -> dict[str, np.ndarray]:
+def _sided(vol, declared, labels, card_labels) -> _Sided:
     seg, segments = split_sides(labels, list(card_labels), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing, declared)
-    return {sg.name: seg == sg.number for sg in segments}
+    return _Sided.of(seg, segments)
 
 
 def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
@@ -272,7 +303,7 @@ def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
         tib, fib, fem = (shapes.get(b + suffix) for b in ("TIBIA", "FIBULA", "FEMUR"))
         for this, other, name, other_name in ((tib, fib, "TIBIA", "fibula"), (fib, tib, "FIBULA", "tibia")):
             if this is not None and other is None and this.length_cm > th["alone_cm"]:
-                by_name[name + suffix].flag("fail", f"no {other_name} beside it over {this.length_cm:.1f} cm")
+                by_name[name + suffix].flag(Verdict.FAIL, f"no {other_name} beside it over {this.length_cm:.1f} cm")
         if tib is not None and fib is not None:
             both = (tib.area_mm2 > 0) & (fib.area_mm2 > 0)
             if both.any():
@@ -280,19 +311,19 @@ def _relations(vol, segments, shapes, by_name, th, pixel_mm2) -> None:
                 for b in ("TIBIA", "FIBULA"):
                     by_name[b + suffix].metrics["fibula_larger_share"] = round(share, 3)
                 why = f"fibula as large as the tibia or larger on {share:.0%} of {int(both.sum())} shared slices"
-                for verdict in ("fail", "warn"):
+                for verdict in (Verdict.FAIL, Verdict.WARN):
                     if share > th[f"fibula_larger_{verdict}"]:
                         by_name["TIBIA" + suffix].flag(verdict, why)
                         by_name["FIBULA" + suffix].flag(verdict, why)
                         break
         if fem is not None and tib is not None and fem.z_mid <= tib.z_mid:
             why = f"femur not above the tibia (centres at z {fem.z_mid:.0f} and {tib.z_mid:.0f} mm)"
-            by_name["FEMUR" + suffix].flag("fail", why)
-            by_name["TIBIA" + suffix].flag("fail", why)
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, why)
+            by_name["TIBIA" + suffix].flag(Verdict.FAIL, why)
         if fem is not None and pelvis is not None and pelvis.z_mid <= fem.z_mid:
             why = f"pelvis not above the femur (centres at z {pelvis.z_mid:.0f} and {fem.z_mid:.0f} mm)"
-            by_name["PELVIS"].flag("fail", why)
-            by_name["FEMUR" + suffix].flag("fail", why)
+            by_name["PELVIS"].flag(Verdict.FAIL, why)
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, why)
 
 
 def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) -> None:
@@ -303,20 +334,20 @@ def _neighbours(segments, shapes, by_name, th, z_top: float, z_bottom: float) ->
     femurs = [n for n in shapes if n.startswith("FEMUR")]
     pelvis = shapes.get("PELVIS")
     if pelvis is not None and not femurs and z_bottom < pelvis.z_bottom - reach:
-        by_name["PELVIS"].flag("fail", f"no femur below it, although the scan reaches "
+        by_name["PELVIS"].flag(Verdict.FAIL, f"no femur below it, although the scan reaches "
                                        f"{(pelvis.z_bottom - z_bottom) / 10:.0f} cm further down")
     sides = sorted({sg.side for sg in segments if sg.label.name in PAIRED})
     for side in sides:
         suffix = {"L": " LEFT", "R": " RIGHT"}.get(side, "")
         fem, tib = shapes.get("FEMUR" + suffix), shapes.get("TIBIA" + suffix)
         if fem is not None and tib is None and z_bottom < fem.z_bottom - reach:
-            by_name["FEMUR" + suffix].flag("fail", f"no tibia below it, although the scan reaches "
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, f"no tibia below it, although the scan reaches "
                                                    f"{(fem.z_bottom - z_bottom) / 10:.0f} cm further down")
         if tib is not None and fem is None and z_top > tib.z_top + reach:
-            by_name["TIBIA" + suffix].flag("fail", f"no femur above it, although the scan reaches "
+            by_name["TIBIA" + suffix].flag(Verdict.FAIL, f"no femur above it, although the scan reaches "
                                                    f"{(z_top - tib.z_top) / 10:.0f} cm further up")
         if fem is not None and pelvis is None and z_top > fem.z_top + 2 * reach:
-            by_name["FEMUR" + suffix].flag("fail", f"no pelvis above it, although the scan reaches "
+            by_name["FEMUR" + suffix].flag(Verdict.FAIL, f"no pelvis above it, although the scan reaches "
                                                    f"{(z_top - fem.z_top) / 10:.0f} cm further up")
 
 
@@ -353,30 +384,31 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
     q = by_name["PELVIS"]
     q.metrics["pelvis_reach_heads"] = round(worst_ratio, 2)
     if worst_ratio < th["pelvis_reach_fail"]:
-        q.flag("fail", why)
+        q.flag(Verdict.FAIL, why)
     elif worst_ratio < th["pelvis_reach_warn"]:
-        q.flag("warn", why)
+        q.flag(Verdict.WARN, why)
 
 
-def _agreement(vol, declared, tta_labels, card_labels, masks, by_name, report, th, z, thick, pixel_mm2) -> None:
-    """Dice per sided structure between ``masks`` (the result's, or the plain pass's when the result is the
-    mean of both) and the augmented pass, sided the same way."""
-    tta_masks = _sided_masks(vol, declared, tta_labels, card_labels)
+def _agreement(vol, declared, tta_labels, card_labels, ref: _Sided, by_name, report, th, z, thick,
+               pixel_mm2) -> None:
+    """Dice per sided structure between ``ref`` (the result, or the plain pass when the result is the mean of
+    both) and the augmented pass, sided the same way."""
+    tta = _sided(vol, declared, tta_labels, card_labels)
     for name, q in by_name.items():
-        other, mine = tta_masks.get(name), masks.get(name)
-        d = _dice(mine, other) if other is not None and mine is not None else 0.0
+        d = _dice(ref, tta, name) if name in ref.numbers and name in tta.numbers else 0.0
         q.metrics["tta_dice"] = round(d, 3)
         fail_below = th.get(f"tta_dice_fail_{name.split()[0].lower()}", th["tta_dice_fail"])
         if d < fail_below:
-            q.flag("fail", f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
+            q.flag(Verdict.FAIL, f"unstable: agreement with the mirrored/gamma-shifted pass Dice {d:.2f} "
                            f"(< {fail_below})")
         elif d < th["tta_dice_warn"]:
-            q.flag("warn", f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
-    for name, m in tta_masks.items():
-        if name in by_name or not m.any():
+            q.flag(Verdict.WARN, f"agreement with the mirrored/gamma-shifted pass Dice {d:.2f}")
+    for name in tta.numbers:
+        if name in by_name:
             continue
-        cm3 = _shape(m, z, thick, pixel_mm2).volume_cm3
+        box, mask = tta.mask(name)
+        cm3 = _shape(mask, box, z, thick, pixel_mm2).volume_cm3
         if cm3 >= th["tta_missing_cm3"]:
             q = StructureQuality(name, metrics={"tta_volume_cm3": round(cm3, 2), "tta_dice": 0.0})
-            q.flag("fail", f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
+            q.flag(Verdict.FAIL, f"missing from the result, but the mirrored/gamma-shifted pass finds {cm3:.1f} cm³")
             report.structures.append(q)

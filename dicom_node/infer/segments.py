@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.labels import LEFT_CODE, RIGHT_CODE, Label
+from inference.postprocess import label_boxes
 
 PAIRED = ("FEMUR", "TIBIA", "FIBULA")
 
@@ -46,24 +47,32 @@ def world_x(index_rc: np.ndarray, k: np.ndarray, origins: np.ndarray, row_dir, c
 
 def split_sides(labels: np.ndarray, card_labels: list[Label], origins: np.ndarray, row_dir, col_dir,
                 spacing: tuple[float, float], declared: str = "") -> tuple[np.ndarray, list[Segment]]:
-    """Return a label map numbered by segment (0 = background) and the segment list, in a stable order."""
+    """Return a label map numbered by segment (0 = background) and the segment list, in a stable order.
+
+    Pieces are found and placed inside each structure's bounding box, so a whole-leg series costs what its
+    bones cover, not its voxel count.
+    """
     by_name = {lab.name: lab for lab in card_labels}
-    pieces: dict[tuple[str, str], list[np.ndarray]] = {}
+    boxes = label_boxes(labels)
     centres = []
-    comp_info = []
+    comp_info = []  # (name, box of the piece, its mask there, centre x, voxels)
     for name in PAIRED:
         lab = by_name.get(name)
-        if lab is None:
+        if lab is None or lab.value not in boxes:
             continue
-        comp, n = ndimage.label(labels == lab.value)
-        for i in range(1, n + 1):
-            idx = np.argwhere(comp == i)
+        box = boxes[lab.value]
+        comp, n = ndimage.label(labels[box] == lab.value)
+        for i, sub in enumerate(ndimage.find_objects(comp), start=1):
+            piece = comp[sub] == i
+            at = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sub))
+            idx = np.argwhere(piece) + [s.start for s in at]
             x = float(world_x(idx[:, 1:], idx[:, 0], origins, row_dir, col_dir, spacing).mean())
-            comp_info.append((name, comp == i, x, len(idx)))
+            comp_info.append((name, at, piece, x, len(idx)))
             centres.append((name, x, len(idx)))
-    side_of = _sider(labels, by_name, origins, row_dir, col_dir, spacing, centres, declared)
-    for name, mask, x, _ in comp_info:
-        pieces.setdefault((name, side_of(x)), []).append(mask)
+    side_of = _sider(labels, boxes, by_name, origins, row_dir, col_dir, spacing, centres, declared)
+    pieces: dict[tuple[str, str], list[tuple[tuple[slice, ...], np.ndarray]]] = {}
+    for name, at, piece, x, _ in comp_info:
+        pieces.setdefault((name, side_of(x)), []).append((at, piece))
     out = np.zeros(labels.shape, dtype=np.uint8)
     segments: list[Segment] = []
     order = ([(n, s) for n in PAIRED for s in ("R", "L", "")]
@@ -73,28 +82,32 @@ def split_sides(labels: np.ndarray, card_labels: list[Label], origins: np.ndarra
         if lab is None:
             continue
         if name in PAIRED:
-            masks = pieces.get((name, side))
-            if not masks:
+            parts = pieces.get((name, side))
+            if not parts:
                 continue
-            mask = np.logical_or.reduce(masks)
         else:
-            mask = labels == lab.value
-            if not mask.any():
+            if lab.value not in boxes:
                 continue
+            box = boxes[lab.value]
+            parts = [(box, labels[box] == lab.value)]
         seg = Segment(len(segments) + 1, lab, side)
-        out[mask] = seg.number
+        for at, piece in parts:  # pieces of different structures never overlap: the order cannot matter
+            out[at][piece] = seg.number
         segments.append(seg)
     return out, segments
 
 
-def _sider(labels, by_name, origins, row_dir, col_dir, spacing, centres, declared: str):
+def _sider(labels, boxes, by_name, origins, row_dir, col_dir, spacing, centres, declared: str):
     if declared in ("L", "R"):
         return lambda x: declared
     pelvis = by_name.get("PELVIS")
-    if pelvis is not None and (labels == pelvis.value).sum() > 50:
-        idx = np.argwhere(labels == pelvis.value)
-        mid = float(world_x(idx[:, 1:], idx[:, 0], origins, row_dir, col_dir, spacing).mean())
-        return lambda x: "L" if x > mid else "R"
+    if pelvis is not None and pelvis.value in boxes:
+        box = boxes[pelvis.value]
+        idx = np.argwhere(labels[box] == pelvis.value)
+        if len(idx) > 50:
+            idx += [s.start for s in box]
+            mid = float(world_x(idx[:, 1:], idx[:, 0], origins, row_dir, col_dir, spacing).mean())
+            return lambda x: "L" if x > mid else "R"
     for name in PAIRED:
         big = sorted((c for c in centres if c[0] == name), key=lambda c: -c[2])[:2]
         if len(big) == 2 and big[1][2] > 0.25 * big[0][2] and abs(big[0][1] - big[1][1]) > 40:

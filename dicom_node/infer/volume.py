@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from inference.postprocess import label_boxes
 from storage.models import Instance
 
 log = logging.getLogger("dicom_node.infer.volume")
@@ -48,9 +49,10 @@ class SeriesVolume:
     def volumes_cm3(self, labels: np.ndarray, n_labels: int) -> np.ndarray:
         """Volume of each label value 0..n_labels-1 in cm³, each block with its own slice spacing."""
         parts = self.blocks or [(0, labels.shape[0], self.voxel_mm3)]
+        per_slice = slice_counts(labels, n_labels)
         total = np.zeros(n_labels)
         for first, end, mm3 in parts:
-            total += np.bincount(labels[first:end].ravel(), minlength=n_labels)[:n_labels] * mm3
+            total += per_slice[first:end].sum(axis=0) * mm3
         return total / 1000.0
 
     @classmethod
@@ -66,6 +68,17 @@ class SeriesVolume:
         return cls(np.concatenate([v.array for v in parts]), [d for v in parts for d in v.datasets], first.row_dir,
                    first.col_dir, first.pixel_spacing, float(np.median([v.slice_spacing for v in parts])),
                    np.concatenate([v.origins for v in parts]), None, blocks)
+
+
+def slice_counts(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Voxels of each label value 0..n_labels-1 per slice, (n, n_labels) int64, counted inside each value's
+    bounding box (a whole-leg volume is mostly background, which is what is left)."""
+    boxes = label_boxes(labels)
+    counts = np.zeros((labels.shape[0], max([n_labels, *boxes]) + 1), dtype=np.int64)
+    for value, box in boxes.items():
+        counts[box[0], value] = (labels[box] == value).sum(axis=(1, 2))
+    counts[:, 0] = labels.shape[1] * labels.shape[2] - counts[:, 1:].sum(axis=1)
+    return counts[:, :n_labels]
 
 
 class NotStackable(ValueError):

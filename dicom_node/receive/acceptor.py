@@ -19,7 +19,7 @@ ours. The standard-defined, intricate parts come from the libraries: pynetdicom
 decodes the A-ASSOCIATE-RQ (with all its sub-items), negotiates presentation contexts and SCP/SCU roles
 and encodes the A-ASSOCIATE-AC; pydicom writes the Part 10 file meta. What is left is framing: PDU headers,
 PDV fragments (PS3.8 §E); the DIMSE command sets are read and answered in :mod:`.dimse`. pynetdicom
-remains the node's C-STORE SCU (deliver/sender.py).
+remains the node's C-STORE SCU (deliver/dimse.py).
 """
 
 from __future__ import annotations
