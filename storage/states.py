@@ -129,8 +129,32 @@ class EventKind(StrEnum):
     #: an admin's retry or requeue that was refused (the job was running or delivering)
     RETRY_REFUSED = "retry-refused"
     REQUEUE_REFUSED = "requeue-refused"
+    #: identical copies of stored instances re-sent: one event per series and burst, its count kept up to date
+    DUPLICATES = "duplicates"
+    #: a stored SOP Instance UID re-sent with other content or into another series (``DuplicatePolicy``)
+    CONFLICTING_RESEND = "conflicting-resend"
 
     @classmethod
     def refused(cls, action: str) -> EventKind:
         """The event of a refused admin action (``retry`` or ``requeue``); any other action reads as a retry."""
         return cls.REQUEUE_REFUSED if action == "requeue" else cls.RETRY_REFUSED
+
+
+class DuplicatePolicy(StrEnum):
+    """What a C-STORE of a stored SOP Instance UID with other content, or into another series, does
+    (``scp.duplicate_policy``); an identical copy is never stored twice whatever the policy."""
+
+    #: the first copy stays; the re-send is answered with a warning and not stored
+    KEEP = "keep"
+    #: the newer copy takes the instance's place (and series); the first copy's file is removed
+    REPLACE = "replace"
+
+
+class Resend(StrEnum):
+    """How the listener found a received instance that re-uses a stored SOP Instance UID."""
+
+    IDENTICAL = "identical"
+    #: other content or another series, not stored (``DuplicatePolicy.KEEP``)
+    KEPT_FIRST = "kept-first"
+    #: other content or another series, stored in place of the first copy (``DuplicatePolicy.REPLACE``)
+    REPLACED = "replaced"
