@@ -208,3 +208,34 @@ def test_the_policy_setting_is_checked(tmp_path):
     (tmp_path / "node.toml").write_text('[scp]\nduplicate_policy = "newest"\n')
     with pytest.raises(ConfigError, match="scp.duplicate_policy"):
         load_settings(tmp_path / "node.toml")
+
+
+def test_the_recorder_applies_replace_to_a_conflict_it_finds_itself(tmp_path):
+    """Under ``replace`` a conflict found only when the row is recorded moves the row and removes the first file."""
+    from storage.db import Database
+    from storage.instances import InstanceMeta, Received, Recorder
+    from storage.states import DuplicatePolicy
+
+    db = Database(f"sqlite:///{tmp_path / 'n.db'}")
+    db.create_schema()
+    rec = Recorder(db, policy=DuplicatePolicy.REPLACE)
+    told: list[tuple[int, int]] = []
+    rec.on_resent = lambda identical, conflicting: told.append((identical, conflicting))
+    files = []
+    for series_uid in ("1.2.3.1", "1.2.3.2"):
+        (tmp_path / series_uid).mkdir()
+        files.append(tmp_path / series_uid / "1.2.3.9.dcm")
+        files[-1].write_bytes(series_uid.encode())
+    meta = InstanceMeta(sop_uid="1.2.3.9", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid="1.2.3",
+                        series_uid="1.2.3.1")
+    assert rec.record_batch([Received(meta, str(files[0]), 1)]) == [True]
+    moved = InstanceMeta(**{**meta.__dict__, "series_uid": "1.2.3.2"})
+    assert rec.record_batch([Received(moved, str(files[1]), 1), Received(moved, str(files[1]), 1)]) == [False, False]
+    assert not files[0].exists() and files[1].exists()
+    with db.session() as s:
+        counts = dict(s.execute(select(Series.series_uid, Series.n_instances)).all())
+        assert s.scalar(select(Instance.path)) == str(files[1])
+        kinds = list(s.scalars(select(Event.kind).order_by(Event.id)))
+    assert counts == {"1.2.3.1": 0, "1.2.3.2": 1}
+    assert kinds.count(EventKind.CONFLICTING_RESEND) == 2 and kinds.count(EventKind.DUPLICATES) == 1
+    assert told == [(1, 1)]

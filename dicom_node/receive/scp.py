@@ -350,8 +350,10 @@ class StorageSCP:
         self._assoc_series.setdefault(req.peer, set()).add(series_uid)  # for on_aborted / on_release
 
     def _rejected(self, item: Received, reason: str) -> None:
-        """A stored file whose row the database refused: keep it in quarantine with the reason."""
-        self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
+        """A stored file whose row the database refused: keep it in quarantine with the reason. A re-send that
+        wrote nothing of its own (identical, or kept out) leaves the first copy's file where its row points."""
+        if item.path and item.resend not in (Resend.IDENTICAL, Resend.KEPT_FIRST):
+            self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
         self._count("refused")
 
     def _recorded(self, new: int, duplicates: int) -> None:
