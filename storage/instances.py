@@ -179,21 +179,21 @@ class Recorder:
                     s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
                     known[m.sop_uid] = (it.path, first_sid)
                     continue
-                target = self._sid(s, sids, m, create=False)
+                target = self._existing_sid(s, sids, m)
                 if it.resend is Resend.IDENTICAL or (it.resend is None and target == first_sid):
                     self.resends.identical(resent, first_sid, it.received_at, it.calling_aet)
                     continue
                 answered = it.resend is not None
                 replace = it.resend is Resend.REPLACED or (not answered and self.policy is DuplicatePolicy.REPLACE)
-                if replace and target is None:  # the newer copy's series: it exists from now on
-                    target = self._sid(s, sids, m)
-                self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=target,
-                                      calling_aet=it.calling_aet, replaced=replace, answered=answered)
                 if not replace:
+                    self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=target,
+                                          calling_aet=it.calling_aet, replaced=False, answered=answered)
                     if not answered and it.path:  # stored and acknowledged before the conflict was known
                         resent.remove.append(it.path)
                     continue
-                sid = target
+                sid = target if target is not None else self._sid(s, sids, m)  # the newer copy's series
+                self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=sid,
+                                      calling_aet=it.calling_aet, replaced=True, answered=answered)
                 values = {f"v_{f}": _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
                 values.update(uid=m.sop_uid, v_series_id=sid, v_path=it.path, v_size=it.size,
                               v_received_at=it.received_at, v_calling_aet=it.calling_aet[:16])
@@ -227,14 +227,21 @@ class Recorder:
                 log.exception("on_series callback failed")
         return fresh
 
-    def _sid(self, s, sids: dict[str, int], meta: InstanceMeta, create: bool = True) -> int | None:
-        """The series' id (cached), made with its study row when ``create`` and it has none yet."""
+    def _sid(self, s, sids: dict[str, int], meta: InstanceMeta) -> int:
+        """The series' id (cached), made with its study row if it has none yet."""
+        sid = self._existing_sid(s, sids, meta)
+        if sid is None:
+            sid = sids[meta.series_uid] = self._series_id(s, meta)
+        return sid
+
+    def _existing_sid(self, s, sids: dict[str, int], meta: InstanceMeta) -> int | None:
+        """The series' id if it has a row (cached), without making one."""
         uid = meta.series_uid
         sid = sids.get(uid)
         if sid is None:
             sid = self._series_ids.get(uid)
         if sid is None:
-            sid = self._series_id(s, meta) if create else s.scalar(select(Series.id).where(Series.series_uid == uid))
+            sid = s.scalar(select(Series.id).where(Series.series_uid == uid))
         if sid is not None:
             sids[uid] = sid
         return sid
