@@ -12,6 +12,10 @@ stored nothing, such as a C-ECHO health probe, is released at once.
 Before anything is written, the command and the data set must agree and their UIDs must be DICOM UIDs
 (receive/uids.py): those UIDs name the file, so a value such as ``..`` or ``1.2 3`` is refused (0xC000, kept in
 quarantine with the reason) rather than "made safe", which could map two instances onto one file.
+
+A SOP Instance UID already stored is recognised before the answer (receive/resend.py): an identical copy is
+answered success and counted, not written again; one with other content or in another series follows
+``scp.duplicate_policy`` (keep the first and answer 0xB000, or replace it).
 """
 
 from __future__ import annotations
