@@ -8,7 +8,7 @@ Modelled on highdicom's ``seg/enum.py`` and mercure's ``event_types.py``.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import StrEnum, auto
 
 
 class SeriesState(StrEnum):
@@ -130,7 +130,7 @@ class EventKind(StrEnum):
     RETRY_REFUSED = "retry-refused"
     REQUEUE_REFUSED = "requeue-refused"
     #: identical copies of stored instances re-sent: one event per series and burst, its count kept up to date
-    DUPLICATES = "duplicates"
+    DUPLICATES = auto()
     #: a stored SOP Instance UID re-sent with other content or into another series (``DuplicatePolicy``)
     CONFLICTING_RESEND = "conflicting-resend"
 
@@ -145,16 +145,16 @@ class DuplicatePolicy(StrEnum):
     (``scp.duplicate_policy``); an identical copy is never stored twice whatever the policy."""
 
     #: the first copy stays; the re-send is answered with a warning and not stored
-    KEEP = "keep"
+    KEEP = auto()
     #: the newer copy takes the instance's place (and series); the first copy's file is removed
-    REPLACE = "replace"
+    REPLACE = auto()
 
 
 class Resend(StrEnum):
     """How the listener found a received instance that re-uses a stored SOP Instance UID."""
 
-    IDENTICAL = "identical"
+    IDENTICAL = auto()
     #: other content or another series, not stored (``DuplicatePolicy.KEEP``)
     KEPT_FIRST = "kept-first"
     #: other content or another series, stored in place of the first copy (``DuplicatePolicy.REPLACE``)
-    REPLACED = "replaced"
+    REPLACED = auto()
