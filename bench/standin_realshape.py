@@ -31,7 +31,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from inference.phantom import FEMUR, FIBULA, PELVIS, TIBIA, Geometry, Phantom, write_training_case
+from inference.phantom import (
+    FEMUR,
+    FIBULA,
+    PELVIS,
+    TIBIA,
+    Geometry,
+    Phantom,
+    write_training_case,
+)
 from inference.synth import ssm
 
 SEED_BASE = 900000  # the training generator draws shapes from seeds below this
@@ -283,7 +291,7 @@ class Layout:
     def _extra_bones(self, z: float, tis: np.ndarray) -> None:
         """Patellae and tali: bone that is not segmented."""
         X, Y = self.X, self.Y
-        for side, leg in self.sk.legs.items():
+        for leg in self.sk.legs.values():
             kc = leg.knee_centre
             fem = leg.femur
             pz = kc[2] + 0.07 * self.lf
@@ -357,7 +365,7 @@ def render_case(case: Case, contrasts: tuple[str, ...], size: int = 448, pixel: 
         for c in contrasts:
             imgs[c][k] /= sub
     # coil bias: posterior and anterior surface coils, a smooth product field over the volume
-    Z, Yg, Xg = np.meshgrid(zs, ys, xs, indexing="ij", sparse=True)
+    Z, Yg, _ = np.meshgrid(zs, ys, xs, indexing="ij", sparse=True)
     bias = (0.75 + 0.45 * np.exp(-((Yg - ys.max()) / 160.0) ** 2) + 0.25 * np.exp(-((Yg - ys.min()) / 140.0) ** 2)
             ) * (1 + 0.08 * np.sin(Z / 150.0 + rng.uniform(0, 6)))
     geom = Geometry(size, size, len(zs), (pixel, pixel), (float(xs[0]), float(ys[0]), float(zs[0])),
@@ -389,14 +397,39 @@ def write_standin(root: Path, indices: list[int], contrasts: tuple[str, ...] = C
     return names
 
 
+def contrast_table(report: dict) -> str:
+    """Markdown: mean Dice per structure (columns) and contrast (rows) of an ``evaluation.json`` on this stand-in,
+    with the worst case per cell, and the number of shapes."""
+    names = [k for k in report["summary"] if k != "mean"]
+    by: dict[str, list[dict]] = {}
+    for row in report["cases"]:
+        by.setdefault(row["case"].rsplit("-", 1)[-1], []).append(row)
+    lines = ["| contrast | shapes | " + " | ".join(f"{n.lower()} Dice mean (min)" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for contrast in [c for c in CONTRASTS if c in by] + sorted(set(by) - set(CONTRASTS)):
+        rows = by[contrast]
+        cells = []
+        for n in names:
+            d = np.array([r["structures"][n]["dice"] for r in rows], float)
+            cells.append(f"{np.nanmean(d):.2f} ({np.nanmin(d):.2f})" if np.isfinite(d).any() else "–")
+        lines.append(f"| {contrast} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.standin_realshape", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--table", type=Path, help="print the contrast × structure table of this evaluation.json and stop")
+    p.add_argument("--out", type=Path)
     p.add_argument("--shapes", default="0,1,3,6,7",
                    help="comma-separated shape indices, each written in every contrast (0-5 are the extremes: "
                         "size -2.2/+1.8 SD, mode 2 +3/-3, mode 3 +3/-3; 6 on are held-out random draws)")
     p.add_argument("--contrasts", default=",".join(CONTRASTS))
     a = p.parse_args(argv)
+    if a.table:
+        print(contrast_table(json.loads(a.table.read_text())), end="")
+        return
+    if a.out is None:
+        p.error("--out is required")
     contrasts = tuple(c for c in a.contrasts.split(",") if c)
     bad = set(contrasts) - set(CONTRASTS)
     if bad:

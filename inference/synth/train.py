@@ -199,7 +199,7 @@ def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.
 
 def _generators(n: int, share: float) -> list[str]:
     """``n`` map generators, real shapes spread evenly at ``share`` (so pelvis-only maps get some too)."""
-    k = int(round(share * n))
+    k = round(share * n)
     picks = set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k else set()
     return ["realshape" if i in picks else "labelmap" for i in range(n)]
 
