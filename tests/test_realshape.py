@@ -3,6 +3,8 @@ independent stand-in's tissue and signal model. Skipped (with the reason) where 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,13 +13,22 @@ from inference.synth import labels as L
 from inference.synth import ssm
 
 
-@pytest.fixture(scope="module")
-def models() -> dict[str, ssm.ShapeModel]:
+@functools.cache
+def _models_or_reason() -> dict[str, ssm.ShapeModel] | str:
+    """Fetched once per session: a failed fetch is not retried by every test."""
     try:
         ssm.ensure_data()
     except ssm.ShapeDataMissing as e:
-        pytest.skip(f"shape model not available ({ssm.PACKAGE} could not be fetched): {e}")
+        return f"shape model not available ({ssm.PACKAGE} could not be fetched): {e}"
     return {s: ssm.load(s) for s in ssm.SIDES}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, ssm.ShapeModel]:
+    got = _models_or_reason()
+    if isinstance(got, str):
+        pytest.skip(got)
+    return got
 
 
 def test_every_component_is_a_closed_surface_of_plausible_volume(models):

