@@ -21,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 
 from .db import Database
 from .models import Instance, Job, Series, Study, utcnow
-from .states import EventKind, JobState, SeriesState
+from .resends import ResendBatch, ResendTimeline
+from .states import DuplicatePolicy, EventKind, JobState, Resend, SeriesState
 from .timeline import add_event
 
 log = logging.getLogger("storage.instances")
@@ -69,13 +70,15 @@ _INSTANCE_FIELDS = ("sop_class_uid", "transfer_syntax", "instance_number", "rows
 
 @dataclass
 class Received:
-    """One stored file waiting to be recorded: its header fields, where it lies, and when it arrived."""
+    """One stored file waiting to be recorded: its header fields, where it lies, and when it arrived; for a
+    re-used SOP Instance UID, what the listener made of it (``path`` is empty when nothing was stored)."""
 
     meta: InstanceMeta
     path: str
     size: int
     calling_aet: str = ""
     received_at: dt.datetime = field(default_factory=utcnow)
+    resend: Resend | None = None
 
 
 _LENGTHS = {c.name: n for c in Instance.__table__.columns if (n := getattr(c.type, "length", None))}
@@ -84,8 +87,14 @@ _LENGTHS = {c.name: n for c in Instance.__table__.columns if (n := getattr(c.typ
 class Recorder:
     """Records received instances, many in one transaction; caches series ids so a series costs one lookup."""
 
-    def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None):
+    def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None,
+                 policy: DuplicatePolicy = DuplicatePolicy.KEEP):
         self.db = db
+        #: what a conflicting re-send the listener did not recognise (its answer already sent) comes to
+        self.policy = policy
+        #: told (identical, conflicting) re-sends after each committed batch (the listener's counters)
+        self.on_resent: Callable[[int, int], None] | None = None
+        self.resends = ResendTimeline()
         #: told the ids of the series that got new instances, after each committed batch (the completion
         #: check wakes on it instead of waiting for its next scan)
         self.on_series = on_series
@@ -107,6 +116,10 @@ class Recorder:
         # A file re-sent after the retention purge emptied its row's path: the row points at it again.
         self._repath = update(ins).where(ins.c.sop_uid == bindparam("uid"), ins.c.path == "").values(
             path=bindparam("new_path"), size=bindparam("new_size"))
+        # A conflicting re-send under DuplicatePolicy.REPLACE: the row describes the newer copy, in its series.
+        self._replace = update(ins).where(ins.c.sop_uid == bindparam("uid")).values(
+            {f: bindparam(f"v_{f}") for f in ("series_id", "path", "size", "received_at", "calling_aet",
+                                              *_INSTANCE_FIELDS)})
 
     def record(self, meta: InstanceMeta, path: str, size: int, calling_aet: str = "") -> bool:
         """Record one instance now; returns False if this SOP Instance UID was already stored."""
@@ -131,50 +144,108 @@ class Recorder:
         raise AssertionError("unreachable")
 
     def _record_batch(self, items: list[Received]) -> list[bool]:
+        resent = ResendBatch()
         with self.db.session() as s:
-            sids: dict[str, int] = {}
-            for it in items:
-                uid = it.meta.series_uid
-                if uid not in sids:
-                    sid = self._series_ids.get(uid)
-                    sids[uid] = sid if sid is not None else self._series_id(s, it.meta)
+            sids: dict[str, int] = {}  # series ids of this batch (a series row is made only for a stored instance)
             uids = list({it.meta.sop_uid for it in items})
-            known = {u: path for u, path in s.execute(
-                select(Instance.sop_uid, Instance.path).where(Instance.sop_uid.in_(uids)))}
-            seen = set(known)
+            known = {u: (path, sid) for u, path, sid in s.execute(
+                select(Instance.sop_uid, Instance.path, Instance.series_id).where(Instance.sop_uid.in_(uids)))}
             fresh: list[bool] = []
             rows: list[dict] = []
+            replaced: list[dict] = []
             touched: dict[int, list] = {}  # series id -> [count, latest arrival]
+
+            def touch(sid: int, k: int, at: dt.datetime) -> None:
+                t = touched.setdefault(sid, [0, at])
+                t[0] += k
+                t[1] = max(t[1], at)
+
             for it in items:
                 m = it.meta
-                new = m.sop_uid not in seen
-                fresh.append(new)
-                if not new:
-                    if known.get(m.sop_uid) == "":
-                        s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
-                        known[m.sop_uid] = it.path
+                prior = known.get(m.sop_uid)
+                fresh.append(prior is None and it.resend is not Resend.KEPT_FIRST)
+                if prior is None:
+                    if it.resend is Resend.KEPT_FIRST:  # the first copy's row was refused: nothing stored now either
+                        continue
+                    sid = self._sid(s, sids, m)
+                    row = {f: _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
+                    row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size,
+                               received_at=it.received_at, calling_aet=it.calling_aet[:16])
+                    rows.append(row)
+                    known[m.sop_uid] = (it.path, sid)
+                    touch(sid, 1, it.received_at)
                     continue
-                seen.add(m.sop_uid)
-                sid = sids[m.series_uid]
-                row = {f: _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
-                row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size, received_at=it.received_at,
-                           calling_aet=it.calling_aet[:16])
-                rows.append(row)
-                t = touched.setdefault(sid, [0, it.received_at])
-                t[0] += 1
-                t[1] = max(t[1], it.received_at)
+                first_path, first_sid = prior
+                if first_path == "" and it.path and it.resend is not Resend.KEPT_FIRST:
+                    s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
+                    known[m.sop_uid] = (it.path, first_sid)
+                    continue
+                target = self._existing_sid(s, sids, m)
+                if it.resend is Resend.IDENTICAL or (it.resend is None and target == first_sid):
+                    self.resends.identical(resent, first_sid, it.received_at, it.calling_aet)
+                    continue
+                answered = it.resend is not None
+                replace = it.resend is Resend.REPLACED or (not answered and self.policy is DuplicatePolicy.REPLACE)
+                if not replace:
+                    self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=target,
+                                          calling_aet=it.calling_aet, replaced=False, answered=answered)
+                    if not answered and it.path:  # stored and acknowledged before the conflict was known
+                        resent.remove.append(it.path)
+                    continue
+                sid = target if target is not None else self._sid(s, sids, m)  # the newer copy's series
+                self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=sid,
+                                      calling_aet=it.calling_aet, replaced=True, answered=answered)
+                values = {f"v_{f}": _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
+                values.update(uid=m.sop_uid, v_series_id=sid, v_path=it.path, v_size=it.size,
+                              v_received_at=it.received_at, v_calling_aet=it.calling_aet[:16])
+                replaced.append(values)
+                known[m.sop_uid] = (it.path, sid)
+                touch(sid, 0 if sid == first_sid else 1, it.received_at)  # reopened: its content changed
+                if sid != first_sid:
+                    touch(first_sid, -1, it.received_at)
+                    if first_path:
+                        resent.remove.append(first_path)
             if rows:
                 s.execute(self._insert, rows)
-                for sid, (k, last) in touched.items():
-                    s.execute(self._touch, {"sid": sid, "k": k, "now": last})
+            for values in replaced:  # after the inserts: the first copy may be in this batch
+                s.execute(self._replace, values)
+            for sid, (k, last) in touched.items():
+                s.execute(self._touch, {"sid": sid, "k": k, "now": last})
+            self.resends.write(s, resent)
         with self._lock:
             self._series_ids.update(sids)
+        self.resends.committed(resent)
+        n_identical = sum(t[0] for t in resent.identical.values())
+        if (n_identical or resent.conflicts) and self.on_resent is not None:
+            try:
+                self.on_resent(n_identical, resent.conflicts)
+            except Exception:  # a counter must never fail a recording
+                log.exception("on_resent callback failed")
         if touched and self.on_series is not None:
             try:
                 self.on_series(set(touched))
             except Exception:  # the completion check's wake-up must never fail a recording
                 log.exception("on_series callback failed")
         return fresh
+
+    def _sid(self, s, sids: dict[str, int], meta: InstanceMeta) -> int:
+        """The series' id (cached), made with its study row if it has none yet."""
+        sid = self._existing_sid(s, sids, meta)
+        if sid is None:
+            sid = sids[meta.series_uid] = self._series_id(s, meta)
+        return sid
+
+    def _existing_sid(self, s, sids: dict[str, int], meta: InstanceMeta) -> int | None:
+        """The series' id if it has a row (cached), without making one."""
+        uid = meta.series_uid
+        sid = sids.get(uid)
+        if sid is None:
+            sid = self._series_ids.get(uid)
+        if sid is None:
+            sid = s.scalar(select(Series.id).where(Series.series_uid == uid))
+        if sid is not None:
+            sids[uid] = sid
+        return sid
 
     def _series_id(self, s, meta: InstanceMeta) -> int:
         sid = s.scalar(select(Series.id).where(Series.series_uid == meta.series_uid))

@@ -130,6 +130,10 @@ class EventKind(StrEnum):
     #: an admin's retry or requeue that was refused (the job was running or delivering)
     RETRY_REFUSED = "retry-refused"
     REQUEUE_REFUSED = "requeue-refused"
+    #: identical copies of stored instances re-sent: one event per series and burst, its count kept up to date
+    DUPLICATES = auto()
+    #: a stored SOP Instance UID re-sent with other content or into another series (``DuplicatePolicy``)
+    CONFLICTING_RESEND = "conflicting-resend"
 
     @classmethod
     def refused(cls, action: str) -> EventKind:
@@ -142,3 +146,23 @@ class AuditOutcome(StrEnum):
 
     DONE = auto()
     REFUSED = auto()
+
+
+class DuplicatePolicy(StrEnum):
+    """What a C-STORE of a stored SOP Instance UID with other content, or into another series, does
+    (``scp.duplicate_policy``); an identical copy is never stored twice whatever the policy."""
+
+    #: the first copy stays; the re-send is answered with a warning and not stored
+    KEEP = auto()
+    #: the newer copy takes the instance's place (and series); the first copy's file is removed
+    REPLACE = auto()
+
+
+class Resend(StrEnum):
+    """How the listener found a received instance that re-uses a stored SOP Instance UID."""
+
+    IDENTICAL = auto()
+    #: other content or another series, not stored (``DuplicatePolicy.KEEP``)
+    KEPT_FIRST = "kept-first"
+    #: other content or another series, stored in place of the first copy (``DuplicatePolicy.REPLACE``)
+    REPLACED = auto()

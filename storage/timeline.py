@@ -16,12 +16,15 @@ from .models import AuditEntry, Event, Job, Series, utcnow
 
 
 def add_event(s, kind: str, *, series_id: int | None = None, job_id: int | None = None, study_id: int | None = None,
-              detail: str = "", at: dt.datetime | None = None) -> None:
-    """Append one timeline event (inside the caller's transaction, so state and event agree)."""
+              detail: str = "", at: dt.datetime | None = None) -> Event:
+    """Append one timeline event (inside the caller's transaction, so state and event agree); returned so a
+    caller can update an aggregated event later."""
     if study_id is None and series_id is not None:
         study_id = s.scalar(select(Series.study_id).where(Series.id == series_id))
-    s.add(Event(kind=kind, study_id=study_id, series_id=series_id, job_id=job_id, detail=detail[:2000],
-                at=at or utcnow()))
+    ev = Event(kind=kind, study_id=study_id, series_id=series_id, job_id=job_id, detail=detail[:2000],
+               at=at or utcnow())
+    s.add(ev)
+    return ev
 
 
 def event(db: Database, kind: str, **kw) -> None:

@@ -67,7 +67,7 @@ def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
     rec = Recorder(db)
     ids = []
     for k, urgent in enumerate((False, False, True)):
-        rec.record(meta(0, series=f"1.2.3.{10 + k}"), "p", 1)
+        rec.record(meta(k, series=f"1.2.3.{10 + k}"), "p", 1)
         with db.session() as s:
             sid = s.scalar(select(Series.id).where(Series.series_uid == f"1.2.3.{10 + k}"))
         ids.append(mark_judged(db, sid, queue=True, reason="", urgent=urgent))
@@ -85,7 +85,7 @@ def test_claim_takes_urgent_then_oldest_and_never_twice(tmp_path):
     rec2 = Recorder(db2)
     order = []
     for k, urgent in enumerate((False, True, False)):
-        rec2.record(meta(0, series=f"9.{k}"), "p", 1)
+        rec2.record(meta(k, series=f"9.{k}"), "p", 1)
         with db2.session() as s:
             sid = s.scalar(select(Series.id).where(Series.series_uid == f"9.{k}"))
         order.append(mark_judged(db2, sid, queue=True, reason="", urgent=urgent))
@@ -111,7 +111,9 @@ def test_rerun_after_late_instances_supersedes_the_delivered_result(tmp_path):
     with db.session() as s:
         assert s.get(Job, first).superseded_by == second
         kinds = [e.kind for e in s.scalars(select(Event).where(Event.series_id == sid).order_by(Event.id))]
-    assert kinds == ["received", "complete", "queued", "running", "delivered", "complete", "queued", "superseded"]
+    # the identical re-send is on the timeline, counted, and made no job
+    assert kinds == ["received", "complete", "queued", "running", "delivered", "duplicates", "complete", "queued",
+                     "superseded"]
 
 
 def test_next_completion_withdraws_a_job_still_queued(tmp_path):

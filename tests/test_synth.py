@@ -92,7 +92,7 @@ def test_every_sub_label_gets_its_own_random_intensity():
     x1, y1 = render_batch(bank, 1, torch.Generator().manual_seed(1), PLAIN, idx=torch.tensor([0]))
     x2, _ = render_batch(bank, 1, torch.Generator().manual_seed(2), PLAIN, idx=torch.tensor([0]))
     v1, v2 = x1[0, 0, 5, cols], x2[0, 0, 5, cols]
-    assert len(torch.unique(v1)) == L.N_GEN  # 23 labels, 23 grey levels
+    assert len(torch.unique(v1)) == L.N_GEN  # every label its own grey level
     assert not torch.allclose(v1, v2, atol=0.05)  # and another draw, another contrast
     assert torch.equal(y1[0, 5, cols], torch.from_numpy(L.CLASS_OF[np.arange(L.N_GEN)]).long())
     assert torch.equal(x1[0, 0], x1[0, 1]) and torch.equal(x1[0, 0], x1[0, 2])  # grey -> 3 channels

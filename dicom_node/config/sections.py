@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.states import DuplicatePolicy
+
 from .validators import (
     ConfigError,
     _ae_title,
@@ -73,6 +75,7 @@ class ScpSettings:
     reserved_connections: int = 0  # 0: an eighth of max_connections
     release_wait_seconds: float = 3
     require_called_ae: bool = True
+    duplicate_policy: str = "keep"  # a stored SOP Instance UID re-sent with other content: "keep" or "replace"
     tls: ScpTlsSettings = field(default_factory=ScpTlsSettings)
 
     def validate(self) -> None:
@@ -95,6 +98,7 @@ class ScpSettings:
             raise ConfigError(f"scp.tls.port: {self.tls.port} is also scp.port; the TLS listener needs its own port")
         if self.min_free_disk_mb < 0:
             raise ConfigError("scp.min_free_disk_mb must be >= 0")
+        _one_of("scp.duplicate_policy", self.duplicate_policy, {p.value for p in DuplicatePolicy})
 
     def _validate_connections(self) -> None:
         """The connection caps (0: derived, see receive/connections.py) must leave room for the associations."""

@@ -30,7 +30,7 @@ from .headers import UnreadableData, read_received
 log = logging.getLogger("dicom_node.receive.recovery")
 
 
-def _dataset_offset(raw: bytes) -> int:
+def dataset_offset(raw: bytes) -> int:
     """Where the data set starts in a Part 10 file: after preamble, "DICM" and the file meta group."""
     if raw[128:132] != b"DICM" or raw[132:136] != b"\x02\x00\x00\x00":
         raise UnreadableData("not a Part 10 file with a file meta group length")
@@ -46,7 +46,7 @@ def read_stored(path: Path) -> Received:
         aet = str(fm.get("SourceApplicationEntityTitle", "") or "").strip()
     except Exception as exc:
         raise UnreadableData(f"unreadable file meta: {exc}") from None
-    meta = read_received(raw[_dataset_offset(raw):], ts)
+    meta = read_received(raw[dataset_offset(raw):], ts)
     when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).replace(tzinfo=None)
     return Received(meta, str(path), len(raw), aet, when)
 

@@ -12,6 +12,10 @@ stored nothing, such as a C-ECHO health probe, is released at once.
 Before anything is written, the command and the data set must agree and their UIDs must be DICOM UIDs
 (receive/uids.py): those UIDs name the file, so a value such as ``..`` or ``1.2 3`` is refused (0xC000, kept in
 quarantine with the reason) rather than "made safe", which could map two instances onto one file.
+
+A SOP Instance UID already stored is recognised before the answer (receive/resend.py): an identical copy is
+answered success and counted, not written again; one with other content or in another series follows
+``scp.duplicate_policy`` (keep the first and answer 0xB000, or replace it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,6 +54,7 @@ from storage.instances import InstanceMeta, Received, Recorder
 from storage.models import utcnow
 from storage.recording import BackgroundRecorder
 from storage.series import end_quiet, extend_quiet, receiving_series
+from storage.states import DuplicatePolicy, Resend
 
 from ..config import Settings
 from ..notify import notify
@@ -58,6 +64,7 @@ from .connections import address_allowed, destination_hosts, peer_addresses
 from .dimse import EventReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
+from .resend import StoredIndex, same_data_set, stored_copy
 from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
@@ -74,6 +81,10 @@ TRANSFER_SYNTAXES: list[str | UID] = [
 CLEAN_STOP_MARKER = ".clean-stop"
 
 SUCCESS = 0x0000
+#: PS3.4 B.2.3 "Warning: Coercion of Data Elements": the instance the node holds under this SOP Instance UID
+#: is not the one just sent (a conflicting re-send under ``scp.duplicate_policy = "keep"``). A warning is a
+#: success to the sender (it must not retry), unlike 0x0111 "Duplicate SOP Instance", a failure.
+KEPT_FIRST_COPY = 0xB000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
@@ -144,14 +155,19 @@ class StorageSCP:
         self.event_reports: dict[str, EventReportHandler] = dict(event_reports or {})
         self.db = db
         self.store = store
-        self.recorder = Recorder(db)
+        self.recorder = Recorder(db, policy=DuplicatePolicy(settings.scp.duplicate_policy))
+        self.recorder.on_resent = self._resent
+        #: where the instances stored lately lie, to recognise a re-send into another series (receive/resend.py)
+        self.stored = StoredIndex()
         self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
         # Built now, so a missing or unreadable certificate or key stops the node at start, naming the key.
         self.tls_context = server_context(settings.scp.tls) if settings.scp.tls.enabled else None
-        self.stats = {"stored": 0, "duplicates": 0, "refused": 0}
+        #: C-STORE outcomes (``/metrics``): duplicates are identical re-sends, conflicts re-used SOP Instance UIDs
+        #: with other content or series (answered and stored per scp.duplicate_policy)
+        self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
         #: series that were receiving when the node stopped uncleanly (found at start; see restart_quiet)
         self.interrupted: list[int] = []
         #: series UIDs whose quiet period was extended for a resend: a released association delivering to
@@ -300,28 +316,61 @@ class StorageSCP:
             return status
         # Only validated UIDs reach the path: distinct UIDs give distinct files, none outside incoming/.
         path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
+        where = str(path)
+        folder = self.stored.folder(meta.sop_uid)
+        if folder is None and os.path.exists(where):
+            folder = where.rpartition(os.sep)[0]
+        resend = None
+        if folder is not None:  # a re-used SOP Instance UID (see receive/resend.py)
+            resend = self._resend_kind(req, stored_copy(folder, meta.sop_uid), where)
+            if resend is not None and resend is not Resend.REPLACED:
+                self._submit(req, Received(meta, "" if resend is Resend.KEPT_FIRST else where, len(data),
+                                           req.peer.calling_ae, resend=resend), meta.series_uid)
+                return KEPT_FIRST_COPY if resend is Resend.KEPT_FIRST else SUCCESS
         try:
             self.store.write_atomic(path, data)
         except OSError as exc:
             log.error("cannot write received instance: %s", exc)
             self._count("refused")
             return OUT_OF_RESOURCES
-        # On disk now, so the peer may forget it. A re-sent instance lands on the same path (same UIDs) and is
-        # recorded once.
-        seq = self.writer.submit(Received(meta, str(path), len(data), req.peer.calling_ae))
-        self._last_seq[req.peer] = seq  # one thread per association: no other writer of this key
-        self._assoc_series.setdefault(req.peer, set()).add(meta.series_uid)  # for on_aborted / on_release
+        # On disk now, so the peer may forget it.
+        self.stored.add(meta.sop_uid, where)
+        self._submit(req, Received(meta, where, len(data), req.peer.calling_ae, resend=resend), meta.series_uid)
         return SUCCESS
 
+    def _resend_kind(self, req: StoreRequest, first: str, where: str) -> Resend | None:
+        """What a C-STORE of a stored SOP Instance UID is: identical, or a conflict handled per
+        scp.duplicate_policy; None if the first copy's file is gone (the retention purge): stored as new."""
+        same = same_data_set(first, req.dataset)
+        if same is None:
+            return None
+        if same and first == where:
+            return Resend.IDENTICAL
+        if self.recorder.policy is DuplicatePolicy.REPLACE:
+            return Resend.REPLACED
+        return Resend.KEPT_FIRST
+
+    def _submit(self, req: StoreRequest, item: Received, series_uid: str) -> None:
+        """Hand a row (or a re-send to count) to the recorder; the association's release waits for it."""
+        seq = self.writer.submit(item)
+        self._last_seq[req.peer] = seq  # one thread per association: no other writer of this key
+        self._assoc_series.setdefault(req.peer, set()).add(series_uid)  # for on_aborted / on_release
+
     def _rejected(self, item: Received, reason: str) -> None:
-        """A stored file whose row the database refused: keep it in quarantine with the reason."""
-        self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
+        """A stored file whose row the database refused: keep it in quarantine with the reason. A re-send that
+        wrote nothing of its own (identical, or kept out) leaves the first copy's file where its row points."""
+        if item.path and item.resend not in (Resend.IDENTICAL, Resend.KEPT_FIRST):
+            self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
         self._count("refused")
 
     def _recorded(self, new: int, duplicates: int) -> None:
         with self._stats_lock:
             self.stats["stored"] += new
-            self.stats["duplicates"] += duplicates
+
+    def _resent(self, identical: int, conflicting: int) -> None:
+        with self._stats_lock:
+            self.stats["duplicates"] += identical
+            self.stats["conflicts"] += conflicting
 
     def _count(self, key: str) -> None:
         with self._stats_lock:

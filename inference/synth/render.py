@@ -31,6 +31,7 @@ class LabelBank:
     down: torch.Tensor  # (N,) index of the slice below
     bone: torch.Tensor  # (N,) bool: slice shows a segmented bone
     slice_mm: float = 3.0
+    n_gen: int = L.N_GEN_BASE  # generation labels drawn per image: the old 23 unless a map has physes
 
     @classmethod
     def from_maps(cls, maps: list[np.ndarray], device: torch.device | str = "cpu", slice_mm: float = 3.0) -> LabelBank:
@@ -48,9 +49,10 @@ class LabelBank:
             idx.append(i)
             start += n
         vol = torch.from_numpy(np.concatenate(maps)).to(device)
+        n_gen = L.N_GEN if max(int(m.max()) for m in maps) >= L.N_GEN_BASE else L.N_GEN_BASE
         return cls(vol, torch.from_numpy(np.concatenate(up)).to(device),
                    torch.from_numpy(np.concatenate(down)).to(device),
-                   torch.from_numpy(np.concatenate(bone)).to(device), slice_mm)
+                   torch.from_numpy(np.concatenate(bone)).to(device), slice_mm, n_gen)
 
     def bone_index(self) -> torch.Tensor:
         """Indices (CPU) of slices showing a bone, computed once: no device sync per batch."""
@@ -93,11 +95,12 @@ def _u(gen: torch.Generator, lo: float, hi: float, *shape: int, device) -> torch
     return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(device)
 
 
-def _contrasts(b: int, gen: torch.Generator, cfg: RenderConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and generation label: mean and spread of the intensity."""
+def _contrasts(b: int, gen: torch.Generator, cfg: RenderConfig, device, n_gen: int = L.N_GEN_BASE
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and generation label (the first ``n_gen``): mean and spread of the intensity."""
     lo, hi = cfg.mean_range
-    mean = _u(gen, lo, hi, b, L.N_GEN, device="cpu")
-    std = _u(gen, 0, cfg.std_max, b, L.N_GEN, device="cpu")
+    mean = _u(gen, lo, hi, b, n_gen, device="cpu")
+    std = _u(gen, 0, cfg.std_max, b, n_gen, device="cpu")
     kind = torch.rand(b, generator=gen)
     for i in range(b):
         if kind[i] < cfg.share_t1:
@@ -108,19 +111,23 @@ def _contrasts(b: int, gen: torch.Generator, cfg: RenderConfig, device) -> tuple
             continue
         red_marrow = bool(torch.rand(1, generator=gen) < 0.3)  # children: red (cellular) marrow
         for lab_, (a, z) in table.items():
+            if lab_ >= n_gen:
+                continue
             if red_marrow and lab_ in L.MARROWS:
                 a, z = _RED_MARROW_T1 if table is _T1 else _RED_MARROW_WATER
             mean[i, lab_] = a + (z - a) * torch.rand(1, generator=gen)
-        std[i] = _u(gen, 1, 12, L.N_GEN, device="cpu")
+        std[i] = _u(gen, 1, 12, n_gen, device="cpu")
     return mean.to(device), std.to(device)
 
 
 _T1 = {L.BACKGROUND: (0, 12), L.SKIN: (110, 180), L.FAT: (190, 250), **{m: (55, 115) for m in L.MUSCLES},
        L.SEPTUM: (150, 240), L.VESSEL: (10, 200), L.VISCERA: (70, 150), L.FLUID: (25, 80), L.OBJ_BRIGHT: (120, 255),
-       L.OBJ_DARK: (0, 25), **{c: (0, 30) for c in L.CORTICES}, **{m: (160, 245) for m in L.MARROWS}}
+       L.OBJ_DARK: (0, 25), **{c: (0, 30) for c in L.CORTICES}, **{m: (160, 245) for m in L.MARROWS},
+       **{p: (50, 120) for p in L.PHYSES}}
 _WATER = {L.BACKGROUND: (0, 12), L.SKIN: (50, 110), L.FAT: (5, 50), **{m: (35, 85) for m in L.MUSCLES},
           L.SEPTUM: (5, 50), L.VESSEL: (60, 230), L.VISCERA: (70, 170), L.FLUID: (170, 250), L.OBJ_BRIGHT: (120, 255),
-          L.OBJ_DARK: (0, 25), **{c: (0, 20) for c in L.CORTICES}, **{m: (10, 60) for m in L.MARROWS}}
+          L.OBJ_DARK: (0, 25), **{c: (0, 20) for c in L.CORTICES}, **{m: (10, 60) for m in L.MARROWS},
+          **{p: (110, 220) for p in L.PHYSES}}
 _RED_MARROW_T1 = (80, 140)
 _RED_MARROW_WATER = (70, 150)
 
@@ -194,7 +201,7 @@ def render_batch(bank: LabelBank, batch: int, gen: torch.Generator, cfg: RenderC
     lab3 = F.grid_sample(lab3.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
 
     # intensities per generation label, partial volume over the slice thickness
-    mean, std = _contrasts(b, gen, cfg, dev)
+    mean, std = _contrasts(b, gen, cfg, dev, bank.n_gen)
     noise = _randn((b, 3, S, S), gen, dgen, dev)
     flat = lab3.flatten(1)
     img = (mean.gather(1, flat) + std.gather(1, flat) * noise.flatten(1)).view(b, 3, S, S)

@@ -42,9 +42,23 @@ log = logging.getLogger("inference.synth.train")
 CLASS_NAMES = ("FEMUR", "TIBIA", "FIBULA", "PELVIS")
 
 
-def _one_map(args: tuple[int, int, str | None]) -> np.ndarray:
-    seed, size, region = args
-    return labelmap.generate(seed, size=size, region=region)[0]
+def _one_map(args: tuple[int, int, str | None, str, str | None]) -> np.ndarray:
+    seed, size, region, generator, cache = args
+    path = Path(cache) / f"{generator}-{seed}-{size}-{region or 'any'}.npy" if cache else None
+    if path is not None and path.exists():
+        return np.load(path)
+    if generator == "realshape":
+        from . import realshape
+
+        vol = realshape.generate(seed, size=size, region=region)[0]
+    else:
+        vol = labelmap.generate(seed, size=size, region=region)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".part.npy")
+        np.save(tmp, vol)
+        os.replace(tmp, path)
+    return vol
 
 
 def _one_classic(args: tuple[int, int, str]):
@@ -55,10 +69,13 @@ def _one_classic(args: tuple[int, int, str]):
     return ph.image.astype(np.float32), ph.labels, ph.geometry.row_dir, ph.geometry.col_dir, ph.geometry.pixel_spacing
 
 
-def make_maps(seeds: list[int], size: int, workers: int, regions: list[str | None] | None = None) -> list[np.ndarray]:
+def make_maps(seeds: list[int], size: int, workers: int, regions: list[str | None] | None = None,
+              generators: list[str] | None = None, cache: Path | None = None) -> list[np.ndarray]:
     """Label maps for ``seeds`` (numpy only), in ``workers`` processes when > 1; ``regions`` fixes the field of
-    view per map (None: the generator's random choice)."""
-    jobs = [(s, size, r) for s, r in zip(seeds, regions or [None] * len(seeds))]
+    view per map (None: the generator's random choice), ``generators`` picks labelmap or realshape per map;
+    with ``cache`` each map is saved there once and read back on later runs (real shapes take seconds each)."""
+    jobs = [(s, size, r, g, str(cache) if cache else None)
+            for s, r, g in zip(seeds, regions or [None] * len(seeds), generators or ["labelmap"] * len(seeds))]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             return list(pool.imap(_one_map, jobs))
@@ -120,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="map i uses seed seed*100000+i; validation maps follow")
     p.add_argument("--pelvis-maps", type=float, default=0.0,
                    help="share of training maps showing only the pelvic region (a fine-tune aimed at the pelvis)")
+    p.add_argument("--real-shapes", type=float, default=0.0,
+                   help="share of training and validation maps drawn around real bone shapes (inference.synth."
+                        "realshape: the paediatric shape model, fetched once into its cache; 1: all)")
+    p.add_argument("--map-cache", type=Path, help="folder where label maps are saved once and read back later")
     p.add_argument("--input-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -178,6 +199,13 @@ def mix_classic(x: torch.Tensor, y: torch.Tensor, ctx: torch.Tensor, cty: torch.
     y[:n] = ys
 
 
+def _generators(n: int, share: float) -> list[str]:
+    """``n`` map generators, real shapes spread evenly at ``share`` (so pelvis-only maps get some too)."""
+    k = round(share * n)
+    picks = set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k else set()
+    return ["realshape" if i in picks else "labelmap" for i in range(n)]
+
+
 def keep_teacher_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
                       free: tuple[int, ...]) -> torch.Tensor:
     """KL(teacher || student) per pixel, averaged over the slices whose target has none of the ``free`` classes.
@@ -208,7 +236,9 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
         intended_use="Demonstration and testing; never seen a real MRI. Not for clinical use.",
         training={
             "command": " ".join(sys.argv), "date": _dt.date.today().isoformat(),
-            "generator": "inference.synth (labelmap + render), SynthSeg-style domain randomisation",
+            "generator": ("inference.synth (labelmap + render), SynthSeg-style domain randomisation"
+                          + (f"; {a.real_shapes:.2f} of the maps around real bone shapes (realshape: paediatric "
+                             "shape model of Carman et al. 2022)" if a.real_shapes else "")),
             "train_map_seeds": [seeds[0], seeds[-1]], "val_map_seeds": val_seeds[:1] + val_seeds[-1:],
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
@@ -233,8 +263,13 @@ def main(argv: list[str] | None = None) -> Path:
     seeds = [a.seed * 100000 + i for i in range(a.maps)]
     val_seeds = [a.seed * 100000 + a.maps + i for i in range(a.val_maps)]
     n_pelvis = int(round(a.pelvis_maps * a.maps))
+    gens = _generators(a.maps, a.real_shapes) + _generators(a.val_maps, a.real_shapes)
+    if a.real_shapes > 0:
+        from . import realshape
+
+        realshape.models()  # fetch the shape model once, before the workers start
     maps = make_maps(seeds + val_seeds, a.map_size, workers,
-                     ["pelvis"] * n_pelvis + [None] * (a.maps - n_pelvis + len(val_seeds)))
+                     ["pelvis"] * n_pelvis + [None] * (a.maps - n_pelvis + len(val_seeds)), gens, a.map_cache)
     card = _card(a, seeds, val_seeds)
     cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
     tx, ty = (classic_cases(a.classic_train, 9000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
