@@ -2,6 +2,7 @@
 # The two commands of the README:
 #   ./node.sh serve   set up (first run only) and start the node on embedded defaults (node.toml)
 #   ./node.sh test    set up (first run only) and run the whole test suite
+#   ./node.sh lint    set up (first run only), then ruff check and mypy (configured in pyproject.toml)
 # Set-up: a virtual environment in .venv with the package and its dependencies (torch and torchvision
 # come together from the package registry), and, for the tests, Debian's dcmtk, dicom3tools, chromium,
 # orthanc, orthanc-dicomweb, pixelmed-apps (+ a JDK: tests/pixelmed) and nodejs/npm when they are missing, and the pinned viewer
@@ -81,6 +82,12 @@ case "${1:-}" in
     setup_python
     exec "$VENV/bin/dicom-node" -c node.toml serve "$@"
     ;;
+  lint)
+    shift
+    setup_python
+    "$VENV/bin/ruff" check .
+    exec "$VENV/bin/mypy"
+    ;;
   test)
     shift
     setup_python
@@ -90,7 +97,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   *)
-    echo "usage: ./node.sh serve | ./node.sh test [pytest args]" >&2
+    echo "usage: ./node.sh serve | ./node.sh lint | ./node.sh test [pytest args]" >&2
     exit 2
     ;;
 esac

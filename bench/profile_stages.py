@@ -59,8 +59,8 @@ def stages(vol, raw: dict, work: Path):
     import torch
 
     from dicom_node.config import Settings
-    from dicom_node.gate.quality import assess
     from dicom_node.encode.results import encode_results
+    from dicom_node.gate.quality import assess
     from dicom_node.infer.compute import SeriesResult
     from dicom_node.infer.segments import split_sides
     from inference.model import load_model
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             fn()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
-    print("best of %d, s: " % args.repeat + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
+    print(f"best of {args.repeat}, s: " + ", ".join(f"{k} {v:.3f}" for k, v in best.items()))
     print("verdict:", state["report"].summary()[:300])
     for name, fn in steps.items():
         prof = cProfile.Profile()

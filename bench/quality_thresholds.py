@@ -184,7 +184,9 @@ def main() -> int:
     args.model_desc = (f"the bundled model (v{version})" if args.model.resolve() == BUNDLED_MODEL.resolve()
                        else f"`--model {args.model.name}` (v{version}, sha256 {model_sha[:12]}…)")
     predictor = None
-    passes = args.agreement == "passes"  # the gate compares the two passes (the node) or the mean with the augmented one
+    passes = (
+        args.agreement == "passes"
+    )  # the gate compares the two passes (the node) or the mean with the augmented one
     rows, timing = [], []
     args.cache.mkdir(parents=True, exist_ok=True)
     plan = [(args.seed + i, "harsh" if (args.seed + i) % 2 else "wide") for i in range(args.cases)]
@@ -215,9 +217,18 @@ def main() -> int:
         lowest = min(d.values(), default=float("nan"))  # nothing scored: neither good nor poor
         quality = "poor" if lowest < 0.7 else "good" if lowest >= 0.85 else "between"
         single = dices(c["first"], truth) if "first" in c.files else None  # the unaugmented pass alone
-        rows.append({**base, "variant": "as predicted", "class": quality, "damaged": False, "dice": d,
-                     "dice_single_pass": single, **judge(vol, c["labels"], c["probs"], c["tta"], first=c.get("first") if passes else None),
-                     "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"]})
+        rows.append(
+            {
+                **base,
+                "variant": "as predicted",
+                "class": quality,
+                "damaged": False,
+                "dice": d,
+                "dice_single_pass": single,
+                **judge(vol, c["labels"], c["probs"], c["tta"], first=c.get("first") if passes else None),
+                "anatomy_only": judge(vol, c["labels"], None, None, False)["verdict"],
+            }
+        )
         for name, lab in damages(c["labels"], float(vol.pixel_spacing[1])):
             rows.append({**base, "variant": name, "damaged": True, "dice": dices(lab, truth),
                          **judge(vol, lab, c["probs"], c["tta"]),
@@ -277,49 +288,78 @@ def summarise(rows: list[dict], timing: list[dict]) -> dict:
     stage_predict = sum(t.get("predict", 0.0) for t in timing)
     stage_tta = sum(t.get("tta", 0.0) for t in timing)
     return {
-        "good": len(good), "good_pass": sum(r["verdict"] == "pass" for r in good),
+        "good": len(good),
+        "good_pass": sum(r["verdict"] == "pass" for r in good),
         "good_not_failed": sum(r["verdict"] != "fail" for r in good),
-        "between": len(between), "between_not_failed": sum(r["verdict"] != "fail" for r in between),
-        "poor_as_predicted": len(poor), "poor_caught": sum(r["verdict"] == "fail" for r in poor),
-        "dice_below_0.7": len(bad), "caught": sum(r["verdict"] == "fail" for r in bad),
+        "between": len(between),
+        "between_not_failed": sum(r["verdict"] != "fail" for r in between),
+        "poor_as_predicted": len(poor),
+        "poor_caught": sum(r["verdict"] == "fail" for r in poor),
+        "dice_below_0.7": len(bad),
+        "caught": sum(r["verdict"] == "fail" for r in bad),
         "caught_by_anatomy_only": sum(r["anatomy_only"] == "fail" for r in bad),
         "per_set": per_set,
-        "damaged_dice_at_least_0.7": len(mild), "of_those_failed": sum(r["verdict"] == "fail" for r in mild),
+        "damaged_dice_at_least_0.7": len(mild),
+        "of_those_failed": sum(r["verdict"] == "fail" for r in mild),
         "good_metric_ranges": metric,
-        "predict_seconds_plain": round(plain, 1), "predict_seconds_with_quality_and_tta": round(both, 1),
+        "predict_seconds_plain": round(plain, 1),
+        "predict_seconds_with_quality_and_tta": round(both, 1),
         "tta_cost_factor": round(both / plain, 2) if plain else None,
-        "predict_stage_s": round(stage_predict, 1), "tta_stage_s": round(stage_tta, 1),
-        "predict_stage_factor_with_tta": round((stage_predict + stage_tta) / stage_predict, 2) if stage_predict else None,
+        "predict_stage_s": round(stage_predict, 1),
+        "tta_stage_s": round(stage_tta, 1),
+        "predict_stage_factor_with_tta": round((stage_predict + stage_tta) / stage_predict, 2)
+        if stage_predict
+        else None,
     }
 
 
 def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
-    lines = ["# Quality gate: measurements behind the thresholds", "",
-             f"`bench/quality_thresholds.py --cases {args.cases} --seed {args.seed}` with {args.model_desc} "
-             f"(held-out phantoms, alternately `--wide` and `--harsh`, seeds {args.seed}-{args.seed + args.cases - 1}"
-             + (f"; and {args.foreign} foreign-family cases, `--foreign {args.foreign} --foreign-seed {args.foreign_seed}`"
-                if args.foreign else "")
-             + (f"; and {args.whole} whole-volume held-out phantoms, `--whole {args.whole} --whole-seed {args.whole_seed}`"
-                if args.whole else "") + ").", "",
-             "| | count | gate verdict |", "|---|---|---|",
-             f"| as predicted, good (every Dice ≥ 0.85) | {s['good']} | {s['good_pass']} pass, {s['good_not_failed']} "
-             f"not failed ({100 * s['good_not_failed'] / max(s['good'], 1):.0f} % sent) |",
-             f"| as predicted, in between | {s['between']} | {s['between_not_failed']} not failed |",
-             f"| as predicted, poor (some Dice < 0.7) | {s['poor_as_predicted']} | {s['poor_caught']} fail |",
-             f"| all results with some structure's Dice < 0.7 (damaged or poor) | {s['dice_below_0.7']} | {s['caught']} fail "
-             f"({100 * s['caught'] / max(s['dice_below_0.7'], 1):.0f} % caught; anatomy checks alone: "
-             f"{s['caught_by_anatomy_only']}) |",
-             f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |", "",
-             f"Prediction time for the {len(timing)} cases: {s['predict_seconds_plain']} s plain, "
-             f"{s['predict_seconds_with_quality_and_tta']} s with probabilities and the TTA pass "
-             f"(× {s['tta_cost_factor']}, wall clock on a shared 2-core CPU, so noisy); within the same calls "
-             f"the network's pass took {s['predict_stage_s']} s and the augmented pass {s['tta_stage_s']} s: the "
-             f"predict stage costs × {s['predict_stage_factor_with_tta']} with `quality.tta = true`.", "",
-             "Per set (good: sent / all; Dice < 0.7: caught / all): " + "; ".join(
-                 f"{k} {v['good_not_failed']}/{v['good']}, {v['caught']}/{v['must_catch']}" for k, v in s["per_set"].items()) + ".", "",
-             "Ranges of each measure over the good predictions (min, max per bone):", "",
-             "| measure | " + " | ".join(sorted(s["good_metric_ranges"]["area_cm2"])) + " |",
-             "|---|" + "---|" * len(s["good_metric_ranges"]["area_cm2"])]
+    lines = [
+        "# Quality gate: measurements behind the thresholds",
+        "",
+        f"`bench/quality_thresholds.py --cases {args.cases} --seed {args.seed}` with {args.model_desc} "
+        f"(held-out phantoms, alternately `--wide` and `--harsh`, seeds {args.seed}-{args.seed + args.cases - 1}"
+        + (
+            f"; and {args.foreign} foreign-family cases, `--foreign {args.foreign} --foreign-seed {args.foreign_seed}`"
+            if args.foreign
+            else ""
+        )
+        + (
+            f"; and {args.whole} whole-volume held-out phantoms, `--whole {args.whole} --whole-seed {args.whole_seed}`"
+            if args.whole
+            else ""
+        )
+        + ").",
+        "",
+        "| | count | gate verdict |",
+        "|---|---|---|",
+        f"| as predicted, good (every Dice ≥ 0.85) | {s['good']} | {s['good_pass']} pass, {s['good_not_failed']} "
+        f"not failed ({100 * s['good_not_failed'] / max(s['good'], 1):.0f} % sent) |",
+        f"| as predicted, in between | {s['between']} | {s['between_not_failed']} not failed |",
+        f"| as predicted, poor (some Dice < 0.7) | {s['poor_as_predicted']} | {s['poor_caught']} fail |",
+        f"| all results with some structure's Dice < 0.7 (damaged or poor) | {s['dice_below_0.7']} | "
+        f"{s['caught']} fail "
+        f"({100 * s['caught'] / max(s['dice_below_0.7'], 1):.0f} % caught; anatomy checks alone: "
+        f"{s['caught_by_anatomy_only']}) |",
+        f"| damaged, every Dice ≥ 0.7 | {s['damaged_dice_at_least_0.7']} | {s['of_those_failed']} fail |",
+        "",
+        f"Prediction time for the {len(timing)} cases: {s['predict_seconds_plain']} s plain, "
+        f"{s['predict_seconds_with_quality_and_tta']} s with probabilities and the TTA pass "
+        f"(× {s['tta_cost_factor']}, wall clock on a shared 2-core CPU, so noisy); within the same calls "
+        f"the network's pass took {s['predict_stage_s']} s and the augmented pass {s['tta_stage_s']} s: the "
+        f"predict stage costs × {s['predict_stage_factor_with_tta']} with `quality.tta = true`.",
+        "",
+        "Per set (good: sent / all; Dice < 0.7: caught / all): "
+        + "; ".join(
+            f"{k} {v['good_not_failed']}/{v['good']}, {v['caught']}/{v['must_catch']}" for k, v in s["per_set"].items()
+        )
+        + ".",
+        "",
+        "Ranges of each measure over the good predictions (min, max per bone):",
+        "",
+        "| measure | " + " | ".join(sorted(s["good_metric_ranges"]["area_cm2"])) + " |",
+        "|---|" + "---|" * len(s["good_metric_ranges"]["area_cm2"]),
+    ]
     for key, per in s["good_metric_ranges"].items():
         lines.append(f"| {key} | " + " | ".join(f"{per[b][0]}–{per[b][1]}" if b in per else "–"
                                                for b in sorted(s["good_metric_ranges"]["area_cm2"])) + " |")

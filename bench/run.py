@@ -68,8 +68,15 @@ def make_study(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[Pat
     ps = (2 * 170 * anat.scale + 60) / size
     slab = min(n, 40)
     thick = max(2.0, (anat.z_extent[0] - anat.z_extent[1]) / max(n, 1))
-    g = Geometry(size, size, slab, (ps, ps), (-(size - 1) / 2 * ps, 15 * anat.scale - (size - 1) / 2 * ps, anat.z_knee + 150),
-                 slice_step=(0, 0, -thick * n / slab), slice_thickness=thick)
+    g = Geometry(
+        size,
+        size,
+        slab,
+        (ps, ps),
+        (-(size - 1) / 2 * ps, 15 * anat.scale - (size - 1) / 2 * ps, anat.z_knee + 150),
+        slice_step=(0, 0, -thick * n / slab),
+        slice_thickness=thick,
+    )
     base = render(anat, g, seed=seed)
     reps = int(np.ceil(n / slab))
     image = np.concatenate([base.image] * reps)[:n]
@@ -135,7 +142,7 @@ class OrthancProc:
                 return
             except OSError:
                 if time.monotonic() > end or self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc did not start")
+                    raise RuntimeError("Orthanc did not start") from None
                 time.sleep(0.2)
 
     def api(self, path: str, data: bytes | None = None):
@@ -169,9 +176,9 @@ class NodeProc:
             f'fsync = {"true" if fsync else "false"}\nmin_free_disk_mb = 1\n'
             f'[series]\nstable_seconds = {stable}\nscan_interval_seconds = 0.2\n[worker]\npoll_seconds = 0.2\n'
             f'[web]\nenabled = false\n[[rules]]\nmin_slices = 2\n' + dest + extra)
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"), "serve"],
-                                     cwd=root, env=ENV_NODELAY, stdout=open(workdir / "node.log", "w"),
-                                     stderr=subprocess.STDOUT)
+        with open(workdir / "node.log", "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(workdir / "node.toml"),
+                                          "serve"], cwd=root, env=ENV_NODELAY, stdout=log, stderr=subprocess.STDOUT)
         # Wait for the node's ready line, not just the open port: the port opens before the model has loaded,
         # and sending while torch loads would measure the model load, not ingest.
         deadline = time.time() + 180
@@ -382,11 +389,13 @@ def bench_inference(n_slices: int, smoke: bool) -> dict:
                     try:
                         m(x)  # warm-up (and, for torch.compile, the compilation)
                     except Exception as exc:
-                        res.setdefault("notes", []).append(f"{name} batch {bs} failed: {type(exc).__name__}: {exc}"[:300])
+                        res.setdefault("notes", []).append(
+                            f"{name} batch {bs} failed: {type(exc).__name__}: {exc}"[:300]
+                        )
                         continue
                     if compiled:
                         res.setdefault("compile_s", {})[str(bs)] = time.perf_counter() - tc
-                    sec = timed(dev, lambda: m(x), iters, warmup=1)
+                    sec = timed(dev, lambda: m(x), iters, warmup=1)  # noqa: B023  # called here, in this iteration
                 sps = bs * iters / sec
                 floor_sps = peak[dtype] * 1e9 / flops
                 res["variants"].append({"variant": name, "batch": bs, "slices_s": sps, "reference_gflops": peak[dtype],
@@ -422,13 +431,20 @@ def bench_seg(sizes: list[int]) -> dict:
         t = time.perf_counter()
         card = ModelCard(version="bench")
         seg_labels, segments = split_sides(lab, card.labels, origins, (1, 0, 0), (0, 1, 0), (1.5, 1.5))
-        seg = build_seg(src, seg_labels, segments, card, series_description="bench", series_number=1, manufacturer="bench")
+        seg = build_seg(
+            src, seg_labels, segments, card, series_description="bench", series_number=1, manufacturer="bench"
+        )
         enc = time.perf_counter() - t
         p = tmp / "seg.dcm"
         t = time.perf_counter()
         seg.save_as(p, enforce_file_format=True)
-        out[str(n)] = {"build_s": enc, "segments": len(segments), "write_s": time.perf_counter() - t, "size_mb": p.stat().st_size / 1e6,
-                       "frames": int(seg.NumberOfFrames)}
+        out[str(n)] = {
+            "build_s": enc,
+            "segments": len(segments),
+            "write_s": time.perf_counter() - t,
+            "size_mb": p.stat().st_size / 1e6,
+            "frames": int(seg.NumberOfFrames),
+        }
         shutil.rmtree(tmp)
     return out
 
@@ -493,10 +509,18 @@ def bench_end_to_end(work: Path, n_studies: int, n_slices: int, concurrent: int)
     # the model's own time: its pass, and the quality gate's test-time-augmented pass (quality.tta)
     predict = mean_stage.get("predict", 0.0) + mean_stage.get("tta", 0.0)
     p = np.percentile(lat, [50, 95]) if lat else [float("nan")] * 2
-    return {"studies": n_studies - 1, "slices": n_slices, "stable_seconds": stable,
-            "latency_p50_s": float(p[0]), "latency_p95_s": float(p[1]),
-            "overhead_beyond_predict_p50_s": float(p[0]) - predict, "mean_stage_s": mean_stage,
-            f"burst_{concurrent}_studies_s": burst, "node_peak_rss_mb": peak, "wall_since_burst_s": time.perf_counter() - t0}
+    return {
+        "studies": n_studies - 1,
+        "slices": n_slices,
+        "stable_seconds": stable,
+        "latency_p50_s": float(p[0]),
+        "latency_p95_s": float(p[1]),
+        "overhead_beyond_predict_p50_s": float(p[0]) - predict,
+        "mean_stage_s": mean_stage,
+        f"burst_{concurrent}_studies_s": burst,
+        "node_peak_rss_mb": peak,
+        "wall_since_burst_s": time.perf_counter() - t0,
+    }
 
 
 NETWORK_STAGES = ("predict", "tta")
@@ -671,11 +695,15 @@ def machine() -> dict:
 
     cpu = ""
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
     except (StopIteration, OSError):
         pass
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
             "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "highdicom": highdicom.__version__,
@@ -687,16 +715,22 @@ def table(res: dict) -> str:
              f"torch {res['machine']['torch']}, {res['machine']['date']}", ""]
     if "ingest" in res:
         r = res["ingest"]
-        lines += [f"Ingest, {r['images']} MR images 256² (dcmtk storescu, TCP_NODELAY=1), {r.get('rounds', 1)} paired rounds", "",
-                  "| setting | dcmtk storescp img/s | node img/s | node/dcmtk, median of paired rounds "
-                  "(range) | receiver CPU ms/image dcmtk / node | target ≥ 0.5 |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"Ingest, {r['images']} MR images 256² (dcmtk storescu, TCP_NODELAY=1), {r.get('rounds', 1)} paired rounds",
+            "",
+            "| setting | dcmtk storescp img/s | node img/s | node/dcmtk, median of paired rounds "
+            "(range) | receiver CPU ms/image dcmtk / node | target ≥ 0.5 |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, v in r.items():
             if isinstance(v, dict):
                 ok = "met" if v["ratio"] >= 0.5 else "MISSED"
                 rr = v.get("round_ratios") or [v["ratio"]]
-                lines.append(f"| {k} | {v['dcmtk_img_s']:.0f} | {v['node_img_s']:.0f} | {v['ratio']:.2f} "
-                             f"({min(rr):.2f}–{max(rr):.2f}) | {v['dcmtk_cpu_ms_per_image']:.2f} / "
-                             f"{v['node_cpu_ms_per_image']:.2f} | {ok if k.startswith('nofsync') else 'n/a (fsync on)'} |")
+                lines.append(
+                    f"| {k} | {v['dcmtk_img_s']:.0f} | {v['node_img_s']:.0f} | {v['ratio']:.2f} "
+                    f"({min(rr):.2f}–{max(rr):.2f}) | {v['dcmtk_cpu_ms_per_image']:.2f} / "
+                    f"{v['node_cpu_ms_per_image']:.2f} | {ok if k.startswith('nofsync') else 'n/a (fsync on)'} |"
+                )
         lines.append("")
     if "send" in res:
         r = res["send"]
@@ -708,27 +742,38 @@ def table(res: dict) -> str:
         lines.append("")
     if "inference" in res:
         for dev, r in res["inference"].items():
-            lines += [f"Inference on {dev}, {r['gflop_per_slice']:.1f} GFLOP per 256² slice; the node runs "
-                      f"{r.get('node_precision', 'float32')} channels_last here (inference.precision = auto); each "
-                      "variant's floor uses the faster of a matmul and a large 3×3 convolution timed in the same "
-                      "precision (reference GFLOP/s)", "",
-                      "| variant | batch | slices/s | reference GFLOP/s | floor slices/s | fraction of floor | target ≥ 0.6 (CPU) |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                f"Inference on {dev}, {r['gflop_per_slice']:.1f} GFLOP per 256² slice; the node runs "
+                f"{r.get('node_precision', 'float32')} channels_last here (inference.precision = auto); each "
+                "variant's floor uses the faster of a matmul and a large 3×3 convolution timed in the same "
+                "precision (reference GFLOP/s)",
+                "",
+                "| variant | batch | slices/s | reference GFLOP/s | floor slices/s | fraction of floor "
+                "| target ≥ 0.6 (CPU) |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for v in r["variants"]:
                 tgt = ("met" if v["fraction_of_floor"] >= 0.6 else "MISSED") if dev == "cpu" else "-"
                 lines.append(f"| {v['variant']} | {v['batch']} | {v['slices_s']:.1f} | {v['reference_gflops']:.0f} | "
                              f"{v['floor_slices_s']:.1f} | {v['fraction_of_floor']:.2f} | {tgt} |")
             lines.append("")
             for prec, ref in r.get("reference_gflops", {}).items():
-                lines += [f"reference {prec}: matmul {ref['matmul']:.0f} GFLOP/s, 3×3 conv {ref['conv3x3']:.0f} GFLOP/s", ""]
+                lines += [
+                    f"reference {prec}: matmul {ref['matmul']:.0f} GFLOP/s, 3×3 conv {ref['conv3x3']:.0f} GFLOP/s",
+                    "",
+                ]
             if r.get("compile_s"):
                 lines += ["torch.compile time (first call) s: " + ", ".join(
                     f"batch {b}: {t:.0f}" for b, t in r["compile_s"].items()), ""]
             for note in r.get("notes", []):
                 lines += [f"note: {note}", ""]
     if "seg" in res:
-        lines += ["SEG encoding (highdicom BINARY, 256², 4 segments)", "", "| slices | frames | build s | write s | size MB |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "SEG encoding (highdicom BINARY, 256², 4 segments)",
+            "",
+            "| slices | frames | build s | write s | size MB |",
+            "|---|---|---|---|---|",
+        ]
         for n, v in res["seg"].items():
             lines.append(f"| {n} | {v['frames']} | {v['build_s']:.2f} | {v['write_s']:.2f} | {v['size_mb']:.1f} |")
         lines.append("")
@@ -736,12 +781,18 @@ def table(res: dict) -> str:
         r = res["end_to_end"]
         st = ", ".join(f"{k} {v:.2f}" for k, v in r["mean_stage_s"].items())
         burst_key = next(k for k in r if k.startswith("burst_"))
-        lines += [f"End to end, {r['slices']}-slice series, last instance sent → SEG at storescp, minus stable wait", "",
-                  "| p50 s | p95 s | overhead beyond predict (p50) s | target ≤ 2 s | " + burst_key + " | node peak RSS MB |",
-                  "|---|---|---|---|---|---|",
-                  f"| {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['overhead_beyond_predict_p50_s']:.2f} | "
-                  f"{'met' if r['overhead_beyond_predict_p50_s'] <= 2 else 'MISSED'} | {r[burst_key]:.2f} | {r['node_peak_rss_mb']:.0f} |",
-                  "", f"mean stage seconds: {st}", ""]
+        lines += [
+            f"End to end, {r['slices']}-slice series, last instance sent → SEG at storescp, minus stable wait",
+            "",
+            "| p50 s | p95 s | overhead beyond predict (p50) s | target ≤ 2 s | " + burst_key + " | node peak RSS MB |",
+            "|---|---|---|---|---|---|",
+            f"| {r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['overhead_beyond_predict_p50_s']:.2f} | "
+            f"{'met' if r['overhead_beyond_predict_p50_s'] <= 2 else 'MISSED'} | {r[burst_key]:.2f} | "
+            f"{r['node_peak_rss_mb']:.0f} |",
+            "",
+            f"mean stage seconds: {st}",
+            "",
+        ]
     if "stage_times" in res:
         r = res["stage_times"]
         names = [k for k in r["trees"]]

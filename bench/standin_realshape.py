@@ -229,7 +229,8 @@ class Layout:
         if lo[2] + 0.55 * h < z < hi[2]:
             for k in range(5):
                 a = 2 * np.pi * k / 5 + 0.3
-                tis[inner & _ellipse(X, Y, 0.22 * w * np.cos(a), (lo[1] + hi[1]) / 2 + 0.12 * w * np.sin(a), 16, 12)] = BOWEL
+                loop = _ellipse(X, Y, 0.22 * w * np.cos(a), (lo[1] + hi[1]) / 2 + 0.12 * w * np.sin(a), 16, 12)
+                tis[inner & loop] = BOWEL
         # sacrum and coccyx (bone not segmented): a tapering wedge between the sacro-iliac joints
         if self.sac_bot < z < self.sac_top:
             f = (z - self.sac_bot) / (self.sac_top - self.sac_bot)
@@ -328,7 +329,7 @@ def signal_table(contrast: str, rng: np.random.Generator) -> np.ndarray:
             out[t] = water + fat
     else:  # 3D spoiled gradient echo Dixon, TR 7 ms, 10 degrees
         tr, alpha = 7.0, np.deg2rad(10)
-        for t, (pd, t1, t2, ff) in PROPS.items():
+        for t, (pd, t1, _t2, ff) in PROPS.items():
             def spgr(t1_: float) -> float:
                 e1 = np.exp(-tr / t1_)
                 return float(np.sin(alpha) * (1 - e1) / (1 - np.cos(alpha) * e1))

@@ -60,7 +60,8 @@ def network_reason(exc: BaseException, peer: str = "") -> str:
         return f"the host name of{at or ' the peer'} does not resolve (check the destination's host)"
     name = type(exc).__name__
     if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "SSLError", "ProxyError"):  # requests
-        return f"could not connect to{at or ' the server'} over HTTP ({'TLS' if name == 'SSLError' else 'network'} problem)"
+        problem = "TLS" if name == "SSLError" else "network"
+        return f"could not connect to{at or ' the server'} over HTTP ({problem} problem)"
     if name == "HTTPError":
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return f"the server{at} answered HTTP {status or 'with an error'}" + (

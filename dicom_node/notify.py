@@ -28,7 +28,7 @@ log = logging.getLogger("dicom_node.notify")
 
 EVENTS = ("destination-down", "destination-up", "delivery-failed", "job-failed", "job-held", "disk-floor")
 
-_queue: "queue.Queue[tuple[list[str], float, bytes]]" = queue.Queue(maxsize=1000)
+_queue: queue.Queue[tuple[list[str], float, bytes]] = queue.Queue(maxsize=1000)
 _thread: threading.Thread | None = None
 _lock = threading.Lock()
 
@@ -41,8 +41,8 @@ def notify(settings: Settings, event: str, payload: dict[str, Any]) -> None:
     log.info("notification %s: %s", event, {k: v for k, v in payload.items() if k != "detail"})
     if not cfg.webhooks:
         return
-    body = json.dumps({"event": event, "node": settings.scp.ae_title, "at": utcnow().isoformat(timespec="seconds") + "Z",
-                       **payload}, default=str).encode()
+    body = json.dumps({"event": event, "node": settings.scp.ae_title,
+                       "at": utcnow().isoformat(timespec="seconds") + "Z", **payload}, default=str).encode()
     _start()
     try:
         _queue.put_nowait((list(cfg.webhooks), cfg.timeout_seconds, body))

@@ -20,8 +20,8 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from storage import deliveries
 from storage.db import Database
@@ -37,6 +37,7 @@ from storage.jobs import (
 )
 from storage.models import Job, utcnow
 from storage.review import hold_for_review, quality_of, save_quality
+from storage.rows import get_row
 from storage.series import series_instances
 from storage.states import EventKind, JobState, Verdict
 from storage.timeline import event, job_event
@@ -157,7 +158,7 @@ class Pipeline:
 
     def _run(self, job_id: int, hb: _Heartbeat, doing: list[str]) -> None:
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = get_row(s, Job, job_id)
             series_id, seg_path = job.series_id, job.seg_path
         if seg_path and Path(seg_path).is_file():
             # the result exists (the worker stopped after encoding): it goes to the outbox, never re-encoded
@@ -263,4 +264,4 @@ class Pipeline:
                       reason=f"quality checks failed; not sent (quality_policy drop): {failed}")
             return JobState.DROPPED
         with self.db.session() as s:  # delivering, or already done when there was nothing to send
-            return s.get(Job, job_id).state
+            return get_row(s, Job, job_id).state

@@ -78,7 +78,7 @@ class NodeScheduler:
         job = self.sched.get_job("dispatch") if self.settings.worker.enabled else None
         if job is not None:
             try:
-                job.modify(next_run_time=dt.datetime.now(dt.timezone.utc))
+                job.modify(next_run_time=dt.datetime.now(dt.UTC))
             except Exception:  # the scheduler is shutting down
                 log.debug("dispatch not woken", exc_info=True)
 

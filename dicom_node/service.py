@@ -188,7 +188,9 @@ class Node:
         except _StoppedWhileStarting:
             log.warning("stopped while starting: what was begun is taken up again at the next start")
             _exit_now()
-        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in self.scp.server.addresses())
+        listener = self.scp.server
+        assert listener is not None, "start() returned, so the listeners are open"
+        ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in listener.addresses())
         print(f"dicom-node listening as {self.settings.scp.ae_title} on {ports}; data in {self.settings.data_dir}; "
               "Ctrl-C to stop", flush=True)
         if self.web:
@@ -255,6 +257,6 @@ def run_sender(settings: Settings) -> None:
     ``sender.enabled = false`` in ``serve``). Several senders may run: rows are claimed with row locks."""
     db, _ = open_storage(settings)
     outbox = Outbox(settings, db, worker_id("sender"))
-    print(f"dicom-node sender {outbox.owner} for {', '.join(d.name for d in settings.destinations) or 'no destination'}",
-          flush=True)
+    destinations = ", ".join(d.name for d in settings.destinations) or "no destination"
+    print(f"dicom-node sender {outbox.owner} for {destinations}", flush=True)
     _until_stopped(outbox.run_forever, "sender")

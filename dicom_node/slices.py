@@ -82,8 +82,8 @@ def stack(instances: list[Instance]) -> tuple[list[Instance] | None, str]:
             if n + 1 == len(order) or round(float(d[order[n + 1]]), 3) != round(float(d[k]), 3)]
     note = (f"{len(order) - len(keep)} duplicate slice positions: kept the instance received last"
             if len(keep) < len(order) else "")
-    order = np.asarray(keep)
-    d = d[order]
+    order = keep
+    d = d[np.asarray(order)]
     if len(d) > 1:
         steps = np.diff(d)
         step = float(np.median(steps))

@@ -27,7 +27,7 @@ def spatial(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, scale=(0.8, 
     tx, ty = u(-shift, shift, b), u(-shift, shift, b)
     cos, sin = torch.cos(th) / sc, torch.sin(th) / sc
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, (b, 1, s, s), align_corners=False)
+    grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
     if elastic > 0:
         coarse = (torch.rand(b, 2, 6, 6, generator=gen).to(dev) * 2 - 1) * elastic
         grid = grid + F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)

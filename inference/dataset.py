@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .labels import DEFAULT_LABELS, Label
+
+if TYPE_CHECKING:
+    import SimpleITK
 
 
 class _LazySimpleITK:
@@ -72,7 +76,7 @@ def list_cases(root: Path) -> list[str]:
     return sorted(names)
 
 
-def read_scan(root: Path, case: str) -> sitk.Image:
+def read_scan(root: Path, case: str) -> SimpleITK.Image:
     d = root / "dicom" / case
     if d.is_dir():
         reader = sitk.ImageSeriesReader()
@@ -90,7 +94,7 @@ def read_scan(root: Path, case: str) -> sitk.Image:
     raise DatasetError(f"case {case}: no scan found")
 
 
-def _on_scan_grid(case: str, what: str, scan: sitk.Image, mask: sitk.Image) -> sitk.Image:
+def _on_scan_grid(case: str, what: str, scan: SimpleITK.Image, mask: SimpleITK.Image) -> SimpleITK.Image:
     """Return ``mask`` on the scan's voxel grid, or raise naming the case and what differs.
 
     Masks written by another tool often cover the very same voxels in another axis order (slices reversed,
@@ -109,20 +113,22 @@ def _on_scan_grid(case: str, what: str, scan: sitk.Image, mask: sitk.Image) -> s
     raise DatasetError(f"case {case}: mask {what} does not match the scan: " + "; ".join(problems))
 
 
-def _grid_differences(scan: sitk.Image, mask: sitk.Image) -> list[str]:
+def _grid_differences(scan: SimpleITK.Image, mask: SimpleITK.Image) -> list[str]:
     problems = []
     if scan.GetSize() != mask.GetSize():
         problems.append(f"size {mask.GetSize()} vs scan {scan.GetSize()}")
     if not np.allclose(scan.GetSpacing(), mask.GetSpacing(), atol=1e-3):
-        problems.append(f"spacing {tuple(round(v, 4) for v in mask.GetSpacing())} vs scan {tuple(round(v, 4) for v in scan.GetSpacing())}")
+        problems.append(f"spacing {tuple(round(v, 4) for v in mask.GetSpacing())} "
+                        f"vs scan {tuple(round(v, 4) for v in scan.GetSpacing())}")
     if not np.allclose(scan.GetOrigin(), mask.GetOrigin(), atol=0.05):
-        problems.append(f"origin {tuple(round(v, 2) for v in mask.GetOrigin())} vs scan {tuple(round(v, 2) for v in scan.GetOrigin())}")
+        problems.append(f"origin {tuple(round(v, 2) for v in mask.GetOrigin())} "
+                        f"vs scan {tuple(round(v, 2) for v in scan.GetOrigin())}")
     if not np.allclose(scan.GetDirection(), mask.GetDirection(), atol=1e-3):
         problems.append("direction differs from the scan's")
     return problems
 
 
-def read_labels(root: Path, case: str, scan: sitk.Image, labels: tuple[Label, ...] = DEFAULT_LABELS) -> np.ndarray:
+def read_labels(root: Path, case: str, scan: SimpleITK.Image, labels: tuple[Label, ...] = DEFAULT_LABELS) -> np.ndarray:
     shape = sitk.GetArrayViewFromImage(scan).shape
     for suf in (".nii.gz", ".nii"):
         p = root / "labels" / f"{case}{suf}"
@@ -162,7 +168,8 @@ def load_case(root: Path, case: str, labels: tuple[Label, ...] = DEFAULT_LABELS)
     )
 
 
-def split_cases(names: list[str], folds: int, fold: int, seed: int, val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+def split_cases(names: list[str], folds: int, fold: int, seed: int,
+                val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
     """Case-level split: slices of one case never sit on both sides.
 
     ``folds`` > 1 gives k-fold (``folds`` = number of cases gives leave-one-out); otherwise a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,8 +65,9 @@ def evaluate(model: Path, data: Path, out: Path, device: str = "auto", cases: li
         seconds = time.perf_counter() - t0
         vp = volumes_cm3(pred, names, case.voxel_mm3)
         vt = volumes_cm3(case.labels, names, case.voxel_mm3)
-        row = {"case": case_name, "slices": int(case.image.shape[0]), "matrix": list(case.image.shape[1:]),
-               "spacing_mm": [round(v, 3) for v in case.spacing], "seconds": round(seconds, 2), "structures": {}}
+        row: dict[str, Any] = {
+            "case": case_name, "slices": int(case.image.shape[0]), "matrix": list(case.image.shape[1:]),
+            "spacing_mm": [round(v, 3) for v in case.spacing], "seconds": round(seconds, 2), "structures": {}}
         for v, name in names.items():
             d = dice(pred == v, case.labels == v)
             err = vp[name] - vt[name]
@@ -91,7 +93,8 @@ def summarise(results: list[dict], names: list[str]) -> dict:
         e = np.array([r["structures"][name]["volume_error_cm3"] for r in results], float)
         p = np.array([r["structures"][name]["volume_error_pct"] for r in results], float)
         s[name] = {"dice_mean": float(np.nanmean(d)), "dice_sd": float(np.nanstd(d)),
-                   "abs_volume_error_cm3": float(np.nanmean(np.abs(e))), "abs_volume_error_pct": float(np.nanmean(np.abs(p))),
+                   "abs_volume_error_cm3": float(np.nanmean(np.abs(e))),
+                   "abs_volume_error_pct": float(np.nanmean(np.abs(p))),
                    "n": int(np.sum(~np.isnan(d)))}
     s["mean"] = {"dice_mean": float(np.mean([s[n]["dice_mean"] for n in names])),
                  "abs_volume_error_cm3": float(np.mean([s[n]["abs_volume_error_cm3"] for n in names])),
@@ -104,14 +107,16 @@ def markdown(report: dict) -> str:
     names = [k for k in s if k != "mean"]
     lines = [f"Model `{Path(report['model']).name}` v{report['model_version']} on `{report['data']}` "
              f"({len(report['cases'])} cases, {report.get('precision', 'float32')}, "
-             f"{'plain pass only' if report.get('passes', 1) == 1 else 'mean of the plain and the augmented pass'})", "",
+             f"{'plain pass only' if report.get('passes', 1) == 1 else 'mean of the plain and the augmented pass'}"
+             ")", "",
              "| structure | Dice (mean ± sd) | mean abs. volume error (cm³) | mean abs. volume error (%) |",
              "|---|---|---|---|"]
     for n in names:
         lines.append(f"| {n.lower()} | {s[n]['dice_mean']:.3f} ± {s[n]['dice_sd']:.3f} | "
                      f"{s[n]['abs_volume_error_cm3']:.2f} | {s[n]['abs_volume_error_pct']:.1f} |")
     m = s["mean"]
-    lines.append(f"| **mean** | **{m['dice_mean']:.3f}** | **{m['abs_volume_error_cm3']:.2f}** | **{m['abs_volume_error_pct']:.1f}** |")
+    lines.append(f"| **mean** | **{m['dice_mean']:.3f}** | **{m['abs_volume_error_cm3']:.2f}** "
+                 f"| **{m['abs_volume_error_pct']:.1f}** |")
     lines += ["", "| case | slices | matrix | " + " | ".join(f"{n.lower()} Dice" for n in names) + " | seconds |",
               "|---|---|---|" + "---|" * len(names) + "---|"]
     for r in report["cases"]:

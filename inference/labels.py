@@ -25,7 +25,7 @@ class Label:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Label":
+    def from_dict(cls, d: dict) -> Label:
         return cls(
             value=int(d["value"]),
             name=str(d["name"]),

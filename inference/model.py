@@ -34,7 +34,8 @@ def build_network(card: ModelCard, encoder_weights_file: Path | None = None) -> 
             sd = torch.load(str(encoder_weights_file), map_location="cpu", weights_only=True)
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # classifier head of ImageNet models
         missing, unexpected = net.encoder.load_state_dict(sd, strict=False)
-        log.info("encoder weights from %s (%d missing, %d unexpected keys)", encoder_weights_file, len(missing), len(unexpected))
+        log.info("encoder weights from %s (%d missing, %d unexpected keys)", encoder_weights_file, len(missing),
+                 len(unexpected))
     return net
 
 

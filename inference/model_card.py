@@ -30,7 +30,8 @@ class ModelCard:
     encoder: str = "resnet34"
     in_channels: int = 3
     input_size: int = 256
-    normalisation: dict = field(default_factory=lambda: {"method": "minmax", "lower_percentile": 0.0, "upper_percentile": 99.5})
+    normalisation: dict = field(
+        default_factory=lambda: {"method": "minmax", "lower_percentile": 0.0, "upper_percentile": 99.5})
     labels: list[Label] = field(default_factory=lambda: list(DEFAULT_LABELS))
     version: str = "0.0.0"
     name: str = "lower-limb-bones"
@@ -62,7 +63,7 @@ class ModelCard:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:

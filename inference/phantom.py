@@ -168,7 +168,7 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     x = np.cos(th) * x0 + np.sin(th) * y0
     y = -np.sin(th) * x0 + np.cos(th) * y0
 
-    I = anat.intensities
+    tone = anat.intensities
     cort = anat.cortex_mm * (0.6 + 0.4 * s)
     zh, zk, za = anat.z_head, anat.z_knee, anat.z_ankle
     dh = 85 * s + anat.leg_spread / 2  # hip centre half-distance
@@ -197,7 +197,8 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     viscera = rho <= 1
 
     # sacrum (part of the bony pelvis label)
-    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s], [18 * s, 10 * s], cort)))
+    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s],
+                                  [18 * s, 10 * s], cort)))
 
     sides = {"left": 1.0, "right": -1.0}
     for side, sg in sides.items():
@@ -228,7 +229,8 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
         rr = np.sqrt(np.maximum(rh**2 - (zz - zh) ** 2, 0.5))
         bones.append((FEMUR, *_solid(x, y, z, zz, [sg * dh] * 13, [0] * 13, rr, rr, cort)))
         bones.append(
-            (FEMUR, *_solid(x, y, z, [zh - 5 * s, zh - 30 * s, zh - 55 * s], [sg * (dh + 12 * s), sg * (dh + 26 * s), sg * (dh + 30 * s)],
+            (FEMUR, *_solid(x, y, z, [zh - 5 * s, zh - 30 * s, zh - 55 * s],
+                            [sg * (dh + 12 * s), sg * (dh + 26 * s), sg * (dh + 30 * s)],
                             [0, 0, 2 * s], [15 * s, 20 * s, 16 * s], [14 * s, 15 * s, 14 * s], cort))
         )
         zf = [zh - 50 * s, zh - 200 * s, zk + 60 * s, zk + 25 * s, zk + 2 * s]
@@ -264,21 +266,22 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
 
     # ---- compose intensities, outermost first
     tex = _texture(x, y, z, anat.texture_seed, 0.05)
-    img[outline] = I["skin"]
-    img[skin_core] = I["fat"]
-    img[muscle_region] = I["muscle"]
-    img[muscle_region & septa] = I["fat"]
-    img[viscera & muscle_region] = I["viscera"]
+    img[outline] = tone["skin"]
+    img[skin_core] = tone["fat"]
+    img[muscle_region] = tone["muscle"]
+    img[muscle_region & septa] = tone["fat"]
+    img[viscera & muscle_region] = tone["viscera"]
     img += np.where(muscle_region, tex, 0.0)
     for value, inside, marrow in bones:
         inside = inside & outline
-        img[inside] = I["cortex"]
-        img[marrow & outline] = I["marrow"] + tex[marrow & outline]
+        img[inside] = tone["cortex"]
+        img[marrow & outline] = tone["marrow"] + tex[marrow & outline]
         lab[inside] = value
     # multiplicative smooth bias field
     b = anat.bias
     if any(b):
-        field_ = np.exp(b[0] * x0 / 200 + b[1] * y0 / 200 + b[2] * z / 500 + b[3] * (x0 / 200) ** 2 + b[4] * (y0 / 200) ** 2)
+        field_ = np.exp(b[0] * x0 / 200 + b[1] * y0 / 200 + b[2] * z / 500
+                        + b[3] * (x0 / 200) ** 2 + b[4] * (y0 / 200) ** 2)
         img = img * field_
     return img.astype(np.float32), lab
 

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -85,9 +86,11 @@ class Predictor:
                     device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 net(x)
         except Exception as exc:  # no C compiler, unsupported platform or op: run eagerly, say why
-            log.warning("torch.compile failed, running the model uncompiled: %s: %s", type(exc).__name__, str(exc)[:300])
+            log.warning("torch.compile failed, running the model uncompiled: %s: %s", type(exc).__name__,
+                        str(exc)[:300])
             return
-        self.net, self.compiled = net, True
+        # torch.compile of a module gives a module (OptimizedModule); its stub says any callable
+        self.net, self.compiled = cast(torch.nn.Module, net), True
         log.info("model compiled for batches of %d in %.1f s", self.batch_size, time.perf_counter() - t0)
 
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
@@ -152,6 +155,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
                 with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
                     la = net(xa)
                 la = from_model_output(torch.flip(la[:k].float(), dims=[-1]), t)
+                assert p is not None and out_first is not None, "the augmented pass comes with both"
                 out_tta[start:start + batch_size] = la.argmax(1).to(torch.uint8).cpu().numpy()
                 out_first[start:start + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
                 p = p.add_(la.softmax(1)).mul_(0.5)  # the result: the mean of both views
@@ -159,7 +163,9 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             tb = time.perf_counter()
             out[start:start + batch_size] = (p if p is not None else logits).argmax(1).to(torch.uint8).cpu().numpy()
             if probs is not None:
-                probs[:, start:start + batch_size] = (p * 255.0).round_().to(torch.uint8).cpu().numpy().transpose(1, 0, 2, 3)
+                assert p is not None, "probabilities are computed whenever they are kept"
+                scaled = (p * 255.0).round_().to(torch.uint8).cpu().numpy()
+                probs[:, start:start + batch_size] = scaled.transpose(1, 0, 2, 3)
             t_pred += time.perf_counter() - tb
     timings["predict"] = t_pred
     if out_tta is not None:
@@ -173,7 +179,7 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
         t1 = time.perf_counter()
         names = {lab.value: lab.name for lab in card.labels}
         labels = clean_labels(labels, names)
-        if tta_labels is not None:
+        if tta_labels is not None and first_labels is not None:  # the augmented pass makes both
             tta_labels = clean_labels(tta_labels, names)
             first_labels = clean_labels(first_labels, names)
         timings["postprocess"] = time.perf_counter() - t1

@@ -125,7 +125,7 @@ def _card(cfg: TrainConfig, train_names, val_names, best: dict) -> ModelCard:
             "date": _dt.date.today().isoformat(),
             "train_cases": train_names,
             "val_cases": val_names,
-            "loss": "dice + categorical focal (gamma %.1f)" % cfg.focal_gamma,
+            "loss": f"dice + categorical focal (gamma {cfg.focal_gamma:.1f})",
             "optimizer": f"Adam lr={cfg.lr} decay={cfg.lr_decay}/epoch",
             "batch_size": cfg.batch_size,
             "crop_size": cfg.crop_size,
@@ -167,9 +167,11 @@ def train(cfg: TrainConfig) -> Path:
         from .model_card import load_checkpoint
 
         state, init_card = load_checkpoint(cfg.init_from)
-        if (init_card.architecture, init_card.encoder, init_card.num_classes) != (card.architecture, card.encoder, card.num_classes):
+        if ((init_card.architecture, init_card.encoder, init_card.num_classes)
+                != (card.architecture, card.encoder, card.num_classes)):
             raise ValueError(f"--init-from {cfg.init_from}: a {init_card.architecture}/{init_card.encoder} with "
-                             f"{init_card.num_classes} classes cannot start a {card.architecture}/{card.encoder} with {card.num_classes}")
+                             f"{init_card.num_classes} classes cannot start a {card.architecture}/{card.encoder} "
+                             f"with {card.num_classes}")
         net.load_state_dict({k: v.float() for k, v in state.items()})
         card.training["init_from"] = f"{cfg.init_from.name} (v{init_card.version})"
     net = net.to(device)
@@ -232,7 +234,8 @@ def train(cfg: TrainConfig) -> Path:
         save_checkpoint(cfg.out / "last.safetensors", net.state_dict(), card)
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "best_loss": best_loss, "stale": stale, "history": history, "config": {k: str(v) for k, v in asdict(cfg).items()}},
+                    "best_loss": best_loss, "stale": stale, "history": history,
+                    "config": {k: str(v) for k, v in asdict(cfg).items()}},
                    state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         (cfg.out / "history.json").write_text(json.dumps(history, indent=1))

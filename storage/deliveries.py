@@ -20,6 +20,7 @@ from sqlalchemy import func, or_, select, update
 
 from .db import Database
 from .models import Delivery, DestinationState, Job, OutboxItem, Series, utcnow
+from .rows import get_row
 from .states import EventKind, JobState, OutboxState, SeriesState
 from .timeline import add_event
 
@@ -55,7 +56,7 @@ def enqueue(db: Database, job_id: int, per_destination: dict[str, list[dict]]) -
     finished row: a re-run after a crash only goes on with what is there); the job becomes ``delivering``."""
     now = utcnow()
     with db.session() as s:
-        job = s.get(Job, job_id)
+        job = get_row(s, Job, job_id)
         have = set(s.scalars(select(OutboxItem.destination).where(
             OutboxItem.job_id == job_id, OutboxItem.state != OutboxState.FAILED)))
         ids = []
@@ -85,9 +86,9 @@ def cancel_superseded(db: Database) -> list[int]:
         jobs = set()
         for row in rows:
             row.state, row.finished_at = OutboxState.CANCELLED, now
-            newer = s.get(Job, row.job_id).superseded_by
+            newer = get_row(s, Job, row.job_id).superseded_by
             row.last_error = f"superseded by job {newer} (later instances arrived); not sent"
-            add_event(s, EventKind.CANCELLED, series_id=s.get(Job, row.job_id).series_id, job_id=row.job_id,
+            add_event(s, EventKind.CANCELLED, series_id=get_row(s, Job, row.job_id).series_id, job_id=row.job_id,
                       detail=f"delivery to {row.destination}: {row.last_error}")
             jobs.add(row.job_id)
         for jid in jobs:
@@ -225,14 +226,14 @@ def mark_sent(db: Database, item_id: int, started: dt.datetime, detail: str,
         values.update(commit_deadline=None, finished_at=now)
     with db.session() as s:
         took = _compare_and_set(s, item_id, (OutboxState.SENDING,), values)
-        row = s.get(OutboxItem, item_id, populate_existing=True)
+        row = get_row(s, OutboxItem, item_id, populate_existing=True)
         if not took:
             if row is not None and row.state == OutboxState.COMMITTED:  # the answer arrived on our listener first
                 _log(s, row, True, OutboxState.SENT, "", started)
                 add_event(s, EventKind.SENT, series_id=_series(s, row.job_id), job_id=row.job_id,
                           detail=f"to {row.destination}, attempt {row.attempts}: {detail}; already committed")
             return None  # committed already, or an admin got here first
-        job = s.get(Job, row.job_id)
+        job = get_row(s, Job, row.job_id)
         timings = json.loads(job.timings or "{}")  # the "send" stage: time on the wire, every destination
         timings["send"] = round(timings.get("send", 0.0) + (now - started).total_seconds(), 4)
         job.timings = json.dumps(timings)
@@ -268,7 +269,7 @@ def mark_retry(db: Database, item_id: int, started: dt.datetime, error: str, nex
                 "state": OutboxState.PENDING, "next_attempt_at": next_at, "last_error": error[:4000], "claimed_by": "",
                 "claim_expires_at": None}):
             return
-        row = s.get(OutboxItem, item_id, populate_existing=True)
+        row = get_row(s, OutboxItem, item_id, populate_existing=True)
         _log(s, row, False, OutboxState.FAILED, error, started)
         wait = max(0.0, (next_at - utcnow()).total_seconds())
         add_event(s, EventKind.RETRY, series_id=_series(s, row.job_id), job_id=row.job_id,
@@ -337,7 +338,7 @@ def record_commitment(db: Database, transaction_uid: str, committed: set[str], f
                       "last_error": error}
         if not _compare_and_set(s, row_id, (OutboxState.SENT, OutboxState.SENDING), values,
                                 OutboxItem.transaction_uid == transaction_uid):
-            state = s.get(OutboxItem, row_id, populate_existing=True).state
+            state = get_row(s, OutboxItem, row_id, populate_existing=True).state
             return f"transaction {transaction_uid} of delivery {row_id} already {state}"
         s.get(OutboxItem, row_id, populate_existing=True)  # the session's copy as written, for _finish_job
         series_id = _series(s, job_id)
@@ -479,7 +480,7 @@ def requeue(db: Database, ids: list[int] | None = None, job_ids: list[int] | Non
         for row in s.scalars(q).all():
             row.state, row.attempts, row.commit_requests, row.next_attempt_at = OutboxState.PENDING, 0, 0, now
             row.created_at, row.finished_at, row.commit_deadline, row.claimed_by = now, None, None, ""
-            job = s.get(Job, row.job_id)
+            job = get_row(s, Job, row.job_id)
             if job.state in (JobState.FAILED, JobState.DONE):
                 job.state, job.finished_at, job.reason = JobState.DELIVERING, None, ""
             add_event(s, EventKind.REQUEUED, series_id=job.series_id, job_id=job.id,

@@ -12,10 +12,11 @@ import datetime as dt
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import cast
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -80,7 +81,7 @@ class Received:
     resend: Resend | None = None
 
 
-_LENGTHS = {c.name: c.type.length for c in Instance.__table__.columns if getattr(c.type, "length", None)}
+_LENGTHS = {c.name: n for c in Instance.__table__.columns if (n := getattr(c.type, "length", None))}
 
 
 class Recorder:
@@ -99,8 +100,8 @@ class Recorder:
         self.on_series = on_series
         self._series_ids: dict[str, int] = {}
         self._lock = threading.Lock()
-        se = Series.__table__
-        self._insert = insert(Instance.__table__)
+        se = cast(Table, Series.__table__)
+        self._insert = insert(cast(Table, Instance.__table__))
         # One UPDATE per series and batch: count, time, and (re)open the series. A new instance reopens a
         # series that was already judged: it must settle again, and the next completion makes a new job, so a
         # late instance produces a fresh result rather than being silently ignored. A job still queued for the
@@ -111,7 +112,7 @@ class Recorder:
             # never backwards: start-up recovery records files with their (older) modification times
             last_received_at=case((se.c.last_received_at > bindparam("now"), se.c.last_received_at),
                                   else_=bindparam("now")))
-        ins = Instance.__table__
+        ins = cast(Table, Instance.__table__)
         # A file re-sent after the retention purge emptied its row's path: the row points at it again.
         self._repath = update(ins).where(ins.c.sop_uid == bindparam("uid"), ins.c.path == "").values(
             path=bindparam("new_path"), size=bindparam("new_size"))

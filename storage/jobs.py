@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from . import deliveries
 from .db import Database
 from .models import Instance, Job, OutboxItem, Series, StructureVolume, Study, utcnow
+from .rows import get_row, rowcount
 from .states import AuditOutcome, EventKind, JobState, OutboxState, SeriesState
 from .timeline import add_audit, add_event
 
@@ -41,7 +42,7 @@ def mark_judged(db: Database, series_id: int, *, queue: bool, reason: str, rule:
         if expected_count is not None:
             q = q.where(Series.n_instances == expected_count)
         res = s.execute(q.values(state=SeriesState.QUEUED if queue else SeriesState.SKIPPED, completed_at=now))
-        if res.rowcount != 1:
+        if rowcount(res) != 1:
             return None
         _withdraw_queued(s, series_id, now)
         job = Job(series_id=series_id, state=JobState.QUEUED if queue else JobState.SKIPPED,
@@ -77,7 +78,7 @@ def _withdraw_queued(s, series_id: int, now: dt.datetime, job_id: int | None = N
     for jid in s.scalars(q).all():
         res = s.execute(update(Job).where(Job.id == jid, Job.state == JobState.QUEUED).values(
             state=JobState.SKIPPED, reason=WITHDRAWN, finished_at=now))
-        if res.rowcount:
+        if rowcount(res):
             add_event(s, EventKind.SKIPPED, series_id=series_id, job_id=jid, detail=WITHDRAWN, at=now)
 
 
@@ -115,7 +116,7 @@ def claim_job(db: Database, owner: str = "", lease_seconds: float = 60.0, max_at
             res = s.execute(update(Job).where(Job.id == jid, Job.state == state).values(
                 state=JobState.RUNNING, started_at=now, attempts=Job.attempts + 1, lease_owner=owner,
                 lease_expires_at=now + dt.timedelta(seconds=lease_seconds), heartbeat_at=now))
-            if res.rowcount == 1:
+            if rowcount(res) == 1:
                 detail = f"attempt {attempts + 1} by {owner}" + (
                     "" if state == JobState.QUEUED else " (previous worker's lease expired)")
                 add_event(s, EventKind.RUNNING, series_id=series_id, job_id=jid, detail=detail, at=now)
@@ -130,7 +131,7 @@ def heartbeat(db: Database, job_id: int, owner: str, lease_seconds: float) -> bo
         res = s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
                                           Job.state.in_(LEASED)).values(
             heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_seconds)))
-        return res.rowcount == 1
+        return rowcount(res) == 1
 
 
 def superseded_by(db: Database, job_id: int) -> int | None:
@@ -147,8 +148,8 @@ def set_state(db: Database, job_id: int, state: str, event_detail: str | None = 
         if state in _SERIES_FOLLOWS:
             _series_follows(s, job_id, state)
         if event_detail is not None:
-            add_event(s, {JobState.DONE: EventKind.DELIVERED}.get(state, state), series_id=s.get(Job, job_id).series_id,
-                      job_id=job_id, detail=event_detail)
+            kind = EventKind.DELIVERED if state == JobState.DONE else state
+            add_event(s, kind, series_id=get_row(s, Job, job_id).series_id, job_id=job_id, detail=event_detail)
 
 
 def _series_follows(s, job_id: int, state: str) -> None:
@@ -161,7 +162,7 @@ def _series_follows(s, job_id: int, state: str) -> None:
 
 def add_timing(db: Database, job_id: int, stage: str, seconds: float) -> None:
     with db.session() as s:
-        job = s.get(Job, job_id)
+        job = get_row(s, Job, job_id)
         t = json.loads(job.timings or "{}")
         t[stage] = round(seconds, 4)
         job.timings = json.dumps(t)
@@ -176,7 +177,7 @@ def save_volumes(db: Database, job_id: int, volumes: dict[str, tuple[str, float]
 def fail_or_retry(db: Database, job_id: int, error: str, max_attempts: int, backoff_seconds: float = 30.0) -> str:
     """After an error: back to the queue with exponential backoff, or failed (dead letter) when attempts are used up."""
     with db.session() as s:
-        job = s.get(Job, job_id)
+        job = get_row(s, Job, job_id)
         job.lease_owner = ""
         if job.attempts < max_attempts:
             job.state = JobState.QUEUED

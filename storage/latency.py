@@ -42,7 +42,7 @@ def held_at(s: Session, job_ids: Iterable[int]) -> dict[int, dt.datetime]:
     rows = s.execute(select(Event.job_id, func.max(Event.at)).where(Event.kind == EventKind.REVIEW,
                                                                      Event.job_id.in_(ids))
                      .group_by(Event.job_id)).all()
-    return {job_id: at for job_id, at in rows}
+    return {job_id: at for job_id, at in rows if job_id is not None}
 
 
 def latency(job: Job, last_image: dt.datetime | None, held: dt.datetime | None) -> Latency:
@@ -61,4 +61,5 @@ def finished_latencies(s: Session, since: dt.datetime) -> list[tuple[dt.datetime
     rows = s.execute(select(Job, Series.last_received_at).join(Series, Job.series_id == Series.id)
                      .where(Job.state == JobState.DONE, Job.finished_at >= since)).all()
     held = held_at(s, (job.id for job, _ in rows))
-    return [(job.finished_at, latency(job, last, held.get(job.id))) for job, last in rows]
+    return [(job.finished_at, latency(job, last, held.get(job.id)))
+            for job, last in rows if job.finished_at is not None]

@@ -16,7 +16,7 @@ from .states import JobState, OutboxState, ReviewDecision, SeriesState, Verdict
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -31,7 +31,7 @@ class Study(Base):
     study_date: Mapped[str] = mapped_column(String(8), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    series: Mapped[list["Series"]] = relationship(back_populates="study")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
 
 
 class Series(Base):
@@ -60,8 +60,8 @@ class Series(Base):
     quiet_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     fetch_attempts: Mapped[int] = mapped_column(Integer, default=0)
     study: Mapped[Study] = relationship(back_populates="series")
-    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
-    jobs: Mapped[list["Job"]] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    jobs: Mapped[list[Job]] = relationship(back_populates="series")
     __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
 
 
@@ -139,10 +139,10 @@ class Job(Base):
     reviewed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     review_note: Mapped[str] = mapped_column(Text, default="", server_default="")
     series: Mapped[Series] = relationship(back_populates="jobs", foreign_keys=[series_id])
-    volumes: Mapped[list["StructureVolume"]] = relationship(back_populates="job", cascade="all, delete-orphan")
-    deliveries: Mapped[list["Delivery"]] = relationship(back_populates="job", cascade="all, delete-orphan")
-    outbox: Mapped[list["OutboxItem"]] = relationship(back_populates="job", cascade="all, delete-orphan")
-    quality_checks: Mapped[list["QualityCheck"]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    volumes: Mapped[list[StructureVolume]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    outbox: Mapped[list[OutboxItem]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    quality_checks: Mapped[list[QualityCheck]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
 class Event(Base):

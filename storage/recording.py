@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -170,6 +170,7 @@ def commit_rows(recorder: Recorder, batch: list[Received],
     waits. Any other error is about some row's content: the rows are then recorded one by one, and
     those the database still rejects are logged and left out.
     """
+    first: Exception
     try:
         return list(recorder.record_batch(batch))
     except (OperationalError, DisconnectionError, PoolTimeout):

@@ -89,7 +89,8 @@ class ResendTimeline:
         add_event(s, EventKind.CONFLICTING_RESEND, series_id=first_series, detail=detail)
         if elsewhere:
             add_event(s, EventKind.CONFLICTING_RESEND, series_id=target_series,
-                      detail=f"instance {tag} of series #{first_series} re-sent here by {calling_aet or 'an unnamed AE'}"
+                      detail=f"instance {tag} of series #{first_series} re-sent here by "
+                             f"{calling_aet or 'an unnamed AE'}"
                              f"{when}: {outcome} (scp.duplicate_policy = {policy})")
         batch.lines.append(f"conflicting re-send: instance {tag} of series #{first_series} re-sent {what} by "
                            f"{calling_aet or 'an unnamed AE'}{when}; {outcome} (scp.duplicate_policy = {policy})")
@@ -99,7 +100,8 @@ class ResendTimeline:
         for sid, (n, last, aet) in batch.identical.items():
             b = self._bursts.get(sid)
             if b is not None and (last - b.last).total_seconds() < BURST_GAP_S:
-                s.execute(update(Event).where(Event.id == b.event_id).values(detail=_identical_detail(b.count + n, aet)))
+                s.execute(update(Event).where(Event.id == b.event_id)
+                          .values(detail=_identical_detail(b.count + n, aet)))
                 batch.new_bursts[sid] = (b.event_id, b.count + n, last)
             else:
                 ev = add_event(s, EventKind.DUPLICATES, series_id=sid, detail=_identical_detail(n, aet), at=last)

@@ -8,11 +8,13 @@ job, apart from the workers' queue; the dashboard, the CLI and the pipeline reac
 from __future__ import annotations
 
 import json
+from typing import cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
 
 from .db import Database
 from .models import Job, QualityCheck, utcnow
+from .rows import get_row, rowcount
 from .states import AuditOutcome, EventKind, JobState, ReviewDecision, Verdict
 from .timeline import add_audit, add_event
 
@@ -22,8 +24,9 @@ def save_quality(db: Database, job_id: int, verdict: str, summary: str,
     """Store the gate's verdict: one row per structure (name, verdict, reason, metrics), the job's overall
     verdict, and a "quality" event with the summary, in one transaction."""
     with db.session() as s:
-        job = s.get(Job, job_id)
-        s.execute(QualityCheck.__table__.delete().where(QualityCheck.job_id == job_id))  # a repeated attempt
+        job = get_row(s, Job, job_id)
+        # a repeated attempt replaces the checks of the one before
+        s.execute(cast(Table, QualityCheck.__table__).delete().where(QualityCheck.job_id == job_id))
         for name, v, reason, metrics in structures:
             s.add(QualityCheck(job_id=job_id, structure=name[:32], verdict=v, reason=reason,
                                metrics=json.dumps(metrics)))
@@ -34,7 +37,7 @@ def save_quality(db: Database, job_id: int, verdict: str, summary: str,
 def quality_of(db: Database, job_id: int) -> tuple[str, str, str]:
     """(verdict, review decision, one-line summary of what failed) of a job."""
     with db.session() as s:
-        job = s.get(Job, job_id)
+        job = get_row(s, Job, job_id)
         bad = s.execute(select(QualityCheck.structure, QualityCheck.reason).where(
             QualityCheck.job_id == job_id, QualityCheck.verdict == Verdict.FAIL).order_by(QualityCheck.id)).all()
         return job.quality, job.review, " | ".join(f"{n.lower()}: {r}" for n, r in bad)
@@ -43,7 +46,7 @@ def quality_of(db: Database, job_id: int) -> tuple[str, str, str]:
 def hold_for_review(db: Database, job_id: int, detail: str) -> None:
     """The result waits for a person: state ``review``, no lease (nothing claims it; it survives restarts)."""
     with db.session() as s:
-        job = s.get(Job, job_id)
+        job = get_row(s, Job, job_id)
         job.state, job.lease_owner, job.lease_expires_at = JobState.REVIEW, "", None
         job.reason = detail[:4000]
         add_event(s, EventKind.REVIEW, series_id=job.series_id, job_id=job_id, detail=detail)
@@ -67,7 +70,7 @@ def decide_review(db: Database, job_id: int, decision: str, who: str, address: s
     action = "approve" if decision == ReviewDecision.APPROVED else "reject"
     with db.session() as s:
         res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.REVIEW).values(**values))
-        if res.rowcount == 1:
+        if rowcount(res) == 1:
             add_audit(s, who, address, action, job_id, AuditOutcome.DONE, note)
             detail = f"by {who}" + (f" from {address}" if address else "") + (f": {note}" if note else "")
             add_event(s, EventKind(decision), series_id=s.scalar(select(Job.series_id).where(Job.id == job_id)),

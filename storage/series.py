@@ -14,6 +14,7 @@ from sqlalchemy import case, func, select, update
 
 from .db import Database
 from .models import Instance, Series, Study, utcnow
+from .rows import get_row
 from .states import EventKind, SeriesState
 from .timeline import add_event
 
@@ -138,7 +139,7 @@ def end_quiet(db: Database, series_uids: list[str], reason: str) -> int:
 
 def series_instances(db: Database, series_id: int) -> tuple[Series, list[Instance]]:
     with db.session() as s:
-        se = s.get(Series, series_id)
+        se = get_row(s, Series, series_id)
         insts = list(s.scalars(select(Instance).where(Instance.series_id == series_id)))
         _ = se.study  # load for later use outside the session
         return se, insts

@@ -97,7 +97,7 @@ class _PixelmedServer:
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
         # the JVM's stderr goes to a file: an unread pipe could fill and stall it
-        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115  # open for the server's life
         atexit.register(self.close)
 
     def _start(self) -> subprocess.Popen:
@@ -237,8 +237,12 @@ class PacsSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.port = port or free_port()
-        self.proc = subprocess.Popen([DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
-                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [DCMTK["storescp"], "-aet", aet, "-od", str(folder), "+xa", *flags, str(self.port)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         time.sleep(0.3)
 
     def files(self) -> list[Path]:
@@ -255,10 +259,22 @@ class PacsSCP:
 class NodeProcess:
     """``dicom-node serve`` in a subprocess with its own config, data folder and port."""
 
-    def __init__(self, tmp: Path, pacs: PacsSCP | None, extra: str = "", name: str = "node", wait_echo: bool = True,
-                 worker: str = "", web: str = "", database_url: str = "", port: int | None = None,
-                 dest_extra: str = "", more: str = "", series: str = "stable_seconds = 1.0\nscan_interval_seconds = 0.3",
-                 tta: bool = False):
+    def __init__(
+        self,
+        tmp: Path,
+        pacs: PacsSCP | None,
+        extra: str = "",
+        name: str = "node",
+        wait_echo: bool = True,
+        worker: str = "",
+        web: str = "",
+        database_url: str = "",
+        port: int | None = None,
+        dest_extra: str = "",
+        more: str = "",
+        series: str = "stable_seconds = 1.0\nscan_interval_seconds = 0.3",
+        tta: bool = False,
+    ):
         # The gate's augmented pass doubles the network time of every job; only the gate's own tests
         # (tests/test_quality_gate.py) need it, the rest test transport, storage and encoding.
         if "[quality]" not in more:
@@ -279,8 +295,9 @@ class NodeProcess:
             f'[worker]\npoll_seconds = 0.3\n{worker}\n[web]\nport = {self.web_port}\n{web}\n' + dest + more
         )
         self.log = self.dir / "node.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(self.config), "serve"],
-                                     cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=ENV)
+        with open(self.log, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(self.config), "serve"],
+                                         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         if wait_echo:
             wait_for(self._answers, 90, 0.5, "the node to answer C-ECHO")
         else:
@@ -400,7 +417,9 @@ def write_series(folder: Path, seed: int = 1, **kw) -> tuple:
     return ph, paths
 
 
-def storescu(port: int, *paths: Path, aet: str = "STORESCU", flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def storescu(
+    port: int, *paths: Path, aet: str = "STORESCU", flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     need_dcmtk()
     return subprocess.run([DCMTK["storescu"], "-aet", aet, "-aec", "SEGNODE", "+sd", *flags, "127.0.0.1", str(port),
                            *map(str, paths)], env=ENV, capture_output=True, text=True, timeout=120)

@@ -87,7 +87,7 @@ def closed_within(s: socket.socket, seconds: float) -> float | None:
     while time.monotonic() - t0 < seconds:
         try:
             data = s.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return time.monotonic() - t0

@@ -28,7 +28,9 @@ def results(tmp_path_factory):
     labels = ph.labels[[int(round((ph.geometry.origin[2] - o[2]) / ph.geometry.slice_thickness)) for o in origins]]
     card = ModelCard(version="9.9", checkpoint_sha256="ab" * 32)
     seg_labels, segments = split_sides(labels, card.labels, origins, (1, 0, 0), (0, 1, 0), ph.geometry.pixel_spacing)
-    seg = build_seg(src, seg_labels, segments, card, series_description="t", series_number=1, manufacturer="Hospital AI")
+    seg = build_seg(
+        src, seg_labels, segments, card, series_description="t", series_number=1, manufacturer="Hospital AI"
+    )
     seg.save_as(tmp / "seg.dcm", enforce_file_format=True)
     vols = {sg.name: float((seg_labels == sg.number).sum()) / 1000 for sg in segments}
     sr = build_sr(seg, src, segments, vols, card, labels=seg_labels, series_number=2, manufacturer="Hospital AI")
@@ -37,8 +39,15 @@ def results(tmp_path_factory):
 
 
 def _algorithm_items(ds) -> list:
-    return [e for e in ds.ContributingEquipmentSequence
-            if tuple(getattr(e.PurposeOfReferenceCodeSequence[0], k) for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")) == AIR_PURPOSE]
+    return [
+        e
+        for e in ds.ContributingEquipmentSequence
+        if tuple(
+            getattr(e.PurposeOfReferenceCodeSequence[0], k)
+            for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+        )
+        == AIR_PURPOSE
+    ]
 
 
 def test_seg_and_sr_name_the_algorithm_and_pass_dciodvfy_and_pixelmed(results):
@@ -59,7 +68,7 @@ def test_seg_and_sr_name_the_algorithm_and_pass_dciodvfy_and_pixelmed(results):
     assert sr.VerificationFlag == "UNVERIFIED"
     root = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
     assert root["Procedure reported"].ConceptCodeSequence[0].CodeValue == "25056-3"  # MR, from CID 100
-    assert root["Device Observer UID"].UID == card.device_uid
+    assert card.device_uid == root["Device Observer UID"].UID
     assert check_results_valid([tmp / "seg.dcm", tmp / "sr.dcm"]) == 2
 
 
@@ -77,7 +86,9 @@ def test_every_segment_has_an_outline_on_its_centre_slice_in_the_sr(results):
     structure, inside it; the volume group still references the SEG segment."""
     tmp, _, src, seg_labels, segments = results
     sr = pydicom.dcmread(tmp / "sr.dcm")
-    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements")
+    measurements = next(
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+    )
     by_uid: dict[str, list] = {}
     for group in measurements.ContentSequence:
         uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"

@@ -57,8 +57,8 @@ class Orthanc:
                     "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]},
                     "RemoteAccessAllowed": False, "AuthenticationEnabled": False})
         (tmp / "orthanc.json").write_text(json.dumps(cfg))
-        self.proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=open(tmp / "orthanc.log", "w"),
-                                     stderr=subprocess.STDOUT)
+        with open(tmp / "orthanc.log", "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._up, 60, 0.3, "Orthanc to start")
 
     def _up(self) -> bool:
@@ -228,7 +228,7 @@ def test_kill_mid_ingest_and_resend_after_restart_gives_one_seg_of_every_slice(t
         assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
         assert assoc.is_established
         try:
-            for i, p in enumerate(paths[:20]):
+            for p in paths[:20]:
                 assoc.send_c_store(p)
         finally:
             node.proc.send_signal(signal.SIGKILL)

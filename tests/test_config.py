@@ -79,7 +79,8 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     cases = {
         'retry_initial_seconds = 60\nretry_max_seconds = 10': "destinations[0].retry_max_seconds",
         'give_up_after_hours = 0': "destinations[0].give_up_after_hours",
-        'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true': "destinations[0].storage_commitment",
+        'protocol = "stow"\nurl = "http://x/dicom-web"\nstorage_commitment = true':
+            "destinations[0].storage_commitment",
         'commitment_max_requests = 0': "destinations[0].commitment_max_requests",
         'probe_seconds = 0': "destinations[0].probe_seconds",
     }
@@ -121,6 +122,7 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path):
     for name in ("node.crt", "node.key", "ca.pem"):
         (tmp_path / name).write_text("x")
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[scp.tls]\nenabled = true\ncertificate = "node.crt"\nprivate_key = "node.key"\nca_certificates = "ca.pem"\n')
+    cfg.write_text('[scp.tls]\nenabled = true\ncertificate = "node.crt"\nprivate_key = "node.key"\n'
+                   'ca_certificates = "ca.pem"\n')
     s = load_settings(cfg, environ={})
     assert s.scp.tls.certificate == str(tmp_path / "node.crt") and s.scp.tls.ca_certificates == str(tmp_path / "ca.pem")

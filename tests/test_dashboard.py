@@ -86,7 +86,11 @@ def test_preview_api_metrics_health_and_token(busy_node):
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     status, body = get(f"{base}/api/jobs/{ok_job}")
     job = json.loads(body)
-    assert status == 200 and job["state"] == "done" and [e["kind"] for e in job["timeline"]][:3] == ["received", "complete", "queued"]
+    assert (
+        status == 200
+        and job["state"] == "done"
+        and [e["kind"] for e in job["timeline"]][:3] == ["received", "complete", "queued"]
+    )
     status, body = get(f"{base}/metrics")
     assert status == 200 and b'dicomnode_jobs{state="done"} 1.0' in body and b"dicomnode_cstore_total" in body
     assert b"dicomnode_unrecorded_instances 0.0" in body  # every stored instance's row is committed

@@ -19,7 +19,9 @@ from conftest import write_series
 def _segimage2itkimage() -> str:
     exe = shutil.which("segimage2itkimage") or str(Path(sys.executable).parent / "segimage2itkimage")
     if not Path(exe).exists():
-        pytest.fail("segimage2itkimage missing: install the test extras (pip install -e '.[test]', ./node.sh test does)")
+        pytest.fail(
+            "segimage2itkimage missing: install the test extras (pip install -e '.[test]', ./node.sh test does)"
+        )
     return exe
 
 

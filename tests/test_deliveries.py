@@ -40,7 +40,9 @@ def _job(db: Database, n: int = 1) -> list[int]:
             se = Series(series_uid=f"{st.study_uid}.{i}", study_id=st.id, modality="MR", state="queued")
             s.add(se)
             s.flush()
-            job = Job(series_id=se.id, state="running", attempts=1, n_instances=24, seg_path="/results/job/SEG_binary.dcm")
+            job = Job(
+                series_id=se.id, state="running", attempts=1, n_instances=24, seg_path="/results/job/SEG_binary.dcm"
+            )
             s.add(job)
             s.flush()
             ids.append(job.id)
@@ -110,7 +112,9 @@ def test_give_up_then_retry_sends_the_same_files_without_computing_again(db_url)
     (job,) = _job(db)
     deliveries.enqueue(db, job, {"pacs": FILES})
     with db.session() as s:
-        s.execute(update(OutboxItem).values(created_at=utcnow() - dt.timedelta(hours=25), last_error="connection refused"))
+        s.execute(
+            update(OutboxItem).values(created_at=utcnow() - dt.timedelta(hours=25), last_error="connection refused")
+        )
     ((_, j, reason),) = deliveries.give_up(db, "pacs", 24)
     assert j == job and "given up after 24 h" in reason and "connection refused" in reason
     assert _state(db, job) == ("failed", "failed")
@@ -169,7 +173,9 @@ def test_a_row_of_a_dead_sender_is_sent_again_at_once(db_url):  # noqa: F811
     (again,) = deliveries.claim(db, "pacs", f"{host}:2:sender", 600, 10)
     assert again.id == it.id and again.files == FILES  # the same files, the same UIDs
     with db.session() as s:
-        assert any("stopped before the answer" in e.detail for e in s.scalars(select(Event).where(Event.kind == "retry")))
+        assert any(
+            "stopped before the answer" in e.detail for e in s.scalars(select(Event).where(Event.kind == "retry"))
+        )
     db.dispose()
 
 

@@ -63,7 +63,7 @@ def queue_jobs(db: Database, paths: list[Path], n_jobs: int) -> list[int]:
             study = Study(study_uid=metas[0].StudyInstanceUID)
             s.add(study)
             s.flush()
-        for j in range(n_jobs):
+        for _ in range(n_jobs):
             se = Series(series_uid=f"2.25.{uuid.uuid4().int}", study_id=study.id, modality="MR", state="queued",
                         n_instances=len(paths))
             s.add(se)
@@ -246,8 +246,11 @@ def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
         s.get(Job, ids[2]).state = "done"
         s.get(Job, ids[2]).finished_at = utcnow()
     cfg = config(tmp_path, url)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), *a], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=60)
+
+    def run(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), *a], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
     r = run("retry", str(ids[0]))
     assert r.returncode == 0 and "queued again" in r.stdout
     r = run("requeue", "--failed")

@@ -64,9 +64,20 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predicto
     v = subprocess.run(["dciodvfy", str(seg_path)], capture_output=True, text=True)
     assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
     # the measurements SR comes with it, references the SEG, and validates too
-    sr_path = wait_for(lambda: next((p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
-                                     and pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid), None),
-                       30, 0.3, "the SR")
+    sr_path = wait_for(
+        lambda: next(
+            (
+                p
+                for p in pacs.files()
+                if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"
+                and pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID == study_uid
+            ),
+            None,
+        ),
+        30,
+        0.3,
+        "the SR",
+    )
     v = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True)
     assert not [ln for ln in (v.stdout + v.stderr).splitlines() if ln.startswith("Error")], v.stderr
     sr = hd.sr.srread(sr_path)
@@ -80,7 +91,9 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predicto
     assert "automatic" in seg.SeriesDescription.lower()
     assert seg.SegmentationType == "BINARY"
     # every source instance referenced, by series and per frame
-    referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence
+    }
     assert referenced == {d.SOPInstanceUID for d in src}
     for frame in seg.PerFrameFunctionalGroupsSequence:
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -88,7 +101,9 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predicto
     # geometry equals the source's
     assert (seg.Rows, seg.Columns) == (src[0].Rows, src[0].Columns)
     shared = seg.SharedFunctionalGroupsSequence[0]
-    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], [float(v) for v in src[0].PixelSpacing])
+    assert np.allclose(
+        [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], [float(v) for v in src[0].PixelSpacing]
+    )
     assert np.allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
                        [float(v) for v in src[0].ImageOrientationPatient])
     # segments carry SNOMED codes, colours and the algorithm
@@ -119,8 +134,17 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predicto
     agreement = float((got == pred).mean())
     assert agreement > 0.999, agreement
     # and the prediction is where the bones are (no flip, no shift): ground truth from the phantom
-    truth = ph.labels[[int(round(np.dot(np.asarray(d.ImagePositionPatient, float) - np.asarray(ph.geometry.origin), [0, 0, -1])
-                                  / ph.geometry.slice_thickness)) for d in vol.datasets]]
+    truth = ph.labels[
+        [
+            int(
+                round(
+                    np.dot(np.asarray(d.ImagePositionPatient, float) - np.asarray(ph.geometry.origin), [0, 0, -1])
+                    / ph.geometry.slice_thickness
+                )
+            )
+            for d in vol.datasets
+        ]
+    ]
     fg = (truth > 0) | (got > 0)
     assert ((got == truth) & fg).sum() / fg.sum() > 0.6
 

@@ -88,13 +88,15 @@ def test_the_foreign_result_is_held_until_approved_then_its_seg_scores_as_evalua
         job = job_of(node, series_uid)
         # the lower pelvis is missed in both passes (README): the anatomy check must hold it, unsent
         assert job["state"] == "review" and job["quality"] == "fail", job
-        pelvis = [q for q in job["quality_checks"] if q["structure"].upper().startswith("PELVIS") and q["verdict"] == "fail"]
+        pelvis = [
+            q for q in job["quality_checks"] if q["structure"].upper().startswith("PELVIS") and q["verdict"] == "fail"
+        ]
         assert pelvis and "lower pelvis looks missing" in pelvis[0]["reason"], job["quality_checks"]
         assert seg_at(pacs, series_uid) is None
         r = node.cli("approve", str(job["job"]), "--reason", "acceptance test: scored below")
         assert r.returncode == 0, r.stderr
         # read the PACS's files only once the node has its answer: storescp answers after the file is written
-        wait_for(lambda: any(d["ok"] for d in job_of(node, series_uid)["deliveries"]),
+        wait_for(lambda: any(d["ok"] for d in job_of(node, series_uid)["deliveries"]),  # noqa: B023  # waited on now
                  180, 0.5, f"the delivery of case {seed}")
         dice = bone_dice(seg_at(pacs, series_uid), uids, truth)
         mean3 = (dice["FEMUR"] + dice["TIBIA"] + dice["PELVIS"]) / 3

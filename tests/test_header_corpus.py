@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
@@ -122,43 +122,88 @@ POSITIONS = {"HFS": ((1, 0, 0), (0, 1, 0)), "FFS": ((-1, 0, 0), (0, 1, 0)), "HFP
 CASES = [
     # one case drops them all: the results fill each absent one in the same loop (encode/context.py), so a
     # case per attribute repeated it, at a node run and two validations each
-    Case("anonymiser dropped every patient and study Type 2 attribute", drop(*TYPE2, "PatientName", "PatientID"),
-         context={kw: "" for kw in (*TYPE2, "PatientName", "PatientID")}),
+    Case(
+        "anonymiser dropped every patient and study Type 2 attribute",
+        drop(*TYPE2, "PatientName", "PatientID"),
+        context={kw: "" for kw in (*TYPE2, "PatientName", "PatientID")},
+    ),
     Case("empty PatientName", lambda ds: setattr(ds, "PatientName", ""), context={"PatientName": ""}),
-    Case("invalid sex code, dates, time and age", odd_values,
-         context={"PatientSex": "", "StudyDate": "", "PatientBirthDate": "", "StudyTime": "", "PatientAge": ""}),
-    Case("ISO_IR 100 Latin-1", text("ISO_IR 100", "Müller^Jürgen", "IRM des membres inférieurs", "AX T1 JAMBE ÉTÉ"),
-         context={"PatientName": "Müller^Jürgen", "StudyDescription": "IRM des membres inférieurs"},
-         charset="ISO_IR 100"),
-    Case("ISO_IR 192 UTF-8", text("ISO_IR 192", "Παπαδόπουλος^Νίκος", "下肢 MRI", "AX T1 LEG Øre"),
-         context={"PatientName": "Παπαδόπουλος^Νίκος", "StudyDescription": "下肢 MRI"}, charset="ISO_IR 192"),
-    Case("ISO 2022 IR 87 Japanese", text(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "下肢ＭＲＩ"),
-         context={"PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう", "StudyDescription": "下肢ＭＲＩ"},
-         charset=["ISO 2022 IR 6", "ISO 2022 IR 87"]),
-    Case("GB18030 Chinese", text("GB18030", "Wang^XiaoDong=王^小东", "下肢磁共振", "AX T1 LEG 轴位"),
-         context={"PatientName": "Wang^XiaoDong=王^小东", "StudyDescription": "下肢磁共振"}, charset="GB18030"),
-    Case("no Specific Character Set, Latin-1 bytes", undeclared(b"M\xfcller^J\xfcrgen", b"IRM membre inf\xe9rieur"),
-         context={"PatientName": "Müller^Jürgen", "StudyDescription": "IRM membre inférieur"}, charset="ISO_IR 100"),
-    Case("no Specific Character Set, UTF-8 bytes",
-         undeclared("Øster^Åse".encode(), "IRM membre inférieur".encode()),
-         context={"PatientName": "Øster^Åse", "StudyDescription": "IRM membre inférieur"}, charset="ISO_IR 192"),
+    Case(
+        "invalid sex code, dates, time and age",
+        odd_values,
+        context={"PatientSex": "", "StudyDate": "", "PatientBirthDate": "", "StudyTime": "", "PatientAge": ""},
+    ),
+    Case(
+        "ISO_IR 100 Latin-1",
+        text("ISO_IR 100", "Müller^Jürgen", "IRM des membres inférieurs", "AX T1 JAMBE ÉTÉ"),
+        context={"PatientName": "Müller^Jürgen", "StudyDescription": "IRM des membres inférieurs"},
+        charset="ISO_IR 100",
+    ),
+    Case(
+        "ISO_IR 192 UTF-8",
+        text("ISO_IR 192", "Παπαδόπουλος^Νίκος", "下肢 MRI", "AX T1 LEG Øre"),
+        context={"PatientName": "Παπαδόπουλος^Νίκος", "StudyDescription": "下肢 MRI"},
+        charset="ISO_IR 192",
+    ),
+    Case(
+        "ISO 2022 IR 87 Japanese",
+        text(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "下肢ＭＲＩ"),
+        context={"PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう", "StudyDescription": "下肢ＭＲＩ"},
+        charset=["ISO 2022 IR 6", "ISO 2022 IR 87"],
+    ),
+    Case(
+        "GB18030 Chinese",
+        text("GB18030", "Wang^XiaoDong=王^小东", "下肢磁共振", "AX T1 LEG 轴位"),
+        context={"PatientName": "Wang^XiaoDong=王^小东", "StudyDescription": "下肢磁共振"},
+        charset="GB18030",
+    ),
+    Case(
+        "no Specific Character Set, Latin-1 bytes",
+        undeclared(b"M\xfcller^J\xfcrgen", b"IRM membre inf\xe9rieur"),
+        context={"PatientName": "Müller^Jürgen", "StudyDescription": "IRM membre inférieur"},
+        charset="ISO_IR 100",
+    ),
+    Case(
+        "no Specific Character Set, UTF-8 bytes",
+        undeclared("Øster^Åse".encode(), "IRM membre inférieur".encode()),
+        context={"PatientName": "Øster^Åse", "StudyDescription": "IRM membre inférieur"},
+        charset="ISO_IR 192",
+    ),
     Case("long private tag blocks", private_blocks),
     Case("signed pixels with RescaleSlope/Intercept", signed_rescaled),
     Case("MONOCHROME1", monochrome1),
     Case("BitsStored 16", bits_stored_16),
-    *[Case(f"patient position {p}", lambda ds, p=p: setattr(ds, "PatientPosition", p), geometry=(*iop, 0.0, -1, "as_acquired"))
-      for p, iop in POSITIONS.items()],
+    *[
+        Case(
+            f"patient position {p}",
+            lambda ds, p=p: setattr(ds, "PatientPosition", p),
+            geometry=(*iop, 0.0, -1, "as_acquired"),
+        )
+        for p, iop in POSITIONS.items()
+    ],
     Case("oblique axial slices (7° tilt)", geometry=((1, 0, 0), (0, 1, 0), 7.0, -1, "as_acquired")),
     Case("slice order reversed", geometry=((1, 0, 0), (0, 1, 0), 0.0, 1, "reversed")),
     Case("512² matrix", size=512),
     Case("1024² matrix", size=1024),
-    Case("no FrameOfReferenceUID", drop("FrameOfReferenceUID"), expect="skipped",
-         reason="cannot place a segmentation without a frame of reference"),
+    Case(
+        "no FrameOfReferenceUID",
+        drop("FrameOfReferenceUID"),
+        expect="skipped",
+        reason="cannot place a segmentation without a frame of reference",
+    ),
     Case("no PixelSpacing", drop("PixelSpacing"), expect="skipped", reason="missing or malformed PixelSpacing"),
-    Case("no ImageOrientationPatient", drop("ImageOrientationPatient"), expect="skipped",
-         reason="missing or malformed ImageOrientationPatient"),
-    Case("no ImagePositionPatient", drop("ImagePositionPatient"), expect="skipped",
-         reason="missing or malformed ImagePositionPatient"),
+    Case(
+        "no ImageOrientationPatient",
+        drop("ImageOrientationPatient"),
+        expect="skipped",
+        reason="missing or malformed ImageOrientationPatient",
+    ),
+    Case(
+        "no ImagePositionPatient",
+        drop("ImagePositionPatient"),
+        expect="skipped",
+        reason="missing or malformed ImagePositionPatient",
+    ),
 ]
 
 
@@ -166,7 +211,9 @@ def _phantom(case: Case, seed: int) -> tuple[Phantom, str]:
     """The case's phantom (geometry turned and tilted as the case says) and its file order."""
     if case.geometry is None:
         factor = max(1, case.size // 256)  # large matrices: rendered at 256² and each pixel split (fast)
-        return _split_pixels(small_series(seed=seed, n_slices=N_SLICES, size=case.size // factor), factor), "as_acquired"
+        return _split_pixels(
+            small_series(seed=seed, n_slices=N_SLICES, size=case.size // factor), factor
+        ), "as_acquired"
     row_dir, col_dir, tilt, step_sign, order = case.geometry
     base = small_series(seed=seed, n_slices=2, size=SIZE)
     g0 = base.geometry
@@ -246,7 +293,7 @@ def _results(pacs: PacsSCP, series_uid: str) -> dict[str, pydicom.Dataset]:
         if ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid:
             out["SEG"] = pydicom.dcmread(p)
     seg = out.get("SEG")
-    for p, ds in headers:
+    for _, ds in headers:
         if seg is not None and ds.Modality == "SR" and any(
                 i.ReferencedSOPInstanceUID == seg.SOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence):
@@ -335,8 +382,15 @@ def test_thousand_slice_whole_body_series(corpus, tmp_path):
     done = time.monotonic()
     assert job["state"] == "done", job["reason"]
     peak = _rss_kib(status, "VmHWM")
-    report = {"slices": n, "matrix": "96x96", "send_s": round(sent - t0, 1), "after_last_image_s": round(done - sent, 1),
-              "stages_s": job["stages_s"], "rss_before_mib": before // 1024, "peak_rss_mib": peak // 1024}
+    report = {
+        "slices": n,
+        "matrix": "96x96",
+        "send_s": round(sent - t0, 1),
+        "after_last_image_s": round(done - sent, 1),
+        "stages_s": job["stages_s"],
+        "rss_before_mib": before // 1024,
+        "peak_rss_mib": peak // 1024,
+    }
     print("\nwhole-body series:", json.dumps(report))
     res = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(_results(pacs, uid)), 60, 0.5, "whole-body SEG")
     assert len(res["SEG"].ReferencedSeriesSequence[0].ReferencedInstanceSequence) > 500

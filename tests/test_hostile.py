@@ -123,7 +123,7 @@ def _trickle(port: int, source: str, payload: bytes, every: float, out: list, lo
             try:
                 if s.recv(65536) == b"":
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
     except OSError:
         pass
@@ -158,7 +158,7 @@ def _trickle_on(s: socket.socket, payload: bytes, every: float) -> None:
             try:
                 if s.recv(65536) == b"":
                     return
-            except socket.timeout:
+            except TimeoutError:
                 continue
     except OSError:
         return

@@ -133,7 +133,9 @@ def test_buttons_with_the_csrf_token_and_json_scripts_work_and_are_audited(dash)
                            {"Origin": dash.base, "X-CSRF-Token": csrf}, b"")
     assert status == 200 and dash.state() == "queued"
     dash.fail_again()
-    status, _, _ = request(f"{dash.base}/api/jobs/{dash.job}/retry", "POST", {"Content-Type": "application/json"}, b"{}")
+    status, _, _ = request(
+        f"{dash.base}/api/jobs/{dash.job}/retry", "POST", {"Content-Type": "application/json"}, b"{}"
+    )
     assert status == 200 and dash.state() == "queued"
     dash.fail_again()  # a plain HTML form of our own page: the token in the action URL
     status, _, _ = request(f"{dash.base}/api/jobs/{dash.job}/retry?csrf_token={csrf}", "POST",
@@ -146,7 +148,9 @@ def test_buttons_with_the_csrf_token_and_json_scripts_work_and_are_audited(dash)
     everything = json.loads(request(f"{dash.base}/api/audit")[2])
     assert everything[0]["outcome"] == "refused" and "job 9999: no such job" in everything[0]["detail"]
     timeline = json.loads(request(f"{dash.base}/api/jobs/{dash.job}")[2])["timeline"]
-    assert "by web (loopback, no token) from 127.0.0.1" in [e["detail"] for e in timeline if e["kind"] == "requeued"][0]
+    assert "by web (loopback, no token) from 127.0.0.1" in next(
+        e["detail"] for e in timeline if e["kind"] == "requeued"
+    )
     page = request(f"{dash.base}/jobs/{dash.job}")[2].decode()
     assert "id='audit'" in page and "web (loopback, no token)" in page
 

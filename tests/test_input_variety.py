@@ -41,7 +41,9 @@ def seg_frames(pacs, series_uid: str) -> int:
     return 0
 
 
-@pytest.mark.parametrize("how", ["jpeg-lossless (dcmcjpeg)", "jpeg-ls (dcmcjpls)", "rle (dcmcrle)", "jpeg2000 (pydicom)"])
+@pytest.mark.parametrize(
+    "how", ["jpeg-lossless (dcmcjpeg)", "jpeg-ls (dcmcjpls)", "rle (dcmcrle)", "jpeg2000 (pydicom)"]
+)
 def test_compressed_series_are_segmented(pair, workdir, how):
     node, pacs = pair
     _, paths = write_series(workdir / "raw", seed=61)
@@ -157,10 +159,14 @@ def test_multiframe_enhanced_mr_is_segmented(pair, workdir):
     assert r.returncode == 0, r.stderr
     job = node.wait_job(mf.SeriesInstanceUID)
     assert job["state"] == "done", job["reason"]
-    seg = next(pydicom.dcmread(p) for p in pacs.files()
-               if pydicom.dcmread(p, stop_before_pixels=True).get("ReferencedSeriesSequence")
-               and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID == mf.SeriesInstanceUID
-               and pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+    seg = next(
+        pydicom.dcmread(p)
+        for p in pacs.files()
+        if pydicom.dcmread(p, stop_before_pixels=True).get("ReferencedSeriesSequence")
+        and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID
+        == mf.SeriesInstanceUID
+        and pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
+    )
     refs = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
             for f in seg.PerFrameFunctionalGroupsSequence}
     assert refs and refs <= set(range(1, len(paths) + 1))
@@ -247,7 +253,9 @@ def _enhanced_mr(singles: list, series_uid: str):
         d.DimensionOrganizationUID, d.DimensionIndexPointer, d.FunctionalGroupPointer = dim_uid, pointer, 0x00209111
         idx.append(d)
     ds.DimensionIndexSequence = Sequence(idx)
-    normal = np.cross(np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float))
+    normal = np.cross(
+        np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    )
     depth = [float(np.dot(np.asarray(s.ImagePositionPatient, float), normal)) for s in singles]
     rank = {k: r + 1 for r, k in enumerate(np.argsort(depth))}
     frames = []
@@ -321,10 +329,17 @@ def test_one_series_with_a_gap_between_stations_is_segmented_block_by_block(pair
     assert job["state"] == "done", job["reason"]
     assert "2 blocks of 12+12 slices with gaps of 56.0 mm" in node.cli("show", str(job["job"])).stdout
     assert seg_frames(pacs, series_uid) == len(kept)
-    seg_path = next(p for p in pacs.files() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
-                    and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid)
+    seg_path = next(
+        p
+        for p in pacs.files()
+        if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"
+        and pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    )
     uids = [pydicom.dcmread(paths[k], stop_before_pixels=True).SOPInstanceUID for k in kept]
-    got = hd.seg.segread(seg_path).get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True) > 0
+    got = (
+        hd.seg.segread(seg_path).get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
+        > 0
+    )
     want = ph.labels[kept] > 0
     for block in (slice(0, 12), slice(12, None)):
         a, b = got[block], want[block]

@@ -40,8 +40,8 @@ def orthanc_and_node(tmp_path_factory):
                 "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]},
                 "RemoteAccessAllowed": False, "AuthenticationEnabled": False})
     (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=open(tmp / "orthanc.log", "w"),
-                            stderr=subprocess.STDOUT)
+    with open(tmp / "orthanc.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
     wait_for(lambda: _up(http_port), 60, 0.3, "Orthanc to start")
     pacs = SimpleNamespace(aet="ORTHANC", port=dicom_port)
     stow = (f'[[destinations]]\nname = "orthanc-stow"\nprotocol = "stow"\n'
@@ -92,7 +92,9 @@ def test_study_routed_by_orthanc_comes_back_into_the_same_study(orthanc_and_node
     db.dispose()
     assert callers == {"ORTHANC"}
     # and the SEG in Orthanc references the MR series, in the same study
-    seg_series = [s for s in api(o.http, f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "SEG"][0]
+    seg_series = next(
+        s for s in api(o.http, f"/studies/{study_id}/series") if s["MainDicomTags"].get("Modality") == "SEG"
+    )
     inst = api(o.http, f"/series/{seg_series['ID']}/instances")[0]
     tags = api(o.http, f"/instances/{inst['ID']}/simplified-tags")
     assert tags["StudyInstanceUID"] == ds.StudyInstanceUID

@@ -33,7 +33,9 @@ def _timeline(node: NodeProcess, job_id: int) -> list[tuple[str, str]]:
     db = node.db()
     try:
         with db.session() as s:
-            return [(e.kind, e.detail) for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+            return [
+                (e.kind, e.detail) for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))
+            ]
     finally:
         db.dispose()
 
@@ -70,7 +72,8 @@ def test_outage_series_segmented_during_it_and_delivered_once_when_the_pacs_is_b
         jobs = [node.wait_job(uid, states=("delivering",), timeout=120) for uid in uids]
         assert all(j["has_result"] for j in jobs)
         for j in jobs:
-            wait_for(lambda: any(k == "retry" and "connection refused" in d for k, d in _timeline(node, j["job"])),
+            wait_for(lambda: any(k == "retry" and "connection refused" in d  # waited on now, in this iteration
+                                 for k, d in _timeline(node, j["job"])),  # noqa: B023
                      30, 0.5, "the refused connection on the timeline")
         # the outage goes on; the node keeps trying on the destination's clock
         time.sleep(max(0.0, 25 - (time.monotonic() - down_at)))
@@ -215,8 +218,8 @@ def orthanc_committing(workdir):
            # where Orthanc sends its Storage Commitment report (a new association to the node's listener)
            "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port]}}
     (workdir / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=open(workdir / "orthanc.log", "w"),
-                            stderr=subprocess.STDOUT)
+    with open(workdir / "orthanc.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
 
     def up():
         try:

@@ -53,7 +53,9 @@ def test_late_instance_withdraws_queued_job_and_reopens_series(tmp_path):
     with db.session() as s:
         j = s.get(Job, job)
         assert j.state == "skipped" and "superseded" in j.reason
-        assert s.scalar(select(Event.detail).where(Event.job_id == job, Event.kind == "skipped")).startswith("superseded")
+        assert s.scalar(select(Event.detail).where(Event.job_id == job, Event.kind == "skipped")).startswith(
+            "superseded"
+        )
     # the count guard: a decision made on 3 instances is not applied to a series that now has 4
     assert mark_judged(db, sid, queue=True, reason="", expected_count=3) is None
     assert mark_judged(db, sid, queue=True, reason="", expected_count=4) is not None

@@ -154,7 +154,8 @@ def test_standin_table_is_per_contrast_and_structure():
         return {"case": case, "structures": {"FEMUR": {"dice": femur}, "TIBIA": {"dice": tibia}}}
 
     report = {"summary": {"FEMUR": {}, "TIBIA": {}, "mean": {}},
-              "cases": [row("sr00-small-t1", 0.9, 0.1), row("sr06-draw6-t1", 0.8, 0.3), row("sr00-small-water", 0.7, 0.5)]}
+              "cases": [row("sr00-small-t1", 0.9, 0.1), row("sr06-draw6-t1", 0.8, 0.3),
+                        row("sr00-small-water", 0.7, 0.5)]}
     lines = contrast_table(report).splitlines()
     assert lines[2] == "| t1 | 2 | 0.85 (0.80) | 0.20 (0.10) |"
     assert lines[3] == "| water | 1 | 0.70 (0.70) | 0.50 (0.50) |"

@@ -85,9 +85,15 @@ def test_one_series_with_a_gap_between_stations_is_cut_into_blocks():
     assert ordered is not None, note
     assert "2 blocks of 4+5 slices with gaps of 80.0 mm" in note
     blocks = split_blocks(ordered)
-    assert [[float(i.position.split("\\")[2]) for i in b] for b in blocks] == [[85, 90, 95, 100], [180, 185, 190, 195, 200]]
+    assert [[float(i.position.split("\\")[2]) for i in b] for b in blocks] == [
+        [85, 90, 95, 100],
+        [180, 185, 190, 195, 200],
+    ]
     # a series without gaps stays one block
-    assert split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0]) and len(split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0])) == 1
+    assert (
+        split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0])
+        and len(split_blocks(stack([inst(z) for z in range(0, 30, 3)])[0])) == 1
+    )
 
 
 @pytest.mark.parametrize("change,words", [

@@ -67,8 +67,12 @@ def test_result_check_refuses_a_seg_that_does_not_match_its_source(tmp_path):
     src = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     origins = np.array([[float(v) for v in d.ImagePositionPatient] for d in src])
     labels = ph.labels[[int(round((ph.geometry.origin[2] - o[2]) / ph.geometry.slice_thickness)) for o in origins]]
-    seg_labels, segments = split_sides(labels, list(DEFAULT_LABELS), origins, (1, 0, 0), (0, 1, 0), ph.geometry.pixel_spacing)
-    seg = build_seg(src, seg_labels, segments, ModelCard(version="t"), series_description="t", series_number=1, manufacturer="t")
+    seg_labels, segments = split_sides(
+        labels, list(DEFAULT_LABELS), origins, (1, 0, 0), (0, 1, 0), ph.geometry.pixel_spacing
+    )
+    seg = build_seg(
+        src, seg_labels, segments, ModelCard(version="t"), series_description="t", series_number=1, manufacturer="t"
+    )
     good = tmp_path / "seg.dcm"
     seg.save_as(good)
     check_seg(str(good), src)  # matches: no exception

@@ -186,11 +186,18 @@ def test_round_trip_over_tls_through_the_node(tmp_path, pki):
     pacs = PacsSCP(tmp_path / "pacs", flags=("+tls", str(pki / "pacs.key"), str(pki / "pacs.crt"), "+cf",
                                              str(pki / "ca.crt")))
     tls_port_ = free_port()
-    node = NodeProcess(tmp_path, pacs,
-                       extra=(f'[scp.tls]\nenabled = true\nport = {tls_port_}\ncertificate = "{pki / "node.crt"}"\n'
-                              f'private_key = "{pki / "node.key"}"\nca_certificates = "{pki / "ca.crt"}"\n'),
-                       dest_extra=(f'tls = true\ntls_ca = "{pki / "ca.crt"}"\ntls_certificate = "{pki / "client.crt"}"\n'
-                                   f'tls_private_key = "{pki / "client.key"}"\n'))
+    node = NodeProcess(
+        tmp_path,
+        pacs,
+        extra=(
+            f'[scp.tls]\nenabled = true\nport = {tls_port_}\ncertificate = "{pki / "node.crt"}"\n'
+            f'private_key = "{pki / "node.key"}"\nca_certificates = "{pki / "ca.crt"}"\n'
+        ),
+        dest_extra=(
+            f'tls = true\ntls_ca = "{pki / "ca.crt"}"\ntls_certificate = "{pki / "client.crt"}"\n'
+            f'tls_private_key = "{pki / "client.key"}"\n'
+        ),
+    )
     try:
         _, paths = write_series(tmp_path / "s", seed=73)
         r = dcmtk("storescu", tls_port_, *client_tls(pki), "+sd", paths=(tmp_path / "s",))
@@ -222,7 +229,9 @@ def test_start_up_errors_name_the_key(tmp_path, pki):
     try:
         with pytest.raises(ConfigError, match=r"scp\.tls\.certificate / scp\.tls\.private_key"):
             StorageSCP(settings, db, store)
-        cfg.write_text(base + f'certificate = "{pki / "node.crt"}"\nprivate_key = "{pki / "pacs.key"}"\n')  # not its key
+        cfg.write_text(
+            base + f'certificate = "{pki / "node.crt"}"\nprivate_key = "{pki / "pacs.key"}"\n'
+        )  # not its key
         with pytest.raises(ConfigError, match=r"matching"):
             StorageSCP(load_settings(cfg), db, store)
     finally:

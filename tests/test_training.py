@@ -52,7 +52,9 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
     card = read_card(out / "best.safetensors")
     assert card.encoder == "resnet34" and card.input_size == 64
     assert [lab.snomed_code for lab in card.labels] == ["71341001", "12611008", "87342007", "118645006"]
-    assert len(card.training["val_cases"]) == 1 and set(card.training["train_cases"]).isdisjoint(card.training["val_cases"])
+    assert len(card.training["val_cases"]) == 1 and set(card.training["train_cases"]).isdisjoint(
+        card.training["val_cases"]
+    )
 
     ev = tmp_path / "eval"
     r = run_cli("evaluate", "--model", out / "best.safetensors", "--data", dataset, "--out", ev, "--device", "cpu")

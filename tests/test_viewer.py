@@ -107,7 +107,11 @@ def _proxy(orthanc_port: int) -> tuple[ThreadingHTTPServer, int]:
 
         def _forward(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length", "accept-encoding")}
+            headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() not in ("connection", "content-length", "accept-encoding")
+            }
             req = urllib.request.Request(f"http://127.0.0.1:{orthanc_port}{self.path}", data=body,
                                          headers=headers, method=self.command)
             try:
@@ -144,8 +148,8 @@ def orthanc(tmp_path_factory):
            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": ["/usr/share/orthanc/plugins"],
            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"}}
     (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([str(ORTHANC), str(tmp / "orthanc.json")], stdout=open(tmp / "orthanc.log", "w"),
-                            stderr=subprocess.STDOUT)
+    with open(tmp / "orthanc.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(ORTHANC), str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
 
     def up():
         try:
@@ -212,7 +216,9 @@ def test_ohif_shows_the_seg_on_the_bone_and_opens_the_sr(orthanc, tmp_path):
     numbers, slices = {int(s.SegmentNumber) for s in seg.SegmentSequence}, []
     while numbers - {n for u in slices for n in np.unique(masks[u])}:
         left = numbers - {n for u in slices for n in np.unique(masks[u])}
-        slices.append(max(masks, key=lambda u: (len(left & set(np.unique(masks[u]).tolist())), int((masks[u] > 0).sum()))))
+        slices.append(
+            max(masks, key=lambda u: (len(left & set(np.unique(masks[u]).tolist())), int((masks[u] > 0).sum())))
+        )
     assert len(slices) <= 4
     server, port = _proxy(o.http)
     t1 = time.monotonic()

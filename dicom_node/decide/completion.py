@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from storage.db import Database
 from storage.jobs import mark_judged

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import time
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -47,7 +47,10 @@ def _nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN: no Nagle delay, or each small C-FIND exchange waits ~40 ms for a delayed ACK
     (deliver/dimse.py does the same for results; a stage may not import a later one)."""
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dul_socket = event.assoc.dul.socket
+        sock = dul_socket.socket if dul_socket is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
         pass
 

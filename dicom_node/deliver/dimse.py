@@ -10,15 +10,15 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from storage.db import Database
@@ -62,7 +62,8 @@ def set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN (pynetdicom, when we send): disable Nagle, or every small PDU waits ~40 ms for the
     peer's delayed ACK."""
     try:
-        sock = event.assoc.dul.socket.socket
+        dul_socket = event.assoc.dul.socket
+        sock = dul_socket.socket if dul_socket is not None else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError) as exc:
@@ -119,7 +120,7 @@ def _why_not(assoc, tls: bool = False) -> str:
 def send_items(host: str, port: int, called: str, items: list, calling: str = "SEGNODE",
                tls: TlsArgs | None = None) -> SendResult:
     """C-STORE each item (a pydicom Dataset or a file path) over one association (DICOM TLS with ``tls``)."""
-    metas = []
+    metas: list[tuple[pydicom.Dataset | str, pydicom.uid.UID, pydicom.uid.UID]] = []
     for it in items:
         if isinstance(it, pydicom.Dataset):
             ts = it.file_meta.TransferSyntaxUID if hasattr(it, "file_meta") else ExplicitVRLittleEndian
@@ -133,8 +134,8 @@ def send_items(host: str, port: int, called: str, items: list, calling: str = "S
         contexts.setdefault(sop_class, set()).update({ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian})
     if len(contexts) > 128:
         raise ValueError("more than 128 SOP classes in one send")
-    for sop_class, tss in contexts.items():
-        ae.add_requested_context(sop_class, sorted(tss))
+    for abstract_syntax, tss in contexts.items():
+        ae.add_requested_context(abstract_syntax, sorted(tss))
     assoc = ae.associate(host, port, ae_title=called, max_pdu=0,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)], tls_args=tls)
     if not assoc.is_established:
@@ -242,7 +243,7 @@ class DimseTransport:
             if isinstance(p, A_ASSOCIATE) and p.result not in (None, 0):
                 rejection.append((p.result, p.result_source, p.diagnostic))
 
-        handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACSE_RECV, on_acse),
+        handlers: list[evt.EventHandlerType] = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACSE_RECV, on_acse),
                     (evt.EVT_N_EVENT_REPORT, commitment.on_sending_association(self.db))]
         tls = (client_context(dest), server_name(dest)) if dest.tls else None  # DICOM TLS (BCP 195)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=0, ext_neg=roles or None,

@@ -21,6 +21,7 @@ import threading
 from storage import deliveries
 from storage.db import Database
 from storage.models import Job, utcnow
+from storage.rows import get_row
 from storage.states import JobState
 
 from ..config import Destination, Settings
@@ -106,7 +107,7 @@ class Outbox:
         log.error("delivery of job %s to %s failed: %s", job_id, dest.name, reason)
         notify(self.settings, "delivery-failed", {"job": job_id, "destination": dest.name, "reason": reason})
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = get_row(s, Job, job_id)
             state, series_uid = job.state, job.series.series_uid
         if state == JobState.FAILED:
             notify(self.settings, "job-failed", {"job": job_id, "series_uid": series_uid, "reason": reason})

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from ..config import Destination
 from ..errors import network_reason

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from storage.deliveries import Claimed
 
@@ -48,7 +49,7 @@ def probe(host: str, port: int, timeout: float) -> None:
             pass
     except ConnectionRefusedError:
         raise DestinationError(f"connection refused by {host}:{port}") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise DestinationError(f"timeout: no TCP connection to {host}:{port} within {timeout:g} s") from None
     except OSError as exc:
         raise DestinationError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None

@@ -26,6 +26,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName, validate_value
 
 log = logging.getLogger("dicom_node.encode")
@@ -93,7 +94,7 @@ def _blank_invalid(ds: Dataset) -> None:
                  ds.get("SeriesInstanceUID", "?"), ", ".join(blanked))
 
 
-def _text_bytes(ds: Dataset) -> dict[int, bytes]:
+def _text_bytes(ds: Dataset) -> dict[BaseTag, bytes]:
     """The bytes of each top-level public text element of a data set read without a character set.
 
     Undecoded elements give their raw bytes; one already decoded was read as Latin-1 (pydicom's default),

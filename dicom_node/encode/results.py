@@ -93,6 +93,7 @@ def encode_results(settings: Settings, result: SeriesResult, job_dir: Path,
         seg = build_seg(context, labels, result.segments, result.card,
                         series_description=description, series_number=out.series_number,
                         manufacturer=out.manufacturer, segmentation_type=seg_type.upper())
+        assert seg is not None, "results are encoded only for a series in which structures were found"
         seg.save_as(seg_path, enforce_file_format=True)
         sr = build_sr(seg, context, result.segments, result.volumes_cm3, result.card,
                       labels=labels, series_number=out.series_number + 1, manufacturer=out.manufacturer,

@@ -15,12 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from inference.labels import CATEGORY_CODE
-
-LOWER_LIMB = ("61685007", "SCT", "Lower limb")
 from inference.model_card import ModelCard
 
 from ..infer.segments import Segment
 from .equipment import algorithm_equipment, model_name, software_versions
+
+LOWER_LIMB = ("61685007", "SCT", "Lower limb")
 
 
 def rgb_to_cielab(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
@@ -68,7 +68,7 @@ def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segm
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=model_name(card),
-        software_versions=software_versions(card),
+        software_versions=software_versions(card),  # type: ignore[arg-type]  # stub says tuple[str]; takes any sequence
         device_serial_number="0",
         content_label="BONES",
         content_description="Automatic segmentation of femur, tibia, fibula and pelvis",
@@ -78,7 +78,8 @@ def build_seg(source: list[Dataset], seg_labels: np.ndarray, segments: list[Segm
     )
     for item, sg in zip(seg.SegmentSequence, segments):
         if sg.modifier:
-            item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
+            prop = item.SegmentedPropertyTypeCodeSequence[0]
+            prop.SegmentedPropertyTypeModifierCodeSequence = [CodedConcept(*sg.modifier)]
     seg.SeriesDescription = series_description[:64]
     anatomy = _frame_anatomy(source[0], segments)
     if anatomy is not None:

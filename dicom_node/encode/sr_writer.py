@@ -18,6 +18,8 @@ UNVERIFIED (no person has checked it).
 
 from __future__ import annotations
 
+from typing import Any
+
 import highdicom as hd
 import numpy as np
 from highdicom.sr.coding import CodedConcept
@@ -67,7 +69,7 @@ def build_sr(seg: Dataset, source: list[Dataset], segments: list[Segment], volum
     for sg in segments:
         site = CodedConcept(sg.label.snomed_code, "SCT", sg.label.snomed_meaning)
         modifier = CodedConcept(*sg.modifier) if sg.modifier else None
-        common = dict(
+        common: dict[str, Any] = dict(  # the arguments both kinds of measurement group share
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=sg.display_name[:64]),
             finding_type=site,
             finding_category=CodedConcept(*CATEGORY_CODE),

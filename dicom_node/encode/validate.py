@@ -49,7 +49,8 @@ def check_seg(path: str, source: list[Dataset]) -> Dataset:
     if "ReferencedSeriesSequence" not in seg:
         problems.append("no ReferencedSeriesSequence")
     else:
-        referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+        referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                      for i in s.ReferencedInstanceSequence}
         source_uids = {d.SOPInstanceUID for d in source}
         if not referenced <= source_uids:
             problems.append("references instances outside the source series")

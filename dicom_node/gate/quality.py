@@ -64,8 +64,9 @@ THRESHOLDS: dict[str, float] = {
     "alone_cm": 4.0,
     # how far the pelvis reaches below the top of the femur, in femoral-head diameters: the acetabulum covers
     # the head and the ischium and pubis reach about two diameters below its top (1.8-2.3 on the truth of the
-    # classic and foreign phantoms, docs/quality-thresholds.md); a model that finds only the iliac wings stops near the head's top. Judged only when the scan
-    # reaches at least pelvis_reach_scan diameters below the femur's top.
+    # classic and foreign phantoms, docs/quality-thresholds.md); a model that finds only the iliac wings stops
+    # near the head's top. Judged only when the scan reaches at least pelvis_reach_scan diameters below the
+    # femur's top.
     "pelvis_reach_fail": 1.0,
     "pelvis_reach_warn": 1.3,
     "pelvis_reach_scan": 1.5,
@@ -194,7 +195,7 @@ class _Sided:
     boxes: dict[int, tuple[slice, ...]]
 
     @classmethod
-    def of(cls, labels: np.ndarray, segments: list[Segment]) -> "_Sided":
+    def of(cls, labels: np.ndarray, segments: list[Segment]) -> _Sided:
         boxes = label_boxes(labels)
         return cls(labels, {sg.name: sg.number for sg in segments if sg.number in boxes}, boxes)
 

@@ -7,10 +7,12 @@ raises :class:`NotSegmentable` with the reason in words (the job is then ``skipp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
+
+from inference.model_card import ModelCard
 
 from ..slices import stack_blocks
 from .segments import Segment, split_sides
@@ -29,7 +31,7 @@ class SeriesResult:
     labels: np.ndarray            # sided label map in the volume's order (0 background, segment numbers)
     segments: list[Segment]
     volumes_cm3: dict[str, float]  # per segment name
-    card: object                   # the model card of the predictor that made it
+    card: ModelCard                # the model card of the predictor that made it
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     #: for the quality gate (``quality=True``): class probabilities (classes, n, rows, cols) uint8 0-255, and

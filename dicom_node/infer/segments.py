@@ -75,7 +75,8 @@ def split_sides(labels: np.ndarray, card_labels: list[Label], origins: np.ndarra
         pieces.setdefault((name, side_of(x)), []).append((at, piece))
     out = np.zeros(labels.shape, dtype=np.uint8)
     segments: list[Segment] = []
-    order = [(n, s) for n in PAIRED for s in ("R", "L", "")] + [(lab.name, "") for lab in card_labels if lab.name not in PAIRED]
+    order = ([(n, s) for n in PAIRED for s in ("R", "L", "")]
+             + [(lab.name, "") for lab in card_labels if lab.name not in PAIRED])
     for name, side in order:
         lab = by_name.get(name)
         if lab is None:

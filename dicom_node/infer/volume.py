@@ -56,7 +56,7 @@ class SeriesVolume:
         return total / 1000.0
 
     @classmethod
-    def join(cls, parts: list["SeriesVolume"]) -> "SeriesVolume":
+    def join(cls, parts: list[SeriesVolume]) -> SeriesVolume:
         """Blocks of one series with gaps between them (single-frame slices), as one stack for the SEG."""
         if len(parts) == 1:
             return parts[0]
@@ -178,7 +178,8 @@ def load_multiframe(path: str) -> SeriesVolume:
     normal = np.cross(iop[:3], iop[3:])
     if abs(normal[2]) < 0.8:
         raise NotStackable("sagittal or coronal frames: the model segments axial slices only")
-    pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")] for k in range(n)])
+    pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+                    for k in range(n)])
     d = pos @ normal
     order = np.argsort(d, kind="stable")
     gaps = np.diff(d[order])
@@ -203,7 +204,8 @@ def load_multiframe(path: str) -> SeriesVolume:
         invert_monochrome1(pixels, list(range(n)))
     del ds.PixelData
     _share_orientation(ds)
-    spacing = float(np.median(gaps)) if len(gaps) else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
+    spacing = (float(np.median(gaps)) if len(gaps)
+               else float(_frame_attr(ds, 0, "PixelMeasuresSequence", "SliceThickness")))
     return SeriesVolume(pixels[order], [ds], tuple(iop[:3]), tuple(iop[3:]), ps, spacing, pos[order], order)  # type: ignore[arg-type]
 
 

@@ -59,6 +59,12 @@ class _Server(socketserver.ThreadingTCPServer):
         self.request_queue_size = max(acceptor.max_connections, 16)
         super().__init__(address, handler)
 
+    def host_port(self) -> tuple[str, int]:
+        """Where it listens: (host, port), the first two of an IPv6 address's four too."""
+        host, port = self.server_address[:2]
+        assert isinstance(host, str), "a TCP listener's host is text"
+        return host, port
+
     def verify_request(self, request, client_address) -> bool:
         """In the accepting thread, before any byte is read and before a thread exists for it."""
         return self.acceptor._admit(client_address[0])
@@ -170,11 +176,11 @@ class Acceptor:
     def server_address(self) -> tuple[str, int]:
         """The first listener's address."""
         assert self._servers
-        return self._servers[0][0].server_address[:2]
+        return self._servers[0][0].host_port()
 
     def addresses(self) -> list[tuple[str, int, bool]]:
         """(host, port, tls) of every listener."""
-        return [(*s.server_address[:2], s.tls is not None) for s, _ in self._servers]
+        return [(*s.host_port(), s.tls is not None) for s, _ in self._servers]
 
     @property
     def running(self) -> bool:

@@ -170,8 +170,9 @@ class Association:
             artim = self.accepted_at + acc.association_request_timeout
             if self.tls is not None:
                 self._handshake(artim)
-            pdu_type, body = self._read_pdu(artim, f"no complete A-ASSOCIATE-RQ within {acc.association_request_timeout:g} s "
-                                            "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ, grow=True)
+            pdu_type, body = self._read_pdu(
+                artim, f"no complete A-ASSOCIATE-RQ within {acc.association_request_timeout:g} s "
+                "of connect (scp.association_request_timeout)", MAX_ASSOCIATE_RQ, grow=True)
             if pdu_type != 0x01:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
             if not self._associate(body):
@@ -203,6 +204,7 @@ class Association:
         raw.setblocking(False)
         tls_sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         self.sock = tls_sock
+        wait: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket], list[ssl.SSLSocket]]
         while True:
             try:
                 tls_sock.do_handshake()
@@ -223,12 +225,14 @@ class Association:
         timeout = acc.network_timeout
         what = f"no complete PDU within {timeout:g} s (scp.network_timeout)"
         limit = acc.max_pdu + 4096
+        peer = self.peer
+        assert peer is not None, "an association is established only after its request named the peer"
         while True:
             pdu_type, body = self._read_pdu(time.monotonic() + timeout, what, limit)
             if pdu_type == 0x04:
                 self._on_p_data(body)
             elif pdu_type == 0x05:  # A-RELEASE-RQ: the handlers may finish work before we confirm
-                acc.handlers.on_release(self.peer, self.stored)
+                acc.handlers.on_release(peer, self.stored)
                 self._set_timeout(timeout)
                 self.sock.sendall(RELEASE_RP)
                 return "released"
@@ -274,8 +278,9 @@ class Association:
         if rejection is None:
             items = primitive.user_information or []
             roles = {i.sop_class_uid: (i.scu_role, i.scp_role) for i in items
-                     if isinstance(i, SCP_SCU_RoleSelectionNegotiation)}
-            results, ac_roles = negotiate_as_acceptor(primitive.presentation_context_definition_list, acc.contexts, roles)
+                     if isinstance(i, SCP_SCU_RoleSelectionNegotiation) and i.sop_class_uid is not None}
+            results, ac_roles = negotiate_as_acceptor(primitive.presentation_context_definition_list, acc.contexts,
+                                                      roles)
             if not any(cx.result == 0x00 for cx in results):
                 rejection, why = NO_PRESENTATION_CONTEXT, "no acceptable presentation context proposed"
         if rejection is None:

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from storage.instances import InstanceMeta
@@ -29,16 +30,18 @@ class UnreadableData(ValueError):
 
 
 #: Tags read straight from the raw bytes: text VRs (UI, CS, DA, DS, IS) that are ASCII by definition.
-_TEXT_TAGS = {
+_TEXT_TAGS: dict[str, BaseTag] = {kw: BaseTag(tag) for kw, tag in {
     "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "StudyInstanceUID": 0x0020000D,
     "SeriesInstanceUID": 0x0020000E, "Modality": 0x00080060, "BodyPartExamined": 0x00180015,
     "AccessionNumber": 0x00080050, "StudyDate": 0x00080020, "SeriesNumber": 0x00200011,
     "InstanceNumber": 0x00200013, "NumberOfFrames": 0x00280008, "ImagePositionPatient": 0x00200032,
     "ImageOrientationPatient": 0x00200037, "PixelSpacing": 0x00280030, "FrameOfReferenceUID": 0x00200052,
     "ImageType": 0x00080008, "ImagesInAcquisition": 0x00201002, "AcquisitionNumber": 0x00200012,
-}
+}.items()}
 #: Unsigned shorts (US) read from the raw bytes in the data set's byte order.
-_US_TAGS = {"Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002}
+_US_TAGS: dict[str, BaseTag] = {kw: BaseTag(tag) for kw, tag in {
+    "Rows": 0x00280010, "Columns": 0x00280011, "BitsAllocated": 0x00280100, "SamplesPerPixel": 0x00280002}.items()}
+_PIXEL_DATA = BaseTag(0x7FE00010)
 
 
 def _multi(ds: Dataset, kw: str) -> str:
@@ -127,7 +130,7 @@ def _check_pixels(ds: Dataset) -> None:
             raise ValueError("Rows, Columns or BitsAllocated missing")
     except Exception as exc:
         raise UnreadableData(f"image pixel description unreadable: {exc}") from None
-    raw = ds._dict[0x7FE00010].value
+    raw = ds._dict[_PIXEL_DATA].value
     if ts is not None and ts.is_compressed:
         if not isinstance(raw, (bytes, bytearray)) or len(raw) < 8:
             raise UnreadableData("encapsulated pixel data missing")
@@ -151,7 +154,8 @@ def to_meta(ds: Dataset) -> InstanceMeta:
     undeclared = not ds.get("SpecificCharacterSet")
 
     def s(kw: str) -> str:
-        elem = ds._dict.get(_DESCRIPTIONS.get(kw, -1))
+        tag = _DESCRIPTIONS.get(kw)
+        elem = ds._dict.get(tag) if tag is not None else None
         if undeclared and isinstance(elem, RawDataElement) and elem.value:
             return undeclared_text(bytes(elem.value))
         v = ds.get(kw, "")
@@ -185,7 +189,7 @@ def to_meta(ds: Dataset) -> InstanceMeta:
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 #: Character sets whose text decodes without pydicom's escape-sequence machinery.
 _SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
-_DESCRIPTIONS = {"SeriesDescription": 0x0008103E, "StudyDescription": 0x00081030}
+_DESCRIPTIONS = {"SeriesDescription": BaseTag(0x0008103E), "StudyDescription": BaseTag(0x00081030)}
 
 
 @functools.lru_cache(maxsize=64)

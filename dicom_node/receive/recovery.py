@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy import select
@@ -47,7 +47,7 @@ def read_stored(path: Path) -> Received:
     except Exception as exc:
         raise UnreadableData(f"unreadable file meta: {exc}") from None
     meta = read_received(raw[dataset_offset(raw):], ts)
-    when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)
+    when = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).replace(tzinfo=None)
     return Received(meta, str(path), len(raw), aet, when)
 
 
@@ -77,7 +77,8 @@ def record_unrecorded(store: FileStore, recorder: Recorder, batch_size: int = 50
                 continue
             except UnreadableData as exc:
                 kept = store.quarantine_file(path, f"unreadable at start-up recovery: {exc}")
-                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc, kept.name if kept else "-")
+                log.warning("stored file %s unreadable (%s): moved to quarantine as %s", path.name, exc,
+                            kept.name if kept else "-")
                 continue
             if len(pending) >= batch_size:
                 recorded += sum(1 for f in commit_rows(recorder, pending, on_rejected) if f)

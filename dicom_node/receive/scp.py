@@ -25,11 +25,12 @@ import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -45,7 +46,7 @@ from pydicom.uid import (
 )
 from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from storage.db import Database
 from storage.filestore import FileStore
@@ -70,7 +71,7 @@ log = logging.getLogger("dicom_node.receive.scp")
 
 #: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
 #: pylibjpeg-openjpeg, pylibjpeg-rle) can decode for inference.
-TRANSFER_SYNTAXES = [
+TRANSFER_SYNTAXES: list[str | UID] = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless,
@@ -108,7 +109,8 @@ def supported_contexts(event_classes: list[str] | tuple[str, ...] = ()) -> list:
     """Verification plus every storage SOP class pynetdicom knows, each with the syntaxes we can decode, and
     the SOP classes whose N-EVENT-REPORTs a handler answers."""
     contexts = [build_context(Verification)]
-    contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    contexts += [build_context(cx.abstract_syntax, TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+                 if cx.abstract_syntax is not None]
     for sop_class in event_classes:
         # e.g. Storage Commitment answers: an archive opens an association to send N-EVENT-REPORT, as the SCP
         # of the class (role selection proposed by it); we accept either role.
@@ -281,7 +283,8 @@ class StorageSCP:
 
     def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
-            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)", self.settings.scp.min_free_disk_mb)
+            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)",
+                      self.settings.scp.min_free_disk_mb)
             self._count("refused")
             if not self._disk_floor_told:  # once per episode, not once per refused image
                 self._disk_floor_told = True
@@ -376,7 +379,8 @@ class StorageSCP:
     # ------------------------------------------------------------------------------ server
     def start(self) -> None:
         cfg = self.settings.scp
-        self.server = Acceptor(supported_contexts(tuple(self.event_reports)), self, max_associations=cfg.max_associations,
+        self.server = Acceptor(supported_contexts(tuple(self.event_reports)), self,
+                               max_associations=cfg.max_associations,
                                network_timeout=cfg.network_timeout,
                                association_request_timeout=cfg.association_request_timeout,
                                max_associations_per_peer=cfg.max_associations_per_peer,

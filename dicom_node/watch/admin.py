@@ -28,9 +28,8 @@ def _fmt_dur(seconds: float) -> str:
 
 def show(db: Database, what: str) -> str | None:
     with db.session() as s:
-        study = None
-        if what.isdigit() and s.get(Job, int(what)) is not None:
-            study = s.get(Job, int(what)).series.study
+        named_job = s.get(Job, int(what)) if what.isdigit() else None
+        study = named_job.series.study if named_job is not None else None
         if study is None:
             study = s.scalar(select(Study).where(or_(Study.study_uid == what, Study.accession_number == what)))
         if study is None:
@@ -40,21 +39,21 @@ def show(db: Database, what: str) -> str | None:
             return None
         out = [f"study {study.study_uid}  accession {study.accession_number or '-'}  {study.study_description}"]
         for se in s.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)):
-            n_files = s.scalar(select(Instance.id).where(Instance.series_id == se.id, Instance.path != "").limit(1))
             out.append(f"\nseries {se.series_uid}  {se.modality} #{se.series_number} '{se.series_description}'  "
                        f"{se.n_instances} instances"
                        + (f" of {se.expected_count} ({se.expected_from})" if se.expected_count else "")
                        + f"  state {se.state}")
-            if n_files:
-                folder = s.scalar(select(Instance.path).where(Instance.series_id == se.id, Instance.path != "").limit(1))
+            folder = s.scalar(select(Instance.path).where(Instance.series_id == se.id, Instance.path != "").limit(1))
+            if folder:
                 out.append(f"  files: {folder.rsplit('/', 1)[0]}/")
             events = s.scalars(select(Event).where(Event.series_id == se.id).order_by(Event.at, Event.id)).all()
             prev = None
             out.append("  timeline:")
             for ev in events:
                 dur = f"+{_fmt_dur((ev.at - prev).total_seconds())}" if prev else ""
-                job = f"job {ev.job_id}" if ev.job_id else ""
-                out.append(f"    {ev.at.isoformat(sep=' ', timespec='milliseconds')}  {dur:>10}  {ev.kind:<13} {job:<8} {ev.detail}")
+                job_label = f"job {ev.job_id}" if ev.job_id else ""
+                out.append(f"    {ev.at.isoformat(sep=' ', timespec='milliseconds')}  {dur:>10}  {ev.kind:<13} "
+                           f"{job_label:<8} {ev.detail}")
                 prev = ev.at
             for job in s.scalars(select(Job).where(Job.series_id == se.id).order_by(Job.id)):
                 t = json.loads(job.timings or "{}")
@@ -65,16 +64,19 @@ def show(db: Database, what: str) -> str | None:
                     out.append("    stages: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()))
                 if job.quality:
                     out.append(f"    quality: {job.quality}")
-                    for q in s.scalars(select(QualityCheck).where(QualityCheck.job_id == job.id).order_by(QualityCheck.id)):
+                    checks = select(QualityCheck).where(QualityCheck.job_id == job.id).order_by(QualityCheck.id)
+                    for q in s.scalars(checks):
                         out.append(f"      {q.structure.lower():<14} {q.verdict:<5} {q.reason}")
                 if job.review:
                     out.append(f"    review: {job.review} by {job.reviewed_by}"
                                + (f" from {job.reviewed_from}" if job.reviewed_from else "")
-                               + f" at {job.reviewed_at.isoformat(sep=' ', timespec='seconds')}"
+                               + (f" at {job.reviewed_at.isoformat(sep=' ', timespec='seconds')}"
+                                  if job.reviewed_at else "")
                                + (f": {job.review_note}" if job.review_note else ""))
                 vols = s.scalars(select(StructureVolume).where(StructureVolume.job_id == job.id)).all()
                 if vols:
-                    out.append("    volumes: " + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
+                    out.append("    volumes: "
+                               + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
                 if job.seg_path:
                     out.append(f"    result: {job.seg_path} (SEG series {job.seg_series_uid})")
                 for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):

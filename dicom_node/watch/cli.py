@@ -278,7 +278,8 @@ def cmd_jobs(args) -> int:
             print(f"       quality: {r['quality']}" + (f" ({', '.join(bad)})" if bad else ""))
         if r["review"]:
             rv = r["review"]
-            print(f"       review: {rv['decision']} by {rv['by']} at {rv['at']}" + (f": {rv['note']}" if rv["note"] else ""))
+            print(f"       review: {rv['decision']} by {rv['by']} at {rv['at']}"
+                  + (f": {rv['note']}" if rv["note"] else ""))
         if r["reason"]:
             explained = (JobState.SKIPPED, JobState.REVIEW, JobState.DROPPED, JobState.REJECTED)
             label = ("held" if r["state"] == JobState.REVIEW else r["state"]) if r["state"] in explained else "error"

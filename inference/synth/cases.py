@@ -33,12 +33,12 @@ def randomized_case(seed: int, size: int = 256) -> Phantom:
     img = img * torch.exp(F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False))[0]
     sd = float(img.quantile(0.99)) * 0.03
     n1, n2 = torch.randn(2, *img.shape, generator=gen) * sd
-    img = torch.sqrt((img + n1) ** 2 + n2**2).numpy()
+    magnitude = torch.sqrt((img + n1) ** 2 + n2**2).numpy()
     ps, dz = meta["pixel_mm"], meta["slice_mm"]
     n = vol.shape[0]
     geom = Geometry(size, size, n, (ps, ps), (-(size - 1) / 2 * ps, -(size - 1) / 2 * ps, 0.0),
                     slice_step=(0.0, 0.0, -dz), slice_thickness=dz)
-    scaled = np.clip(img / max(float(np.percentile(img, 99.9)), 1e-3) * 3000, 0, 4095).astype(np.uint16)
+    scaled = np.clip(magnitude / max(float(np.percentile(magnitude, 99.9)), 1e-3) * 3000, 0, 4095).astype(np.uint16)
     return Phantom(anatomy=None, geometry=geom, image=scaled, labels=L.CLASS_OF[vol])  # type: ignore[arg-type]
 
 

@@ -105,13 +105,15 @@ def random_body(rng: np.random.Generator) -> Body:
         # tibia: plateau, shaft with an anterior crest, distal end
         tp = np.array([sg * dk, 8 * s, z_knee - 12 * s])
         ta = np.array([sg * da, 6 * s, z_ank + 10 * s])
-        bones[TIBIA].append(_sweep(tp + [0, 0, 8 * s], tp, tp + [0, 0, -30 * s], 30 * s, 20 * s, 4, squash=(1.35, 0.85)))
+        bones[TIBIA].append(_sweep(tp + [0, 0, 8 * s], tp, tp + [0, 0, -30 * s], 30 * s, 20 * s, 4,
+                                   squash=(1.35, 0.85)))
         bones[TIBIA].append(_sweep(tp, (tp + ta) / 2 + [0, -6 * s, 0], ta, 15 * s, 13 * s, 10))
         # three borders (anterior crest, posteromedial, posterolateral): a rounded-triangle shaft section
         for ang_b, rad in ((-np.pi / 2, 6.5), (np.pi / 2 + sg * 1.1, 6.0), (np.pi / 2 - sg * 1.0, 5.5)):
             ab = ang_b + yaw
             off_b = np.array([np.cos(ab) * 11 * s, np.sin(ab) * 11 * s, 0])
-            bones[TIBIA].append(_sweep(tp + off_b + [0, -6 * s * (ang_b < 0), -40 * s], (tp + ta) / 2 + off_b + [0, -6 * s, 0],
+            bones[TIBIA].append(_sweep(tp + off_b + [0, -6 * s * (ang_b < 0), -40 * s],
+                                       (tp + ta) / 2 + off_b + [0, -6 * s, 0],
                                        ta + off_b + [0, 0, 60 * s], rad * s, 4.5 * s, 10))
         bones[TIBIA].append(Sweep(np.array([ta, ta + [0, 0, -12 * s]]), np.array([21 * s, 19 * s])))
         # fibula: posterolateral, a thin curved sweep from its head to the lateral malleolus
@@ -123,21 +125,27 @@ def random_body(rng: np.random.Generator) -> Body:
         other.append(Sweep(np.array([ta + [0, 10 * s, -45 * s]]), np.array([24 * s])))  # talus
         # pelvis: iliac wing as a fan of struts, rami around the obturator foramen, cup around the head
         arc = np.linspace(-0.9, 1.8, 14)
-        crest = [hc + [sg * (60 * s - 8 * s * a * a) * np.cos(a) - sg * 20 * s, (60 * s - 8 * s * a * a) * np.sin(a), 120 * s]
+        crest = [hc + [sg * (60 * s - 8 * s * a * a) * np.cos(a) - sg * 20 * s, (60 * s - 8 * s * a * a) * np.sin(a),
+                       120 * s]
                  for a in arc]
         for cpt in crest:  # struts dense enough to merge into a plate
             mid = (hc + cpt) / 2 + [sg * 14 * s, 0, 0]
             bones[PELVIS].append(_sweep(hc + [0, 0, 30 * s], mid, cpt, 10 * s, 6 * s, 6))
         sym = np.array([sg * 8 * s, -45 * s, z_hip - 45 * s])
         isch = hc + [-sg * 15 * s, 30 * s, -80 * s]
-        bones[PELVIS].append(_sweep(hc + [-sg * 10 * s, -15 * s, 0], hc + [-sg * 55 * s, -45 * s, -15 * s], sym, 10 * s, 8 * s, 6))
+        bones[PELVIS].append(_sweep(hc + [-sg * 10 * s, -15 * s, 0], hc + [-sg * 55 * s, -45 * s, -15 * s], sym,
+                                    10 * s, 8 * s, 6))
         bones[PELVIS].append(_sweep(sym, sym + [sg * 35 * s, 40 * s, -40 * s], isch, 7 * s, 12 * s, 6))
-        bones[PELVIS].append(_sweep(hc + [-sg * 8 * s, 20 * s, -5 * s], hc + [-sg * 10 * s, 30 * s, -40 * s], isch, 11 * s, 12 * s, 5))
+        bones[PELVIS].append(_sweep(hc + [-sg * 8 * s, 20 * s, -5 * s], hc + [-sg * 10 * s, 30 * s, -40 * s], isch,
+                                    11 * s, 12 * s, 5))
         cups.append((hc, rh + 2.5, rh + 2.5 + 9 * s, sg))
         # the limb
-        limbs.append(_sweep(hc + [sg * 15 * s, 0, 20 * s], kc + [sg * 5 * s, 0, 150 * s], kc + [0, 15 * s, 0], 85 * s, 52 * s, 8))
-        limbs.append(_sweep(kc + [0, 15 * s, 0], (kc + ta) / 2 + [0, 25 * s, 60 * s], ta + [0, 10 * s, -60 * s], 50 * s, 32 * s, 8))
-        vessels.append(_sweep(hc + [-sg * 20 * s, -25 * s, 10 * s], kc + [-sg * 15 * s, 10 * s, 200 * s], kc + [0, 40 * s, 0], 4 * s, 3.5 * s, 8))
+        limbs.append(_sweep(hc + [sg * 15 * s, 0, 20 * s], kc + [sg * 5 * s, 0, 150 * s], kc + [0, 15 * s, 0],
+                            85 * s, 52 * s, 8))
+        limbs.append(_sweep(kc + [0, 15 * s, 0], (kc + ta) / 2 + [0, 25 * s, 60 * s], ta + [0, 10 * s, -60 * s],
+                            50 * s, 32 * s, 8))
+        vessels.append(_sweep(hc + [-sg * 20 * s, -25 * s, 10 * s], kc + [-sg * 15 * s, 10 * s, 200 * s],
+                              kc + [0, 40 * s, 0], 4 * s, 3.5 * s, 8))
     limbs.append(Sweep(np.array([[0, 20 * s, 170 * s], [0, 25 * s, z_hip - 40 * s]]), np.array([110 * s, 95 * s]),
                        squash=(1.75, 1.0)))  # lower trunk
     return Body(bones, other, limbs, vessels, cups, rng.uniform(6, 20) * s, rng.uniform(1.8, 3.2), 140 * s)

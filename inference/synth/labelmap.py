@@ -226,7 +226,7 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         if not full_z and not (b.z_hip - 200 * s < z < b.z_hip + 100 * s):
             continue
         if hw >= 2.0:  # table slab
-            lab[(Y > p["table_y"]) & (Y < p["table_y"] + hh * 2 * half)] = val
+            lab[(p["table_y"] < Y) & (p["table_y"] + hh * 2 * half > Y)] = val
         else:
             lab[(np.abs(X - fx * half) < hw * half) & (np.abs(Y - fy * half) < hh * half)] = val
 
@@ -244,7 +244,8 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             continue
         cx = sg * _lerp(z, [b.z_hip, b.z_knee, b.z_ankle], [b.dh + 20 * s, b.dk, b.da]) + sg * fx_off * (z > b.z_knee)
         cy = fy_off * (z > b.z_knee) + _lerp(z, [b.z_knee, b.z_knee - 80 * s, b.z_ankle], [5 * s, 18 * s, 10 * s])
-        R = _lerp(z, [b.z_hip, b.z_knee + 70 * s, b.z_knee, b.z_knee - 0.3 * (b.z_knee - b.z_ankle), b.z_ankle, b.z_bot],
+        R = _lerp(z, [b.z_hip, b.z_knee + 70 * s, b.z_knee, b.z_knee - 0.3 * (b.z_knee - b.z_ankle), b.z_ankle,
+                      b.z_bot],
                   [80 * s * m, 52 * s * m, 47 * s, 54 * s * m, 27 * s, 28 * s])
         sl = _box(X, Y, cx, cy, R * (1 + float(p["h_limb"][:, 1].sum())) + 1)
         d, _ = _star(X[sl], Y[sl], cx, cy, R, p["h_limb"])
@@ -310,8 +311,8 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
             _arc(lab, X, Y, sg * (b.dh - 38 * s), -4 * s, R, 9 * s, cp, 1, -np.pi, np.pi)
         tb = p["pelvis_tubes"]
         if tb:  # ischium and pubic rami as solid tubes (each skips the slices it does not reach)
-            def at(m: float, y: float, dz_: float) -> np.ndarray:
-                return np.array([sg * (b.dh - m), y, b.z_hip + dz_])
+            def at(m: float, y: float, dz_: float) -> np.ndarray:  # used in this iteration only
+                return np.array([sg * (b.dh - m), y, b.z_hip + dz_])  # noqa: B023
             top, bot = at(*tb["isch_top"]), at(*tb["isch_bot"])
             sym = np.array([sg * tb["sym"][0], tb["sym"][1], b.z_hip + tb["sym"][2]])  # beside the midline
             sup0, inf1 = at(12 * s, -14 * s, -0.2 * b.rh), bot + [0, -6 * s, 12 * s]

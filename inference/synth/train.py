@@ -159,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of the mixed-in classic slices mirrored left-right (0: as v0.2.0 was trained)")
     p.add_argument("--init-from", type=Path, help="start from this checkpoint (e.g. the bundled demo model)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); cpu is a fallback for GPU kernels that misbehave")
+    p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); "
+                   "cpu is a fallback for GPU kernels that misbehave")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--full-precision", action="store_true", help="store float32 weights (default float16)")
     p.add_argument("--version", default="0.2.0")
@@ -168,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight of a loss that keeps the output close to the --init-from checkpoint's on every "
                         "slice whose target has none of --teacher-free (0: off)")
     p.add_argument("--teacher-free", default="PELVIS",
-                   help="comma-separated classes the fine-tune may relearn: slices showing any are not held to the teacher")
+                   help="comma-separated classes the fine-tune may relearn: slices showing any are not held to "
+                        "the teacher")
     a = p.parse_args(argv)
     if a.keep_teacher and a.init_from is None:
         p.error("--keep-teacher needs --init-from (the checkpoint whose output is kept)")
@@ -294,8 +296,10 @@ def main(argv: list[str] | None = None) -> Path:
     net = build_network(card)
     if a.init_from is not None:
         state, init_card = load_checkpoint(a.init_from)
-        if (init_card.architecture, init_card.encoder, init_card.num_classes) != (card.architecture, card.encoder, card.num_classes):
-            raise SystemExit(f"--init-from {a.init_from}: a {init_card.architecture}/{init_card.encoder} cannot start this model")
+        if ((init_card.architecture, init_card.encoder, init_card.num_classes)
+                != (card.architecture, card.encoder, card.num_classes)):
+            raise SystemExit(f"--init-from {a.init_from}: a {init_card.architecture}/{init_card.encoder} "
+                             "cannot start this model")
         net.load_state_dict({k: v.float() for k, v in state.items()})
         card.training["init_from"] = f"{a.init_from.name} (v{init_card.version})"
     net = net.to(device).to(memory_format=torch.channels_last)
@@ -313,7 +317,8 @@ def main(argv: list[str] | None = None) -> Path:
     def validate() -> None:
         nonlocal best_score
         rd = eval_random(net, val_batches, device, card.num_classes) if val_batches else []
-        cl_loss, cd = evaluate_slices(net, cx, cy, device, card.num_classes, a.focal_gamma) if cx else (float("nan"), [])
+        cl_loss, cd = (evaluate_slices(net, cx, cy, device, card.num_classes, a.focal_gamma) if cx
+                       else (float("nan"), []))
         parts = [float(np.nanmean(d)) for d in (rd, cd) if len(d) and not np.all(np.isnan(d))]
         score = float(np.mean(parts)) if parts else 0.0
         rec = {"step": step, "minutes": round((time.perf_counter() - t_train) / 60, 2),
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> Path:
             g["lr"] = max(lr, a.lr * 0.02)
         x, y = render_batch(bank, a.batch_size, gen, rcfg, dgen=dgen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if n_classic:
+        if n_classic and ctx is not None and cty is not None:  # n_classic is 0 without classic slices
             mix_classic(x, y, ctx, cty, n_classic, gen, a.classic_flip)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x.contiguous(memory_format=torch.channels_last))

@@ -15,7 +15,9 @@ def run_migrations_online() -> None:
     if connectable is None:
         from sqlalchemy import create_engine
 
-        connectable = create_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        assert url, "alembic_config() sets sqlalchemy.url when no connection is passed"
+        connectable = create_engine(url)
         with connectable.connect() as connection:
             _run(connection)
     else:
