@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
+from .filestore import resolve_stored, stored_path
 from .models import Instance, Job, Series, Study, utcnow
 from .states import EventKind, JobState, SeriesState
 from .timeline import add_event
@@ -83,8 +84,11 @@ _LENGTHS = {c.name: c.type.length for c in Instance.__table__.columns if getattr
 class Recorder:
     """Records received instances, many in one transaction; caches series ids so a series costs one lookup."""
 
-    def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None):
+    def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None,
+                 root: str | os.PathLike | None = None):
         self.db = db
+        #: the data folder: paths are stored relative to it (storage/filestore.py); None stores them as given
+        self.root = root
         #: told the ids of the series that got new instances, after each committed batch (the completion
         #: check wakes on it instead of waiting for its next scan)
         self.on_series = on_series
@@ -150,14 +154,15 @@ class Recorder:
                 fresh.append(new)
                 if not new:
                     if known.get(m.sop_uid) == "":
-                        s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
-                        known[m.sop_uid] = it.path
+                        s.execute(self._repath, {"uid": m.sop_uid, "new_path": self._stored(it.path),
+                                                 "new_size": it.size})
+                        known[m.sop_uid] = self._stored(it.path)
                     continue
                 seen.add(m.sop_uid)
                 sid = sids[m.series_uid]
                 row = {f: _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
-                row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size, received_at=it.received_at,
-                           calling_aet=it.calling_aet[:16])
+                row.update(sop_uid=m.sop_uid, series_id=sid, path=self._stored(it.path), size=it.size,
+                           received_at=it.received_at, calling_aet=it.calling_aet[:16])
                 rows.append(row)
                 t = touched.setdefault(sid, [0, it.received_at])
                 t[0] += 1
@@ -174,6 +179,9 @@ class Recorder:
             except Exception:  # the completion check's wake-up must never fail a recording
                 log.exception("on_series callback failed")
         return fresh
+
+    def _stored(self, path: str) -> str:
+        return path if self.root is None else stored_path(self.root, path)
 
     def _series_id(self, s, meta: InstanceMeta) -> int:
         sid = s.scalar(select(Series.id).where(Series.series_uid == meta.series_uid))
@@ -195,8 +203,9 @@ class Recorder:
         return se.id
 
 
-def purge_delivered_images(db: Database, hours: float) -> int:
-    """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago."""
+def purge_delivered_images(db: Database, hours: float, root: str | os.PathLike) -> int:
+    """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago
+    (``root``: the data folder the stored paths are relative to)."""
     cutoff = utcnow() - dt.timedelta(hours=hours)
     removed = 0
     with db.session() as s:
@@ -207,9 +216,11 @@ def purge_delivered_images(db: Database, hours: float) -> int:
             insts = s.scalars(select(Instance).where(Instance.series_id == series_id, Instance.path != "")).all()
             for inst in insts:
                 try:
-                    os.remove(inst.path)
+                    os.remove(resolve_stored(root, inst.path))
                 except FileNotFoundError:
                     pass
+                except ValueError as exc:  # UnsafePath: nothing of ours to remove
+                    log.warning("instance %s not removed: %s", inst.id, exc)
                 inst.path = ""
                 removed += 1
             if insts:

@@ -142,7 +142,7 @@ class StorageSCP:
         self.event_reports: dict[str, EventReportHandler] = dict(event_reports or {})
         self.db = db
         self.store = store
-        self.recorder = Recorder(db)
+        self.recorder = Recorder(db, root=store.root)
         self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}

@@ -1,0 +1,124 @@
+"""A node's data folder can move: the database names files relative to it, so a folder restored from a
+backup to a new path (or mounted elsewhere) serves its previews and sends its results again; a stored path
+never leads outside the folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import NodeProcess, PacsSCP, storescu, wait_for, write_series
+from sqlalchemy import select
+
+from storage.filestore import FileStore, UnsafePath, resolve_stored, stored_path
+
+
+def test_paths_are_stored_relative_and_read_in_the_folder_as_it_is_now(tmp_path):
+    store = FileStore(tmp_path / "var")
+    path = store.instance_path("1.2", "1.3", "1.4")
+    assert store.relative(path) == "incoming/1.2/1.3/1.4.dcm"
+    assert store.resolve("incoming/1.2/1.3/1.4.dcm") == path
+    moved = FileStore(tmp_path / "new-disk" / "var")
+    assert moved.resolve(store.relative(path)) == tmp_path / "new-disk" / "var" / "incoming" / "1.2" / "1.3" / "1.4.dcm"
+    # a relative data_dir is taken from the working folder, and stored paths still come out relative
+    assert stored_path("var", Path("var") / "results" / "1.2" / "job1" / "SEG_binary.dcm") \
+        == "results/1.2/job1/SEG_binary.dcm"
+    # a file outside the folder keeps its absolute path, and such a row is read where it points
+    assert store.relative("/srv/elsewhere/x.dcm") == "/srv/elsewhere/x.dcm"
+    assert store.resolve("/srv/elsewhere/x.dcm") == Path("/srv/elsewhere/x.dcm")
+    assert store.resolve("incoming/../results/1.2/job1/SEG_binary.dcm") == store.results / "1.2" / "job1" / "SEG_binary.dcm"
+
+
+@pytest.mark.parametrize("stored", ["../node.db", "incoming/../../x.dcm", "results/1.2/../../../../etc/passwd",
+                                    "..", "."])
+def test_a_stored_path_never_leads_outside_the_folder(tmp_path, stored):
+    with pytest.raises(UnsafePath, match="outside the data folder"):
+        resolve_stored(tmp_path / "var", stored)
+
+
+def test_an_empty_stored_path_is_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="purged"):
+        resolve_stored(tmp_path, "")
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _segs_for(pacs: PacsSCP, series_uid: str) -> list[Path]:
+    out = []
+    for p in pacs.files():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        if ds.Modality == "SEG" and series_uid in {r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence}:
+            out.append(p)
+    return out
+
+
+def test_a_node_restored_into_a_new_folder_previews_and_sends_again(tmp_path):
+    """Backed up while running (``dicom-node backup``), stopped, its folder gone; the copy, started at another
+    path, shows the preview and re-sends the SEG (same SOP Instance UID) to the PACS."""
+    pacs = PacsSCP(tmp_path / "pacs", flags=("+uf",))  # unique file names: a second copy of the SEG is a new file
+    allowed = 'allowed_calling_aets = ["GOODSCU", "STORESCU", "DICOMNODE"]'
+    first = NodeProcess(tmp_path, pacs, name="first", extra=allowed)
+    second = None
+    try:
+        _, paths = write_series(tmp_path / "series", seed=41)
+        series_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+        assert storescu(first.port, tmp_path / "series").returncode == 0
+        job = first.wait_job(series_uid)
+        assert job["state"] == "done", job
+        [seg] = wait_for(lambda: _segs_for(pacs, series_uid), 60, 0.3, "the SEG at the PACS")
+        seg_uid = pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID
+
+        backup = tmp_path / "backup"
+        r = first.cli("backup", str(backup))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (backup / "node.db").is_file() and (backup / "incoming").is_dir() and (backup / "results").is_dir()
+        first.stop()
+        gone = first.dir.rename(tmp_path / "first-gone")  # the old folder is not there to fall back on
+
+        # restore: the copy becomes the new node's data folder (node.db in it, as the default database)
+        shutil.copytree(backup, tmp_path / "second" / "var")
+        second = NodeProcess(tmp_path, pacs, name="second", extra=allowed)
+        assert second.data_dir.resolve() != (gone / "var").resolve()
+
+        db = second.db()
+        try:
+            from storage.models import Instance, Job, OutboxItem
+
+            with db.session() as s:
+                stored = s.scalars(select(Instance.path)).all()
+                seg_path = s.scalar(select(Job.seg_path).where(Job.id == job["job"]))
+                outbox = s.scalars(select(OutboxItem).where(OutboxItem.job_id == job["job"])).all()
+            assert stored and all(p.startswith("incoming/") for p in stored), stored[:3]
+            assert seg_path.startswith("results/"), seg_path
+            assert all(f["path"].startswith("results/") for o in outbox for f in json.loads(o.files))
+        finally:
+            db.dispose()
+
+        status, png = _get(f"http://127.0.0.1:{second.web_port}/jobs/{job['job']}/preview.png")
+        assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", (status, png[:200])
+        shown = second.cli("show", str(job["job"])).stdout
+        assert f"result: {second.data_dir.resolve() / 'results'}" in shown, shown
+
+        # re-delivery from the restored folder: the same SEG reaches the PACS again
+        r = second.cli("deliveries", "--requeue", str(outbox[0].id))
+        assert r.returncode == 0 and "1 deliveries queued again" in r.stdout, r.stdout + r.stderr
+        again = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(_segs_for(pacs, series_uid)),
+                         90, 0.5, "the SEG sent again from the restored node")
+        assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in again} == {seg_uid}
+        log = second.log.read_text()
+        assert "result file missing" not in log and "outside the data folder" not in log
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        pacs.stop()
