@@ -104,6 +104,7 @@ def test_a_node_restored_into_a_new_folder_previews_and_sends_again(tmp_path):
         finally:
             db.dispose()
 
+        wait_for(lambda: "dashboard on" in second.log.read_text(), 90, 0.3, "the restored node's dashboard")
         status, png = _get(f"http://127.0.0.1:{second.web_port}/jobs/{job['job']}/preview.png")
         assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", (status, png[:200])
         shown = second.cli("show", str(job["job"])).stdout
@@ -115,6 +116,16 @@ def test_a_node_restored_into_a_new_folder_previews_and_sends_again(tmp_path):
         again = wait_for(lambda: (lambda found: found if len(found) == 2 else None)(_segs_for(pacs, series_uid)),
                          90, 0.5, "the SEG sent again from the restored node")
         assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in again} == {seg_uid}
+
+        # re-segmentation from the restored images: with its result gone, a retried job is computed again
+        shutil.rmtree(second.data_dir / Path(seg_path).parent)
+        r = second.cli("retry", str(job["job"]))
+        assert r.returncode == 0 and "queued again" in r.stdout, r.stdout + r.stderr
+        redone = second.wait_job(series_uid)
+        assert redone["state"] == "done", redone
+        assert (second.data_dir / seg_path).is_file()
+        timeline = second.cli("show", str(job["job"])).stdout
+        assert timeline.count(" encoded ") == 2 and timeline.count(" requeued ") == 2, timeline
         log = second.log.read_text()
         assert "result file missing" not in log and "outside the data folder" not in log
     finally:
