@@ -30,7 +30,7 @@ def test_paths_are_stored_relative_and_read_in_the_folder_as_it_is_now(tmp_path)
     # a file outside the folder keeps its absolute path, and such a row is read where it points
     assert store.relative("/srv/elsewhere/x.dcm") == "/srv/elsewhere/x.dcm"
     assert store.resolve("/srv/elsewhere/x.dcm") == Path("/srv/elsewhere/x.dcm")
-    assert store.resolve("incoming/../results/1.2/job1/SEG_binary.dcm") == store.results / "1.2" / "job1" / "SEG_binary.dcm"
+    assert store.resolve("incoming/../results/1.2/job1/SEG.dcm") == store.results / "1.2" / "job1" / "SEG.dcm"
 
 
 @pytest.mark.parametrize("stored", ["../node.db", "incoming/../../x.dcm", "results/1.2/../../../../etc/passwd",
@@ -133,3 +133,42 @@ def test_a_node_restored_into_a_new_folder_previews_and_sends_again(tmp_path):
         if second is not None:
             second.stop()
         pacs.stop()
+
+
+def test_an_outbox_row_whose_path_leads_outside_the_folder_is_not_sent(tmp_path):
+    """A stored path with ``..`` names a real file outside the data folder: the row fails as one with a missing
+    file would (its own backoff, the reason in words), nothing is read from there, the destination stays up."""
+    from test_outbox import _small_file
+
+    from dicom_node.config import Destination, Settings
+    from dicom_node.deliver.outbox import Outbox
+    from storage import deliveries
+    from storage.db import Database
+    from storage.models import Job, OutboxItem, Series, Study
+
+    (tmp_path / "outside").mkdir()
+    f = _small_file(tmp_path / "outside" / "SEG_binary.dcm", "1.2.840.10008.5.1.4.1.1.66.4")
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    with db.session() as s:
+        study = Study(study_uid="2.25.7")
+        s.add(study)
+        s.flush()
+        series = Series(series_uid="2.25.7.1", study_id=study.id, modality="MR", state="queued")
+        s.add(series)
+        s.flush()
+        job = Job(series_id=series.id, state="running")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+    deliveries.enqueue(db, job_id, {"pacs": [{**f, "path": "../outside/SEG_binary.dcm"}]})
+    settings = Settings(destinations=[Destination(name="pacs", ae_title="PACS", port=9)])  # nobody listens
+    settings.node.data_dir = tmp_path / "var"
+    Outbox(settings, db, "host:1:sender").run_once()
+    with db.session() as s:
+        row = s.scalar(select(OutboxItem))
+        assert row.state == "pending" and row.attempts == 1
+        assert row.last_error.startswith("result file missing: its recorded path leads outside the data folder")
+    (d,) = deliveries.destination_summary(db, ["pacs"])
+    assert d["up"] is True  # no connection was tried for it
+    db.dispose()
