@@ -5,6 +5,7 @@ never leads outside the folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -172,3 +173,27 @@ def test_an_outbox_row_whose_path_leads_outside_the_folder_is_not_sent(tmp_path)
     (d,) = deliveries.destination_summary(db, ["pacs"])
     assert d["up"] is True  # no connection was tried for it
     db.dispose()
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"), reason="TEST_DATABASE_URL not set (.ci/run sets it)")
+def test_backup_of_a_postgresql_node_is_a_dump_and_the_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    folder = tmp_path / "var" / "incoming" / "1.2" / "1.3"
+    folder.mkdir(parents=True)
+    (folder / "1.4.dcm").write_bytes(b"instance")
+    (folder / ".1.5.dcm.0123.tmp").write_bytes(b"half-written")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "var"\ndatabase_url = "{os.environ["TEST_DATABASE_URL"]}"\n')
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), "backup", str(tmp_path / "out")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "out" / "incoming" / "1.2" / "1.3" / "1.4.dcm").read_bytes() == b"instance"
+    assert not (tmp_path / "out" / "incoming" / "1.2" / "1.3" / ".1.5.dcm.0123.tmp").exists()
+    listed = subprocess.run(["pg_restore", "--list", str(tmp_path / "out" / "node.pgdump")], capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert "Format: CUSTOM" in listed.stdout

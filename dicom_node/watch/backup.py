@@ -92,7 +92,7 @@ def _database(settings: Settings, dest: Path) -> str:
         env = dict(os.environ)
         if url.password:
             env["PGPASSWORD"] = str(url.password)
-        libpq = url.set(drivername="postgresql", password=None, query={})
+        libpq = url.set(drivername="postgresql", password=None)  # its query (sslmode, options) is libpq's too
         r = subprocess.run([pg_dump, "--format=custom", f"--file={target}",
                             f"--dbname={libpq.render_as_string(hide_password=False)}"],
                            env=env, capture_output=True, text=True)
