@@ -19,6 +19,7 @@ from conftest import ENV, NodeProcess, wait_for, write_series
 from sqlalchemy import create_engine, func, select, text
 
 from storage.db import Database
+from storage.filestore import resolve_stored
 from storage.models import Event, Instance, Job, Series, Study, utcnow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +285,8 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(db_url, tmp_pa
         db.dispose()
         for uid in acked:
             assert uid in stored
-            assert pydicom.dcmread(stored[uid], stop_before_pixels=True).SOPInstanceUID == uid
+            assert pydicom.dcmread(resolve_stored(restarted.data_dir, stored[uid]),
+                                   stop_before_pixels=True).SOPInstanceUID == uid
     finally:
         restarted.stop()
 
