@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import socket
 
+from storage.filestore import UnsafePath
+
 #: A pattern no admin-facing reason may match: the name of a Python exception class (tests check it).
 EXCEPTION_NAME = r"\b[A-Z][A-Za-z]*(?:Error|Exception|Exit|Interrupt|Warning)\b|Traceback \(most recent call"
 
@@ -32,6 +34,8 @@ def admin_message(exc: BaseException, stage: str, job_id: int | None = None) -> 
     if isinstance(exc, FileNotFoundError):
         return (f"a file the job needs is missing from the node's data folder while {stage} (removed by hand or "
                 "by the retention purge?): send the series again")
+    if isinstance(exc, UnsafePath):
+        return f"a file the job needs is missing while {stage}: {exc}"
     if isinstance(exc, PermissionError):
         return (f"the node may not read or write a file in its data folder while {stage}: check the owner and "
                 "permissions of node.data_dir")

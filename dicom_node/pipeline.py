@@ -25,7 +25,7 @@ from pathlib import Path
 
 from storage import deliveries
 from storage.db import Database
-from storage.filestore import FileStore
+from storage.filestore import FileStore, UnsafePath
 from storage.jobs import (
     add_timing,
     claim_job,
@@ -159,11 +159,11 @@ class Pipeline:
     def _run(self, job_id: int, hb: _Heartbeat, doing: list[str]) -> None:
         with self.db.session() as s:
             job = get_row(s, Job, job_id)
-            series_id, seg_path = job.series_id, job.seg_path
-        if seg_path and Path(seg_path).is_file():
+            series_id, seg_path = job.series_id, self._result_file(job_id, job.seg_path)
+        if seg_path is not None:
             # the result exists (the worker stopped after encoding): it goes to the outbox, never re-encoded
             doing.append("queueing the results for delivery")
-            self._deliver(job_id, Path(seg_path).parent, hb)
+            self._deliver(job_id, seg_path.parent, hb)
             return
         series, instances = series_instances(self.db, series_id)
         doing.append("loading the model")
@@ -176,7 +176,8 @@ class Pipeline:
                 doing.append("running the model")
 
         try:
-            result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta)
+            result = segment_series(instances, predictor, timing, quality=True, tta=self.settings.quality.tta,
+                                    locate=self.store.resolve)
         except NotSegmentable as exc:
             set_state(self.db, job_id, JobState.SKIPPED, event_detail=str(exc), reason=str(exc), finished_at=utcnow())
             return
@@ -203,13 +204,24 @@ class Pipeline:
             return
         t = self._stage(job_id, "encode", t)
         set_state(self.db, job_id, JobState.RUNNING, seg_series_uid=seg.SeriesInstanceUID,
-                  seg_sop_uid=seg.SOPInstanceUID, seg_path=str(path), model_version=card.version,
+                  seg_sop_uid=seg.SOPInstanceUID, seg_path=self.store.relative(path), model_version=card.version,
                   device=result.device)
         event(self.db, EventKind.ENCODED, series_id=series_id, job_id=job_id,
               detail=", ".join(f"{k.lower()} {v:.1f} cm3" for k, v in vols.items()))
         doing.append("queueing the results for delivery")
         outcome = self._deliver(job_id, path.parent, hb)
         log.info("job %s %s: %s", job_id, outcome, ", ".join(f"{k} {v:.1f} cm3" for k, v in vols.items()))
+
+    def _result_file(self, job_id: int, stored: str) -> Path | None:
+        """The job's encoded SEG in the data folder as it is now, if it is there (None: encode again)."""
+        if not stored:
+            return None
+        try:
+            path = self.store.resolve(stored)
+        except UnsafePath as exc:
+            log.warning("job %s: its result is not used and is made again: %s", job_id, exc)
+            return None
+        return path if path.is_file() else None
 
     def _judge(self, job_id: int, result) -> QualityReport:
         """The quality gate on the result, stored per structure and on the timeline; the probabilities are

@@ -59,7 +59,8 @@ class NodeScheduler:
 
     def _purge(self) -> None:
         try:
-            n = purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours)
+            n = purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours,
+                                       self.settings.data_dir)
             if n:
                 log.info("retention: removed %d stored images of delivered series", n)
         except Exception:

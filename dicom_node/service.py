@@ -85,7 +85,7 @@ def quiet_pydicom_values() -> None:
 def open_storage(settings: Settings) -> tuple[Database, FileStore]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
-    db.create_schema()
+    db.create_schema(settings.data_dir)
     return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
 
 

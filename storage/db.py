@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +28,18 @@ class Database:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, connect_args=args)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def create_schema(self) -> None:
-        """Bring the schema to the newest version with Alembic (creates it on an empty database)."""
+    def create_schema(self, data_dir: str | os.PathLike | None = None) -> None:
+        """Bring the schema to the newest version with Alembic (creates it on an empty database).
+
+        ``data_dir``: the node's data folder, which a migration that rewrites stored file paths needs
+        (0006 makes absolute paths under it relative)."""
         from alembic import command
 
         with self.engine.begin() as conn:
             cfg = alembic_config(self.url)
             cfg.attributes["connection"] = conn
+            if data_dir is not None:
+                cfg.attributes["data_dir"] = str(data_dir)
             command.upgrade(cfg, "head")
 
     @contextmanager

@@ -1,8 +1,12 @@
-"""Files on disk: received instances, results, and quarantined input.
+"""Files on disk: received instances, results, and quarantined input, and how the database names them.
 
 Received bytes are written to a temporary file and renamed into place, so a crash never leaves a
 half-written instance under its final name; fsync (configurable) makes the success status we send to the
 peer mean "on disk". While the listener runs, the temporary files are made ahead of time (SpareFiles).
+
+The database stores a file's path relative to the data folder (``incoming/<study>/<series>/<sop>.dcm``), so a
+folder restored from a backup, moved to a new disk or mounted elsewhere by a worker still finds its files:
+:func:`stored_path` makes that form and :func:`resolve_stored` reads it against the current folder.
 """
 
 from __future__ import annotations
@@ -29,6 +33,36 @@ class UnsafePath(ValueError):
     """A value that would not make a safe, unique path component (or a path outside the store)."""
 
 
+def stored_path(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How the database names ``path``: relative to the data folder ``root``, with ``/`` separators, when it
+    lies inside it; otherwise the absolute path (a file the node did not put in its folder)."""
+    full = os.path.abspath(path)
+    base = os.path.abspath(root)
+    if full.startswith(base + os.sep):
+        return full[len(base) + 1:].replace(os.sep, "/")
+    return full
+
+
+def resolve_stored(root: str | os.PathLike, stored: str) -> Path:
+    """The file a stored path names under the data folder ``root`` as it is now. FileNotFoundError for an
+    empty one (purged); UnsafePath, with the reason in words, for a relative one that would lead outside the
+    folder, which callers treat as a missing file.
+
+    Absolute paths are rows written before paths were stored relative, whose folder is not the configured
+    one (the migration turned those under it into relative ones): they are read where they point. The check is
+    lexical, like :meth:`FileStore._contained`: an admin may link a sub-folder to another disk."""
+    if not stored:
+        raise FileNotFoundError("no file recorded (purged, or never written)")
+    if os.path.isabs(stored):
+        return Path(stored)
+    base = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(base, stored))
+    if not full.startswith(base + os.sep):
+        raise UnsafePath("its recorded path leads outside the data folder (the database and the folder do not "
+                         "belong together?)")
+    return Path(full)
+
+
 def _component(kind: str, value: str) -> str:
     if _COMPONENT.fullmatch(value) is None:
         raise UnsafePath(f"{kind} is not usable as a file name (not a DICOM UID)")
@@ -37,7 +71,7 @@ def _component(kind: str, value: str) -> str:
 
 class FileStore:
     def __init__(self, root: Path, fsync: bool = True):
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))
         self.fsync = fsync
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
@@ -85,6 +119,14 @@ class FileStore:
         if os.path.normpath(full) != full or not relative or relative.startswith(os.sep):
             raise UnsafePath("path outside its folder")
         return Path(full)
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """The form the database stores for a file under this store (see :func:`stored_path`)."""
+        return stored_path(self.root, path)
+
+    def resolve(self, stored: str) -> Path:
+        """The file a stored path names in this store (see :func:`resolve_stored`; UnsafePath if none)."""
+        return resolve_stored(self.root, stored)
 
     def write_atomic(self, path: Path, data: bytes | memoryview) -> None:
         d = path.parent

@@ -20,6 +20,7 @@ from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
+from .filestore import UnsafePath, resolve_stored, stored_path
 from .models import Instance, Job, Series, Study, utcnow
 from .resends import ResendBatch, ResendTimeline
 from .states import DuplicatePolicy, EventKind, JobState, Resend, SeriesState
@@ -88,13 +89,16 @@ class Recorder:
     """Records received instances, many in one transaction; caches series ids so a series costs one lookup."""
 
     def __init__(self, db: Database, on_series: Callable[[set[int]], None] | None = None,
-                 policy: DuplicatePolicy = DuplicatePolicy.KEEP):
+                 policy: DuplicatePolicy = DuplicatePolicy.KEEP,
+                 root: str | os.PathLike | None = None):
         self.db = db
         #: what a conflicting re-send the listener did not recognise (its answer already sent) comes to
         self.policy = policy
         #: told (identical, conflicting) re-sends after each committed batch (the listener's counters)
         self.on_resent: Callable[[int, int], None] | None = None
         self.resends = ResendTimeline()
+        #: the data folder: paths are stored relative to it (storage/filestore.py); None stores them as given
+        self.root = root
         #: told the ids of the series that got new instances, after each committed batch (the completion
         #: check wakes on it instead of waiting for its next scan)
         self.on_series = on_series
@@ -169,16 +173,17 @@ class Recorder:
                         continue
                     sid = self._sid(s, sids, m)
                     row = {f: _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
-                    row.update(sop_uid=m.sop_uid, series_id=sid, path=it.path, size=it.size,
+                    row.update(sop_uid=m.sop_uid, series_id=sid, path=self._stored(it.path), size=it.size,
                                received_at=it.received_at, calling_aet=it.calling_aet[:16])
                     rows.append(row)
-                    known[m.sop_uid] = (it.path, sid)
+                    known[m.sop_uid] = (self._stored(it.path), sid)
                     touch(sid, 1, it.received_at)
                     continue
                 first_path, first_sid = prior
                 if first_path == "" and it.path and it.resend is not Resend.KEPT_FIRST:
-                    s.execute(self._repath, {"uid": m.sop_uid, "new_path": it.path, "new_size": it.size})
-                    known[m.sop_uid] = (it.path, first_sid)
+                    s.execute(self._repath, {"uid": m.sop_uid, "new_path": self._stored(it.path),
+                                             "new_size": it.size})
+                    known[m.sop_uid] = (self._stored(it.path), first_sid)
                     continue
                 target = self._existing_sid(s, sids, m)
                 if it.resend is Resend.IDENTICAL or (it.resend is None and target == first_sid):
@@ -196,15 +201,16 @@ class Recorder:
                 self.resends.conflict(s, resent, sop_uid=m.sop_uid, first_series=first_sid, target_series=sid,
                                       calling_aet=it.calling_aet, replaced=True, answered=answered)
                 values = {f"v_{f}": _fit(f, getattr(m, f)) for f in _INSTANCE_FIELDS}
-                values.update(uid=m.sop_uid, v_series_id=sid, v_path=it.path, v_size=it.size,
+                values.update(uid=m.sop_uid, v_series_id=sid, v_path=self._stored(it.path), v_size=it.size,
                               v_received_at=it.received_at, v_calling_aet=it.calling_aet[:16])
                 replaced.append(values)
-                known[m.sop_uid] = (it.path, sid)
+                known[m.sop_uid] = (self._stored(it.path), sid)
                 touch(sid, 0 if sid == first_sid else 1, it.received_at)  # reopened: its content changed
                 if sid != first_sid:
                     touch(first_sid, -1, it.received_at)
-                    if first_path:
-                        resent.remove.append(first_path)
+                    first_file = self._located(first_path)
+                    if first_file:
+                        resent.remove.append(first_file)
             if rows:
                 s.execute(self._insert, rows)
             for values in replaced:  # after the inserts: the first copy may be in this batch
@@ -247,6 +253,21 @@ class Recorder:
             sids[uid] = sid
         return sid
 
+    def _stored(self, path: str) -> str:
+        return path if self.root is None else stored_path(self.root, path)
+
+    def _located(self, stored: str) -> str | None:
+        """The file a stored path names under the current data folder; None for none, or one that would lead
+        outside it (never removed)."""
+        if not stored:
+            return None
+        if self.root is None:
+            return stored
+        try:
+            return str(resolve_stored(self.root, stored))
+        except (UnsafePath, FileNotFoundError):
+            return None
+
     def _series_id(self, s, meta: InstanceMeta) -> int:
         sid = s.scalar(select(Series.id).where(Series.series_uid == meta.series_uid))
         if sid is not None:
@@ -267,8 +288,9 @@ class Recorder:
         return se.id
 
 
-def purge_delivered_images(db: Database, hours: float) -> int:
-    """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago."""
+def purge_delivered_images(db: Database, hours: float, root: str | os.PathLike) -> int:
+    """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago
+    (``root``: the data folder the stored paths are relative to)."""
     cutoff = utcnow() - dt.timedelta(hours=hours)
     removed = 0
     with db.session() as s:
@@ -279,9 +301,11 @@ def purge_delivered_images(db: Database, hours: float) -> int:
             insts = s.scalars(select(Instance).where(Instance.series_id == series_id, Instance.path != "")).all()
             for inst in insts:
                 try:
-                    os.remove(inst.path)
+                    os.remove(resolve_stored(root, inst.path))
                 except FileNotFoundError:
                     pass
+                except ValueError as exc:  # UnsafePath: nothing of ours to remove
+                    log.warning("instance %s not removed: %s", inst.id, exc)
                 inst.path = ""
                 removed += 1
             if insts:

@@ -74,6 +74,7 @@ class Instance(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax: Mapped[str] = mapped_column(String(64), default="")
+    # relative to the data folder (storage/filestore.py: stored_path, resolve_stored); "" once purged
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer, default=0)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -121,7 +122,7 @@ class Job(Base):
     device: Mapped[str] = mapped_column(String(32), default="")
     seg_series_uid: Mapped[str] = mapped_column(String(64), default="")
     seg_sop_uid: Mapped[str] = mapped_column(String(64), default="")
-    seg_path: Mapped[str] = mapped_column(Text, default="")
+    seg_path: Mapped[str] = mapped_column(Text, default="")  # relative to the data folder, like Instance.path
     # lease: the worker holding a running job renews it by heartbeat; an expired lease means the worker died
     lease_owner: Mapped[str] = mapped_column(String(64), default="")
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
@@ -202,7 +203,8 @@ class OutboxItem(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING, index=True)
-    # JSON list of {"path", "sop_class", "sop_uid"}: the files this destination receives
+    # JSON list of {"path", "sop_class", "sop_uid", "ts"}: the files this destination receives (paths relative
+    # to the data folder, like Instance.path)
     files: Mapped[str] = mapped_column(Text, default="[]")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

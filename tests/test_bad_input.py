@@ -124,6 +124,7 @@ def test_nothing_stored_was_lost(node, stored_before):
     assert node.alive()
     from sqlalchemy import select
 
+    from storage.filestore import resolve_stored
     from storage.models import Instance
 
     db = node.db()
@@ -135,7 +136,7 @@ def test_nothing_stored_was_lost(node, stored_before):
     for p in stored_before:
         uid = pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
         assert uid in rows
-        assert pydicom.dcmread(rows[uid]).SOPInstanceUID == uid
+        assert pydicom.dcmread(resolve_stored(node.data_dir, rows[uid])).SOPInstanceUID == uid
 
 
 def test_disk_floor_answers_out_of_resources(tmp_path, workdir):

@@ -19,6 +19,7 @@ from conftest import ENV, NodeProcess, wait_for, write_series
 from sqlalchemy import create_engine, func, select, text
 
 from storage.db import Database
+from storage.filestore import resolve_stored
 from storage.models import Event, Instance, Job, Series, Study, utcnow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,68 @@ def test_migrations_match_the_models(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     db.dispose()
     assert diff == []
+
+
+def test_migration_stores_paths_under_the_data_folder_relative(db_url, tmp_path):
+    """Rows written with absolute paths become relative to the configured data folder (and back on downgrade);
+    paths elsewhere stay as they are; without the folder the migration refuses rather than guess."""
+    import json
+
+    from alembic import command
+
+    from storage.db import alembic_config
+    from storage.filestore import FileStore
+    from storage.models import OutboxItem
+
+    db = Database(db_url)
+    with db.engine.begin() as conn:
+        cfg = alembic_config(db_url)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    data = tmp_path / "var"
+    inside = str(data / "incoming" / "1.2" / "1.3" / "1.4.dcm")
+    seg = str(data / "results" / "1.2" / "job1" / "SEG_binary.dcm")
+    elsewhere = "/srv/old-node/var/incoming/1.2/1.3/1.5.dcm"
+    with db.session() as s:
+        study = Study(study_uid="1.2")
+        s.add(study)
+        s.flush()
+        series = Series(series_uid="1.3", study_id=study.id)
+        s.add(series)
+        s.flush()
+        s.add_all([Instance(sop_uid=uid, series_id=series.id, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", path=p)
+                   for uid, p in (("1.4", inside), ("1.5", elsewhere), ("1.6", ""))])
+        job = Job(series_id=series.id, seg_path=seg)
+        s.add(job)
+        s.flush()
+        s.add(OutboxItem(job_id=job.id, destination="pacs", files=json.dumps(
+            [{"path": seg, "sop_class": "1.2.840.10008.5.1.4.1.1.66.4", "sop_uid": "1.9"},
+             {"path": elsewhere, "sop_class": "1.2.840.10008.5.1.4.1.1.88.33", "sop_uid": "1.10"}])))
+        job_id = job.id
+
+    def rows():
+        with db.session() as s:
+            paths = dict(s.execute(select(Instance.sop_uid, Instance.path)).all())
+            files = [f["path"] for f in json.loads(s.scalar(select(OutboxItem.files)))]
+            return paths, s.get(Job, job_id).seg_path, files
+
+    with pytest.raises(Exception, match="needs the node's data folder"):
+        db.create_schema()
+    assert rows() == ({"1.4": inside, "1.5": elsewhere, "1.6": ""}, seg, [seg, elsewhere])
+    db.create_schema(data)
+    paths, seg_path, files = rows()
+    assert paths == {"1.4": "incoming/1.2/1.3/1.4.dcm", "1.5": elsewhere, "1.6": ""}
+    assert seg_path == "results/1.2/job1/SEG_binary.dcm" and files == [seg_path, elsewhere]
+    moved = FileStore(tmp_path / "moved")
+    assert moved.resolve(paths["1.4"]) == tmp_path / "moved" / "incoming" / "1.2" / "1.3" / "1.4.dcm"
+    assert moved.resolve(paths["1.5"]) == Path(elsewhere)
+    with db.engine.begin() as conn:
+        cfg = alembic_config(db_url)
+        cfg.attributes["connection"] = conn
+        cfg.attributes["data_dir"] = str(data)
+        command.downgrade(cfg, "0003")
+    assert rows() == ({"1.4": inside, "1.5": elsewhere, "1.6": ""}, seg, [seg, elsewhere])
+    db.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +285,8 @@ def test_node_killed_mid_ingest_keeps_every_acknowledged_instance(db_url, tmp_pa
         db.dispose()
         for uid in acked:
             assert uid in stored
-            assert pydicom.dcmread(stored[uid], stop_before_pixels=True).SOPInstanceUID == uid
+            assert pydicom.dcmread(resolve_stored(restarted.data_dir, stored[uid]),
+                                   stop_before_pixels=True).SOPInstanceUID == uid
     finally:
         restarted.stop()
 
@@ -258,6 +322,6 @@ def test_retry_and_requeue_commands_and_retention_purge(tmp_path):
     with db.session() as s:
         assert [s.get(Job, j).state for j in ids] == ["queued", "queued", "done"]
     # retention: the delivered series' image is removed, the queued ones' are kept
-    assert purge_delivered_images(db, hours=0) == 1
+    assert purge_delivered_images(db, hours=0, root=tmp_path) == 1
     assert not copies[2].exists() and copies[0].exists() and copies[1].exists()
     db.dispose()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pydicom
 
+from storage.filestore import stored_path
+
 from ..config import Destination, Settings
 from ..encode.results import result_files
 
@@ -20,14 +22,15 @@ def files_for(dest: Destination, job_dir: Path) -> list[str]:
 
 def outbox_files(settings: Settings, job_dir: Path) -> dict[str, list[dict]]:
     """Per destination, the files of its profile with their SOP class and instance (read once, at queueing,
-    so that every re-send carries exactly these UIDs)."""
+    so that every re-send carries exactly these UIDs). Paths are kept relative to the data folder, as every
+    stored path is (storage/filestore.py); the sender resolves them when it sends."""
     read: dict[str, dict] = {}  # destinations of one profile share files: each is read once
 
     def meta(path: str) -> dict:
         if path not in read:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            read[path] = {"path": path, "sop_class": str(ds.SOPClassUID), "sop_uid": str(ds.SOPInstanceUID),
-                          "ts": str(ds.file_meta.TransferSyntaxUID)}
+            read[path] = {"path": stored_path(settings.data_dir, path), "sop_class": str(ds.SOPClassUID),
+                          "sop_uid": str(ds.SOPInstanceUID), "ts": str(ds.file_meta.TransferSyntaxUID)}
         return read[path]
 
     return {dest.name: [meta(path) for path in files_for(dest, job_dir)] for dest in settings.destinations}

@@ -20,6 +20,7 @@ import threading
 
 from storage import deliveries
 from storage.db import Database
+from storage.filestore import UnsafePath, resolve_stored
 from storage.models import Job, utcnow
 from storage.rows import get_row
 from storage.states import JobState
@@ -113,8 +114,26 @@ class Outbox:
             notify(self.settings, "job-failed", {"job": job_id, "series_uid": series_uid, "reason": reason})
 
     # ------------------------------------------------------------------------------ one destination
+    def _located(self, items: list[deliveries.Claimed], started: dt.datetime,
+                 dest: Destination) -> list[deliveries.Claimed]:
+        """The rows with their files' stored paths resolved in the data folder as it is now (a moved or restored
+        folder sends from where it is). A row with a path that leads outside the folder fails as a row with a
+        missing file does."""
+        ready = []
+        for it in items:
+            try:
+                it.files = [{**f, "path": str(resolve_stored(self.settings.data_dir, f["path"]))} for f in it.files]
+            except (FileNotFoundError, UnsafePath) as exc:
+                self._row_failed(dest, it, started, f"result file missing: {exc}")
+                continue
+            ready.append(it)
+        return ready
+
     def _deliver(self, dest: Destination, items: list[deliveries.Claimed]) -> None:
         started = utcnow()
+        items = self._located(items, started, dest)
+        if not items:
+            return
         transport = transport_for(dest, self.settings, self.db, self.connect_timeout, self.same_association_wait)
         answered: set[int] = set()
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -48,8 +49,10 @@ class SeriesResult:
 
 
 def segment_series(instances: list, predictor, timing: Callable[[str, float], None] | None = None,
-                   quality: bool = False, tta: bool = False) -> SeriesResult:
-    """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends.
+                   quality: bool = False, tta: bool = False,
+                   locate: Callable[[str], str | Path] | None = None) -> SeriesResult:
+    """Load, predict and split into sides. ``timing(stage, seconds)`` is called for each stage as it ends;
+    ``locate`` turns an instance's stored path into its file (the file store's ``resolve``).
 
     ``quality`` keeps the model's probabilities and ``tta`` runs the test-time-augmented pass, both for the
     quality gate (gate/quality.py).
@@ -63,7 +66,7 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
         raise NotSegmentable(why)
     try:
         # one block, unless the series has gaps between stations: each block is its own volume
-        parts = [load_series(block) for block in blocks]
+        parts = [load_series(block, locate) for block in blocks]
     except NotStackable as exc:
         raise NotSegmentable(str(exc)) from None
     note("load", time.perf_counter() - t)

@@ -10,7 +10,9 @@ can be handed back in the source's own frame order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -85,14 +87,16 @@ class NotStackable(ValueError):
     """The frames do not form one volume; the message says why."""
 
 
-def load_series(instances: list[Instance]) -> SeriesVolume:
+def load_series(instances: list[Instance], locate: Callable[[str], str | Path] | None = None) -> SeriesVolume:
+    """The instances' pixels as one volume; ``locate`` turns a stored path into its file (default: as is)."""
+    where = locate or (lambda stored: stored)
     if len(instances) == 1 and (instances[0].frames or 1) > 1:
-        return load_multiframe(instances[0].path)
+        return load_multiframe(str(where(instances[0].path)))
     datasets: list[Dataset] = []
     array = None
     inverted: list[int] = []
     for k, inst in enumerate(instances):
-        ds = pydicom.dcmread(inst.path)
+        ds = pydicom.dcmread(where(inst.path))
         check_pixels(ds)
         px = decoded_pixels(ds, f"instance {getattr(inst, 'instance_number', None) or k + 1}").astype(np.float32)
         if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":

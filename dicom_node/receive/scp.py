@@ -155,7 +155,7 @@ class StorageSCP:
         self.event_reports: dict[str, EventReportHandler] = dict(event_reports or {})
         self.db = db
         self.store = store
-        self.recorder = Recorder(db, policy=DuplicatePolicy(settings.scp.duplicate_policy))
+        self.recorder = Recorder(db, policy=DuplicatePolicy(settings.scp.duplicate_policy), root=store.root)
         self.recorder.on_resent = self._resent
         #: where the instances stored lately lie, to recognise a re-send into another series (receive/resend.py)
         self.stored = StoredIndex()

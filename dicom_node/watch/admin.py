@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
 from storage.db import Database
+from storage.filestore import UnsafePath, resolve_stored
 from storage.latency import held_at, latency
 from storage.models import (
     Delivery,
@@ -26,7 +28,14 @@ def _fmt_dur(seconds: float) -> str:
     return f"{seconds:.2f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 
-def show(db: Database, what: str) -> str | None:
+def show(db: Database, what: str, root: Path | None = None) -> str | None:
+    """A study's timeline, jobs and files as text; file paths in full under the data folder ``root``."""
+    def where(stored: str) -> str:
+        try:
+            return str(resolve_stored(root, stored)) if root is not None else stored
+        except (FileNotFoundError, UnsafePath) as exc:
+            return f"{stored} ({exc})"
+
     with db.session() as s:
         named_job = s.get(Job, int(what)) if what.isdigit() else None
         study = named_job.series.study if named_job is not None else None
@@ -45,7 +54,7 @@ def show(db: Database, what: str) -> str | None:
                        + f"  state {se.state}")
             folder = s.scalar(select(Instance.path).where(Instance.series_id == se.id, Instance.path != "").limit(1))
             if folder:
-                out.append(f"  files: {folder.rsplit('/', 1)[0]}/")
+                out.append(f"  files: {where(folder).rsplit('/', 1)[0]}/")
             events = s.scalars(select(Event).where(Event.series_id == se.id).order_by(Event.at, Event.id)).all()
             prev = None
             out.append("  timeline:")
@@ -78,7 +87,7 @@ def show(db: Database, what: str) -> str | None:
                     out.append("    volumes: "
                                + ", ".join(f"{v.structure.lower()} {v.volume_cm3:.1f} cm³" for v in vols))
                 if job.seg_path:
-                    out.append(f"    result: {job.seg_path} (SEG series {job.seg_series_uid})")
+                    out.append(f"    result: {where(job.seg_path)} (SEG series {job.seg_series_uid})")
                 for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)):
                     out.append(f"    delivery to {d.destination}, attempt {d.attempt}: {'ok' if d.ok else d.error}")
                 for o in s.scalars(select(OutboxItem).where(OutboxItem.job_id == job.id).order_by(OutboxItem.id)):

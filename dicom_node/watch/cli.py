@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--reason", default="", help="why (kept with the review)")
     rj.set_defaults(func=cmd_review, decision=ReviewDecision.REJECTED)
 
+    bk = sub.add_parser("backup", help="copy the database and the data folder into a new folder (safe while the "
+                                       "node runs; restore by copying it to the new node.data_dir)")
+    bk.add_argument("dest", type=Path, help="a new or empty folder outside the data folder")
+    bk.set_defaults(func=cmd_backup)
+
     se = sub.add_parser("send", help="send a folder (or files) of DICOM to an AE")
     se.add_argument("paths", nargs="+", type=Path)
     se.add_argument("--host", default="127.0.0.1")
@@ -217,11 +222,24 @@ def cmd_review(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    from .backup import BackupError, backup
+
+    settings = _settings(args)
+    try:
+        report = backup(settings, args.dest)
+    except BackupError as exc:
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{report.database}; {report.files} files ({report.bytes / 1e6:.1f} MB) copied to {args.dest}")
+    return 0
+
+
 def cmd_show(args) -> int:
     from .admin import show
 
-    _, db = _db(args)
-    text = show(db, args.what)
+    settings, db = _db(args)
+    text = show(db, args.what, settings.data_dir)
     if text is None:
         print(f"nothing found for {args.what!r} (a job number, Study/Series Instance UID or accession number)",
               file=sys.stderr)

@@ -72,7 +72,7 @@ def job_page(job_id: int, ctx: Context) -> HTMLResponse:
 
 @router.get("/jobs/{job_id}/preview.png")
 def preview(ctx: Context, job_id: int, structure: str | None = None) -> Response:
-    png = preview_png(ctx.db, job_id, structure=structure)
+    png = preview_png(ctx.db, ctx.settings.data_dir, job_id, structure=structure)
     if png is None:
         raise HTTPException(404, "no result to preview")
     return Response(png, media_type="image/png")

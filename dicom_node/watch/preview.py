@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 from sqlalchemy import select
 
 from storage.db import Database
+from storage.filestore import UnsafePath, resolve_stored
 from storage.models import Instance, Job
 
+log = logging.getLogger("dicom_node.watch.preview")
 
-def preview_png(db: Database, job_id: int, n: int = 4, structure: str | None = None) -> bytes | None:
+
+def _located(root: Path, stored: str, what: str) -> Path | None:
+    """The file a stored path names in the data folder, or None (logged) when there is none to read."""
+    try:
+        path = resolve_stored(root, stored)
+    except (FileNotFoundError, UnsafePath) as exc:
+        log.warning("preview: %s: %s", what, exc)
+        return None
+    return path if path.is_file() else None
+
+
+def preview_png(db: Database, root: Path, job_id: int, n: int = 4, structure: str | None = None) -> bytes | None:
     """A few source slices with the SEG overlaid, like the published work's GUI (cached beside the SEG).
 
-    ``structure`` (a segment name such as "TIBIA LEFT"): three slices through that structure, only it
-    drawn. The name only selects one of the SEG's own segments; the cache file is named by the segment's
-    number, so a request's text never becomes part of a path."""
+    ``root`` is the data folder the stored paths are relative to. ``structure`` (a segment name such as
+    "TIBIA LEFT"): three slices through that structure, only it drawn. The name only selects one of the SEG's
+    own segments; the cache file is named by the segment's number, so a request's text never becomes part of
+    a path."""
     import highdicom as hd
     import numpy as np
     import pydicom
@@ -26,10 +41,14 @@ def preview_png(db: Database, job_id: int, n: int = 4, structure: str | None = N
 
     with db.session() as s:
         job = s.get(Job, job_id)
-        if job is None or not job.seg_path or not Path(job.seg_path).is_file():
+        if job is None or not job.seg_path:
             return None
-        seg_path = job.seg_path
-        paths = {i.sop_uid: i.path for i in s.scalars(select(Instance).where(Instance.series_id == job.series_id))}
+        seg_path = _located(root, job.seg_path, f"the result of job {job_id}")
+        if seg_path is None:
+            return None
+        stored = {i.sop_uid: i.path for i in s.scalars(select(Instance).where(Instance.series_id == job.series_id))}
+    paths = {uid: path for uid, path in ((uid, _located(root, p, f"an image of job {job_id}"))
+                                         for uid, p in stored.items() if p) if path is not None}
     seg = hd.seg.segread(seg_path)
     colour = {lab.snomed_code: lab.rgb for lab in DEFAULT_LABELS}
     seg_rgb = {int(d.SegmentNumber): colour.get(d.SegmentedPropertyTypeCodeSequence[0].CodeValue, (255, 255, 0))
