@@ -304,10 +304,23 @@ def test_no_job_reason_is_python_exception_text(corpus):
         assert name not in log
 
 
+@pytest.fixture(scope="module")
+def whole_body_node(tmp_path_factory):
+    """A node and PACS configured as the corpus's, of its own: the 1000-slice series is the suite's longest test,
+    and on its own it can run on another pytest-xdist worker than the corpus."""
+    tmp = tmp_path_factory.mktemp("whole-body")
+    pacs = PacsSCP(tmp / "pacs")
+    node = NodeProcess(tmp, pacs, more=RULES + "[quality]\ntta = false\n", dest_extra='quality_policy = "send_flagged"')
+    yield node, pacs
+    node.stop()
+    pacs.stop()  # the SEG and SR received are checked with dciodvfy and Pixelmed here
+
+
 @pytest.mark.slow
-def test_thousand_slice_whole_body_series(corpus, tmp_path):
+@pytest.mark.xdist_group("whole-body")
+def test_thousand_slice_whole_body_series(whole_body_node, tmp_path):
     """The recipe's full-body scans have ~1000 slices: one SEG, memory bounded, time reported."""
-    node, pacs = corpus
+    node, pacs = whole_body_node
     ph = small_series(seed=900, n_slices=2, size=96)
     top, bottom = ph.anatomy.z_extent
     n, coarse = 1000, 200
