@@ -89,7 +89,7 @@ case "${1:-}" in
     export TCP_NODELAY=1
     # two workers (the machine CI runs on has two cores); each test module runs whole on one of them, the
     # heaviest first (tests/conftest.py). Arguments given later win: ./node.sh test -n 0 runs in this process
-    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"
+    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
     ;;
   *)
     echo "usage: ./node.sh serve | ./node.sh test [pytest args]" >&2

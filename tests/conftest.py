@@ -60,26 +60,22 @@ def free_port() -> int:
     raise AssertionError(f"no free port in {_PORTS}")
 
 
-#: Run first, heaviest first, so two workers end together: pytest-xdist's loadgroup hands each group whole to
-#: one worker, in collection order. The 1000-slice series (its own group) and the header corpus are the longest.
-HEAVY_FIRST = ("tests/test_header_corpus.py::test_thousand_slice", "tests/test_header_corpus.py",
+#: Run first, heaviest first, so two workers end together: pytest-xdist's loadfile hands each module whole to one
+#: worker (its module fixtures, a node and a PACS, set up once), in collection order. The 1000-slice series and
+#: the header corpus are the longest, in two modules so that they run side by side.
+HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_header_corpus.py",
                "tests/test_input_variety.py", "tests/test_outbox.py", "tests/test_durability.py",
                "tests/test_quality_gate.py", "tests/test_foreign_through_node.py", "tests/test_end_to_end.py",
                "tests/test_preprocessing.py", "tests/test_completion.py")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Each module is one xdist group unless a test names its own (its module fixtures, a node and a PACS, are
-    then set up once, on one worker), and the heaviest run first."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """The heaviest modules first; the rest, and the tests within a module, in collection order."""
 
     def rank(item) -> int:
         return next((k for k, prefix in enumerate(HEAVY_FIRST) if item.nodeid.startswith(prefix)), len(HEAVY_FIRST))
 
-    items.sort(key=rank)  # stable: the collection order within a rank
+    items.sort(key=rank)
 
 
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
