@@ -94,7 +94,9 @@ case "${1:-}" in
     setup_test_tools
     setup_viewer
     export TCP_NODELAY=1
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    # two workers (the machine CI runs on has two cores); each test module runs whole on one of them, the
+    # heaviest first (tests/conftest.py). Arguments given later win: ./node.sh test -n 0 runs in this process
+    exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
     ;;
   *)
     echo "usage: ./node.sh serve | ./node.sh lint | ./node.sh test [pytest args]" >&2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -14,13 +16,66 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DCMTK = {name: f"/usr/bin/{name}" for name in ("storescu", "echoscu", "storescp")}
+#: pytest-xdist's worker name (gw0, gw1, ...) and count; a serial run is worker 0 of 1.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if (os.cpu_count() or 1) <= WORKERS:
+    # as many test processes as cores: each one's torch (the in-process predictions and every node, training
+    # and benchmark process it starts) on one thread, so two workers do not run four busy threads on two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def _port_band() -> range:
+    """This worker's share of the ports just below the kernel's ephemeral range. A port the kernel hands out
+    (bind to 0) is free only until the socket closes: another worker asking next, or any outgoing connection
+    (storescu, HTTP clients), can get the same one before the server under test binds it. Below the ephemeral
+    range no outgoing connection takes it, and each worker picks from its own band."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    ports = range(max(1024, low - 12000), low)
+    size = len(ports) // WORKERS
+    start = ports.start + int(WORKER.removeprefix("gw") or 0) % WORKERS * size
+    return range(start, start + size)
+
+
+_PORTS = _port_band()
+# a random start, so two test runs side by side on one machine seldom walk the same ports
+_NEXT_PORT = itertools.count(random.randrange(len(_PORTS)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of this worker's band that nothing listens on, never the same twice in a run (until the band
+    wraps): a server stopped by one test may leave its port in TIME_WAIT."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_NEXT_PORT) % len(_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_PORTS}")
+
+
+#: Run first, heaviest first, so two workers end together: pytest-xdist's loadfile hands each module whole to one
+#: worker (its module fixtures, a node and a PACS, set up once), in collection order. The 1000-slice series and
+#: the header corpus are the longest, in two modules so that they run side by side.
+HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_header_corpus.py",
+               "tests/test_input_variety.py", "tests/test_outbox.py", "tests/test_durability.py",
+               "tests/test_quality_gate.py", "tests/test_foreign_through_node.py", "tests/test_end_to_end.py",
+               "tests/test_preprocessing.py", "tests/test_completion.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heaviest modules first; the rest, and the tests within a module, in collection order."""
+
+    def rank(item) -> int:
+        return next((k for k, prefix in enumerate(HEAVY_FIRST) if item.nodeid.startswith(prefix)), len(HEAVY_FIRST))
+
+    items.sort(key=rank)
 
 
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
