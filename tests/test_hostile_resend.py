@@ -180,7 +180,7 @@ def test_replace_policy_lets_the_newer_copy_win(replacing, series):
     with scp.db.session() as s:
         row = s.execute(select(Instance.series_id, Instance.path).where(Instance.sop_uid == first.SOPInstanceUID)).one()
     target, source = series_row(scp, OTHER_SERIES), series_row(scp, first.SeriesInstanceUID)
-    assert row.series_id == target[0] and Path(row.path) == new
+    assert row.series_id == target[0] and scp.store.resolve(row.path) == new
     assert target[1] == 1 and source[1] == 2 and n_instances(scp) == 3
     timeline = events(scp, first.SeriesInstanceUID, EventKind.CONFLICTING_RESEND)
     assert len(timeline) == 2 and all("newer copy replaced the first" in t for t in timeline)
