@@ -5,7 +5,7 @@ Why a table and not a retry loop in the job: a PACS down for hours must hold nei
 job's attempts; rows wait with ``next_attempt_at`` and any sender process (``serve`` or ``dicom-node
 sender``) takes them with row locks, so a crash or restart loses nothing and sends nothing twice on purpose.
 
-States (``OutboxState``): pending → sending → sent → committed, or failed / cancelled. A row "sent" to
+States (``OutboxState``): pending → sending → sent → committed, or failed / cancelled. A row SENT to
 a destination with Storage Commitment waits (``commit_deadline``) for the archive's N-EVENT-REPORT.
 A job is ``delivering`` while any of its rows is open and becomes ``done`` (or ``failed``) with the last.
 """
@@ -310,7 +310,7 @@ def _finish_job(s, job_id: int) -> str | None:
     series = s.get(Series, job.series_id)
     newest = s.scalar(select(func.max(Job.id)).where(Job.series_id == job.series_id))
     if series.state == SeriesState.QUEUED and newest == job_id:
-        series.state = job.state  # the series' own state no longer says "queued" once its job is over
+        series.state = job.state  # the series' own state no longer says QUEUED once its job is over
     return job.state
 
 

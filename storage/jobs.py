@@ -153,7 +153,7 @@ def set_state(db: Database, job_id: int, state: str, event_detail: str | None = 
 
 
 def _series_follows(s, job_id: int, state: str) -> None:
-    """A series whose newest job ended takes the job's end state (it would otherwise say "queued" forever)."""
+    """A series whose newest job ended takes the job's end state (it would otherwise say QUEUED forever)."""
     series_id = s.scalar(select(Job.series_id).where(Job.id == job_id))
     newest = s.scalar(select(func.max(Job.id)).where(Job.series_id == series_id))
     if newest == job_id:

@@ -20,7 +20,7 @@ from .timeline import add_event
 
 
 def stable_series(db: Database, stable_seconds: float) -> list[int]:
-    """Series in 'receiving' whose last instance arrived more than ``stable_seconds`` ago, and whose quiet
+    """Series still RECEIVING whose last instance arrived more than ``stable_seconds`` ago, and whose quiet
     period was not extended beyond now (an aborted association or an unclean stop: see ``extend_quiet``)."""
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=stable_seconds)

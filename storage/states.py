@@ -19,7 +19,7 @@ class SeriesState(StrEnum):
     COMPLETE = auto()
     QUEUED = auto()
     SKIPPED = auto()
-    #: the series' newest job ended (delivered, or given up): the series says so rather than "queued"
+    #: the series' newest job ended (delivered, or given up): the series says so rather than QUEUED
     DONE = auto()
     FAILED = auto()
 

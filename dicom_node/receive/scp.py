@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
+from enum import StrEnum, auto
 from pathlib import Path
 
 from pydicom.uid import (
@@ -145,6 +146,18 @@ def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | 
     return (CANNOT_UNDERSTAND, why) if why else None
 
 
+class StoreCount(StrEnum):
+    """What the listener counts per C-STORE (``/metrics``: ``dicomnode_cstore_total{result}``)."""
+
+    STORED = auto()
+    #: identical copies of stored instances, not stored again
+    DUPLICATES = auto()
+    #: a stored SOP Instance UID re-sent with other content or into another series
+    CONFLICTS = auto()
+    #: refused with a failure status (allow-lists, disk floor, bad data, database down)
+    REFUSED = auto()
+
+
 class StorageSCP:
     """Accepts associations and stores what arrives."""
 
@@ -167,7 +180,7 @@ class StorageSCP:
         self.tls_context = server_context(settings.scp.tls) if settings.scp.tls.enabled else None
         #: C-STORE outcomes (``/metrics``): duplicates are identical re-sends, conflicts re-used SOP Instance UIDs
         #: with other content or series (answered and stored per scp.duplicate_policy)
-        self.stats = {"stored": 0, "duplicates": 0, "conflicts": 0, "refused": 0}
+        self.stats: dict[str, int] = dict.fromkeys(StoreCount, 0)
         #: series that were receiving when the node stopped uncleanly (found at start; see restart_quiet)
         self.interrupted: list[int] = []
         #: series UIDs whose quiet period was extended for a resend: a released association delivering to
@@ -278,14 +291,14 @@ class StorageSCP:
             return self._store(request)
         except Exception:  # never let one instance take the listener down; never claim success
             log.exception("C-STORE failed unexpectedly")
-            self._count("refused")
+            self._count(StoreCount.REFUSED)
             return PROCESSING_FAILURE
 
     def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
             log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)",
                       self.settings.scp.min_free_disk_mb)
-            self._count("refused")
+            self._count(StoreCount.REFUSED)
             if not self._disk_floor_told:  # once per episode, not once per refused image
                 self._disk_floor_told = True
                 notify(self.settings, "disk-floor", {"free_mb": round(self.store.free_mb(), 1),
@@ -296,7 +309,7 @@ class StorageSCP:
         refusal = self.writer.refusal()
         if refusal is not None:
             log.error("refusing C-STORE: %s", refusal)
-            self._count("refused")
+            self._count(StoreCount.REFUSED)
             return OUT_OF_RESOURCES
         data = req.as_file()
         refused = command_problem(req)
@@ -312,7 +325,7 @@ class StorageSCP:
             path = self.store.quarantine_bytes(data, f"{why} (calling AE {req.peer.calling_ae}, status 0x{status:04X})")
             log.warning("C-STORE from %s refused (0x%04X): %s; kept in quarantine as %s", req.peer.address, status,
                         why, path.name)
-            self._count("refused")
+            self._count(StoreCount.REFUSED)
             return status
         # Only validated UIDs reach the path: distinct UIDs give distinct files, none outside incoming/.
         path = self.store.instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
@@ -331,7 +344,7 @@ class StorageSCP:
             self.store.write_atomic(path, data)
         except OSError as exc:
             log.error("cannot write received instance: %s", exc)
-            self._count("refused")
+            self._count(StoreCount.REFUSED)
             return OUT_OF_RESOURCES
         # On disk now, so the peer may forget it.
         self.stored.add(meta.sop_uid, where)
@@ -361,16 +374,16 @@ class StorageSCP:
         wrote nothing of its own (identical, or kept out) leaves the first copy's file where its row points."""
         if item.path and item.resend not in (Resend.IDENTICAL, Resend.KEPT_FIRST):
             self.store.quarantine_file(Path(item.path), f"{reason} (calling AE {item.calling_aet})")
-        self._count("refused")
+        self._count(StoreCount.REFUSED)
 
     def _recorded(self, new: int, duplicates: int) -> None:
         with self._stats_lock:
-            self.stats["stored"] += new
+            self.stats[StoreCount.STORED] += new
 
     def _resent(self, identical: int, conflicting: int) -> None:
         with self._stats_lock:
-            self.stats["duplicates"] += identical
-            self.stats["conflicts"] += conflicting
+            self.stats[StoreCount.DUPLICATES] += identical
+            self.stats[StoreCount.CONFLICTS] += conflicting
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
