@@ -91,13 +91,8 @@ def _download(root: Path) -> Path:
 def _read_ply_faces(text: str) -> np.ndarray:
     """Triangles of the ASCII PLY (vertex order as in the npz)."""
     head, _, body = text.partition("end_header")
-    n_v = n_f = 0
-    for line in head.splitlines():
-        parts = line.split()
-        if parts[:2] == ["element", "vertex"]:
-            n_v = int(parts[2])
-        elif parts[:2] == ["element", "face"]:
-            n_f = int(parts[2])
+    counts = {p[1]: int(p[2]) for p in (line.split() for line in head.splitlines()) if p[:1] == ["element"]}
+    n_v, n_f = counts.get("vertex", 0), counts.get("face", 0)
     lines = body.strip().splitlines()
     faces = np.array([ln.split() for ln in lines[n_v:n_v + n_f]], dtype=np.int64)
     if faces.shape != (n_f, 4) or not (faces[:, 0] == 3).all():
