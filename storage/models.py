@@ -12,7 +12,7 @@ import datetime as dt
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from .states import JobState, OutboxState, ReviewDecision, SeriesState, Verdict
+from .states import CorrectionState, JobState, ModelState, OutboxState, ReviewDecision, SeriesState, Verdict
 
 
 def utcnow() -> dt.datetime:
@@ -265,3 +265,65 @@ class QualityCheck(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON
     job: Mapped[Job] = relationship(back_populates="quality_checks")
+
+
+class Correction(Base):
+    """A Segmentation object received for images the node segmented: a radiologist's correction of the
+    node's result (or a copy of it, or one the node cannot use, with the reason).
+
+    ``labels_path``: the correction's labels resampled onto the source series' grid, an ``.npz`` (relative to
+    the data folder) with ``classes`` (uint8, slices × rows × columns in the stacked order of the source
+    series' instances, values = the model card's label values, 0 background) and ``sop_uids`` (the source
+    instances in that order). ``metrics``: JSON, per structure and side (``"femur_left"`` ...) ``{"dice",
+    "volume_sent_cm3", "volume_corrected_cm3", "volume_diff_cm3"}`` of what the node sent against the
+    correction, plus per structure without side (``"femur"``); ``mean_dice`` averages the structures present
+    in either. ``holdout``: kept back to evaluate learning rounds (never trained on), decided once, at the
+    hold-out version ``holdout_round``, and never changed after.
+    """
+
+    __tablename__ = "corrections"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)  # the correction's SOP Instance UID
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    seg_series_uid: Mapped[str] = mapped_column(String(64), default="")  # the series it arrived in
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True, index=True)
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"), nullable=True, index=True)  # source
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)  # corrected
+    model_version: Mapped[str] = mapped_column(String(64), default="")  # of the corrected result
+    state: Mapped[str] = mapped_column(String(16), default=CorrectionState.CORRECTED, index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")  # why unusable; notes (segments not matched...)
+    creator: Mapped[str] = mapped_column(String(64), default="")  # Content Creator's Name
+    station: Mapped[str] = mapped_column(String(128), default="")  # Station Name / Manufacturer + model
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    content_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # Content Date/Time: when it was made
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    labels_path: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    mean_dice: Mapped[float | None] = mapped_column(Float, nullable=True)
+    holdout: Mapped[bool] = mapped_column(default=False)
+    holdout_round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class ModelVersion(Base):
+    """One model in the registry: the checkpoint (path, sha256, card), where it came from (parent, the
+    corrections it was trained on and held out against), what it scored, and who made it serve.
+
+    ``path`` is relative to the data folder for models a learning round made, absolute for the bundled or a
+    configured checkpoint. ``metrics``: JSON of the learning round that made it (per-structure Dice of the
+    serving model and of this one on the held-out corrections, the gate's check, the decision in words).
+    """
+
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    card: Mapped[str] = mapped_column(Text, default="{}")  # the model card, JSON
+    parent: Mapped[str] = mapped_column(String(64), default="")  # the version it was fine-tuned from
+    trained_on: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of correction ids
+    held_out: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of correction ids
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16), default=ModelState.CANDIDATE, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    promoted_by: Mapped[str] = mapped_column(String(128), default="")

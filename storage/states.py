@@ -134,6 +134,10 @@ class EventKind(StrEnum):
     DUPLICATES = auto()
     #: a stored SOP Instance UID re-sent with other content or into another series (``DuplicatePolicy``)
     CONFLICTING_RESEND = "conflicting-resend"
+    #: a SEG arrived that corrects (or copies) the node's result for this series (``CorrectionState``)
+    CORRECTION = auto()
+    #: the serving model changed (``dicom-node models promote`` / ``rollback``, or a learning round)
+    MODEL_PROMOTED = "model-promoted"
 
     @classmethod
     def refused(cls, action: str) -> EventKind:
@@ -166,3 +170,34 @@ class Resend(StrEnum):
     KEPT_FIRST = "kept-first"
     #: other content or another series, stored in place of the first copy (``DuplicatePolicy.REPLACE``)
     REPLACED = auto()
+
+
+class CorrectionState(StrEnum):
+    """What a received Segmentation object turned out to be (table ``corrections``).
+
+    Told apart by SOP Instance UID and content, never by series, algorithm type or description: OHIF may
+    save into the node's own series, and 3D Slicer keeps the loaded SEG's AUTOMATIC algorithm type."""
+
+    #: a radiologist's edit of the node's result: scored against what was sent, and training data
+    CORRECTED = auto()
+    #: a saved copy whose labels equal what the node sent: not a verified correction (an unedited result
+    #: is not a confirmed one), never trained on
+    UNCHANGED = auto()
+    #: a SEG the node cannot use (no source series held, unknown segments only, another grid...): the reason
+    #: in words; never segmented, never sent anywhere
+    UNUSABLE = auto()
+    #: an admin deleted it: its label file is gone and it no longer keeps its source images from the purge
+    DELETED = auto()
+
+
+class ModelState(StrEnum):
+    """A model version in the registry (table ``model_versions``): exactly one serves at a time."""
+
+    #: what the workers use for their next job
+    SERVING = auto()
+    #: trained by a learning round, not (yet) promoted
+    CANDIDATE = auto()
+    #: served before; ``dicom-node models rollback`` goes back to the newest of these
+    RETIRED = auto()
+    #: a learning round's candidate that did not beat the serving model on the held-out corrections
+    REJECTED = auto()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "dicom_node"
-STAGES = ["receive", "decide", "infer", "gate", "encode", "deliver"]
+STAGES = ["receive", "decide", "infer", "gate", "encode", "deliver", "learn"]
 ORCHESTRATION = {"service", "scheduler", "pipeline", "__main__"}
 #: sub-packages that are not stages: the admin layer and the settings
 OTHER_PACKAGES = ["watch", "config"]

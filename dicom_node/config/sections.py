@@ -297,3 +297,48 @@ class NotificationSettings:
         _positive("notifications.timeout_seconds", self.timeout_seconds)
         if self.destination_down_minutes < 0:
             raise ConfigError("notifications.destination_down_minutes must be >= 0")
+
+
+@dataclass
+class LearningSettings:
+    """Learning from the radiologists' corrections (``dicom_node/learn``): accuracy monitoring and rounds.
+
+    A round fine-tunes a candidate from the serving model on the corrections not held out, evaluates both
+    on the held-out ones and promotes the candidate only if it wins (``auto_promote`` or ``learn --promote``).
+    """
+
+    #: scheduled rounds (``dicom-node learn`` runs one at any time, whatever this says)
+    enabled: bool = False
+    #: when scheduled rounds run: a crontab line (minute hour day month weekday), the node's local time
+    schedule: str = "0 2 * * *"
+    #: a scheduled round waits until this many corrections arrived since the serving model was trained
+    min_new_corrections: int = 3
+    #: a round's winning candidate becomes the serving model without an admin
+    auto_promote: bool = False
+    #: wall-clock budget of a round's fine-tune
+    minutes: float = 5.0
+    #: share of corrections held out (newest first, at least one); once held out, always held out
+    holdout_fraction: float = 0.2
+    #: ``accuracy-drop`` webhook when the rolling median Dice of a structure falls below this
+    accuracy_floor: float = 0.80
+    #: corrections in the rolling median (per structure, newest first)
+    accuracy_window: int = 10
+    #: where rounds train: auto (GPU when there is one), cpu, cuda
+    device: str = "auto"
+
+    def validate(self) -> None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(self.schedule)
+        except ValueError as exc:
+            raise ConfigError(f"learning.schedule: {self.schedule!r} is not a crontab line ({exc})") from None
+        _positive("learning.min_new_corrections", self.min_new_corrections)
+        _positive("learning.minutes", self.minutes)
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError("learning.holdout_fraction must be between 0 and 1")
+        if not 0 <= self.accuracy_floor <= 1:
+            raise ConfigError("learning.accuracy_floor must be between 0 and 1")
+        _positive("learning.accuracy_window", self.accuracy_window)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"learning.device must be auto, cpu or cuda, got {self.device!r}")

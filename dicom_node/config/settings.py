@@ -10,6 +10,7 @@ from inference.bundled import BUNDLED_MODEL
 from .destinations import Destination
 from .sections import (
     InferenceSettings,
+    LearningSettings,
     NodeSettings,
     NotificationSettings,
     OutputSettings,
@@ -40,6 +41,7 @@ class Settings:
     destinations: list[Destination] = field(default_factory=list)
     sender: SenderSettings = field(default_factory=SenderSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
+    learning: LearningSettings = field(default_factory=LearningSettings)
     sources: list[Source] = field(default_factory=list)
     source: Path | None = None
 
