@@ -1,19 +1,29 @@
-"""The periodic work of the node, driven by APScheduler: the completion scan and job dispatch.
+"""The periodic work of the node, driven by APScheduler: the completion scan, job dispatch, learning rounds.
 
 Both run in this one process's scheduler (``max_instances=1``, so a slow scan never overlaps itself);
 the database, not the scheduler, says which series and jobs are due, so a restart loses nothing. The
 completion check (decide/completion.py) also runs between scans, woken by the recorder, and a series it
 judges complete wakes the dispatch at once: the result does not wait for the next tick of either.
+
+Scheduled learning rounds (``[learning] enabled``, ``schedule``) run as a niced child process
+(``python -m dicom_node learn --json``) from a thread of their own: minutes of CPU that must never hold up the
+listener, the worker or the scan, and that the operating system gives way to them. A file lock in the data folder
+keeps to one round at a time, also across node processes on the host and against a manual ``dicom-node learn``
+started through the scheduler path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
 
 from storage.db import Database
 from storage.instances import purge_delivered_images
@@ -34,6 +44,7 @@ class NodeScheduler:
         self.sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
         self.completion = Completion(settings, db, on_queued=self.wake_dispatch)
         self._woken = threading.Event()
+        self._round: threading.Thread | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -45,7 +56,34 @@ class NodeScheduler:
         self.sched.add_job(self._watchdog, "interval", seconds=max(5.0, s.worker.lease_seconds / 3), id="watchdog")
         if s.retention.purge_images_after_hours > 0:
             self.sched.add_job(self._purge, "interval", minutes=10, id="retention-purge")
+        if s.learning.enabled:
+            self.sched.add_job(self._learn, CronTrigger.from_crontab(s.learning.schedule), id="learning-round")
         self.sched.start()
+
+    def _learn(self) -> None:
+        """Start a learning round in its own thread if enough corrections arrived since the serving model was
+        made and no round is running."""
+        if self._round is not None and self._round.is_alive():
+            log.info("learning round: the previous one is still running")
+            return
+        try:
+            from storage.holdout import new_since
+
+            from .learn.registry import serving_checkpoint
+
+            version = serving_checkpoint(self.settings, self.db)[0]
+            n = len(new_since(self.db, version))
+        except Exception:
+            log.exception("learning round: could not count new corrections")
+            return
+        need = self.settings.learning.min_new_corrections
+        if n < need:
+            log.info("learning round not started: %d new corrections since model %s (waits for %d)", n, version,
+                     need)
+            return
+        self._round = threading.Thread(target=run_learning_child, args=(self.settings,), name="learning-round",
+                                       daemon=True)
+        self._round.start()
 
     def _watchdog(self) -> None:
         """Jobs of workers on this host that died are released at once; expired leases elsewhere are reported
@@ -99,3 +137,42 @@ class NodeScheduler:
         self.pipeline.stopping.set()
         self.completion.stop(timeout)
         self.sched.shutdown(wait=False)
+
+
+def learning_command(settings: Settings) -> list[str]:
+    """The child's command line: the same interpreter and configuration as this node."""
+    cmd = [sys.executable, "-m", "dicom_node"]
+    if settings.source is not None:
+        cmd += ["--config", str(settings.source)]
+    return cmd + ["learn", "--json"]
+
+
+def run_learning_child(settings: Settings, niceness: int = 15) -> int | None:
+    """Run one round as a niced child process under the data folder's round lock; returns its exit status, or
+    None when another round holds the lock."""
+    import fcntl
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.data_dir / "learning.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("learning round not started: another round is running")
+            return None
+        log.info("learning round started (niced child process)")
+        proc = subprocess.run(learning_command(settings), preexec_fn=lambda: os.nice(niceness),  # noqa: PLW1509
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            log.info("learning round finished: %s", _decision(proc.stdout))
+        else:
+            log.warning("learning round stopped: %s", (proc.stderr.strip().splitlines() or ["(no message)"])[-1])
+        return proc.returncode
+
+
+def _decision(stdout: str) -> str:
+    import json
+
+    try:
+        return str(json.loads(stdout).get("decision", ""))
+    except ValueError:
+        return "(no summary)"
