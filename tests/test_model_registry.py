@@ -1,0 +1,138 @@
+"""The model registry: one serving version, promote and rollback (audited, refused in words), the
+configured checkpoint registered at start, learned checkpoints added under their own version, the CLI and
+the dashboard's promote / rollback, and serving processes switching to a promoted model at their next job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node.config import load_settings
+from dicom_node.learn import registry
+from inference.bundled import BUNDLED_MODEL
+from inference.model_card import load_checkpoint, read_card, save_checkpoint
+from storage import model_versions as mv
+from storage.db import Database
+from storage.models import AuditEntry, Event
+from storage.states import EventKind, ModelState
+
+
+def _settings(tmp: Path, model: Path | None = None):
+    env = {"DICOM_NODE_NODE_DATA_DIR": str(tmp / "var")}
+    if model is not None:
+        env["DICOM_NODE_INFERENCE_MODEL_PATH"] = str(model)
+    return load_settings(None, environ=env)
+
+
+def _db(tmp: Path) -> Database:
+    db = Database(f"sqlite:///{tmp / 'var' / 'node.db'}")
+    db.create_schema(tmp / "var")
+    return db
+
+
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory) -> Path:
+    """The bundled weights re-saved with another card version: a real model with another sha256."""
+    out = tmp_path_factory.mktemp("ckpt") / "resaved.safetensors"
+    state, card = load_checkpoint(BUNDLED_MODEL)
+    card.version = "0.2.0+site.1"
+    save_checkpoint(out, state, card)
+    return out
+
+
+def _audit(db: Database) -> list[tuple[str, str, str]]:
+    with db.session() as s:
+        return [(a.action, a.outcome, a.detail) for a in s.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+
+
+def test_one_serving_promote_rollback_and_refusals(tmp_path):
+    db = _db(tmp_path)
+    assert mv.serving(db) is None
+    for v in ("1.0", "1.1", "1.2"):
+        mv.register(db, version=v, path=f"/m/{v}", sha256=v * 8, card_json="{}")
+    with pytest.raises(mv.RegistryError, match="nothing to roll back to"):
+        mv.rollback(db, "cli:alice", "host (local)")
+    assert mv.promote(db, "1.0", "cli:alice") == ("", "1.0")
+    assert mv.promote(db, "1.1", "cli:bob", "10.0.0.1") == ("1.0", "1.1")
+    states = {r.version: r.state for r in mv.list_versions(db)}
+    assert states == {"1.0": ModelState.RETIRED, "1.1": ModelState.SERVING, "1.2": ModelState.CANDIDATE}
+    cur = mv.serving(db)
+    assert cur is not None and cur.promoted_by == "cli:bob" and cur.promoted_at is not None
+    with pytest.raises(mv.RegistryError, match="no model version '9.9'"):
+        mv.promote(db, "9.9", "cli:bob")
+    with pytest.raises(mv.RegistryError, match="serves already"):
+        mv.promote(db, "1.1", "cli:bob")
+    with pytest.raises(mv.RegistryError, match="already registered"):
+        mv.register(db, version="1.1", path="/x", sha256="x", card_json="{}")
+    with pytest.raises(mv.RegistryError, match="another version serves"):
+        mv.register(db, version="2.0", path="/x", sha256="y", card_json="{}", state=ModelState.SERVING)
+    with pytest.raises(mv.RegistryError, match="use promote"):
+        mv.set_state(db, "1.2", ModelState.SERVING)
+    mv.promote(db, "1.2", "round")
+    assert mv.rollback(db, "cli:carol") == ("1.2", "1.1")
+    assert mv.rollback(db, "cli:carol") == ("1.1", "1.2")  # like kubectl rollout undo: undoes the rollback
+    with db.session() as s:
+        serving = s.scalars(select(mv.ModelVersion).where(mv.ModelVersion.state == ModelState.SERVING)).all()
+        events = s.scalars(select(Event.detail).where(Event.kind == EventKind.MODEL_PROMOTED)).all()
+    assert len(serving) == 1 and len(events) == 5
+    audit = _audit(db)
+    assert [(a, o) for a, o, _ in audit] == [
+        ("model-rollback", "refused"), ("model-promote", "done"), ("model-promote", "done"),
+        ("model-promote", "refused"), ("model-promote", "refused"), ("model-promote", "done"),
+        ("model-rollback", "done"), ("model-rollback", "done")]
+    assert "nothing to roll back to" in audit[0][2] and "no model version" in audit[3][2]
+
+
+def test_next_version_counts_per_release(tmp_path):
+    db = _db(tmp_path)
+    assert registry.next_version(db, "0.2.0") == "0.2.0+site.1"
+    mv.register(db, version="0.2.0+site.1", path="/a", sha256="a", card_json="{}")
+    mv.register(db, version="0.2.0+site.7", path="/b", sha256="b", card_json="{}")
+    assert registry.next_version(db, "0.2.0+site.1") == "0.2.0+site.8"
+    assert registry.next_version(db, "0.3.0") == "0.3.0+site.1"
+
+
+def test_configured_checkpoint_registers_once_and_a_new_one_serves(tmp_path, resaved):
+    settings = _settings(tmp_path)
+    db = _db(tmp_path)
+    bundled = read_card(BUNDLED_MODEL).version
+    assert registry.ensure_registered(settings, db) == bundled
+    assert registry.ensure_registered(settings, db) == bundled  # a restart changes nothing
+    version, path, sha = registry.serving_checkpoint(settings, db)
+    assert (version, path, sha) == (bundled, BUNDLED_MODEL.resolve(), registry.sha256_of(BUNDLED_MODEL))
+    # an admin configures another file: new weights, so it serves
+    settings2 = _settings(tmp_path, resaved)
+    assert registry.ensure_registered(settings2, db) == "0.2.0+site.1"
+    # back to the bundled one in the configuration: known weights, the registry's choice stays
+    assert registry.ensure_registered(settings, db) == "0.2.0+site.1"
+    rows = {r.version: r for r in mv.list_versions(db)}
+    assert rows[bundled].state == ModelState.RETIRED and rows["0.2.0+site.1"].promoted_by.startswith("configuration")
+    assert Path(rows["0.2.0+site.1"].path).is_absolute()
+
+
+def test_add_model_copies_under_its_version_and_refuses_clashes(tmp_path, resaved):
+    settings = _settings(tmp_path)
+    db = _db(tmp_path)
+    registry.ensure_registered(settings, db)
+    row = registry.add_model(settings, db, resaved, parent="0.2.0", trained_on=[3, 1], held_out=[2],
+                             metrics={"decision": "promote"})
+    assert row.version == "0.2.0+site.1" and row.state == ModelState.CANDIDATE
+    assert row.path == "models/0.2.0+site.1.safetensors"  # relative to the data folder
+    assert (settings.data_dir / row.path).is_file() and row.sha256 == registry.sha256_of(resaved)
+    assert json.loads(row.trained_on) == [1, 3] and json.loads(row.held_out) == [2]
+    with pytest.raises(mv.RegistryError, match="holds already"):
+        registry.add_model(settings, db, resaved, parent="0.2.0")
+    state, card = load_checkpoint(resaved)
+    for bad in ("../../etc/x", ".hidden", "a/b"):
+        card.version = bad
+        save_checkpoint(tmp_path / "bad.safetensors", state, card)
+        with pytest.raises(mv.RegistryError, match="not a plain version"):
+            registry.add_model(settings, db, tmp_path / "bad.safetensors", parent="0.2.0")
+    assert registry.promote(settings, db, "0.2.0+site.1", "cli:alice", "h (local)")[1] == "0.2.0+site.1"
+    version, path, _ = registry.serving_checkpoint(settings, db)
+    assert version == "0.2.0+site.1" and path == (settings.data_dir / "models" / "0.2.0+site.1.safetensors")
+    assert registry.rollback(settings, db, "cli:alice", "h (local)") == ("0.2.0+site.1", "0.2.0")
+    assert not list((settings.data_dir / "models").glob("*.tmp"))
