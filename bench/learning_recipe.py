@@ -19,7 +19,30 @@ import numpy as np
 NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "pelvis"}
 
 
+def realshape_study(index: int, size: int = 288, pixel: float = 1.5, max_slices: int = 72) -> object:
+    """Shape ``index`` of the real-shape stand-in on the bounded grid the corrections bar uses (T1, from the
+    iliac crest down, slice step the leg's length over ``max_slices`` within 5-10 mm, five planes a slice)."""
+    from dataclasses import replace
+
+    from bench import standin_realshape as sr
+    from inference.phantom import Phantom
+    from inference.synth import ssm
+
+    models = {s: ssm.load(s) for s in ssm.SIDES}
+    case = sr.make_skeleton(index, models)
+    sk = case.skeleton
+    z_top = float(max(v[:, 2].max() for v in sk.hips.values())) + 3
+    z_bot = float(min(leg.ankle_centre[2] for leg in sk.legs.values())) - 10
+    slice_mm = float(np.clip((z_top - z_bot) / max_slices, 5.0, 10.0))
+    ph = sr.render_case(case, ("t1",), size=size, pixel=pixel, slice_mm=slice_mm, sub=5)["t1"]
+    n = min(max_slices, ph.geometry.n_slices)
+    return Phantom(anatomy=None, geometry=replace(ph.geometry, n_slices=n),  # type: ignore[arg-type]
+                   image=np.ascontiguousarray(ph.image[:n]), labels=np.ascontiguousarray(ph.labels[:n]))
+
+
 def family_case(family: str, seed: int):
+    if family == "realshape":
+        return realshape_study(seed)
     if family == "foreign":
         from inference.synth.foreign import make_case
 

@@ -160,7 +160,7 @@ def run_learning_child(settings: Settings, niceness: int = 15) -> int | None:
             log.info("learning round not started: another round is running")
             return None
         log.info("learning round started (niced child process)")
-        proc = subprocess.run(learning_command(settings), preexec_fn=lambda: os.nice(niceness),  # noqa: PLW1509
+        proc = subprocess.run(learning_command(settings), preexec_fn=lambda: os.nice(niceness),
                               capture_output=True, text=True)
         if proc.returncode == 0:
             log.info("learning round finished: %s", _decision(proc.stdout))

@@ -17,7 +17,6 @@ the listener or a worker: a round is minutes of CPU.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
-from storage import holdout
+from storage import holdout, model_versions
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Correction, Instance
@@ -210,7 +209,8 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
         raise RoundError("none of the trainable corrections could be read: "
                          + "; ".join(s_["reason"] for s_ in skipped))
     version = registry.next_version(db, serving_version)
-    out = settings.data_dir / "models" / f"{_safe(version)}.safetensors"
+    # trained into a work folder; the registry copies it into models/ under its version
+    out = settings.data_dir / "learning" / f"{_safe(version)}.safetensors"
     free = ft.free_classes([c for c in train if c.id in {k.correction_id for k in cases}], card)
     res = ft.finetune(serving_path, cases, out, version=version, parent_version=serving_version,
                       minutes=minutes, device=lrn.device, recipe=recipe, max_steps=max_steps, free=free)
@@ -243,7 +243,8 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
         "hold_out_version": holdout.current_version(db),
         "newly_held_out": assignment.held_out, "newly_trainable": assignment.trainable,
         "held_out": sorted(evaluated), "held_out_count": len(evaluated),
-        "trained_on": [c for c in res.card.training["corrections"]], "trained_on_count": len(res.card.training["corrections"]),
+        "trained_on": list(res.card.training["corrections"]),
+        "trained_on_count": len(res.card.training["corrections"]),
         "skipped": skipped,
         "dice": {"serving": serving, "candidate": candidate},
         "mean_dice": {"serving": round(mean_dice(serving), 4), "candidate": round(mean_dice(candidate), 4)},
@@ -256,9 +257,11 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
         "minutes": round((time.perf_counter() - t_round) / 60, 2),
         "wins": decision.wins, "decision": decision.words, "promoted": False,
     }
-    state = ModelState.CANDIDATE if decision.wins else ModelState.REJECTED
     registry.add_model(settings, db, res.path, parent=serving_version, trained_on=summary["trained_on"],
-                       held_out=summary["held_out"], metrics=summary, state=state)
+                       held_out=summary["held_out"], metrics=summary, state=ModelState.CANDIDATE)
+    res.path.unlink(missing_ok=True)
+    if not decision.wins:
+        model_versions.set_state(db, version, ModelState.REJECTED)
     if decision.wins and (promote or lrn.auto_promote):
         registry.promote(settings, db, version, actor or "learning round", address or "local")
         summary["promoted"] = True
