@@ -197,7 +197,8 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
     from inference.model_card import read_card
 
     card = read_card(serving_path)
-    cases, skipped = [], []
+    cases: list[ft.TrainingCase] = []
+    skipped: list[dict] = []
     for c in train:
         try:
             vol, classes = ft.load_correction(c, data.instances, store.resolve)
@@ -207,7 +208,7 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
             skipped.append({"correction": c.id, "reason": str(exc)})
     if not cases:
         raise RoundError("none of the trainable corrections could be read: "
-                         + "; ".join(s_["reason"] for s_ in skipped))
+                         + "; ".join(str(s_["reason"]) for s_ in skipped))
     version = registry.next_version(db, serving_version)
     # trained into a work folder; the registry copies it into models/ under its version
     out = settings.data_dir / "learning" / f"{_safe(version)}.safetensors"
@@ -234,7 +235,7 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
         evals[which] = [e for e in evals[which] if e["correction"] in evaluated]
     if not evaluated:
         raise RoundError("no held-out correction could be evaluated: "
-                         + "; ".join(s_["reason"] for s_ in skipped))
+                         + "; ".join(str(s_["reason"]) for s_ in skipped))
     serving, candidate = _per_structure(evals["serving"]), _per_structure(evals["candidate"])
     misses = sum(1 for e in evals["candidate"] if e["gate_missed"])
     decision = decide(serving, candidate, misses)
