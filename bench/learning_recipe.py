@@ -40,7 +40,19 @@ def realshape_study(index: int, size: int = 288, pixel: float = 1.5, max_slices:
                    image=np.ascontiguousarray(ph.image[:n]), labels=np.ascontiguousarray(ph.labels[:n]))
 
 
-def family_case(family: str, seed: int):
+def family_case(family: str, seed: int, cache: Path | None = None):
+    if cache is not None:
+        f = cache / f"{family}-{seed}.npz"
+        if f.is_file():
+            from inference.phantom import Phantom
+
+            with np.load(f, allow_pickle=True) as z:
+                return Phantom(anatomy=None, geometry=z["geometry"].item(), image=z["image"],  # type: ignore[arg-type]
+                               labels=z["labels"])
+        ph = family_case(family, seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(f, geometry=np.array(ph.geometry, dtype=object), image=ph.image, labels=ph.labels)
+        return ph
     if family == "realshape":
         return realshape_study(seed)
     if family == "foreign":
@@ -88,28 +100,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=Recipe.lr)
     ap.add_argument("--keep-teacher", type=float, default=Recipe.keep_teacher)
     ap.add_argument("--crop", type=int, default=Recipe.crop)
+    ap.add_argument("--train-bn", action="store_true", help="let batch-norm statistics move (default: frozen)")
+    ap.add_argument("--foreground", type=float, default=Recipe.foreground)
     ap.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     ap.add_argument("--free", default="4", help="class values not held to the teacher (those v0.2.0 gets wrong)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/learning_recipe"))
     ap.add_argument("--baseline", action="store_true", help="also score the bundled model")
+    ap.add_argument("--cache", type=Path, help="keep the rendered studies here (pickled geometry: only your own)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     card = read_card(BUNDLED_MODEL)
     t = time.perf_counter()
     cases = []
     for s in (int(v) for v in a.train.split(",")):
-        ph = family_case(a.family, s)
+        ph = family_case(a.family, s, a.cache)
         g = ph.geometry
         c = Case(f"c{s}", ph.image.astype(np.float32), ph.labels, (1, 1, 1), g.row_dir, g.col_dir)
         x, y = prepare_case(c, card.input_size, card.normalisation)
         cases.append(TrainingCase(s, x, y))
-    tests = [family_case(a.family, int(v)) for v in a.test.split(",")]
+    tests = [family_case(a.family, int(v), a.cache) for v in a.test.split(",")]
     prep = time.perf_counter() - t
     rec: dict = {"family": a.family, "train": a.train, "test": a.test, "prepare_s": round(prep, 1)}
     if a.baseline:
         rec["bundled"] = [score(BUNDLED_MODEL, ph) for ph in tests]
         print(json.dumps(rec), flush=True)
-    r = Recipe(lr=a.lr, keep_teacher=a.keep_teacher, crop=a.crop, batch_size=a.batch_size)
+    r = Recipe(lr=a.lr, keep_teacher=a.keep_teacher, crop=a.crop, batch_size=a.batch_size, freeze_bn=not a.train_bn,
+               foreground=a.foreground)
     free = tuple(int(v) for v in a.free.split(",") if v)
     res = finetune(BUNDLED_MODEL, cases, a.out / "cand.safetensors", version="0.2.0-lr", parent_version="0.2.0",
                    minutes=a.minutes, max_steps=a.max_steps, recipe=r, free=free, device="cpu")

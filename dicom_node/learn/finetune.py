@@ -59,6 +59,9 @@ class Recipe:
     aug_rotation_deg: float = 10.0
     #: share of each batch drawn from slices that show a structure (the rest uniformly)
     foreground: float = 0.75
+    #: keep batch-norm statistics at the serving model's: a few studies in batches of a handful of crops
+    #: would otherwise replace them with their own in a hundred steps, and every other image pays for it
+    freeze_bn: bool = True
     seed: int = 0
 
     def describe(self) -> str:
@@ -66,7 +69,8 @@ class Recipe:
                 f"{self.crop or 'none'}; dice + focal (gamma {self.focal_gamma}) + {self.keep_teacher} x KL to "
                 f"the serving model on slices without a structure it got wrong; augmentation scale "
                 f"{self.aug_scale[0]}-{self.aug_scale[1]}, rotation {self.aug_rotation_deg} deg, intensity; "
-                f"{self.foreground:.2f} of each batch from slices with bone; seed {self.seed}")
+                f"{self.foreground:.2f} of each batch from slices with bone; batch-norm "
+                f"{'frozen' if self.freeze_bn else 'trained'}; seed {self.seed}")
 
 
 @dataclass
@@ -182,6 +186,10 @@ def finetune(parent: Path, cases: list[TrainingCase], out: Path, *, version: str
     t0 = time.perf_counter()
     step, losses = 0, []
     net.train()
+    if r.freeze_bn:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     while True:
         elapsed = time.perf_counter() - t0
         if (max_steps and step >= max_steps) or (not max_steps and elapsed >= budget):
@@ -205,8 +213,15 @@ def finetune(parent: Path, cases: list[TrainingCase], out: Path, *, version: str
             logits = net(x)
         loss = dice_focal_loss(logits, y, r.focal_gamma)
         if teacher is not None:
-            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
-                t_logits = teacher(x)
+            # the teacher runs only on the slices keep_teacher_loss holds to it (the frozen network is in eval
+            # mode, so each slice's output is its own): on the CPU that pass is a third of a step
+            held = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+            for k in free:
+                held &= ~(y == k).flatten(1).any(1)
+            t_logits = torch.zeros_like(logits, dtype=torch.float32)
+            if held.any():
+                with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
+                    t_logits[held] = teacher(x[held]).float()
             loss = loss + r.keep_teacher * keep_teacher_loss(logits, t_logits, y, free)
         opt.zero_grad(set_to_none=True)
         loss.backward()

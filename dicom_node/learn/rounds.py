@@ -137,9 +137,13 @@ def _evaluate(predictor, data: _Data, c: Correction, tta: bool) -> dict:
     from ..gate.quality import assess
     from ..infer.compute import segment_series
 
-    vol, classes = ft.load_correction(c, data.instances, data.store.resolve)
     with np.load(data.store.resolve(c.labels_path), allow_pickle=False) as z:
+        classes = np.asarray(z["classes"], dtype=np.uint8)
         uids = [str(u) for u in z["sop_uids"]]
+    missing = [u for u in uids if u not in data.instances or not data.instances[u].path]
+    if missing:
+        raise ft.CorrectionDataError(f"correction {c.id}: {len(missing)} of its {len(uids)} source images are no "
+                                     "longer stored")
     result = segment_series([data.instances[u] for u in uids], predictor, quality=True, tta=tta,
                             locate=data.store.resolve)
     lut = np.zeros(max([sg.number for sg in result.segments] + [0]) + 1, dtype=np.uint8)
@@ -151,7 +155,9 @@ def _evaluate(predictor, data: _Data, c: Correction, tta: bool) -> dict:
         labels = labels[[at[u] for u in uids]]
     report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
                     result.tta_labels, first_labels=result.first_labels)
-    del vol
+    if labels.shape != classes.shape:
+        raise ft.CorrectionDataError(f"correction {c.id}: labels {classes.shape} do not match the source volume "
+                                     f"{labels.shape}")
     d = dice_per_structure(labels, classes, result.card.labels)
     low = any(v < GATE_DICE for v in d.values())
     return {"correction": c.id, "dice": {k: round(v, 4) for k, v in d.items()}, "verdict": str(report.verdict),
@@ -264,9 +270,14 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
     if not decision.wins:
         model_versions.set_state(db, version, ModelState.REJECTED)
     if decision.wins and (promote or lrn.auto_promote):
-        registry.promote(settings, db, version, actor or "learning round", address or "local")
-        summary["promoted"] = True
-        summary["decision"] += f"; promoted: {version} now serves"
+        try:
+            registry.promote(settings, db, version, actor or "learning round", address or "local",
+                             note=f"learning round: {decision.words}")
+        except registry.RegistryError as exc:  # audited as refused by the registry
+            summary["decision"] += f"; not promoted: {exc}"
+        else:
+            summary["promoted"] = True
+            summary["decision"] += f"; promoted: {version} now serves"
     elif decision.wins:
         summary["decision"] += f"; not promoted (dicom-node models promote {version}, or learn --promote)"
     log.info("learning round: %s", summary["decision"])
