@@ -57,7 +57,7 @@ class Recipe:
     focal_gamma: float = 2.0
     aug_scale: tuple[float, float] = (0.85, 1.2)
     aug_rotation_deg: float = 10.0
-    #: share of each batch drawn from slices that show a structure (the rest uniformly)
+    #: share of each batch drawn from slices that show a structure, one structure at a time (the rest uniformly)
     foreground: float = 0.75
     #: keep batch-norm statistics at the serving model's: a few studies in batches of a handful of crops
     #: would otherwise replace them with their own in a hundred steps, and every other image pays for it
@@ -69,7 +69,7 @@ class Recipe:
                 f"{self.crop or 'none'}; dice + focal (gamma {self.focal_gamma}) + {self.keep_teacher} x KL to "
                 f"the serving model on slices without a structure it got wrong; augmentation scale "
                 f"{self.aug_scale[0]}-{self.aug_scale[1]}, rotation {self.aug_rotation_deg} deg, intensity; "
-                f"{self.foreground:.2f} of each batch from slices with bone; batch-norm "
+                f"{self.foreground:.2f} of each batch from slices with bone, balanced by structure; batch-norm "
                 f"{'frozen' if self.freeze_bn else 'trained'}; seed {self.seed}")
 
 
@@ -177,7 +177,10 @@ def finetune(parent: Path, cases: list[TrainingCase], out: Path, *, version: str
     teacher = copy.deepcopy(net).eval().requires_grad_(False) if r.keep_teacher > 0 else None
     xs = torch.cat([c.x for c in cases])
     ys = torch.cat([c.y for c in cases])
-    fg = (ys.flatten(1) > 0).any(1).nonzero()[:, 0]
+    # slices showing each structure: the bone-showing share of a batch picks a structure first, then a slice
+    # with it, so a structure seen on few slices (the pelvis of a whole-leg series) is learnt as often as the rest
+    flat = ys.flatten(1)
+    by_class = [idx for v in range(1, card.num_classes) if len(idx := (flat == v).any(1).nonzero()[:, 0])]
     n, size = xs.shape[0], xs.shape[-1]
     opt = torch.optim.Adam(net.parameters(), lr=r.lr)
     gen = torch.Generator().manual_seed(r.seed)
@@ -197,9 +200,10 @@ def finetune(parent: Path, cases: list[TrainingCase], out: Path, *, version: str
         progress = step / max_steps if max_steps else elapsed / budget
         for g in opt.param_groups:
             g["lr"] = _lr(r, step, progress)
-        k_fg = int(round(r.foreground * r.batch_size)) if len(fg) else 0
-        idx = torch.cat([fg[torch.randint(0, len(fg), (k_fg,), generator=gen)] if k_fg else
-                         torch.zeros(0, dtype=torch.long),
+        k_fg = int(round(r.foreground * r.batch_size)) if by_class else 0
+        picks = [by_class[int(c)] for c in torch.randint(0, len(by_class), (k_fg,), generator=gen)] if k_fg else []
+        idx = torch.cat([torch.stack([p[int(torch.randint(0, len(p), (1,), generator=gen))] for p in picks])
+                         if picks else torch.zeros(0, dtype=torch.long),
                          torch.randint(0, n, (r.batch_size - k_fg,), generator=gen)])
         x = xs[idx].float().to(dev)
         y = ys[idx].long().to(dev)
