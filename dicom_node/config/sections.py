@@ -315,8 +315,9 @@ class LearningSettings:
     min_new_corrections: int = 3
     #: a round's winning candidate becomes the serving model without an admin
     auto_promote: bool = False
-    #: wall-clock budget of a round's fine-tune
-    minutes: float = 5.0
+    #: wall-clock budget of a round's fine-tune (the round adds about 1-2 minutes: loading, and both models on
+    #: the held-out studies); measured in docs/learning.md
+    minutes: float = 6.0
     #: share of corrections held out (newest first, at least one); once held out, always held out
     holdout_fraction: float = 0.2
     #: ``accuracy-drop`` webhook when the rolling median Dice of a structure falls below this
