@@ -44,6 +44,13 @@ def known(db: Database, sop_uid: str) -> int | None:
         return s.scalar(select(Correction.id).where(Correction.sop_uid == sop_uid))
 
 
+def recorded_state(db: Database, sop_uid: str) -> tuple[str, str] | None:
+    """(state, reason) of the correction recorded for ``sop_uid``, if any."""
+    with db.session() as s:
+        row = s.execute(select(Correction.state, Correction.reason).where(Correction.sop_uid == sop_uid)).first()
+        return None if row is None else (row[0], row[1])
+
+
 def find_source_series(db: Database, series_uids: list[str], sop_uids: list[str],
                        frame_of_reference_uid: str) -> int | None:
     """The held series a SEG refers to: by its Referenced Series Sequence, else by the source instances its
