@@ -146,11 +146,11 @@ def match_segment(item: Dataset, labels: Sequence[Label] = DEFAULT_LABELS) -> tu
 
 def _frame_item(ds: Dataset, k: int, seq: str) -> Dataset | None:
     per = ds.get("PerFrameFunctionalGroupsSequence")
-    if per is not None and len(per) > k and seq in per[k] and len(per[k][seq]):
-        return per[k][seq][0]
+    if per is not None and len(per) > k and getattr(per[k], seq, None):
+        return getattr(per[k], seq)[0]
     shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared is not None and len(shared) and seq in shared[0] and len(shared[0][seq]):
-        return shared[0][seq][0]
+    if shared is not None and len(shared) and getattr(shared[0], seq, None):
+        return getattr(shared[0], seq)[0]
     return None
 
 
