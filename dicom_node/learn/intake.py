@@ -24,6 +24,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -116,7 +117,7 @@ class Intake:
         if is_own_result(self.db, inst.sop_uid):
             log.info("instance %s: the node's own SEG came back: ignored", inst.id)
             return "own", ""
-        base = {"sop_class_uid": inst.sop_class_uid[:64], "seg_series_uid": "", "instance_id": inst.id,
+        base: dict[str, Any] = {"sop_class_uid": inst.sop_class_uid[:64], "seg_series_uid": "", "instance_id": inst.id,
                 "calling_ae": (inst.calling_aet or "")[:16]}
         try:
             return self._take(inst, base)
@@ -126,7 +127,7 @@ class Intake:
             record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason, **base)
             return CorrectionState.UNUSABLE, reason
 
-    def _unusable(self, inst: Instance, fields: dict, reason: str) -> tuple[str, str]:
+    def _unusable(self, inst: Instance, fields: dict[str, Any], reason: str) -> tuple[str, str]:
         record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason,
                event_detail=f"unusable: {reason}", **fields)
         log.info("instance %s: not usable as a correction: %s", inst.id, reason)
@@ -171,7 +172,7 @@ class Intake:
         if corrected.by_position:
             notes.append(f"{corrected.by_position} frames placed by position (no source reference)")
         if np.array_equal(sent.classes, corrected.classes):
-            state, metrics, mean = CorrectionState.UNCHANGED, {}, None
+            state, metrics, mean = CorrectionState.UNCHANGED, dict[str, Any](), None
             detail = "unchanged: a saved copy of the result"
         else:
             metrics, mean = score(sent.classes, corrected.classes, grid, declared=_declared(self.root, src_instances))
