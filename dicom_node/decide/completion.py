@@ -316,6 +316,8 @@ class Completion:
         try:
             return self.on_segmentation(series_id)
         except Exception as exc:
-            log.warning("series %s: taking its segmentation objects as corrections failed", series_id, exc_info=True)
+            log.warning("series %s: taking its segmentation objects as corrections failed (%s)", series_id,
+                        type(exc).__name__)
+            log.debug("series %s: corrections intake failed", series_id, exc_info=True)
             return "segmentation object not usable as a correction: " + admin_message(
                 exc, "reading the segmentation objects as corrections")

@@ -98,8 +98,8 @@ class Intake:
         for inst in sorted(instances, key=lambda i: i.id):
             state, reason = self.take(inst)
             outcomes[state] += 1
-            if reason:
-                reasons.append(reason)
+            if reason:  # the series' skip reason is logged: without the segment labels, which are free text
+                reasons.append(reason.split(" (segments:")[0])
         log.info("series %s: %d segmentation objects: %s", series_id, len(instances),
                  ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items())))
         if outcomes[CorrectionState.CORRECTED] or outcomes[CorrectionState.UNCHANGED]:
@@ -122,7 +122,9 @@ class Intake:
         try:
             return self._take(inst, base)
         except Exception as exc:  # never stops the checker: the SEG is recorded as unusable, in words
-            log.warning("instance %s: reading it as a correction failed", inst.id, exc_info=True)
+            # the exception's text may carry UIDs or paths: its type only at warning level, the rest at debug
+            log.warning("instance %s: reading it as a correction failed (%s)", inst.id, type(exc).__name__)
+            log.debug("instance %s: reading it as a correction failed", inst.id, exc_info=True)
             reason = admin_message(exc, "reading the segmentation object as a correction")
             record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason, **base)
             return CorrectionState.UNUSABLE, reason
@@ -130,7 +132,7 @@ class Intake:
     def _unusable(self, inst: Instance, fields: dict[str, Any], reason: str) -> tuple[str, str]:
         record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason,
                event_detail=f"unusable: {reason}", **fields)
-        log.info("instance %s: not usable as a correction: %s", inst.id, reason)
+        log.info("instance %s: not usable as a correction: %s", inst.id, reason.split(" (segments:")[0])
         return CorrectionState.UNUSABLE, reason
 
     def _take(self, inst: Instance, fields: dict) -> tuple[str, str]:
@@ -160,8 +162,11 @@ class Intake:
             return self._unusable(inst, fields, str(exc))
         try:
             sent = read_seg(resolve_stored(self.root, job.seg_path), grid)
-        except (Unusable, OSError, ValueError) as exc:
+        except Unusable as exc:
             return self._unusable(inst, fields, f"the node's own result (job {job.id}) could not be read: {exc}")
+        except (OSError, ValueError) as exc:  # its text names the file (study and series UIDs): not recorded
+            return self._unusable(inst, fields, f"the node's own result (job {job.id}) could not be read "
+                                                f"({getattr(exc, 'strerror', None) or type(exc).__name__})")
         return self._scored(inst, fields, grid, corrected, sent, src_instances)
 
     def _scored(self, inst: Instance, fields: dict, grid: SourceGrid, corrected: SegRead, sent: SegRead,

@@ -217,7 +217,8 @@ def read_seg(source: str | Path | Dataset, grid: SourceGrid, labels: Sequence[La
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     except Exception as exc:
-        raise Unusable(f"unreadable Segmentation object ({type(exc).__name__}: {str(exc)[:160]})") from None
+        # the type only: highdicom's messages may quote UIDs, and the reason is shown and logged
+        raise Unusable(f"unreadable Segmentation object ({type(exc).__name__})") from None
     _check_grid(ds, grid)
     seg_type = str(ds.get("SegmentationType", "") or "").upper()
     value_of: dict[int, int] = {}
