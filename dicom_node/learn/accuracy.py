@@ -128,6 +128,8 @@ class StructureStats:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["points"] = [asdict(p) for p in self.points]
+        #: the rolling median after each correction, newest first (the drift an admin looks for)
+        d["trend"] = [p.rolling for p in reversed(self.points)]
         d["iqr"] = self.iqr
         d["n_outside"] = len(self.outside)
         return d
