@@ -21,6 +21,8 @@ from storage.review import quality_counts
 from storage.states import JobState, Verdict
 
 from ..config import Settings
+from ..learn.accuracy import accuracy_summary
+from .accuracy_view import accuracy_metrics
 from .dashboard_data import STAGES
 from .web_context import Context, require_token
 
@@ -70,6 +72,7 @@ class NodeCollector:
         yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
                                 value=(utcnow() - oldest).total_seconds() if oldest else 0.0)
         yield from self._destinations()
+        yield from accuracy_metrics(accuracy_summary(self.settings, self.db))
         if self.scp_stats is not None:
             cs = CounterMetricFamily("dicomnode_cstore", "C-STORE requests handled", labels=["result"])
             for k, v in self.scp_stats.items():
