@@ -124,9 +124,12 @@ class Node:
         # each committed batch of instances wakes the completion check (off the C-STORE path)
         self.scp.recorder.on_series = self.scheduler.completion.notify
         # a complete series of Segmentation objects is a viewer's correction: the learn stage records it
+        # (and each scored one may move a structure's rolling median below learning.accuracy_floor)
+        from .learn.accuracy import check_accuracy_drop
         from .learn.intake import Intake
 
-        self.scheduler.completion.on_segmentation = Intake(self.db, settings.data_dir)
+        self.scheduler.completion.on_segmentation = Intake(
+            self.db, settings.data_dir, after_corrected=lambda: check_accuracy_drop(settings, self.db))
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app

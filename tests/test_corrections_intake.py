@@ -36,6 +36,20 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def node(tmp_path_factory, pacs):
+    """The shared node's configuration, with an accuracy floor no demo result reaches, so that the third
+    scored correction must raise accuracy-drop (the intake's call into the accuracy check)."""
+    from conftest import NodeProcess
+
+    n = NodeProcess(tmp_path_factory.mktemp("node"), pacs,
+                    extra='allowed_calling_aets = ["GOODSCU", "STORESCU", "DICOMNODE", "ECHOSCU"]',
+                    more="[learning]\naccuracy_floor = 0.999\naccuracy_window = 3\n")
+    yield n
+    n.stop()
+    assert n.proc.returncode in (0, -15), n.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
 def loop(node, pacs: PacsSCP, tmp_path_factory):
     """The node with one segmented source series: (node, pacs, work folder, source paths, truth, job row)."""
     tmp = tmp_path_factory.mktemp("corr")
@@ -173,6 +187,24 @@ def test_dcmqi_slicer_seg_automatic_is_a_correction(loop):
     assert c["state"] == "corrected", c
     assert c["creator"] == "Slicer"
     assert c["metrics"]["femur"]["dice"] == pytest.approx(loop["ohif"]["metrics"]["femur"]["dice"], abs=1e-4)
+
+
+def test_third_scored_correction_below_the_floor_raises_accuracy_drop(loop):
+    """Three corrections (OHIF binary, label map, Slicer) under a floor of 0.999: the intake's check records
+    accuracy-drop (the webhook's record) for the serving version, once per structure."""
+    from storage.models import Event
+    from storage.states import EventKind
+
+    def drops():
+        db = loop["node"].db()
+        try:
+            with db.session() as s:
+                return s.scalars(select(Event.detail).where(Event.kind == EventKind.ACCURACY_DROP)).all()
+        finally:
+            db.dispose()
+
+    found = wait_for(drops, 20, 0.2, "an accuracy-drop event")
+    assert len(found) == len(set(found)), found  # one per structure, not one per correction
 
 
 def test_own_seg_echoed_is_ignored_and_an_unchanged_copy_is_recorded_as_such(loop):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,11 @@ class Intake:
     """The completion checker's callback for a series of Segmentation objects (dicom_node/service.py wires
     it): records each instance, returns the series' skip reason in words."""
 
-    def __init__(self, db: Database, root: str | os.PathLike):
+    def __init__(self, db: Database, root: str | os.PathLike, after_corrected: Callable[[], object] | None = None):
         self.db = db
         self.root = Path(root)
+        #: called once per series that brought a scored correction (the service checks accuracy-drop there)
+        self.after_corrected = after_corrected
 
     def __call__(self, series_id: int) -> str:
         _, instances = series_instances(self.db, series_id)
@@ -102,6 +105,8 @@ class Intake:
                 reasons.append(reason.split(" (segments:")[0])
         log.info("series %s: %d segmentation objects: %s", series_id, len(instances),
                  ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items())))
+        if outcomes[CorrectionState.CORRECTED] and self.after_corrected is not None:
+            self.after_corrected()
         if outcomes[CorrectionState.CORRECTED] or outcomes[CorrectionState.UNCHANGED]:
             return TAKEN
         if outcomes["own"] and not outcomes[CorrectionState.UNUSABLE]:
