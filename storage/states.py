@@ -138,6 +138,9 @@ class EventKind(StrEnum):
     CORRECTION = auto()
     #: the serving model changed (``dicom-node models promote`` / ``rollback``, or a learning round)
     MODEL_PROMOTED = "model-promoted"
+    #: a job ran on another model than the job before (the promoted one), or the promoted one could not be
+    #: loaded and the job ran on the one before (the reason in words)
+    MODEL = auto()
 
     @classmethod
     def refused(cls, action: str) -> EventKind:

@@ -21,7 +21,7 @@ from storage.states import EventKind, ModelState
 
 
 def _settings(tmp: Path, model: Path | None = None):
-    env = {"DICOM_NODE_NODE_DATA_DIR": str(tmp / "var")}
+    env = {"DICOM_NODE_NODE_DATA_DIR": str(tmp / "var"), "DICOM_NODE_QUALITY_TTA": "false"}
     if model is not None:
         env["DICOM_NODE_INFERENCE_MODEL_PATH"] = str(model)
     return load_settings(None, environ=env)
@@ -136,3 +136,88 @@ def test_add_model_copies_under_its_version_and_refuses_clashes(tmp_path, resave
     assert version == "0.2.0+site.1" and path == (settings.data_dir / "models" / "0.2.0+site.1.safetensors")
     assert registry.rollback(settings, db, "cli:alice", "h (local)") == ("0.2.0+site.1", "0.2.0")
     assert not list((settings.data_dir / "models").glob("*.tmp"))
+
+
+class _PromotesWhileRunning:
+    """The real predictor; its first ``predict`` promotes another model, i.e. while the job runs."""
+
+    def __init__(self, real, promote):
+        self._real, self._promote = real, promote
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def predict(self, *a, **kw):
+        if self._promote is not None:
+            self._promote()
+            self._promote = None
+        return self._real.predict(*a, **kw)
+
+
+def _queue_series(db: Database, folder: Path, seed: int) -> int:
+    import time
+
+    import pydicom
+    from conftest import write_series
+
+    from dicom_node.receive.headers import to_meta
+    from storage.instances import Recorder
+    from storage.jobs import mark_judged
+    from storage.series import stable_series
+
+    _, paths = write_series(folder, seed=seed, n_slices=12, size=64)
+    rec = Recorder(db)
+    for p in paths:
+        assert rec.record(to_meta(pydicom.dcmread(p, stop_before_pixels=True)), str(p), p.stat().st_size)
+    time.sleep(0.05)
+    (series_id,) = stable_series(db, 0.01)
+    return mark_judged(db, series_id, queue=True, reason="", expected_count=len(paths))
+
+
+def test_a_promoted_model_serves_from_the_next_job_without_restart(tmp_path, resaved):
+    """A pipeline as serve and worker build it (real bundled model, real second checkpoint): B is promoted
+    while a job runs on A; that job finishes on A and records A, the next records B; a promoted model that
+    cannot be loaded leaves B in place, with the reason on the job's timeline."""
+    from dicom_node.pipeline import Pipeline
+    from dicom_node.service import make_predictor
+    from storage.filestore import FileStore
+    from storage.models import Job
+
+    settings = _settings(tmp_path)
+    db = _db(tmp_path)
+    a = registry.ensure_registered(settings, db)
+    b = registry.add_model(settings, db, resaved, parent=a).version
+    promote_b = [lambda: registry.promote(settings, db, b, "cli:test", "here")]
+    loads: list[str] = []
+
+    def factory(path=None):
+        real = make_predictor(settings, path)
+        loads.append(real.card.version)
+        return _PromotesWhileRunning(real, promote_b.pop() if promote_b else None)
+
+    pipeline = Pipeline(settings, db, FileStore(settings.data_dir, fsync=False), factory,
+                        model_source=lambda: registry.serving_checkpoint(settings, db))
+    _ = pipeline.predictor  # the node's preload
+    jobs = [_queue_series(db, tmp_path / f"s{i}", seed=80 + i) for i in range(3)]
+    assert pipeline.run_next()
+    assert mv.serving(db).version == b  # promoted while the first job ran
+    assert pipeline.run_next()
+    # a third version whose file is damaged: the next job stays on B and says why
+    broken = settings.data_dir / "models" / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    mv.register(db, version="0.2.0+site.9", path="models/broken.safetensors", sha256="0" * 64, card_json="{}")
+    registry.promote(settings, db, "0.2.0+site.9", "cli:test", "here")
+    assert pipeline.run_next()
+    with db.session() as s:
+        used = [s.get(Job, j).model_version for j in jobs]
+        states = [s.get(Job, j).state for j in jobs]
+        notes = {j: s.scalars(select(Event.detail).where(Event.job_id == j, Event.kind == EventKind.MODEL)).all()
+                 for j in jobs}
+    assert all(st in ("delivering", "review", "done") for st in states), states  # encoded, none failed
+    assert used == [a, b, b]
+    assert loads == [a, b]  # loaded once each: no reload for a job whose model did not change
+    assert notes[jobs[0]] == [] and notes[jobs[1]] == [f"this job runs on model {b}, promoted since the last job "
+                                                       f"(was {a})"]
+    assert len(notes[jobs[2]]) == 1 and notes[jobs[2]][0].startswith(
+        f"the serving model could not be loaded, so this job runs on model {b}: ")
+    assert "not a safetensors checkpoint" in notes[jobs[2]][0]
