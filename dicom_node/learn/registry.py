@@ -46,8 +46,8 @@ _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 #: who the configured checkpoint's promotion is recorded as
 CONFIGURATION = "configuration (inference.model_path)"
 
-__all__ = ["RegistryError", "models_dir", "ensure_registered", "serving_checkpoint", "add_model", "promote",
-           "rollback", "next_version", "sha256_of"]
+__all__ = ["RegistryError", "metrics_summary", "models_dir", "ensure_registered", "serving_checkpoint",
+           "add_model", "promote", "rollback", "next_version", "sha256_of"]
 
 
 def models_dir(settings: Settings) -> Path:
@@ -161,6 +161,23 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
     row = mv.get(db, version)
     assert row is not None
     return row
+
+
+def metrics_summary(metrics: dict) -> str:
+    """One line of the learning round that made a version (its stored metrics, see learn/rounds.py): mean Dice
+    of the serving model and of this one on the held-out corrections, per structure, and the decision."""
+    mean = metrics.get("mean_dice")
+    if not isinstance(mean, dict) or not all(isinstance(mean.get(k), int | float) for k in ("serving", "candidate")):
+        return str(metrics.get("decision", ""))
+    line = (f"held-out mean Dice {mean['serving']:.3f} (serving {metrics.get('serving_version', '?')}) → "
+            f"{mean['candidate']:.3f} (this) on {metrics.get('held_out_count', '?')} corrections")
+    dice = metrics.get("dice")
+    if isinstance(dice, dict) and isinstance(dice.get("serving"), dict) and isinstance(dice.get("candidate"), dict):
+        per = [f"{k} {v:.2f}→{dice['candidate'][k]:.2f}" for k, v in sorted(dice["serving"].items())
+               if isinstance(v, int | float) and isinstance(dice["candidate"].get(k), int | float)]
+        if per:
+            line += " (" + ", ".join(per) + ")"
+    return line + (f"; {metrics['decision']}" if metrics.get("decision") else "")
 
 
 def promote(settings: Settings, db: Database, version: str, actor: str, address: str,
