@@ -221,3 +221,121 @@ def test_a_promoted_model_serves_from_the_next_job_without_restart(tmp_path, res
     assert len(notes[jobs[2]]) == 1 and notes[jobs[2]][0].startswith(
         f"the serving model could not be loaded, so this job runs on model {b}: ")
     assert "not a safetensors checkpoint" in notes[jobs[2]][0]
+
+
+def _fake_candidate(db: Database, version: str = "0.2.0+site.1") -> str:
+    """A registry row for a candidate (promoting it on the dashboard never loads its file)."""
+    mv.register(db, version=version, path=f"models/{version}.safetensors", sha256="c" * 64,
+                card_json=json.dumps({"name": "lower-limb-bones", "version": version}), parent="0.2.0",
+                trained_on=[1, 2], held_out=[3], metrics={"mean_dice": {"serving": 0.61, "candidate": 0.9},
+                                                          "serving_version": "0.2.0", "held_out_count": 1,
+                                                          "decision": "the candidate wins"})
+    return version
+
+
+def _model_audit(db: Database) -> list[dict]:
+    from storage.timeline import audit_log
+
+    return [a for a in reversed(audit_log(db)) if a["action"].startswith("model-")]
+
+
+def test_dashboard_promote_and_rollback_need_the_token_and_csrf_and_are_audited(tmp_path):
+    import re
+
+    from test_hostile_web import TOKEN, Dashboard, request
+
+    d = Dashboard(tmp_path, f'token = "{TOKEN}"')
+    try:
+        settings = load_settings(d.config)
+        bundled = registry.ensure_registered(settings, d.db)
+        v = _fake_candidate(d.db)
+        url = f"{d.base}/api/models/{v.replace('+', '%2B')}/promote"
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        cookie = {"Cookie": f"dicomnode_token={TOKEN}"}
+        assert request(f"{d.base}/api/models")[0] == 401
+        status, _, body = request(f"{d.base}/api/models", headers=bearer)
+        listed = {m["version"]: m for m in json.loads(body)}
+        assert status == 200 and listed[bundled]["state"] == "serving" and listed[v]["trained_on"] == [1, 2]
+        assert listed[v]["summary"].startswith("held-out mean Dice 0.610 (serving 0.2.0) → 0.900 (this)")
+        # refused: no token; the token's cookie from another site; the cookie without the page's CSRF token
+        assert request(url, "POST", {"Content-Type": "application/json"}, b"{}")[0] == 401
+        assert request(url, "POST", {"Content-Type": "application/json"}, b"{}")[0] == 401  # audited once a minute
+        assert request(url, "POST", {**cookie, "Origin": "http://evil.example"}, b"")[0] == 403
+        assert request(url, "POST", {**cookie, "Origin": d.base,
+                                     "Content-Type": "application/x-www-form-urlencoded"}, b"by=x")[0] == 403
+        assert mv.serving(d.db).version == bundled
+        refused = _model_audit(d.db)[1:]  # after the configured model's registration
+        assert _model_audit(d.db)[0]["actor"] == "configuration (inference.model_path)"
+        assert [(a["action"], a["outcome"]) for a in refused] == [("model-promote", "refused")] * 3
+        assert [a["detail"][:8] for a in refused] == ["HTTP 401", "HTTP 403", "HTTP 403"]
+        assert "another origin" in refused[1]["detail"] and "CSRF" in refused[2]["detail"]
+        # the JSON API with the token
+        status, _, body = request(url, "POST", {**bearer, "Content-Type": "application/json"},
+                                  json.dumps({"by": "ops script", "reason": "round 3 won"}).encode())
+        assert status == 200 and json.loads(body) == {"old": bundled, "serving": v, "by": "ops script (web token)"}
+        assert mv.serving(d.db).version == v
+        # the page's own form: the CSRF token in the action URL, from the page
+        status, _, page = request(f"{d.base}/models", headers=cookie)
+        assert status == 200 and f'data-version="{v}" data-state="serving"' in page.decode()
+        assert 'href="models"' in request(f"{d.base}/", headers=cookie)[2].decode()  # in the nav
+        csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page).group(1).decode()
+        status, _, page = request(f"{d.base}/models/rollback?csrf_token={csrf}", "POST",
+                                  {**cookie, "Origin": d.base, "Content-Type": "application/x-www-form-urlencoded"},
+                                  b"by=Dr+Alice&reason=worse+on+knees")
+        assert status == 200 and f'data-version="{bundled}" data-state="serving"' in page.decode()  # redirected
+        assert mv.serving(d.db).version == bundled
+        # refusals by the registry: an unknown version; promoting the serving one (a form shows why)
+        assert request(f"{d.base}/api/models/9.9/promote", "POST", bearer)[0] == 404
+        status, _, page = request(f"{d.base}/models/{bundled}/promote?csrf_token={csrf}", "POST",
+                                  {**cookie, "Origin": d.base, "Content-Type": "application/x-www-form-urlencoded"},
+                                  b"by=Bob")
+        assert status == 409 and "Refused: version 0.2.0 serves already" in page.decode()
+        done = [a for a in _model_audit(d.db) if a["outcome"] == "done"][1:]
+        assert [(a["action"], a["actor"], a["address"]) for a in done] == [
+            ("model-promote", "ops script (web token)", "127.0.0.1"),
+            ("model-rollback", "Dr Alice (web token)", "127.0.0.1")]
+        assert "round 3 won" in done[0]["detail"] and "worse on knees" in done[1]["detail"]
+        last = _model_audit(d.db)[-2:]
+        assert [(a["outcome"], a["detail"]) for a in last] == [
+            ("refused", "no model version '9.9' (see: dicom-node models)"), ("refused", "version 0.2.0 serves already")]
+    finally:
+        d.stop()
+
+
+def test_cli_models_round_trip(tmp_path):
+    import getpass
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(config), "models", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=ENV)
+
+    r = cli("rollback")
+    assert r.returncode == 1 and "not rolled back: nothing to roll back to" in r.stderr
+    db = _db(tmp_path)
+    v = _fake_candidate(db)
+    r = cli("promote", "0.9.9")
+    assert r.returncode == 1 and "not promoted: no model version '0.9.9' (see: dicom-node models)" in r.stderr
+    r = cli("promote", v, "--reason", "it won")
+    assert r.returncode == 0 and f"model {v} serves now (was 0.2.0)" in r.stdout, r.stderr
+    r = cli()
+    assert r.returncode == 0 and f"* {v}" in r.stdout and "trained on corrections 1 2; held out 3" in r.stdout
+    assert f"promoted by cli:{getpass.getuser()}" not in r.stdout and f"by cli:{getpass.getuser()}" in r.stdout
+    r = cli("--json")
+    rows = {m["version"]: m for m in json.loads(r.stdout)}
+    assert rows[v]["state"] == "serving" and rows["0.2.0"]["state"] == "retired" and len(rows[v]["sha256"]) == 64
+    assert cli("rollback").returncode == 0
+    assert mv.serving(db).version == "0.2.0"
+    audit = _model_audit(db)
+    assert [(a["action"], a["outcome"], a["actor"]) for a in audit] == [
+        ("model-promote", "done", "configuration (inference.model_path)"),  # the first command registered it
+        *[(action, outcome, f"cli:{getpass.getuser()}") for action, outcome in (
+            ("model-rollback", "refused"), ("model-promote", "refused"), ("model-promote", "done"),
+            ("model-rollback", "done"))]]
+    assert all(a["address"].endswith("(local)") for a in audit)

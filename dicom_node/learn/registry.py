@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,9 +46,16 @@ log = logging.getLogger("dicom_node.learn.registry")
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 #: who the configured checkpoint's promotion is recorded as
 CONFIGURATION = "configuration (inference.model_path)"
+#: where a promotion the node made itself came from (as the CLI's actions: this host)
+_LOCAL = f"{socket.gethostname()} (local)"
 
 __all__ = ["RegistryError", "metrics_summary", "models_dir", "ensure_registered", "serving_checkpoint",
            "add_model", "promote", "rollback", "next_version", "sha256_of"]
+
+
+def _plain(version: str) -> bool:
+    """Usable in a file name and a URL path segment."""
+    return _VERSION.fullmatch(version) is not None and ".." not in version
 
 
 def models_dir(settings: Settings) -> Path:
@@ -75,7 +83,9 @@ def ensure_registered(settings: Settings, db: Database) -> str:
     sha = sha256_of(path)
     known = mv.by_sha256(db, sha)
     if known is None:
-        version = card.version if mv.get(db, card.version) is None else f"{card.version}+sha.{sha[:8]}"
+        version = card.version if _plain(card.version) else f"sha.{sha[:12]}"
+        if mv.get(db, version) is not None:  # retrained elsewhere under the same version string
+            version = f"{version.split('+', 1)[0]}+sha.{sha[:8]}"
         try:
             mv.register(db, version=version, path=str(path), sha256=sha, card_json=card.to_json())
         except (IntegrityError, RegistryError):  # another process (serve and a worker) registered it just now
@@ -91,7 +101,7 @@ def ensure_registered(settings: Settings, db: Database) -> str:
     current = mv.serving(db)
     if current is None or (known is None and current.sha256 != sha):
         try:
-            mv.promote(db, known_version, CONFIGURATION, f"{os.uname().nodename} (local)",
+            mv.promote(db, known_version, CONFIGURATION, _LOCAL,
                        "a new checkpoint in the configuration" if current else "the node's first model")
         except RegistryError:  # another process promoted it in between
             pass
@@ -133,7 +143,7 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
     already, or weights registered already under another version. ``state=SERVING`` promotes it at once."""
     card = read_card(checkpoint)
     version = card.version
-    if not _VERSION.fullmatch(version) or ".." in version:
+    if not _plain(version):
         raise RegistryError(f"the checkpoint's card names version {version!r}, which is not a plain version "
                             "string (letters, digits, . + _ -)")
     if mv.get(db, version) is not None:
@@ -157,7 +167,7 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
                 card_json=card.to_json(), parent=parent, trained_on=trained_on, held_out=held_out,
                 metrics=metrics, state=ModelState.CANDIDATE)
     if first:
-        mv.promote(db, version, "learning round", f"{os.uname().nodename} (local)", "registered as serving")
+        mv.promote(db, version, "learning round", _LOCAL, "registered as serving")
     row = mv.get(db, version)
     assert row is not None
     return row
