@@ -95,6 +95,15 @@ class _Heartbeat:
             raise LeaseLost(f"job {self.job_id} was taken over by another worker")
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why the serving model could not be loaded, in words (a model file's path is no patient data)."""
+    if isinstance(exc, (Explained, ModelCardError, UnsafePath)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"its checkpoint file is missing ({exc.filename or exc})"
+    return admin_message(exc, "loading the serving model")
+
+
 class Pipeline:
     def __init__(self, settings: Settings, db: Database, store: FileStore, predictor_factory, owner: str | None = None,
                  model_source: Callable[[], tuple[str, Path, str]] | None = None):
@@ -126,7 +135,7 @@ class Pipeline:
                     self._predictor = self._serving_predictor(None)
                 except Exception as exc:  # the node still starts, on its configured model; each job tries again
                     log.error("the serving model could not be loaded (%s); starting on the configured model",
-                              exc if isinstance(exc, (Explained, ModelCardError)) else admin_message(exc, "loading it"))
+                              _load_failure(exc))
                     self._predictor = self._predictor_factory()
         return self._predictor
 
@@ -149,7 +158,7 @@ class Pipeline:
         except Exception as exc:
             if loaded is None:
                 raise
-            why = str(exc) if isinstance(exc, (Explained, ModelCardError)) else admin_message(exc, "loading it")
+            why = _load_failure(exc)
             detail = (f"the serving model could not be loaded, so this job runs on model {loaded.card.version}: "
                       f"{why}")
             log.error("job %s: %s", job_id, detail)
@@ -160,6 +169,12 @@ class Pipeline:
         before = loaded.card.version if loaded is not None else ""
         self._predictor = new
         if loaded is not None:
+            on_gpu = str(getattr(loaded, "device", "")).startswith("cuda")
+            del loaded
+            if on_gpu:  # hand the old model's memory back to the card, not only to torch's cache
+                import torch
+
+                torch.cuda.empty_cache()
             log.info("switched to model %s (was %s)", version, before)
             if job_id is not None:
                 job_event(self.db, job_id, EventKind.MODEL, f"this job runs on model {version}, promoted since the "

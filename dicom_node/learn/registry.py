@@ -79,10 +79,10 @@ def ensure_registered(settings: Settings, db: Database) -> str:
     configuration names the starting point, the registry what serves now). If nothing serves (an empty
     registry), the configured one serves. Refuses (ModelCardError) a file without a model card."""
     path = Path(os.path.abspath(settings.model_path))
-    card = read_card(path)
     sha = sha256_of(path)
     known = mv.by_sha256(db, sha)
     if known is None:
+        card = read_card(path)  # only for a new file: reading a card imports torch (seconds for a CLI command)
         version = card.version if _plain(card.version) else f"sha.{sha[:12]}"
         if mv.get(db, version) is not None:  # retrained elsewhere under the same version string
             version = f"{version.split('+', 1)[0]}+sha.{sha[:8]}"
