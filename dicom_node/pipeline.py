@@ -233,6 +233,7 @@ class Pipeline:
             return
         series, instances = series_instances(self.db, series_id)
         doing.append("loading the model")
+        _ = self.predictor  # the first load, which falls back to the configured model
         predictor = self._serving_predictor(job_id)
         doing.append("loading the images")
 

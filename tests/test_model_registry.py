@@ -134,6 +134,14 @@ def test_add_model_copies_under_its_version_and_refuses_clashes(tmp_path, resave
     assert registry.promote(settings, db, "0.2.0+site.1", "cli:alice", "h (local)")[1] == "0.2.0+site.1"
     version, path, _ = registry.serving_checkpoint(settings, db)
     assert version == "0.2.0+site.1" and path == (settings.data_dir / "models" / "0.2.0+site.1.safetensors")
+    # a backup keeps the learned checkpoints, and a restored folder finds the serving one in its own models/
+    from dicom_node.watch.backup import backup
+
+    backup(settings, tmp_path / "restored" / "var")
+    restored = _settings(tmp_path / "restored")
+    assert registry.serving_checkpoint(restored, _db(tmp_path / "restored"))[1:] == (
+        tmp_path / "restored" / "var" / "models" / "0.2.0+site.1.safetensors", row.sha256)
+    assert registry.sha256_of(tmp_path / "restored" / "var" / row.path) == row.sha256
     assert registry.rollback(settings, db, "cli:alice", "h (local)") == ("0.2.0+site.1", "0.2.0")
     assert not list((settings.data_dir / "models").glob("*.tmp"))
 
