@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from test_durability import db_url  # noqa: F401  (the fixture: SQLite, and PostgreSQL where configured)
 
 from dicom_node.config import load_settings
 from dicom_node.learn import registry
@@ -350,3 +351,56 @@ def test_cli_models_round_trip(tmp_path, capsys):
             ("model-rollback", "refused"), ("model-promote", "refused"), ("model-promote", "done"),
             ("model-rollback", "done"))]]
     assert all(a["address"].endswith("(local)") for a in audit)
+
+
+def test_concurrent_promotes_and_registrations_leave_one_serving(db_url, tmp_path):  # noqa: F811
+    """Serve and workers register the configured model at the same moment, and admins promote two versions at
+    once, on SQLite and PostgreSQL: one registration, exactly one serving version, and the loser told why."""
+    import threading
+
+    settings = load_settings(None, environ={"DICOM_NODE_NODE_DATA_DIR": str(tmp_path / "var"),
+                                            "DICOM_NODE_NODE_DATABASE_URL": db_url})
+    db = Database(db_url)
+    db.create_schema(tmp_path / "var")
+    try:
+        barrier = threading.Barrier(3)
+        results: list[object] = []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                results.append(registry.ensure_registered(settings, db))
+            except Exception as exc:  # recorded for the assertion below
+                results.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == ["0.2.0"] * 3, results
+        for v in ("1.0", "2.0"):
+            mv.register(db, version=v, path=f"/m/{v}", sha256=v * 8, card_json="{}")
+        barrier = threading.Barrier(2)
+        outcomes: dict[str, object] = {}
+
+        def promote(v: str) -> None:
+            barrier.wait()
+            try:
+                outcomes[v] = mv.promote(db, v, f"admin {v}")
+            except mv.RegistryError as exc:
+                outcomes[v] = exc
+
+        threads = [threading.Thread(target=promote, args=(v,)) for v in ("1.0", "2.0")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rows = mv.list_versions(db)
+        assert [r.state for r in rows].count(ModelState.SERVING) == 1
+        assert len(rows) == 3 and all(isinstance(o, tuple) for o in outcomes.values()), outcomes
+        # both won in turn: the later one serves, the earlier one retired, the bundled one retired
+        serving = mv.serving(db)
+        assert serving is not None and outcomes[serving.version][1] == serving.version
+    finally:
+        db.dispose()

@@ -156,16 +156,14 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
     try:
         shutil.copyfile(checkpoint, tmp)
         sha = sha256_of(tmp)
-        same = mv.by_sha256(db, sha)
-        if same is not None:
-            raise RegistryError(f"these weights are registered already, as version {same.version}")
-        os.replace(tmp, dest)
+        # renamed into place under the registry's lock: a file left by an interrupted attempt is replaced, one
+        # that a registered version names never is (register refuses that version, under the same lock)
+        mv.register(db, version=version, path=stored_path(settings.data_dir, dest), sha256=sha,
+                    card_json=card.to_json(), parent=parent, trained_on=trained_on, held_out=held_out,
+                    metrics=metrics, state=ModelState.CANDIDATE, place=lambda: os.replace(tmp, dest))
     finally:
         tmp.unlink(missing_ok=True)
     first = state == ModelState.SERVING
-    mv.register(db, version=version, path=stored_path(settings.data_dir, dest), sha256=sha,
-                card_json=card.to_json(), parent=parent, trained_on=trained_on, held_out=held_out,
-                metrics=metrics, state=ModelState.CANDIDATE)
     if first:
         mv.promote(db, version, "learning round", _LOCAL, "registered as serving")
     row = mv.get(db, version)
