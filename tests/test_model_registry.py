@@ -283,6 +283,8 @@ def test_dashboard_promote_and_rollback_need_the_token_and_csrf_and_are_audited(
                                   json.dumps({"by": "ops script", "reason": "round 3 won"}).encode())
         assert status == 200 and json.loads(body) == {"old": bundled, "serving": v, "by": "ops script (web token)"}
         assert mv.serving(d.db).version == v
+        metrics = request(f"{d.base}/metrics", headers=bearer)[2].decode()
+        assert f'dicomnode_model_serving_info{{sha256="{"c" * 64}",version="{v}"}} 1.0' in metrics
         # the page's own form: the CSRF token in the action URL, from the page
         status, _, page = request(f"{d.base}/models", headers=cookie)
         assert status == 200 and f'data-version="{v}" data-state="serving"' in page.decode()
