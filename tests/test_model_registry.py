@@ -174,7 +174,7 @@ def _queue_series(db: Database, folder: Path, seed: int) -> int:
     from storage.jobs import mark_judged
     from storage.series import stable_series
 
-    _, paths = write_series(folder, seed=seed, n_slices=12, size=64)
+    _, paths = write_series(folder, seed=seed, n_slices=8, size=64)
     rec = Recorder(db)
     for p in paths:
         assert rec.record(to_meta(pydicom.dcmread(p, stop_before_pixels=True)), str(p), p.stat().st_size)
