@@ -143,6 +143,9 @@ class EventKind(StrEnum):
     ACCURACY_DROP = "accuracy-drop"
     #: that rolling median is back at or above the floor: a later drop is notified again
     ACCURACY_RECOVERED = "accuracy-recovered"
+    #: a job ran on another model than the job before (the promoted one), or the promoted one could not be
+    #: loaded and the job ran on the one before (the reason in words)
+    MODEL = auto()
 
     @classmethod
     def refused(cls, action: str) -> EventKind:

@@ -10,10 +10,9 @@ then left to the retention purge again.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
-import socket
+
+from .cli_base import cli_actor, cli_address
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,17 +22,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", choices=["corrected", "unchanged", "unusable", "deleted"], help="only this state")
     p.add_argument("--delete", type=int, metavar="ID", help="delete correction ID (its label file, audit-logged)")
     p.set_defaults(func=cmd_corrections)
-
-
-def _actor() -> str:
-    """Who deletes, for the audit trail, as the other admin commands write it (watch/cli.py ``cli_actor``,
-    not imported: cli imports this module)."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name (a container without passwd entry): the numeric id still says who
-        user = f"uid {os.getuid()}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"cli:{user}" + (f" (sudo by {sudo})" if sudo and sudo != user else "")
 
 
 def _dice_words(metrics: dict) -> str:
@@ -70,7 +58,7 @@ def cmd_corrections(args) -> int:
     settings = load_settings(args.config)
     db = open_storage(settings)[0]
     if args.delete is not None:
-        said = delete_correction(db, args.delete, settings.data_dir, _actor(), f"{socket.gethostname()} (local)")
+        said = delete_correction(db, args.delete, settings.data_dir, cli_actor(), cli_address())
         print(said)
         return 0 if "deleted" in said else 1
     rows = list_corrections(db, args.n, args.state)

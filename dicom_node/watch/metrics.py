@@ -67,6 +67,7 @@ class NodeCollector:
         for v in (Verdict.PASS, Verdict.WARN, Verdict.FAIL):
             qc.add_metric([v.value], judged.get(v, 0))
         yield qc
+        yield _serving_model(self.db)
         yield GaugeMetricFamily("dicomnode_review_waiting", "Results held for review (quality gate)",
                                 value=c["jobs"].get(JobState.REVIEW, 0))
         yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
@@ -97,6 +98,18 @@ class NodeCollector:
             oldest_w.add_metric([d["destination"]], d["oldest_waiting_s"])
             failed.add_metric([d["destination"]], d["failed"])
         yield from (up, waiting, oldest_w, failed)
+
+
+def _serving_model(db: Database) -> Metric:
+    """Which model serves (the registry's), so a dashboard can tell what wrote each period's results."""
+    from storage.model_versions import serving_digest
+
+    g = GaugeMetricFamily("dicomnode_model_serving_info", "The model serving new jobs (1), by version and sha256",
+                          labels=["version", "sha256"])
+    row = serving_digest(db)
+    if row is not None:
+        g.add_metric([row[0], row[2]], 1)
+    return g
 
 
 @router.get("/healthz")
