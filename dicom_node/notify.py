@@ -3,7 +3,9 @@
 Events: ``destination-down`` (a destination refused everything for longer than
 ``notifications.destination_down_minutes``), ``destination-up`` (it answers again after such an alert),
 ``delivery-failed`` (given up after ``give_up_after_hours``: the dead letter), ``job-failed``,
-``job-held`` (a result held for review) and ``disk-floor`` (C-STOREs refused below ``scp.min_free_disk_mb``).
+``job-held`` (a result held for review), ``disk-floor`` (C-STOREs refused below ``scp.min_free_disk_mb``) and
+``accuracy-drop`` (the serving model's rolling median Dice of a bone fell below ``learning.accuracy_floor`` on
+the radiologists' corrections; once per bone and model version until it recovers: learn/accuracy.py).
 
 ``notify`` never blocks its caller and never raises: the POSTs go out from one background thread, each with
 ``notifications.timeout_seconds``; a webhook that is down is logged and the event dropped (the same facts are
@@ -26,7 +28,8 @@ from .config import Settings
 
 log = logging.getLogger("dicom_node.notify")
 
-EVENTS = ("destination-down", "destination-up", "delivery-failed", "job-failed", "job-held", "disk-floor")
+EVENTS = ("destination-down", "destination-up", "delivery-failed", "job-failed", "job-held", "disk-floor",
+          "accuracy-drop")
 
 _queue: queue.Queue[tuple[list[str], float, bytes]] = queue.Queue(maxsize=1000)
 _thread: threading.Thread | None = None

@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from inference.model_card import ModelCardError
 from storage import deliveries
 from storage.db import Database
 from storage.filestore import FileStore, UnsafePath
@@ -46,7 +47,7 @@ from .config import Settings
 from .deliver.delivery import outbox_files
 from .encode.results import encode_results
 from .encode.validate import InvalidResult
-from .errors import admin_message
+from .errors import Explained, admin_message
 from .gate.quality import QualityReport, assess
 from .gate.release import release_plan
 from .infer.compute import NotSegmentable, segment_series
@@ -94,12 +95,27 @@ class _Heartbeat:
             raise LeaseLost(f"job {self.job_id} was taken over by another worker")
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why the serving model could not be loaded, in words (a model file's path is no patient data)."""
+    if isinstance(exc, (Explained, ModelCardError, UnsafePath)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"its checkpoint file is missing ({exc.filename or exc})"
+    return admin_message(exc, "loading the serving model")
+
+
 class Pipeline:
-    def __init__(self, settings: Settings, db: Database, store: FileStore, predictor_factory, owner: str | None = None):
+    def __init__(self, settings: Settings, db: Database, store: FileStore, predictor_factory, owner: str | None = None,
+                 model_source: Callable[[], tuple[str, Path, str]] | None = None):
+        """``predictor_factory``: loads a model; called with no argument (the configured one) without
+        ``model_source``, else with the checkpoint file to load. ``model_source``: (version, file, sha256) of
+        the registry's serving model, asked at the start of each job (serve and worker), so that a promoted
+        model is used from the next job on without a restart."""
         self.settings = settings
         self.db = db
         self.store = store
         self._predictor_factory = predictor_factory
+        self._model_source = model_source
         self._predictor = None
         self.owner = owner or worker_id()
         #: called after a result went into the outbox (serve: wakes its sender thread at once)
@@ -110,10 +126,60 @@ class Pipeline:
 
     @property
     def predictor(self):
-        """The one loaded model, created on first use and kept for every later job."""
+        """The loaded model, created on first use (the registry's serving one where there is a registry)."""
         if self._predictor is None:
-            self._predictor = self._predictor_factory()
+            if self._model_source is None:
+                self._predictor = self._predictor_factory()
+            else:
+                try:
+                    self._predictor = self._serving_predictor(None)
+                except Exception as exc:  # the node still starts, on its configured model; each job tries again
+                    log.error("the serving model could not be loaded (%s); starting on the configured model",
+                              _load_failure(exc))
+                    self._predictor = self._predictor_factory()
         return self._predictor
+
+    def _serving_predictor(self, job_id: int | None):
+        """The model for a job starting now: the loaded one while it is still the registry's serving model (one
+        cheap query), else the promoted one, loaded here. A job that is running keeps the model it started
+        with (it holds its own reference). If the promoted one cannot be loaded, the loaded one stays and the
+        reason goes on the job's timeline, in words; with no model loaded yet, the error is the job's."""
+        loaded = self._predictor
+        if self._model_source is None:
+            return self.predictor
+        try:
+            version, path, sha = self._model_source()
+            if loaded is not None and loaded.card.checkpoint_sha256 == sha:
+                return loaded
+            new = self._predictor_factory(path)
+            if new.card.checkpoint_sha256 != sha:
+                raise Explained(f"its file {path} changed after it was registered (its sha256 is not the "
+                                "registry's): promote a registered version, or restart to register the file")
+        except Exception as exc:
+            if loaded is None:
+                raise
+            why = _load_failure(exc)
+            detail = (f"the serving model could not be loaded, so this job runs on model {loaded.card.version}: "
+                      f"{why}")
+            log.error("job %s: %s", job_id, detail)
+            log.debug("loading the serving model failed\n%s", traceback.format_exc())
+            if job_id is not None:
+                job_event(self.db, job_id, EventKind.MODEL, detail)
+            return loaded
+        before = loaded.card.version if loaded is not None else ""
+        self._predictor = new
+        if loaded is not None:
+            on_gpu = str(getattr(loaded, "device", "")).startswith("cuda")
+            del loaded
+            if on_gpu:  # hand the old model's memory back to the card, not only to torch's cache
+                import torch
+
+                torch.cuda.empty_cache()
+            log.info("switched to model %s (was %s)", version, before)
+            if job_id is not None:
+                job_event(self.db, job_id, EventKind.MODEL, f"this job runs on model {version}, promoted since the "
+                          f"last job (was {before})")
+        return new
 
     def run_next(self) -> bool:
         """Run one due job if there is one; returns whether a job was run."""
@@ -167,7 +233,8 @@ class Pipeline:
             return
         series, instances = series_instances(self.db, series_id)
         doing.append("loading the model")
-        predictor = self.predictor
+        _ = self.predictor  # the first load, which falls back to the configured model
+        predictor = self._serving_predictor(job_id)
         doing.append("loading the images")
 
         def timing(stage: str, sec: float) -> None:

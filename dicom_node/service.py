@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from storage.db import Database
 from storage.filestore import FileStore
@@ -18,6 +19,7 @@ from storage.jobs import release_dead_local_leases
 from .config import Settings
 from .deliver import commitment
 from .deliver.outbox import Outbox
+from .learn.registry import ensure_registered, serving_checkpoint
 from .pipeline import Pipeline, worker_id
 from .receive.scp import StorageSCP, quiet_pynetdicom
 from .scheduler import NodeScheduler
@@ -89,12 +91,13 @@ def open_storage(settings: Settings) -> tuple[Database, FileStore]:
     return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
 
 
-def make_predictor(settings: Settings):
-    """The worker's one model, loaded as configured (bundled demo model unless inference.model_path)."""
+def make_predictor(settings: Settings, path: Path | None = None):
+    """A worker's model: ``path`` (the registry's serving checkpoint), else as configured (the bundled demo
+    model unless inference.model_path)."""
     from inference.predict import Predictor
 
     inf = settings.inference
-    p = Predictor(settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads,
+    p = Predictor(path or settings.model_path, device=inf.device, batch_size=inf.batch_size, threads=inf.threads,
                   precision=inf.precision, compile=inf.compile)
     log.info("model %s v%s loaded on %s (%s)", p.card.name, p.card.version, p.device, str(p.dtype).split(".")[-1])
     return p
@@ -107,7 +110,9 @@ class Node:
         from inference.model_card import read_card
 
         read_card(settings.model_path)  # refuse to start on a checkpoint without a model card
-        self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"))
+        ensure_registered(settings, self.db)  # a new configured checkpoint serves; a known one changes nothing
+        self.pipeline = Pipeline(settings, self.db, self.store, self._make_predictor, worker_id("serve"),
+                                 model_source=lambda: serving_checkpoint(settings, self.db))
         # Storage Commitment answers arrive on the listener; the deliver stage handles them
         self.scp = StorageSCP(settings, self.db, self.store,
                               event_reports={commitment.SOP_CLASS: commitment.ListenerAnswers(self.db)})
@@ -123,6 +128,13 @@ class Node:
                                         name="sender", daemon=True)
         # each committed batch of instances wakes the completion check (off the C-STORE path)
         self.scp.recorder.on_series = self.scheduler.completion.notify
+        # a complete series of Segmentation objects is a viewer's correction: the learn stage records it
+        # (and each scored one may move a structure's rolling median below learning.accuracy_floor)
+        from .learn.accuracy import check_accuracy_drop
+        from .learn.intake import Intake
+
+        self.scheduler.completion.on_segmentation = Intake(
+            self.db, settings.data_dir, after_corrected=lambda: check_accuracy_drop(settings, self.db))
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app
@@ -132,8 +144,8 @@ class Node:
             self.web = WebServer(app, settings.web.bind_address, settings.web.port)
         self._stopped = threading.Event()
 
-    def _make_predictor(self):
-        return make_predictor(self.settings)
+    def _make_predictor(self, path: Path | None = None):
+        return make_predictor(self.settings, path)
 
     def start(self, preload: bool = True) -> None:
         n = release_dead_local_leases(self.db, socket.gethostname())
@@ -240,7 +252,9 @@ def run_worker(settings: Settings) -> None:
     from inference.model_card import read_card
 
     read_card(settings.model_path)
-    pipeline = Pipeline(settings, db, store, lambda: make_predictor(settings), worker_id("worker"))
+    ensure_registered(settings, db)
+    pipeline = Pipeline(settings, db, store, lambda path=None: make_predictor(settings, path), worker_id("worker"),
+                        model_source=lambda: serving_checkpoint(settings, db))
     _ = pipeline.predictor
     print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
 

@@ -14,9 +14,9 @@ Rollback goes to the newest ``retired`` version by ``promoted_at`` (when it last
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from .db import Database
@@ -25,6 +25,8 @@ from .rows import rowcount
 from .states import AuditOutcome, EventKind, ModelState
 from .timeline import add_audit, add_event
 
+#: PostgreSQL advisory lock key of registry changes (any constant; "mdlreg" in ASCII)
+_PG_LOCK = 0x6D646C726567
 PROMOTE_ACTION = "model-promote"
 ROLLBACK_ACTION = "model-rollback"
 
@@ -76,13 +78,22 @@ def versions_named(db: Database, prefix: str) -> list[str]:
 
 def register(db: Database, *, version: str, path: str, sha256: str, card_json: str, parent: str = "",
              trained_on: Iterable[int] = (), held_out: Iterable[int] = (), metrics: dict | None = None,
-             state: ModelState = ModelState.CANDIDATE) -> int:
+             state: ModelState = ModelState.CANDIDATE, place: Callable[[], None] | None = None) -> int:
     """Add one version; returns its id. A ``serving`` registration is only for the very first model (a later
     one must go through :func:`promote`, which retires the old one): RegistryError otherwise, and for a version
-    string the registry already holds."""
+    string the registry already holds or weights (sha256) it holds under another version.
+
+    ``place``: puts the checkpoint file where ``path`` says, called under the registry's lock once the checks
+    passed, so no other process can have a row naming that file while it is written."""
     with db.session() as s:
+        _lock_all(s)  # serve and workers starting together register the configured file once
         if s.scalar(select(ModelVersion.id).where(ModelVersion.version == version)) is not None:
             raise RegistryError(f"version {version} is already registered")
+        same = s.scalar(select(ModelVersion.version).where(ModelVersion.sha256 == sha256).limit(1))
+        if same is not None:
+            raise RegistryError(f"these weights are registered already, as version {same}")
+        if place is not None:
+            place()
         now = utcnow()
         row = ModelVersion(version=version, path=path, sha256=sha256, card=card_json, parent=parent,
                            trained_on=json.dumps(sorted(int(i) for i in trained_on)),
@@ -114,11 +125,15 @@ def set_state(db: Database, version: str, state: ModelState) -> None:
 
 
 def _lock_all(s: Session) -> None:
-    """Serialise registry changes before reading what to change: PostgreSQL locks every row until commit (a
-    concurrent promote waits, then sees this one's result); on SQLite an UPDATE that matches nothing still
-    takes the database's write lock for the rest of the transaction."""
-    if s.get_bind().dialect.name == "sqlite":
+    """Serialise registry changes before reading what to change, until the transaction ends: on SQLite an
+    UPDATE that matches nothing still takes the database's write lock; PostgreSQL takes a transaction-level
+    advisory lock (row locks would not stop two first registrations into an empty table); any other
+    database locks every row."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "sqlite":
         s.execute(update(ModelVersion).where(ModelVersion.id == -1).values(state=ModelVersion.state))
+    elif dialect == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK})
     else:
         s.execute(select(ModelVersion.id).with_for_update()).all()
 

@@ -138,6 +138,14 @@ class EventKind(StrEnum):
     CORRECTION = auto()
     #: the serving model changed (``dicom-node models promote`` / ``rollback``, or a learning round)
     MODEL_PROMOTED = "model-promoted"
+    #: the rolling median Dice of a structure for the serving model fell below ``learning.accuracy_floor``
+    #: (no series; detail JSON names the model version and structure): notified once until it recovers
+    ACCURACY_DROP = "accuracy-drop"
+    #: that rolling median is back at or above the floor: a later drop is notified again
+    ACCURACY_RECOVERED = "accuracy-recovered"
+    #: a job ran on another model than the job before (the promoted one), or the promoted one could not be
+    #: loaded and the job ran on the one before (the reason in words)
+    MODEL = auto()
 
     @classmethod
     def refused(cls, action: str) -> EventKind:

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,9 +46,16 @@ log = logging.getLogger("dicom_node.learn.registry")
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 #: who the configured checkpoint's promotion is recorded as
 CONFIGURATION = "configuration (inference.model_path)"
+#: where a promotion the node made itself came from (as the CLI's actions: this host)
+_LOCAL = f"{socket.gethostname()} (local)"
 
-__all__ = ["RegistryError", "models_dir", "ensure_registered", "serving_checkpoint", "add_model", "promote",
-           "rollback", "next_version", "sha256_of"]
+__all__ = ["RegistryError", "metrics_summary", "models_dir", "ensure_registered", "serving_checkpoint",
+           "add_model", "promote", "rollback", "next_version", "sha256_of"]
+
+
+def _plain(version: str) -> bool:
+    """Usable in a file name and a URL path segment."""
+    return _VERSION.fullmatch(version) is not None and ".." not in version
 
 
 def models_dir(settings: Settings) -> Path:
@@ -71,11 +79,13 @@ def ensure_registered(settings: Settings, db: Database) -> str:
     configuration names the starting point, the registry what serves now). If nothing serves (an empty
     registry), the configured one serves. Refuses (ModelCardError) a file without a model card."""
     path = Path(os.path.abspath(settings.model_path))
-    card = read_card(path)
     sha = sha256_of(path)
     known = mv.by_sha256(db, sha)
     if known is None:
-        version = card.version if mv.get(db, card.version) is None else f"{card.version}+sha.{sha[:8]}"
+        card = read_card(path)  # only for a new file: reading a card imports torch (seconds for a CLI command)
+        version = card.version if _plain(card.version) else f"sha.{sha[:12]}"
+        if mv.get(db, version) is not None:  # retrained elsewhere under the same version string
+            version = f"{version.split('+', 1)[0]}+sha.{sha[:8]}"
         try:
             mv.register(db, version=version, path=str(path), sha256=sha, card_json=card.to_json())
         except (IntegrityError, RegistryError):  # another process (serve and a worker) registered it just now
@@ -91,7 +101,7 @@ def ensure_registered(settings: Settings, db: Database) -> str:
     current = mv.serving(db)
     if current is None or (known is None and current.sha256 != sha):
         try:
-            mv.promote(db, known_version, CONFIGURATION, f"{os.uname().nodename} (local)",
+            mv.promote(db, known_version, CONFIGURATION, _LOCAL,
                        "a new checkpoint in the configuration" if current else "the node's first model")
         except RegistryError:  # another process promoted it in between
             pass
@@ -133,7 +143,7 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
     already, or weights registered already under another version. ``state=SERVING`` promotes it at once."""
     card = read_card(checkpoint)
     version = card.version
-    if not _VERSION.fullmatch(version) or ".." in version:
+    if not _plain(version):
         raise RegistryError(f"the checkpoint's card names version {version!r}, which is not a plain version "
                             "string (letters, digits, . + _ -)")
     if mv.get(db, version) is not None:
@@ -146,21 +156,36 @@ def add_model(settings: Settings, db: Database, checkpoint: Path, *, parent: str
     try:
         shutil.copyfile(checkpoint, tmp)
         sha = sha256_of(tmp)
-        same = mv.by_sha256(db, sha)
-        if same is not None:
-            raise RegistryError(f"these weights are registered already, as version {same.version}")
-        os.replace(tmp, dest)
+        # renamed into place under the registry's lock: a file left by an interrupted attempt is replaced, one
+        # that a registered version names never is (register refuses that version, under the same lock)
+        mv.register(db, version=version, path=stored_path(settings.data_dir, dest), sha256=sha,
+                    card_json=card.to_json(), parent=parent, trained_on=trained_on, held_out=held_out,
+                    metrics=metrics, state=ModelState.CANDIDATE, place=lambda: os.replace(tmp, dest))
     finally:
         tmp.unlink(missing_ok=True)
     first = state == ModelState.SERVING
-    mv.register(db, version=version, path=stored_path(settings.data_dir, dest), sha256=sha,
-                card_json=card.to_json(), parent=parent, trained_on=trained_on, held_out=held_out,
-                metrics=metrics, state=ModelState.CANDIDATE)
     if first:
-        mv.promote(db, version, "learning round", f"{os.uname().nodename} (local)", "registered as serving")
+        mv.promote(db, version, "learning round", _LOCAL, "registered as serving")
     row = mv.get(db, version)
     assert row is not None
     return row
+
+
+def metrics_summary(metrics: dict) -> str:
+    """One line of the learning round that made a version (its stored metrics, see learn/rounds.py): mean Dice
+    of the serving model and of this one on the held-out corrections, per structure, and the decision."""
+    mean = metrics.get("mean_dice")
+    if not isinstance(mean, dict) or not all(isinstance(mean.get(k), int | float) for k in ("serving", "candidate")):
+        return str(metrics.get("decision", ""))
+    line = (f"held-out mean Dice {mean['serving']:.3f} (serving {metrics.get('serving_version', '?')}) → "
+            f"{mean['candidate']:.3f} (this) on {metrics.get('held_out_count', '?')} corrections")
+    dice = metrics.get("dice")
+    if isinstance(dice, dict) and isinstance(dice.get("serving"), dict) and isinstance(dice.get("candidate"), dict):
+        per = [f"{k} {v:.2f}→{dice['candidate'][k]:.2f}" for k, v in sorted(dice["serving"].items())
+               if isinstance(v, int | float) and isinstance(dice["candidate"].get(k), int | float)]
+        if per:
+            line += " (" + ", ".join(per) + ")"
+    return line + (f"; {metrics['decision']}" if metrics.get("decision") else "")
 
 
 def promote(settings: Settings, db: Database, version: str, actor: str, address: str,

@@ -8,10 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from storage import deliveries
+from storage.accuracy import correction_rows
 from storage.jobs import counts, requeue
 from storage.states import ReviewDecision
 from storage.timeline import audit_log
 
+from ..learn.accuracy import accuracy_summary
+from .accuracy_view import MAX_CORRECTIONS
 from .admin import job_rows
 from .dashboard_data import disk, hourly, job_timeline
 from .decisions import decide
@@ -81,3 +84,15 @@ async def api_reject(job_id: int, request: Request) -> dict[str, Any]:
 @router.get("/throughput")
 def api_throughput(ctx: Context, hours: int = 24) -> list[dict[str, Any]]:
     return hourly(ctx.db, min(hours, MAX_HOURS))
+
+
+@router.get("/corrections")
+def api_corrections(ctx: Context, limit: int = 200) -> list[dict[str, Any]]:
+    """The radiologists' corrections, newest first: state, reason, who and where from, Dice per structure."""
+    return correction_rows(ctx.db, max(0, min(limit, MAX_CORRECTIONS)))
+
+
+@router.get("/accuracy")
+def api_accuracy(ctx: Context) -> dict[str, Any]:
+    """Per model version and structure: count, median, spread, rolling median, control limits and points."""
+    return accuracy_summary(ctx.settings, ctx.db)

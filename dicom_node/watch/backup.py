@@ -1,9 +1,10 @@
 """``dicom-node backup DEST``: a copy of a node (database and data folder) that can be restored anywhere.
 
-The copy has the data folder's own layout (``incoming/``, ``results/``, ``quarantine/``, and for SQLite
-``node.db``), so restoring is copying it to the new ``node.data_dir``: the database stores file paths
-relative to that folder (storage/filestore.py). The database is copied first and the files after it, so
-every row has its file; files that arrived in between have no row, and the start-up recovery records them.
+The copy has the data folder's own layout (``incoming/``, ``results/``, ``quarantine/``, ``models/`` (the
+checkpoints learning rounds made: the registry's rows point at them), and for SQLite ``node.db``), so
+restoring is copying it to the new ``node.data_dir``: the database stores file paths relative to that folder
+(storage/filestore.py). The database is copied first and the files after it, so every row has its file;
+files that arrived in between have no row, and the start-up recovery records them.
 Safe while the node runs: SQLite's online backup gives a consistent copy while the node writes, PostgreSQL's
 ``pg_dump`` a consistent snapshot, and files are only ever renamed into place complete.
 """
@@ -23,7 +24,7 @@ from ..config import Settings
 
 #: What of the data folder is copied: the rest (``.spare``, temporary files, the clean-stop marker, the
 #: SQLite database, copied apart) is not part of a node's state.
-FOLDERS = ("incoming", "results", "quarantine")
+FOLDERS = ("incoming", "results", "quarantine", "models")
 
 
 class BackupError(Exception):

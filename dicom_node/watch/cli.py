@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from inference.model_card import ModelCardError
 from storage.states import JobState, OutboxState, ReviewDecision, Verdict
 
 from ..config import ConfigError, load_settings
-from . import cli_learn, cli_model
+from . import cli_corrections, cli_learn, cli_model, cli_models
+from .cli_base import cli_actor, cli_address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_echo)
 
     cli_model.add_parsers(sub)
+    cli_corrections.add_parsers(sub)
+    cli_models.add_parsers(sub)
     cli_learn.add_parsers(sub)
     return p
 
@@ -163,24 +165,6 @@ def cmd_deliveries(args) -> int:
     if not rows:
         print("no deliveries")
     return 0
-
-
-def cli_actor() -> str:
-    """Who runs an admin command, for the audit trail: the operating-system user (sudo's caller if any)."""
-    import getpass
-
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name (a container without passwd entry): the numeric id still says who
-        user = f"uid {os.getuid()}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"cli:{user}" + (f" (sudo by {sudo})" if sudo and sudo != user else "")
-
-
-def cli_address() -> str:
-    import socket
-
-    return f"{socket.gethostname()} (local)"
 
 
 def cmd_retry(args) -> int:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
-import os
-import socket
 import sys
 
 
@@ -21,17 +18,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=0,
                    help="train exactly this many steps instead of for --minutes (the same weights on every run)")
     p.set_defaults(func=cmd_learn)
-
-
-def _actor() -> str:
-    """Who promotes through this command, for the audit trail (as ``dicom-node approve`` records it; not
-    imported from cli, which imports this module)."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no login name (a container without passwd entry)
-        user = f"uid {os.getuid()}"
-    sudo = os.environ.get("SUDO_USER")
-    return f"cli:{user}" + (f" (sudo by {sudo})" if sudo and sudo != user else "")
 
 
 def _print_summary(s: dict) -> None:
@@ -54,16 +40,14 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_learn(args) -> int:
-    from ..config import load_settings
     from ..learn.rounds import RoundError, run_round
-    from ..service import open_storage
+    from .cli_base import cli_actor, cli_address, open_db
 
-    settings = load_settings(args.config)
-    db = open_storage(settings)[0]
+    settings, db = open_db(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
         summary = run_round(settings, db, promote=args.promote, minutes=args.minutes, max_steps=args.max_steps,
-                            actor=_actor(), address=f"{socket.gethostname()} (local)")
+                            actor=cli_actor(), address=cli_address())
     except RoundError as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}))

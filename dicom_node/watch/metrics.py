@@ -21,6 +21,8 @@ from storage.review import quality_counts
 from storage.states import JobState, Verdict
 
 from ..config import Settings
+from ..learn.accuracy import accuracy_summary
+from .accuracy_view import accuracy_metrics
 from .dashboard_data import STAGES
 from .web_context import Context, require_token
 
@@ -65,11 +67,13 @@ class NodeCollector:
         for v in (Verdict.PASS, Verdict.WARN, Verdict.FAIL):
             qc.add_metric([v.value], judged.get(v, 0))
         yield qc
+        yield _serving_model(self.db)
         yield GaugeMetricFamily("dicomnode_review_waiting", "Results held for review (quality gate)",
                                 value=c["jobs"].get(JobState.REVIEW, 0))
         yield GaugeMetricFamily("dicomnode_oldest_queued_age_seconds", "Age of the oldest queued job",
                                 value=(utcnow() - oldest).total_seconds() if oldest else 0.0)
         yield from self._destinations()
+        yield from accuracy_metrics(accuracy_summary(self.settings, self.db))
         if self.scp_stats is not None:
             cs = CounterMetricFamily("dicomnode_cstore", "C-STORE requests handled", labels=["result"])
             for k, v in self.scp_stats.items():
@@ -94,6 +98,18 @@ class NodeCollector:
             oldest_w.add_metric([d["destination"]], d["oldest_waiting_s"])
             failed.add_metric([d["destination"]], d["failed"])
         yield from (up, waiting, oldest_w, failed)
+
+
+def _serving_model(db: Database) -> Metric:
+    """Which model serves (the registry's), so a dashboard can tell what wrote each period's results."""
+    from storage.model_versions import serving_digest
+
+    g = GaugeMetricFamily("dicomnode_model_serving_info", "The model serving new jobs (1), by version and sha256",
+                          labels=["version", "sha256"])
+    row = serving_digest(db)
+    if row is not None:
+        g.add_metric([row[0], row[2]], 1)
+    return g
 
 
 @router.get("/healthz")

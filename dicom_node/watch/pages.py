@@ -8,11 +8,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from storage import deliveries
+from storage.accuracy import correction_rows
 from storage.jobs import counts
 from storage.models import utcnow
 from storage.states import JobState, ReviewDecision, Verdict
 from storage.timeline import audit_log
 
+from ..learn.accuracy import accuracy_summary
+from .accuracy_view import RECENT_CORRECTIONS, control_charts
 from .admin import job_rows
 from .dashboard_data import (
     STAGES,
@@ -88,3 +91,11 @@ async def form_approve(job_id: int, request: Request) -> RedirectResponse:
 async def form_reject(job_id: int, request: Request) -> RedirectResponse:
     await decide(request, job_id, ReviewDecision.REJECTED)
     return RedirectResponse(f"../{job_id}", status_code=303)
+
+
+@router.get("/corrections", response_class=HTMLResponse)
+def corrections_page(ctx: Context) -> HTMLResponse:
+    """The radiologists' corrections and what they say about each model version (docs/accuracy.md)."""
+    summary = accuracy_summary(ctx.settings, ctx.db)
+    return render("corrections.html", ctx, corrections=correction_rows(ctx.db, RECENT_CORRECTIONS),
+                  summary=summary, charts=control_charts(summary))

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from storage.db import Database
 
 from ..config import Settings
-from . import api, metrics, pages
+from . import api, metrics, models_web, pages
 from .web_context import TOKEN_COOKIE, WebContext, require_token
 from .web_security import WebGuard
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None,
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
         return response
 
+    app.state.model_refusals = guard.on_refused = models_web.RefusalAudit(db)
     guard.install(app)  # added last, so it runs first: Host check, cross-site refusal, security headers
 
     @app.get("/api/openapi.json", dependencies=[Depends(require_token)], include_in_schema=False)
@@ -59,6 +60,7 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None,
     app.include_router(metrics.router)
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(models_web.router)
     return app
 
 

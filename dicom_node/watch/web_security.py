@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -93,6 +94,8 @@ class WebGuard:
                     "frame-ancestors 'none'")
         # Swagger UI (FastAPI's /api/docs) loads its script and style from a CDN; its page keeps the other rules.
         self.docs_csp = "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        #: told of every refused state-changing request (the model routes audit theirs: models_web.RefusalAudit)
+        self.on_refused: Callable[[Request, int, str], None] | None = None
 
     def install(self, app: FastAPI) -> None:
         app.middleware("http")(self.__call__)
@@ -106,6 +109,11 @@ class WebGuard:
             log.warning("web request %s %s from %s refused (%d): %s", request.method, request.url.path, client,
                         status, why)
             response = JSONResponse({"detail": why}, status_code=status)
+            if self.on_refused is not None and request.method in STATE_CHANGING:
+                try:
+                    self.on_refused(request, status, why)
+                except Exception:  # the refusal stands whatever recording it does
+                    log.exception("recording a refused request failed")
         else:
             response = await call_next(request)
         self.add_headers(request, response)
