@@ -40,6 +40,7 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_learn(args) -> int:
+    from ..learn.registry import RegistryError
     from ..learn.rounds import RoundError, run_round
     from .cli_base import cli_actor, cli_address, open_db
 
@@ -48,7 +49,7 @@ def cmd_learn(args) -> int:
     try:
         summary = run_round(settings, db, promote=args.promote, minutes=args.minutes, max_steps=args.max_steps,
                             actor=cli_actor(), address=cli_address())
-    except RoundError as exc:
+    except (RoundError, RegistryError) as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}))
         print(f"learn: {exc}", file=sys.stderr)
