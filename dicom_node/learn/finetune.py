@@ -48,7 +48,7 @@ KEEP_DICE = 0.90
 class Recipe:
     """The fine-tune's settings; the defaults are the ones measured in docs/learning.md."""
 
-    lr: float = 1.5e-4
+    lr: float = 2e-4
     warmup: int = 10
     batch_size: int = 4
     #: train on random square crops of this size of the input (0: whole slices); inference stays whole-slice.
@@ -60,7 +60,7 @@ class Recipe:
     aug_scale: tuple[float, float] = (0.85, 1.2)
     aug_rotation_deg: float = 10.0
     #: share of each batch drawn from slices that show a structure, one structure at a time (the rest uniformly)
-    foreground: float = 0.75
+    foreground: float = 1.0
     #: keep batch-norm statistics at the serving model's: a few studies in batches of a handful of crops
     #: would otherwise replace them with their own in a hundred steps, and every other image pays for it
     freeze_bn: bool = True
