@@ -24,10 +24,11 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from inference.phantom import Phantom
@@ -43,9 +44,10 @@ LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 
 # ------------------------------------------------------------------------------------------------ studies
 def make_study(index: int, contrast: str = "t1", size: int = 288, pixel: float = 1.5, max_slices: int = 72,
-               sub: int = 5) -> Phantom:
-    """Shape ``index`` of the real-shape stand-in (6 and up: held-out random draws) on a bounded grid: the slice
-    step is the leg's length over ``max_slices`` (at least 5 mm), so every study has all four bones."""
+               sub: int = 5, slice_range: tuple[float, float] = (5.0, 10.0)) -> Phantom:
+    """Shape ``index`` of the real-shape stand-in (6 and up: held-out random draws) on a bounded grid, from the
+    iliac crest down: the slice step is the leg's length over ``max_slices`` within ``slice_range`` (mm); a leg
+    too long for ``max_slices`` at the thickest slices loses its lower end (the ankle, then the calf)."""
     from bench import standin_realshape as sr
     from inference.synth import ssm
 
@@ -54,13 +56,17 @@ def make_study(index: int, contrast: str = "t1", size: int = 288, pixel: float =
     sk = case.skeleton
     z_top = float(max(v[:, 2].max() for v in sk.hips.values())) + 3
     z_bot = float(min(leg.ankle_centre[2] for leg in sk.legs.values())) - 10
-    slice_mm = max(5.0, (z_top - z_bot) / max_slices)
-    return sr.render_case(case, (contrast,), size=size, pixel=pixel, slice_mm=slice_mm, sub=sub)[contrast]
+    slice_mm = float(np.clip((z_top - z_bot) / max_slices, *slice_range))
+    ph = sr.render_case(case, (contrast,), size=size, pixel=pixel, slice_mm=slice_mm, sub=sub)[contrast]
+    n = min(max_slices, ph.geometry.n_slices)
+    return Phantom(anatomy=None, geometry=replace(ph.geometry, n_slices=n),  # type: ignore[arg-type]
+                   image=np.ascontiguousarray(ph.image[:n]), labels=np.ascontiguousarray(ph.labels[:n]))
 
 
 def small_study(index: int) -> Phantom:
-    """A small study of the same family for the suite: 128 × 128 at 3.4 mm, at most 24 slices, three planes."""
-    return make_study(index, size=128, pixel=3.4, max_slices=24, sub=3)
+    """A small study of the same family for the suite: hips and thighs, 128 × 128 at 3.4 mm, 24 slices of 10 mm
+    from the iliac crest down (the pelvis, the femora, the knee of a small child), three planes a slice."""
+    return make_study(index, size=128, pixel=3.4, max_slices=24, sub=3, slice_range=(10.0, 10.0))
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -81,7 +87,7 @@ def _structure_of_segment(item: Dataset) -> str | None:
     return next((s for s, (c, _) in SNOMED.items() if c == code), None)
 
 
-def read_seg(ds: Dataset, source: list[Dataset]) -> np.ndarray:
+def read_seg(ds: Dataset, source: Sequence[Dataset]) -> np.ndarray:
     """The SEG ``ds`` as a class map (len(source), rows, cols) in ``source``'s order; pydicom and numpy only."""
     by_uid = {str(d.SOPInstanceUID): k for k, d in enumerate(source)}
     normal = np.cross(*np.array(source[0].ImageOrientationPatient, float).reshape(2, 3))
@@ -124,7 +130,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------ corrections
-def _sides(classes: np.ndarray, source: list[Dataset]) -> np.ndarray:
+def _sides(classes: np.ndarray, source: Sequence[Dataset]) -> np.ndarray:
     """+1 where a voxel lies on the patient's left (LPS x > 0), -1 on the right, per voxel of ``classes``."""
     ps = [float(v) for v in source[0].PixelSpacing]
     iop = np.array(source[0].ImageOrientationPatient, float).reshape(2, 3)
@@ -135,7 +141,7 @@ def _sides(classes: np.ndarray, source: list[Dataset]) -> np.ndarray:
     return np.where(xs > 0, 1, -1).astype(np.int8)
 
 
-def ohif_seg(source: list[Dataset], classes: np.ndarray, series_number: int = 99) -> Dataset:
+def ohif_seg(source: Sequence[Dataset], classes: np.ndarray, series_number: int = 99) -> Dataset:
     """A correction as OHIF v3 stores it (REFERENCE.md §7.2): a new series in the study, codes "Tissue", labels
     "Femur"..., segments renumbered 1..n with empty ones dropped, MANUAL, manufacturer "Unspecified"."""
     import highdicom as hd
@@ -167,7 +173,7 @@ def dcmqi_exe() -> str:
     return exe
 
 
-def slicer_seg(source_paths: list[Path], source: list[Dataset], classes: np.ndarray, out: Path,
+def slicer_seg(source_paths: Sequence[Path], source: Sequence[Dataset], classes: np.ndarray, out: Path,
                series_description: str = "Segmentation", algorithm_name: str = "dicom-node") -> Path:
     """A correction as 3D Slicer exports an edited AI SEG (REFERENCE.md §7.3): dcmqi's ``itkimage2segimage``, one
     labelmap image, per-side segments "Right femur"... with SNOMED codes and laterality, AlgorithmType AUTOMATIC
