@@ -123,6 +123,10 @@ class Node:
                                         name="sender", daemon=True)
         # each committed batch of instances wakes the completion check (off the C-STORE path)
         self.scp.recorder.on_series = self.scheduler.completion.notify
+        # a complete series of Segmentation objects is a viewer's correction: the learn stage records it
+        from .learn.intake import Intake
+
+        self.scheduler.completion.on_segmentation = Intake(self.db, settings.data_dir)
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app

@@ -19,6 +19,7 @@ from typing import cast
 from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from .corrections import kept_series
 from .db import Database
 from .filestore import UnsafePath, resolve_stored, stored_path
 from .models import Instance, Job, Series, Study, utcnow
@@ -290,13 +291,14 @@ class Recorder:
 
 def purge_delivered_images(db: Database, hours: float, root: str | os.PathLike) -> int:
     """Delete stored instance files of series whose newest job was delivered more than ``hours`` ago
-    (``root``: the data folder the stored paths are relative to)."""
+    (``root``: the data folder the stored paths are relative to). Series with a CORRECTED correction are
+    kept: their images are training data (storage/corrections.py) until an admin deletes the correction."""
     cutoff = utcnow() - dt.timedelta(hours=hours)
     removed = 0
     with db.session() as s:
         newest = select(Job.series_id, func.max(Job.id).label("jid")).group_by(Job.series_id).subquery()
         rows = s.execute(select(Job.series_id).join(newest, newest.c.jid == Job.id).where(
-            Job.state == JobState.DONE, Job.finished_at < cutoff)).scalars().all()
+            Job.state == JobState.DONE, Job.finished_at < cutoff, Job.series_id.not_in(kept_series()))).scalars().all()
         for series_id in rows:
             insts = s.scalars(select(Instance).where(Instance.series_id == series_id, Instance.path != "")).all()
             for inst in insts:

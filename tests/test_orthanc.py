@@ -109,3 +109,46 @@ def test_study_routed_by_orthanc_comes_back_into_the_same_study(orthanc_and_node
                     path.write_bytes(r.read())
                     files.append(path)
     assert check_results_valid(files) >= 2
+
+
+def test_corrected_seg_stored_in_orthanc_is_routed_to_the_node_as_a_correction(orthanc_and_node):
+    """A viewer's save (OHIF: STOW-RS into the archive; here Orthanc's REST store) is routed to the node by the
+    shipped Lua script like any series: recorded as a correction from Orthanc's AE title, scored against what
+    the node sent; the node's own SEG, routed back the same way, is ignored."""
+    from correction_writers import ohif_seg, phantom_classes, read_sources
+    from sqlalchemy import select
+
+    from storage.corrections import list_corrections
+    from storage.models import Correction, Job
+
+    o = orthanc_and_node
+    ph, paths = write_series(o.tmp / "corrected", seed=53)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    r = subprocess.run(["/usr/bin/storescu", "-aec", "ORTHANC", "+sd", "127.0.0.1", str(o.dicom),
+                        str(o.tmp / "corrected")], capture_output=True, text=True, timeout=120,
+                       env={"TCP_NODELAY": "1"})
+    assert r.returncode == 0, r.stderr
+    assert o.node.wait_job(ds.SeriesInstanceUID)["state"] == "done"
+    sources = read_sources(paths)
+    seg = ohif_seg(sources, phantom_classes(ph, sources), o.tmp / "correction.dcm")
+    api(o.http, "/instances", seg.read_bytes())
+    sop = pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID
+
+    def recorded():
+        db = o.node.db()
+        try:
+            with db.session() as s:
+                cid = s.scalar(select(Correction.id).where(Correction.sop_uid == sop))
+                own = s.scalars(select(Job.seg_sop_uid).where(Job.seg_sop_uid != "")).all()
+                echoed = s.scalars(select(Correction.id).where(Correction.sop_uid.in_(own))).all()
+                ignored = s.scalar(select(Job.id).where(Job.reason.contains("own result")))
+            if cid and ignored:
+                return next(c for c in list_corrections(db) if c["id"] == cid), echoed
+            return None
+        finally:
+            db.dispose()
+
+    c, echoed = wait_for(recorded, 90, 0.5, "the routed correction, and the node's own SEG routed back")
+    assert c["state"] == "corrected" and c["calling_ae"] == "ORTHANC", c
+    assert c["series_uid"] == ds.SeriesInstanceUID and 0 < c["mean_dice"] < 1
+    assert not echoed  # the node's own SEG came back through Orthanc too: no correction row for it

@@ -55,6 +55,9 @@ MIN_ROUND_S = 0.02
 #: When the first answer of the source already equals what the node holds, it is confirmed by a second
 #: query this much later (a PACS still receiving the series would have counted more by then).
 CONFIRM_S = 0.3
+#: Segmentation Storage (binary and label map): a series of these is a viewer's correction or the node's own
+#: result coming back, never a series to segment; the injected ``on_segmentation`` takes it (learn/intake.py)
+SEGMENTATION_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
 
 
 def image_expectation(v: CompletionView) -> tuple[int, str] | None:
@@ -75,6 +78,9 @@ class Completion:
         self.settings = settings
         self.db = db
         self.on_queued = on_queued
+        #: series id -> the skip reason, for a complete series of Segmentation objects; injected by the service
+        #: (a stage may not import a later one: the corrections intake lives in learn/)
+        self.on_segmentation: Callable[[int], str] | None = None
         self._sources = {s.calling_aet: s for s in settings.sources}
         self._by_name = {s.name: s for s in settings.sources}
         self._pending: dict[int, bool] = {}  # series id -> quiet (the timer says it has settled)
@@ -281,11 +287,15 @@ class Completion:
         series, instances = series_instances(self.db, series_id)
         if series.state != SeriesState.RECEIVING or len(instances) < held:
             return None
-        try:
-            d = decide(series, series.study.study_description, instances, self.settings.rules)
-        except Exception as exc:  # one odd series is skipped in words; it must not stop the others
-            log.debug("series %s: deciding failed", series_id, exc_info=True)
-            d = Decision(False, admin_message(exc, "deciding whether to segment the series"))
+        if self.on_segmentation is not None and instances \
+                and all(i.sop_class_uid in SEGMENTATION_CLASSES for i in instances):
+            d = Decision(False, self._segmentation(series_id))
+        else:
+            try:
+                d = decide(series, series.study.study_description, instances, self.settings.rules)
+            except Exception as exc:  # one odd series is skipped in words; it must not stop the others
+                log.debug("series %s: deciding failed", series_id, exc_info=True)
+                d = Decision(False, admin_message(exc, "deciding whether to segment the series"))
         job = mark_judged(self.db, series_id, queue=d.segment, reason=d.reason, rule=d.rule, urgent=d.urgent,
                           expected_count=len(instances), how=how)
         if job is None:
@@ -299,3 +309,13 @@ class Completion:
         else:
             log.info("series %s complete (%s): not segmented: %s", series_id, how, d.reason)
         return job
+
+    def _segmentation(self, series_id: int) -> str:
+        """The injected corrections intake, guarded: whatever it raises, the series is closed in words."""
+        assert self.on_segmentation is not None
+        try:
+            return self.on_segmentation(series_id)
+        except Exception as exc:
+            log.warning("series %s: taking its segmentation objects as corrections failed", series_id, exc_info=True)
+            return "segmentation object not usable as a correction: " + admin_message(
+                exc, "reading the segmentation objects as corrections")

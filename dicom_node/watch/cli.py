@@ -13,7 +13,7 @@ from inference.model_card import ModelCardError
 from storage.states import JobState, OutboxState, ReviewDecision, Verdict
 
 from ..config import ConfigError, load_settings
-from . import cli_model
+from . import cli_corrections, cli_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_echo)
 
     cli_model.add_parsers(sub)
+    cli_corrections.add_parsers(sub)
     return p
 
 

@@ -1,0 +1,217 @@
+"""A complete series of Segmentation objects: each instance a correction, a copy, the node's own result
+coming back, or a SEG the node cannot use — told apart and recorded (table ``corrections``).
+
+Why by SOP Instance UID and content, never by series, algorithm type or description: OHIF may save into
+the node's own SEG series as a new instance, and 3D Slicer keeps the loaded SEG's AUTOMATIC algorithm type
+and description (../shared/REFERENCE.md §7). So:
+
+1. a SOP Instance UID the node wrote itself (any job's SEG) is its own result echoed back: ignored, no row;
+2. the source series is found among the series the node holds by Referenced Series Sequence, else by the
+   source images the SEG references (Source Image Sequence, per-frame Derivation Image Sequence), in the
+   same Frame of Reference; the result it edits is the newest job of that series that was not superseded;
+3. both the SEG and the node's own stored SEG are read onto the source grid through the same reader
+   (learn/segread.py): identical labels → UNCHANGED (an unedited result is not a verified one), else
+   CORRECTED with Dice and volumes (learn/scoring.py); anything that stops this → UNUSABLE, in words.
+
+A correction is never segmented and never sent anywhere: the completion checker closes the SEG series as
+skipped with the reason this returns. The labels go to ``corrections/<id>.npz`` under the data folder
+(named by the row id). Logs name series by their database id, never by UID or patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from storage.corrections import (
+    content_time,
+    find_source_series,
+    is_own_result,
+    labels_file,
+    record,
+    recorded_state,
+    segmented_job,
+    set_result,
+)
+from storage.db import Database
+from storage.filestore import resolve_stored, stored_path
+from storage.models import Instance
+from storage.series import series_instances
+from storage.states import CorrectionState
+
+from ..errors import admin_message
+from .scoring import score
+from .segread import SegRead, SourceGrid, Unusable, read_seg, source_grid
+
+log = logging.getLogger("dicom_node.learn.intake")
+
+TAKEN = "segmentation object: taken as a correction (see dicom-node corrections)"
+OWN = "segmentation object: the node's own result sent back to it (ignored)"
+
+
+def references(ds: Dataset) -> tuple[list[str], list[str]]:
+    """(series UIDs, SOP Instance UIDs) the SEG says it was made from."""
+    series, sops = [], []
+    for item in ds.get("ReferencedSeriesSequence", []) or []:
+        series.append(str(item.get("SeriesInstanceUID", "") or ""))
+        for ref in item.get("ReferencedInstanceSequence", []) or []:
+            sops.append(str(ref.get("ReferencedSOPInstanceUID", "") or ""))
+    for ref in ds.get("SourceImageSequence", []) or []:
+        sops.append(str(ref.get("ReferencedSOPInstanceUID", "") or ""))
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    for group in [*shared, *(ds.get("PerFrameFunctionalGroupsSequence", []) or [])]:
+        for der in group.get("DerivationImageSequence", []) or []:
+            for ref in der.get("SourceImageSequence", []) or []:
+                sops.append(str(ref.get("ReferencedSOPInstanceUID", "") or ""))
+    return [u for u in dict.fromkeys(series) if u], [u for u in dict.fromkeys(sops) if u]
+
+
+def who(ds: Dataset, inst: Instance) -> dict:
+    """Who made it, where, and when (the columns of that name)."""
+    station = str(ds.get("StationName", "") or "").strip()
+    if not station:
+        station = " ".join(str(ds.get(k, "") or "").strip() for k in ("Manufacturer", "ManufacturerModelName")).strip()
+    return {"creator": str(ds.get("ContentCreatorName", "") or "")[:64], "station": station[:128],
+            "calling_ae": (inst.calling_aet or "")[:16],
+            "content_at": content_time(str(ds.get("ContentDate", "") or ""), str(ds.get("ContentTime", "") or ""))}
+
+
+class Intake:
+    """The completion checker's callback for a series of Segmentation objects (dicom_node/service.py wires
+    it): records each instance, returns the series' skip reason in words."""
+
+    def __init__(self, db: Database, root: str | os.PathLike):
+        self.db = db
+        self.root = Path(root)
+
+    def __call__(self, series_id: int) -> str:
+        _, instances = series_instances(self.db, series_id)
+        outcomes: Counter[str] = Counter()
+        reasons = []
+        for inst in sorted(instances, key=lambda i: i.id):
+            state, reason = self.take(inst)
+            outcomes[state] += 1
+            if reason:
+                reasons.append(reason)
+        log.info("series %s: %d segmentation objects: %s", series_id, len(instances),
+                 ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items())))
+        if outcomes[CorrectionState.CORRECTED] or outcomes[CorrectionState.UNCHANGED]:
+            return TAKEN
+        if outcomes["own"] and not outcomes[CorrectionState.UNUSABLE]:
+            return OWN
+        return "segmentation object not usable as a correction: " + ("; ".join(dict.fromkeys(reasons))
+                                                                     or "see dicom-node corrections")
+
+    def take(self, inst: Instance) -> tuple[str, str]:
+        """One SEG instance: (what it was, the unusable reason or "")."""
+        done = recorded_state(self.db, inst.sop_uid)
+        if done is not None:  # judged again after more instances arrived: each instance is taken once
+            return done[0], done[1] if done[0] == CorrectionState.UNUSABLE else ""
+        if is_own_result(self.db, inst.sop_uid):
+            log.info("instance %s: the node's own SEG came back: ignored", inst.id)
+            return "own", ""
+        base: dict[str, Any] = {"sop_class_uid": inst.sop_class_uid[:64], "seg_series_uid": "", "instance_id": inst.id,
+                "calling_ae": (inst.calling_aet or "")[:16]}
+        try:
+            return self._take(inst, base)
+        except Exception as exc:  # never stops the checker: the SEG is recorded as unusable, in words
+            log.warning("instance %s: reading it as a correction failed", inst.id, exc_info=True)
+            reason = admin_message(exc, "reading the segmentation object as a correction")
+            record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason, **base)
+            return CorrectionState.UNUSABLE, reason
+
+    def _unusable(self, inst: Instance, fields: dict[str, Any], reason: str) -> tuple[str, str]:
+        record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.UNUSABLE, reason=reason,
+               event_detail=f"unusable: {reason}", **fields)
+        log.info("instance %s: not usable as a correction: %s", inst.id, reason)
+        return CorrectionState.UNUSABLE, reason
+
+    def _take(self, inst: Instance, fields: dict) -> tuple[str, str]:
+        try:
+            ds = pydicom.dcmread(resolve_stored(self.root, inst.path))
+        except Exception as exc:
+            return self._unusable(inst, fields, f"unreadable: {type(exc).__name__}")
+        fields |= who(ds, inst)
+        fields["seg_series_uid"] = str(ds.get("SeriesInstanceUID", "") or "")[:64]
+        series_uids, sop_uids = references(ds)
+        source = find_source_series(self.db, series_uids, sop_uids, str(ds.get("FrameOfReferenceUID", "") or ""))
+        if source is None:
+            why = ("it references no images" if not series_uids and not sop_uids else
+                   "the node holds none of the images it references (in its Frame of Reference)")
+            return self._unusable(inst, fields, why)
+        fields["series_id"] = source
+        job = segmented_job(self.db, source)
+        if job is None:
+            return self._unusable(inst, fields, "the node never segmented (or sent no result for) the referenced "
+                                                "series")
+        fields["job_id"], fields["model_version"] = job.id, job.model_version[:64]
+        _, src_instances = series_instances(self.db, source)
+        try:
+            grid = source_grid(src_instances)
+            corrected = read_seg(ds, grid)
+        except Unusable as exc:
+            return self._unusable(inst, fields, str(exc))
+        try:
+            sent = read_seg(resolve_stored(self.root, job.seg_path), grid)
+        except (Unusable, OSError, ValueError) as exc:
+            return self._unusable(inst, fields, f"the node's own result (job {job.id}) could not be read: {exc}")
+        return self._scored(inst, fields, grid, corrected, sent, src_instances)
+
+    def _scored(self, inst: Instance, fields: dict, grid: SourceGrid, corrected: SegRead, sent: SegRead,
+                src_instances: list[Instance]) -> tuple[str, str]:
+        notes = []
+        if corrected.unmatched:
+            notes.append("segments not matched: " + "; ".join(corrected.unmatched))
+        if corrected.by_position:
+            notes.append(f"{corrected.by_position} frames placed by position (no source reference)")
+        if np.array_equal(sent.classes, corrected.classes):
+            state, metrics, mean = CorrectionState.UNCHANGED, dict[str, Any](), None
+            detail = "unchanged: a saved copy of the result"
+        else:
+            metrics, mean = score(sent.classes, corrected.classes, grid, declared=_declared(self.root, src_instances))
+            state = CorrectionState.CORRECTED
+            detail = f"corrected: mean Dice {mean:.3f}" if mean is not None else "corrected"
+        creator = fields.get("creator") or ""
+        if creator:
+            detail += f"; by {creator}"
+        cid, created = record(self.db, sop_uid=inst.sop_uid, state=state, reason="; ".join(notes),
+                              event_detail=detail, **fields)
+        if not created:
+            return state, ""
+        path = labels_file(self.root, cid)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, classes=corrected.classes.astype(np.uint8),
+                                sop_uids=np.array(corrected.sop_uids))
+            os.replace(tmp, path)
+        except OSError as exc:
+            reason = f"the labels could not be written: {exc.strerror or type(exc).__name__}"
+            set_result(self.db, cid, state=CorrectionState.UNUSABLE, reason=reason)
+            return CorrectionState.UNUSABLE, reason
+        set_result(self.db, cid, state=state, reason="; ".join(notes), labels_path=stored_path(self.root, path),
+                   metrics=metrics, mean_dice=mean)
+        log.info("instance %s: correction %s recorded (%s%s)", inst.id, cid, state,
+                 f", mean Dice {mean:.3f}" if mean is not None else "")
+        return state, ""
+
+
+def _declared(root: Path, instances: list[Instance]) -> str:
+    """The laterality the source series declares (R or L), read from a stored image if one is left."""
+    for inst in instances:
+        if not inst.path:
+            continue
+        try:
+            ds = pydicom.dcmread(resolve_stored(root, inst.path), stop_before_pixels=True)
+        except Exception:
+            continue
+        side = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").upper()
+        return side if side in ("R", "L") else ""
+    return ""
