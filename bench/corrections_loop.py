@@ -146,7 +146,9 @@ def cli_json(node: Any, *args: str, timeout: float = 300) -> Any:
 
 
 def storescu(node: Any, *paths: Path, aet: str = "STORESCU") -> None:
-    r = subprocess.run(["storescu", "-aet", aet, "-aec", "SEGNODE", "+sd", "127.0.0.1", str(node.port),
+    """dcmtk's storescu as a viewer or modality sends; ``-R`` proposes the SOP classes of the files it holds
+    (its default list has no Segmentation Storage)."""
+    r = subprocess.run(["storescu", "-aet", aet, "-aec", "SEGNODE", "+sd", "-R", "127.0.0.1", str(node.port),
                         *map(str, paths)], env=ENV, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"storescu failed ({r.returncode}): {r.stderr[-1500:]}")
@@ -275,10 +277,10 @@ def wait_corrections(node: Any, studies: list[Study], timeout: float = 300) -> l
     return wait_for(ready, timeout, 3.0, "a correction row for every study")
 
 
-def learn(node: Any, timeout: float = LEARN_LIMIT_S + 300) -> tuple[dict, float]:
-    """``dicom-node learn --promote --json`` and its wall time in seconds."""
+def learn(node: Any, *extra: str, timeout: float = LEARN_LIMIT_S + 300) -> tuple[dict, float]:
+    """``dicom-node learn --promote --json [EXTRA]`` and its wall time in seconds."""
     t = time.monotonic()
-    report = cli_json(node, "learn", "--promote", "--json", timeout=timeout)
+    report = cli_json(node, "learn", "--promote", "--json", *extra, timeout=timeout)
     return report, time.monotonic() - t
 
 
