@@ -36,8 +36,7 @@ from bench.corrections_loop import (
 pytestmark = pytest.mark.slow
 
 #: the three corrected studies and the next one (stand-in shape indices: held-out random draws)
-SHAPES = (30, 31, 33)
-NEXT = 35
+*SHAPES, NEXT = (int(i) for i in os.environ.get("CORRECTIONS_LOOP_SHAPES", "30,31,33,35").split(","))
 #: fine-tune steps of the round (``learn --max-steps``: the same candidate on every run, whatever the machine's
 #: load; one step is batch 8 of 160² crops, 5-10 s on this shared 2-core machine)
 STEPS = os.environ.get("CORRECTIONS_LOOP_STEPS", "12")
