@@ -291,6 +291,19 @@ def serving_version(node: Any) -> str | None:
     return next((str(r.get("version")) for r in rows if r.get("state") == "serving" or r.get("serving")), None)
 
 
+def check_coverage(ph: Any, index: int, min_slices: int = 3) -> Any:
+    """A study of the bar must show every structure on ``min_slices`` slices at least: a long leg cut at the knee
+    by the bounded grid would score a fibula of a few voxels (shape 43: 9 voxels, Dice 0 for any model)."""
+    from bench.corrections_family import STRUCTURES
+
+    for name, v in STRUCTURES.items():
+        n = int((ph.labels == v).any(axis=(1, 2)).sum())
+        if n < min_slices:
+            raise SystemExit(f"shape {index}: the bounded study shows the {name} on {n} slices (< {min_slices}); "
+                             "pick a shorter leg (another shape) or more slices (--max-slices)")
+    return ph
+
+
 def fmt(d: dict) -> str:
     return " | ".join("–" if d.get(n) is None else f"{d[n]:.3f}" for n in BAR)
 
@@ -319,7 +332,7 @@ def run(a: argparse.Namespace) -> dict:
             return result
         studies = []
         for k, i in enumerate(shapes[:3]):
-            ph = make_study(i, a.contrast, max_slices=a.max_slices)
+            ph = check_coverage(make_study(i, a.contrast, max_slices=a.max_slices), i)
             studies.append(send_study(node, ph, work / f"study{k}", f"CB{i:04d}", seed=i))
         for s in studies:
             delivered(node, pacs, s)
@@ -339,7 +352,7 @@ def run(a: argparse.Namespace) -> dict:
         after = serving_version(node)
         result.update(learn_report=report, learn_s=round(learn_s, 1), serving_before=before, serving_after=after)
         print(f"learn --promote: {learn_s / 60:.1f} min, serving {before} -> {after}", flush=True)
-        ph = make_study(shapes[3], a.contrast, max_slices=a.max_slices)
+        ph = check_coverage(make_study(shapes[3], a.contrast, max_slices=a.max_slices), shapes[3])
         fourth = delivered(node, pacs, send_study(node, ph, work / "study3", f"CB{shapes[3]:04d}", seed=shapes[3]))
         # the same family's first studies as v0.2.0 scored them, and the fourth as the promoted model scores it
         result["fourth"] = {"name": fourth.name, "slices": len(fourth.paths), "job": fourth.job.get("job"),
