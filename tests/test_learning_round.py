@@ -23,7 +23,7 @@ from sqlalchemy import select
 from dicom_node.config import load_settings
 from dicom_node.learn import finetune as ft
 from dicom_node.learn import registry
-from dicom_node.learn.rounds import NO_CORRECTIONS, RoundError, decide, run_round
+from dicom_node.learn.rounds import NO_CORRECTIONS, RoundError, _per_structure, decide, pair_absent, run_round
 from dicom_node.receive.headers import to_meta
 from dicom_node.slices import stack
 from inference.phantom import small_series, write_dicom_series
@@ -105,6 +105,23 @@ def test_decision_rule_on_numbers():
     assert not d.wins and "gate lets through 1" in d.words
     # a structure the serving model found and the candidate no longer does
     assert not decide(serving, {k: v for k, v in up.items() if k != "fibula"}, 0).wins
+
+
+def test_a_false_positive_stopped_counts_for_the_candidate():
+    """The correction has no fibula: the serving model drew one (Dice 0), the candidate left it out as the
+    radiologist did. That is the candidate getting the fibula right, not losing it."""
+    serving = [{"correction": 1, "dice": {"femur": 0.9, "pelvis": 0.4, "fibula": 0.0}}]
+    candidate = [{"correction": 1, "dice": {"femur": 0.91, "pelvis": 0.8}}]
+    pair_absent(serving, candidate)
+    s, c = _per_structure(serving), _per_structure(candidate)
+    assert c["fibula"] == 1.0 and s["fibula"] == 0.0
+    assert decide(s, c, 0).wins
+    # the other way round: a candidate that draws a structure the correction does not have loses it
+    serving = [{"correction": 1, "dice": {"femur": 0.9}}]
+    candidate = [{"correction": 1, "dice": {"femur": 0.92, "tibia": 0.0}}]
+    pair_absent(serving, candidate)
+    d = decide(_per_structure(serving), _per_structure(candidate), 0)
+    assert not d.wins and "tibia down 1.000" in d.words
 
 
 def test_holdout_is_fixed_and_versioned(tmp_path):

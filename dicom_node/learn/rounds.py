@@ -164,6 +164,17 @@ def _evaluate(predictor, data: _Data, c: Correction, tta: bool) -> dict:
             "below_0_70": low, "gate_missed": low and report.verdict != Verdict.FAIL}
 
 
+def pair_absent(serving: list[dict], candidate: list[dict]) -> None:
+    """In place: a structure one model found on a held-out case where the correction has none scores 0 for that
+    model; the other, which left it out as the radiologist did, scores 1 there instead of nothing. Without this
+    a candidate that stops a false positive reads as losing the structure ("no longer found") and the mean
+    leaves its improvement out."""
+    for s_case, c_case in zip(serving, candidate, strict=True):
+        for mine, other in ((s_case["dice"], c_case["dice"]), (c_case["dice"], s_case["dice"])):
+            for name in set(other) - set(mine):
+                mine[name] = 1.0
+
+
 def _per_structure(cases: list[dict]) -> dict[str, float]:
     names = sorted({k for c in cases for k in c["dice"]})
     return {n: round(float(np.mean([c["dice"][n] for c in cases if n in c["dice"]])), 4) for n in names}
@@ -242,6 +253,9 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
     if not evaluated:
         raise RoundError("no held-out correction could be evaluated: "
                          + "; ".join(str(s_["reason"]) for s_ in skipped))
+    evals["serving"].sort(key=lambda e: e["correction"])
+    evals["candidate"].sort(key=lambda e: e["correction"])
+    pair_absent(evals["serving"], evals["candidate"])
     serving, candidate = _per_structure(evals["serving"]), _per_structure(evals["candidate"])
     misses = sum(1 for e in evals["candidate"] if e["gate_missed"])
     decision = decide(serving, candidate, misses)
