@@ -63,7 +63,8 @@ def free_port() -> int:
 #: Run first, heaviest first, so two workers end together: pytest-xdist's loadfile hands each module whole to one
 #: worker (its module fixtures, a node and a PACS, set up once), in collection order. The 1000-slice series and
 #: the header corpus are the longest, in two modules so that they run side by side.
-HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_header_corpus.py",
+HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_corrections_loop.py", "tests/test_header_corpus.py",
+               "tests/test_learning_round.py",
                "tests/test_input_variety.py", "tests/test_outbox.py", "tests/test_durability.py",
                "tests/test_quality_gate.py", "tests/test_foreign_through_node.py", "tests/test_end_to_end.py",
                "tests/test_preprocessing.py", "tests/test_completion.py")

@@ -326,6 +326,14 @@ class LearningSettings:
     accuracy_window: int = 10
     #: where rounds train: auto (GPU when there is one), cpu, cuda
     device: str = "auto"
+    #: the fine-tune's recipe (dicom_node/learn/finetune.py ``Recipe``; defaults measured on whole-leg studies in
+    #: docs/learning.md): learning rate, slices per step, random square crops of the model's input (0: whole
+    #: slices), and the share of each batch drawn from slices that show bone. A site with small or few studies
+    #: (or a GPU) may measure other values with bench/learning_recipe.py
+    lr: float = 2e-4
+    batch_size: int = 4
+    crop: int = 0
+    foreground: float = 1.0
 
     def validate(self) -> None:
         from apscheduler.triggers.cron import CronTrigger
@@ -343,3 +351,9 @@ class LearningSettings:
         _positive("learning.accuracy_window", self.accuracy_window)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"learning.device must be auto, cpu or cuda, got {self.device!r}")
+        _positive("learning.lr", self.lr)
+        _positive("learning.batch_size", self.batch_size)
+        if self.crop < 0:
+            raise ConfigError("learning.crop must be >= 0 (0: whole slices)")
+        if not 0 <= self.foreground <= 1:
+            raise ConfigError("learning.foreground must be between 0 and 1")

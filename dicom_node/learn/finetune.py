@@ -44,6 +44,15 @@ log = logging.getLogger("dicom_node.learn.finetune")
 KEEP_DICE = 0.90
 
 
+def cpu_threads() -> int:
+    """Threads for torch on the CPU: every core, unless OMP_NUM_THREADS says otherwise (an admin sharing the
+    machine with the node's own processes, or a test run whose workers already fill the cores)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Recipe:
     """The fine-tune's settings; the defaults are the ones measured in docs/learning.md."""
@@ -171,7 +180,7 @@ def finetune(parent: Path, cases: list[TrainingCase], out: Path, *, version: str
     torch.manual_seed(r.seed)
     dev = pick_device(device)
     if dev.type == "cpu":
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        torch.set_num_threads(threads or cpu_threads())
     state, card = load_checkpoint(parent)
     net = build_network(card)
     net.load_state_dict({k: v.float() for k, v in state.items()})

@@ -18,7 +18,6 @@ the listener or a worker: a round is minutes of CPU.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -196,6 +195,8 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
     t_round = time.perf_counter()
     lrn = settings.learning
     minutes = lrn.minutes if minutes is None else minutes
+    if recipe is None:
+        recipe = ft.Recipe(lr=lrn.lr, batch_size=lrn.batch_size, crop=lrn.crop, foreground=lrn.foreground)
     store = FileStore(settings.data_dir, fsync=False)
     registry.ensure_registered(settings, db)
     serving_version, serving_path, _sha = registry.serving_checkpoint(settings, db)
@@ -236,7 +237,7 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
     from inference.predict import Predictor
 
     evals: dict[str, list[dict]] = {"serving": [], "candidate": []}
-    threads = os.cpu_count() or 1
+    threads = ft.cpu_threads()
     for which, path in (("serving", serving_path), ("candidate", res.path)):
         predictor = Predictor(path, device=lrn.device, batch_size=settings.inference.batch_size, threads=threads,
                               precision=settings.inference.precision)
