@@ -21,7 +21,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if (os.cpu_count() or 1) <= WORKERS:
     # as many test processes as cores: each one's torch (the in-process predictions and every node, training
-    # and benchmark process it starts) on one thread, so two workers do not run four busy threads on two cores
+    # and benchmark process it starts) on one thread, so the workers do not run twice their number of busy threads
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -60,14 +60,15 @@ def free_port() -> int:
     raise AssertionError(f"no free port in {_PORTS}")
 
 
-#: Run first, heaviest first, so two workers end together: pytest-xdist's loadfile hands each module whole to one
-#: worker (its module fixtures, a node and a PACS, set up once), in collection order. The 1000-slice series and
-#: the header corpus are the longest, in two modules so that they run side by side.
-HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_corrections_loop.py", "tests/test_header_corpus.py",
-               "tests/test_learning_round.py",
-               "tests/test_input_variety.py", "tests/test_outbox.py", "tests/test_durability.py",
-               "tests/test_quality_gate.py", "tests/test_foreign_through_node.py", "tests/test_end_to_end.py",
-               "tests/test_preprocessing.py", "tests/test_completion.py")
+#: Run first, heaviest first, so the workers end together: pytest-xdist's loadfile hands each module whole to one
+#: worker (its module fixtures, a node and a PACS, set up once), in this order. Ordered by the time each module
+#: took with three workers on an idle 2-core machine (2026-12-07: 259 s for the 1000-slice series down to 43 s).
+HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_durability.py", "tests/test_input_variety.py",
+               "tests/test_outbox.py", "tests/test_corrections_loop.py", "tests/test_quality_gate.py",
+               "tests/test_header_corpus.py", "tests/test_foreign_through_node.py", "tests/test_completion.py",
+               "tests/test_bench_smoke.py", "tests/test_end_to_end.py", "tests/test_bounded_waits.py",
+               "tests/test_learning_round.py", "tests/test_viewer.py", "tests/test_training.py",
+               "tests/test_probe.py", "tests/test_preprocessing.py", "tests/test_data_folder.py")
 
 
 def pytest_collection_modifyitems(config, items):
