@@ -193,6 +193,13 @@ def test_round_records_candidate_and_promotes_only_a_winner(tmp_path):
     assert s1["held_out_count"] == 1 and s1["trained_on_count"] == 2 and s1["steps"] == 2
     assert "femur" in s1["dice"]["serving"] and s1["mean_dice"]["serving"] > 0.5
     assert not s1["wins"] and not s1["promoted"] and "loses" in s1["decision"]
+    # the gate re-measured on the held-out results: right ones it would still hold, and by which check
+    for which, cases in s1["cases"].items():
+        for e in cases:
+            assert e["good"] == all(v >= 0.85 for v in e["dice"].values())
+            assert e["good_held"] == (e["good"] and e["verdict"] == "fail")
+            assert bool(e["held_by"]) == (e["verdict"] == "fail"), e
+        assert s1["gate"]["good_held"][which] == sum(e["good_held"] for e in cases) <= s1["gate"]["good"][which]
     assert s1["serving_version"] == "0.2.0" and s1["candidate_version"] == "0.2.0+site.1"
     with db.session() as s:
         row = s.scalar(select(ModelVersion).where(ModelVersion.version == "0.2.0+site.1"))

@@ -42,6 +42,8 @@ log = logging.getLogger("dicom_node.learn.rounds")
 GATE_DICE = 0.70
 #: the most a structure's held-out Dice may fall for the candidate to win
 MAX_DROP = 0.02
+#: a held-out result with every structure at or above this Dice is a right one: the gate should send it
+GOOD_DICE = 0.85
 
 NO_CORRECTIONS = ("no corrections yet: corrected SEGs arrive when the archive routes them to this node "
                   "(docs/corrections.md)")
@@ -159,8 +161,12 @@ def _evaluate(predictor, data: _Data, c: Correction, tta: bool) -> dict:
                                      f"{labels.shape}")
     d = dice_per_structure(labels, classes, result.card.labels)
     low = any(v < GATE_DICE for v in d.values())
+    good = bool(d) and all(v >= GOOD_DICE for v in d.values())
+    held_by = [f"{q.structure.lower()}: {r}" for q in report.failed() for r in q.reasons
+               if r.startswith(str(Verdict.FAIL))]
     return {"correction": c.id, "dice": {k: round(v, 4) for k, v in d.items()}, "verdict": str(report.verdict),
-            "below_0_70": low, "gate_missed": low and report.verdict != Verdict.FAIL}
+            "below_0_70": low, "gate_missed": low and report.verdict != Verdict.FAIL,
+            "good": good, "good_held": good and report.verdict == Verdict.FAIL, "held_by": held_by}
 
 
 def pair_absent(serving: list[dict], candidate: list[dict]) -> None:
@@ -273,7 +279,14 @@ def run_round(settings: Settings, db: Database, *, promote: bool = False, minute
         "cases": evals,
         "gate": {"held_out_below_0_70": sum(1 for e in evals["candidate"] if e["below_0_70"]),
                  "caught": sum(1 for e in evals["candidate"] if e["below_0_70"] and not e["gate_missed"]),
-                 "missed": misses},
+                 "missed": misses,
+                 # the other half of the gate's re-measure: right results (every structure >= 0.85) it would
+                 # still hold for review, and the checks that held them (its limits are the release's, measured
+                 # on the bundled model: docs/learning.md)
+                 "good": {which: sum(1 for e in evals[which] if e["good"]) for which in evals},
+                 "good_held": {which: sum(1 for e in evals[which] if e["good_held"]) for which in evals},
+                 "held_by": sorted({h.split(" (")[0] for e in evals["candidate"] if e["good_held"]
+                                    for h in e["held_by"]})},
         "keep_teacher_free": res.card.training["keep_teacher_free"],
         "steps": res.steps, "train_minutes": round(res.minutes, 2),
         "minutes": round((time.perf_counter() - t_round) / 60, 2),

@@ -34,6 +34,10 @@ def _print_summary(s: dict) -> None:
     g = s["gate"]
     print(f"  gate: {g['caught']} of {g['held_out_below_0_70']} held-out results under Dice 0.70 held "
           f"({g['missed']} missed)")
+    if "good_held" in g:
+        print(f"  gate: {g['good_held']['candidate']} of {g['good']['candidate']} right results (every structure "
+              f">= 0.85) held for review with the candidate, {g['good_held']['serving']} of {g['good']['serving']} "
+              "with the serving model" + (f" (held by: {'; '.join(g['held_by'])})" if g["held_by"] else ""))
     for k in s["skipped"]:
         print(f"  left out: correction {k['correction']}: {k['reason']}")
     print(f"  decision: {s['decision']}")
