@@ -414,8 +414,13 @@ def destinations_to_alert(db: Database, minutes: float) -> list[dict]:
         return out
 
 
-def destination_summary(db: Database, names: list[str]) -> list[dict]:
-    """Per destination: up or down since when, deliveries waiting, the oldest waiting one's age, last error."""
+def destination_summary(db: Database, names: list[str], probe_seconds: dict[str, float] | None = None) -> list[dict]:
+    """Per destination: up or down since when, deliveries waiting, the oldest waiting one's age, last error.
+
+    ``next_try`` is the backoff clock of a down destination's deliveries; the sender probes it apart from that
+    clock (``probe_seconds``, deliver/probe.py) and sends as soon as a probe is answered, so a down destination
+    also reports ``probe_every_s``: without it an admin reads a retry minutes away as the wait for a PACS
+    that is back."""
     now = utcnow()
     with db.session() as s:
         out = []
@@ -438,6 +443,7 @@ def destination_summary(db: Database, names: list[str]) -> list[dict]:
                         "last_error": d.last_error if d else "", "failures": d.failures if d else 0,
                         "next_try": d.next_attempt_at.isoformat(timespec="seconds") + "Z"
                         if d and not d.up and d.next_attempt_at else None,
+                        "probe_every_s": (probe_seconds or {}).get(name) if d and not d.up else None,
                         "waiting": waiting.get(name, 0), "failed": failed.get(name, 0),
                         "oldest_waiting_s": round((now - o).total_seconds(), 1) if o else 0.0,
                         "configured": name in names})

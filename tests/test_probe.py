@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
@@ -42,8 +43,15 @@ def test_a_returning_pacs_gets_the_results_within_the_probe_interval_once_each(w
                              for k, d in _timeline(node, job["job"])), 30, 0.3, "the refused delivery")
         wait_for(lambda: "destination-down" in hook.kinds(), 20, 0.3, "the destination-down webhook")
         time.sleep(2.5 * probe_seconds)  # probes fail meanwhile; they are no deliveries
-        (row,) = json.loads(node.cli("deliveries", "--json").stdout)["deliveries"]
+        listing = json.loads(node.cli("deliveries", "--json").stdout)
+        (row,) = listing["deliveries"]
         assert row["state"] == "pending" and row["attempts"] == 1
+        # what the admin sees: the backoff's retry minutes away, and the probe that will not wait for it
+        (dest,) = listing["destinations"]
+        assert dest["up"] is False and dest["next_try"] and dest["probe_every_s"] == probe_seconds
+        assert f"probed every {probe_seconds} s" in node.cli("deliveries").stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.web_port}/", timeout=10) as r:
+            assert f"probed every {probe_seconds} s" in r.read().decode()
         # the PACS is back on the same port: the next probe wakes the waiting delivery, no admin involved
         pacs2 = PacsSCP(workdir / "pacs", port=port)
         back = time.monotonic()

@@ -33,7 +33,8 @@ def api_status(ctx: Context) -> dict[str, Any]:
 
 @router.get("/destinations")
 def api_destinations(ctx: Context) -> list[dict[str, Any]]:
-    return deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations])
+    return deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations],
+                                          {d.name: d.probe_seconds for d in ctx.settings.destinations})
 
 
 @router.get("/deliveries")

@@ -147,7 +147,8 @@ def cmd_deliveries(args) -> int:
         print(f"{len(done)} deliveries queued again: {' '.join(map(str, done)) or '-'}")
         return 0 if not args.requeue or set(done) == set(args.requeue) else 1
     rows = deliveries.list_items(db, args.state, args.destination, args.job, args.limit)
-    dests = deliveries.destination_summary(db, [d.name for d in settings.destinations])
+    dests = deliveries.destination_summary(db, [d.name for d in settings.destinations],
+                                           {d.name: d.probe_seconds for d in settings.destinations})
     if args.json:
         print(json.dumps({"destinations": dests, "deliveries": rows}, indent=1))
         return 0
@@ -155,6 +156,7 @@ def cmd_deliveries(args) -> int:
         print(f"destination {d['destination']}: {'up' if d['up'] else 'DOWN'} since {d['since'] or '-'}; "
               f"{d['waiting']} waiting (oldest {d['oldest_waiting_s']:.0f} s), {d['failed']} failed"
               + (f"; next try {d['next_try']}" if d["next_try"] else "")
+              + (f" (probed every {d['probe_every_s']:g} s: sent as soon as it answers)" if d["probe_every_s"] else "")
               + (f"; last error: {d['last_error']}" if d["last_error"] else ""))
     for r in rows:
         print(f"#{r['id']:<5} job {r['job']:<5} {r['destination']:<12} {r['state']:<9} tries {r['attempts']:<3} "

@@ -81,7 +81,8 @@ class NodeCollector:
             yield cs
 
     def _destinations(self) -> Iterator[Metric]:
-        dests = deliveries.destination_summary(self.db, [d.name for d in self.settings.destinations])
+        dests = deliveries.destination_summary(self.db, [d.name for d in self.settings.destinations],
+                                               {d.name: d.probe_seconds for d in self.settings.destinations})
         up = GaugeMetricFamily("dicomnode_destination_up", "1 while the destination answers, 0 while it is down",
                                labels=["destination"])
         waiting = GaugeMetricFamily("dicomnode_deliveries_waiting",

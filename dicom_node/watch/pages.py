@@ -58,7 +58,8 @@ def dashboard(ctx: Context) -> HTMLResponse:
     labels = [h["hour"] for h in hours]
     return render(
         "dashboard.html", ctx, counts=counts(ctx.db), disk=disk(ctx.settings),
-        destinations=deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations]),
+        destinations=deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations],
+                                                    {d.name: d.probe_seconds for d in ctx.settings.destinations}),
         failed=job_rows(ctx.db, FAILED_JOBS, JobState.FAILED), jobs=job_rows(ctx.db, RECENT_JOBS),
         throughput=bar_chart([h["done"] for h in hours], labels, "#198754", "jobs"),
         latency=bar_chart([h["p50_s"] for h in hours], labels, "#0d6efd", "s"))
