@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 
+from storage import deliveries
 from storage.db import Database
 from storage.filestore import UnsafePath, resolve_stored
 from storage.latency import held_at, latency
@@ -94,6 +95,12 @@ def show(db: Database, what: str, root: Path | None = None) -> str | None:
                     out.append(f"    outbox #{o.id} to {o.destination}: {o.state} after {o.attempts} tries"
                                + (f" ({o.last_error})" if o.last_error else ""))
         return "\n".join(out)
+
+
+def destination_rows(db: Database, settings) -> list[dict]:
+    """The configured destinations' summary (storage/deliveries.py), with each one's probe interval."""
+    return deliveries.destination_summary(db, [d.name for d in settings.destinations],
+                                          {d.name: d.probe_seconds for d in settings.destinations})
 
 
 def job_rows(db: Database, limit: int = 50, state: str | None = None, job_id: int | None = None) -> list[dict]:

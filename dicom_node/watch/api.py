@@ -15,7 +15,7 @@ from storage.timeline import audit_log
 
 from ..learn.accuracy import accuracy_summary
 from .accuracy_view import MAX_CORRECTIONS
-from .admin import job_rows
+from .admin import destination_rows, job_rows
 from .dashboard_data import disk, hourly, job_timeline
 from .decisions import decide
 from .web_context import Context, client_address, require_token
@@ -33,8 +33,7 @@ def api_status(ctx: Context) -> dict[str, Any]:
 
 @router.get("/destinations")
 def api_destinations(ctx: Context) -> list[dict[str, Any]]:
-    return deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations],
-                                          {d.name: d.probe_seconds for d in ctx.settings.destinations})
+    return destination_rows(ctx.db, ctx.settings)
 
 
 @router.get("/deliveries")

@@ -136,6 +136,8 @@ def cmd_sender(args) -> int:
 def cmd_deliveries(args) -> int:
     from storage import deliveries
 
+    from .admin import destination_rows
+
     settings, db = _db(args)
     if args.requeue is not None:
         if args.requeue:
@@ -147,8 +149,7 @@ def cmd_deliveries(args) -> int:
         print(f"{len(done)} deliveries queued again: {' '.join(map(str, done)) or '-'}")
         return 0 if not args.requeue or set(done) == set(args.requeue) else 1
     rows = deliveries.list_items(db, args.state, args.destination, args.job, args.limit)
-    dests = deliveries.destination_summary(db, [d.name for d in settings.destinations],
-                                           {d.name: d.probe_seconds for d in settings.destinations})
+    dests = destination_rows(db, settings)
     if args.json:
         print(json.dumps({"destinations": dests, "deliveries": rows}, indent=1))
         return 0

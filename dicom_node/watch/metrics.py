@@ -13,7 +13,6 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
-from storage import deliveries
 from storage.db import Database
 from storage.jobs import counts
 from storage.models import Job, utcnow
@@ -23,6 +22,7 @@ from storage.states import JobState, Verdict
 from ..config import Settings
 from ..learn.accuracy import accuracy_summary
 from .accuracy_view import accuracy_metrics
+from .admin import destination_rows
 from .dashboard_data import STAGES
 from .web_context import Context, require_token
 
@@ -81,8 +81,7 @@ class NodeCollector:
             yield cs
 
     def _destinations(self) -> Iterator[Metric]:
-        dests = deliveries.destination_summary(self.db, [d.name for d in self.settings.destinations],
-                                               {d.name: d.probe_seconds for d in self.settings.destinations})
+        dests = destination_rows(self.db, self.settings)
         up = GaugeMetricFamily("dicomnode_destination_up", "1 while the destination answers, 0 while it is down",
                                labels=["destination"])
         waiting = GaugeMetricFamily("dicomnode_deliveries_waiting",

@@ -7,7 +7,6 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from storage import deliveries
 from storage.accuracy import correction_rows
 from storage.jobs import counts
 from storage.models import utcnow
@@ -16,7 +15,7 @@ from storage.timeline import audit_log
 
 from ..learn.accuracy import accuracy_summary
 from .accuracy_view import RECENT_CORRECTIONS, control_charts
-from .admin import job_rows
+from .admin import destination_rows, job_rows
 from .dashboard_data import (
     STAGES,
     STATE_COLOURS,
@@ -58,8 +57,7 @@ def dashboard(ctx: Context) -> HTMLResponse:
     labels = [h["hour"] for h in hours]
     return render(
         "dashboard.html", ctx, counts=counts(ctx.db), disk=disk(ctx.settings),
-        destinations=deliveries.destination_summary(ctx.db, [d.name for d in ctx.settings.destinations],
-                                                    {d.name: d.probe_seconds for d in ctx.settings.destinations}),
+        destinations=destination_rows(ctx.db, ctx.settings),
         failed=job_rows(ctx.db, FAILED_JOBS, JobState.FAILED), jobs=job_rows(ctx.db, RECENT_JOBS),
         throughput=bar_chart([h["done"] for h in hours], labels, "#198754", "jobs"),
         latency=bar_chart([h["p50_s"] for h in hours], labels, "#0d6efd", "s"))
