@@ -174,8 +174,7 @@ def job_of(node: Any, series_uid: str) -> dict | None:
 
 
 def send_study(node: Any, ph: Any, folder: Path, name: str, seed: int) -> Study:
-    from inference.phantom import write_dicom_series
-
+    from inference.phantom_io import write_dicom_series
     paths = write_dicom_series(ph, folder, patient_id=name.upper()[:16], seed=seed)
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     storescu(node, folder)

@@ -55,13 +55,8 @@ def make_study(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[Pat
     """An n-slice axial MR series of size² (rendered phantom slabs, repeated with new positions/UIDs)."""
     from dataclasses import replace
 
-    from inference.phantom import (
-        Geometry,
-        Phantom,
-        random_anatomy,
-        render,
-        write_dicom_series,
-    )
+    from inference.phantom import Geometry, Phantom, random_anatomy, render
+    from inference.phantom_io import write_dicom_series
 
     rng = np.random.default_rng(seed)
     anat = random_anatomy(rng)
@@ -89,8 +84,8 @@ def whole_leg_study(folder: Path, size: int = 448, seed: int = 0, thickness: flo
     """A whole-leg axial MR series, iliac crest to below the ankle, both legs, size² (a rendered phantom, not a
     repeated slab: every slice is anatomy, so the quality gate passes it when the model is right). The slice
     thickness is chosen for about 158 slices at the anatomy's size, as the series this was measured on."""
-    from inference.phantom import Geometry, random_anatomy, render, write_dicom_series
-
+    from inference.phantom import Geometry, random_anatomy, render
+    from inference.phantom_io import write_dicom_series
     anat = random_anatomy(np.random.default_rng(seed))
     top, bottom = anat.z_extent
     thick = thickness or (top - bottom) / 158
@@ -414,7 +409,8 @@ def bench_seg(sizes: list[int]) -> dict:
     from dicom_node.encode.seg_writer import build_seg
     from dicom_node.infer.segments import split_sides
     from inference.model_card import ModelCard
-    from inference.phantom import Anatomy, Geometry, Phantom, write_dicom_series
+    from inference.phantom import Anatomy, Geometry, Phantom
+    from inference.phantom_io import write_dicom_series
 
     out = {}
     for n in sizes:
@@ -539,7 +535,8 @@ def bench_stage_times(work: Path, trees: dict[str, Path], rounds: int, size: int
 
     from sqlalchemy import select
 
-    from inference.phantom import Geometry, random_anatomy, render, small_series, write_dicom_series
+    from inference.phantom import Geometry, random_anatomy, render, small_series
+    from inference.phantom_io import write_dicom_series
     from storage.models import Job, Series
 
     anat = random_anatomy(np.random.default_rng(7))

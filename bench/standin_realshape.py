@@ -31,15 +31,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from inference.phantom import (
-    FEMUR,
-    FIBULA,
-    PELVIS,
-    TIBIA,
-    Geometry,
-    Phantom,
-    write_training_case,
-)
+from inference.phantom import FEMUR, FIBULA, PELVIS, TIBIA, Geometry, Phantom
+from inference.phantom_io import write_training_case
 from inference.synth import ssm
 
 SEED_BASE = 900000  # the training generator draws shapes from seeds below this

@@ -466,8 +466,8 @@ def bundled_predictor():
 
 def write_series(folder: Path, seed: int = 1, **kw) -> tuple:
     """A small phantom series on disk; returns (phantom, paths)."""
-    from inference.phantom import small_series, write_dicom_series
-
+    from inference.phantom import small_series
+    from inference.phantom_io import write_dicom_series
     ph = small_series(seed=seed, n_slices=kw.pop("n_slices", 24), size=kw.pop("size", 128),
                       legs=kw.pop("legs", "both"))
     paths = write_dicom_series(ph, folder, seed=seed, **kw)

@@ -217,8 +217,8 @@ def test_compressed_series_decode_like_the_original(workdir):
 
 
 def test_late_instance_makes_a_new_seg_and_supersedes_the_first(node, pacs, workdir):
-    from inference.phantom import small_series, write_dicom_series
-
+    from inference.phantom import small_series
+    from inference.phantom_io import write_dicom_series
     ph = small_series(seed=15, n_slices=25, size=128)
     first = ph.__class__(ph.anatomy, ph.geometry.__class__(**{**ph.geometry.__dict__, "n_slices": 24}),
                          ph.image[:24], ph.labels[:24])

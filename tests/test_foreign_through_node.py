@@ -60,7 +60,7 @@ def bone_dice(seg: pydicom.Dataset, uids: list[str], truth: np.ndarray) -> dict[
 @pytest.fixture(scope="module")
 def sent(tmp_path_factory):
     """Foreign cases sent to a node as installed (gate with its augmented pass, policy hold)."""
-    from inference.phantom import write_dicom_series
+    from inference.phantom_io import write_dicom_series
     from inference.synth.foreign import make_case
 
     tmp = tmp_path_factory.mktemp("foreign")

@@ -23,13 +23,8 @@ from conftest import NodeProcess, PacsSCP, storescu, wait_for
 from pydicom.dataelem import DataElement
 
 from dicom_node.errors import EXCEPTION_NAME
-from inference.phantom import (
-    Geometry,
-    Phantom,
-    render,
-    small_series,
-    write_dicom_series,
-)
+from inference.phantom import Geometry, Phantom, render, small_series
+from inference.phantom_io import write_dicom_series
 
 N_SLICES, SIZE = 10, 96  # small, so that each case costs seconds on 2 cores (the node's rule asks for 8 slices)
 SEED0 = 307  # the first case's phantom seed; the bone Dice range quoted below was measured on these phantoms

@@ -110,7 +110,8 @@ def test_repeated_slice_position_keeps_the_later_instance(pair, workdir):
 
 
 def test_two_stations_as_two_series_each_get_a_seg(pair, workdir):
-    from inference.phantom import small_series, write_dicom_series
+    from inference.phantom import small_series
+    from inference.phantom_io import write_dicom_series
 
     node, pacs = pair
     study, frame = generate_uid(), generate_uid()
@@ -128,7 +129,8 @@ def test_two_stations_as_two_series_each_get_a_seg(pair, workdir):
 def test_sagittal_series_is_skipped_with_its_reason(pair, workdir):
     from dataclasses import replace
 
-    from inference.phantom import Anatomy, Geometry, render, write_dicom_series
+    from inference.phantom import Anatomy, Geometry, render
+    from inference.phantom_io import write_dicom_series
 
     node, _ = pair
     g = Geometry(128, 96, 24, (3.0, 3.0), (-60.0, -150.0, -200.0), row_dir=(0, 1, 0), col_dir=(0, 0, -1),

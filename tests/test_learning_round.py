@@ -26,7 +26,8 @@ from dicom_node.learn import registry
 from dicom_node.learn.rounds import NO_CORRECTIONS, RoundError, _per_structure, decide, pair_absent, run_round
 from dicom_node.receive.headers import to_meta
 from dicom_node.slices import stack
-from inference.phantom import small_series, write_dicom_series
+from inference.phantom import small_series
+from inference.phantom_io import write_dicom_series
 from storage import holdout
 from storage.db import Database
 from storage.filestore import FileStore

@@ -27,8 +27,8 @@ TOKEN = "quality-gate-test-token"
 
 def corrupted_series(folder: Path, seed: int) -> tuple[str, str]:
     """A thigh-knee phantom whose slices are upside down (positions unchanged); returns (study, series UID)."""
-    from inference.phantom import small_series, write_dicom_series
-
+    from inference.phantom import small_series
+    from inference.phantom_io import write_dicom_series
     ph = small_series(seed=seed, n_slices=24, size=128)
     ph = dataclasses.replace(ph, image=np.ascontiguousarray(ph.image[::-1]))
     paths = write_dicom_series(ph, folder, seed=seed)

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from inference.dataset import DatasetError, load_case, split_cases
 from inference.model_card import ModelCardError, read_card
-from inference.phantom import small_series, write_training_case
+from inference.phantom import small_series
+from inference.phantom_io import write_training_case
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import NodeProcess, PacsSCP, storescu, wait_for
 from test_header_corpus import RULES, _results
 
-from inference.phantom import Phantom, render, small_series, write_dicom_series
+from inference.phantom import Phantom, render, small_series
+from inference.phantom_io import write_dicom_series
 
 
 @pytest.fixture(scope="module")

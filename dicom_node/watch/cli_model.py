@@ -71,8 +71,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
         names = write_family(args.family, args.out, args.cases, seed=args.seed)
         print(f"wrote {len(names)} {args.family} cases to {args.out}")
         return 0
-    from inference.phantom import generate_dataset
-
+    from inference.phantom_io import generate_dataset
     names = generate_dataset(args.out, args.cases, seed=args.seed, wide=args.wide, workers=args.workers,
                              harsh=args.harsh)
     print(f"wrote {len(names)} cases to {args.out}")

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..phantom import Geometry, Phantom, write_training_case
+from ..phantom import Geometry, Phantom
+from ..phantom_io import write_training_case
 from . import labelmap
 from . import labels as L
 from .render import RenderConfig, _contrasts

@@ -218,8 +218,7 @@ def make_case(seed: int, coarsen: int = 1) -> Phantom:
 
 def write_dataset(root: Path, n_cases: int, seed: int = 0, prefix: str = "fo", coarsen: int = 1) -> list[str]:
     """``n_cases`` foreign cases (DICOM + per-bone NIfTI masks) in the layout ``dicom-node evaluate`` reads."""
-    from ..phantom import write_training_case
-
+    from ..phantom_io import write_training_case
     root.mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(n_cases):
