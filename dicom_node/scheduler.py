@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -45,6 +46,9 @@ class NodeScheduler:
         self.completion = Completion(settings, db, on_queued=self.wake_dispatch)
         self._woken = threading.Event()
         self._round: threading.Thread | None = None
+        #: run after each completion scan: the corrections intake settles corrections that arrived before their
+        #: series' result (injected by the service: a stage may not import a later one)
+        self.after_scan: Callable[[], object] | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -109,6 +113,11 @@ class NodeScheduler:
             self.completion.scan()
         except Exception:
             log.exception("completion scan failed")
+        if self.after_scan is not None:
+            try:
+                self.after_scan()
+            except Exception:
+                log.exception("settling waiting corrections failed")
 
     def wake_dispatch(self) -> None:
         """A job was queued: run the dispatch now rather than at its next tick. If it is running, the flag

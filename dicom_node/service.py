@@ -133,8 +133,9 @@ class Node:
         from .learn.accuracy import check_accuracy_drop
         from .learn.intake import Intake
 
-        self.scheduler.completion.on_segmentation = Intake(
-            self.db, settings.data_dir, after_corrected=lambda: check_accuracy_drop(settings, self.db))
+        intake = Intake(self.db, settings.data_dir, after_corrected=lambda: check_accuracy_drop(settings, self.db))
+        self.scheduler.completion.on_segmentation = intake
+        self.scheduler.after_scan = intake.retake_waiting  # corrections that came before their series' result
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from .db import Database
 from .filestore import resolve_stored, stored_path
 from .models import Correction, Instance, Job, Series, Study, utcnow
-from .states import AuditOutcome, CorrectionState, EventKind
+from .states import AuditOutcome, CorrectionState, EventKind, JobState, SeriesState
 from .timeline import add_audit, add_event
 
 log = logging.getLogger("storage.corrections")
@@ -85,13 +85,52 @@ def segmented_job(db: Database, series_id: int) -> SegmentedJob | None:
         return None if job is None else SegmentedJob(job.id, job.seg_path, job.seg_sop_uid, job.model_version)
 
 
+def pending_result(db: Database, series_id: int) -> str | None:
+    """Why the series has no result yet but may still get one (its newest job is queued or running, or the
+    series has not been judged yet), in words; None when no result is coming."""
+    with db.session() as s:
+        series = s.get(Series, series_id)
+        if series is None:
+            return None
+        job = s.scalars(select(Job).where(Job.series_id == series_id, Job.superseded_by.is_(None))
+                        .order_by(Job.id.desc()).limit(1)).first()
+        if job is not None:
+            if job.state in (JobState.QUEUED, JobState.RUNNING) and not job.seg_path:
+                return f"the node's result for the referenced series is not ready yet (job {job.id} is {job.state})"
+            return None
+        if series.state in (SeriesState.RECEIVING, SeriesState.COMPLETE, SeriesState.QUEUED):
+            return "the referenced series is still being received; the node has not segmented it yet"
+        return None
+
+
+def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int | None]]:
+    """(correction id, instance id) of the corrections waiting for their series' result, oldest first."""
+    with db.session() as s:
+        return [(r[0], r[1]) for r in s.execute(select(Correction.id, Correction.instance_id)
+                                                .where(Correction.state == CorrectionState.WAITING)
+                                                .order_by(Correction.id).limit(limit))]
+
+
 def record(db: Database, *, sop_uid: str, state: str, reason: str = "", event_detail: str = "",
            **fields) -> tuple[int, bool]:
     """Insert the correction (``fields``: the other columns) with a CORRECTION event on its source series'
-    timeline; (id, True), or (the existing id, False) when that SOP Instance UID is already recorded."""
+    timeline; (id, True), or (the existing id, False) when that SOP Instance UID is already recorded.
+
+    A row still WAITING for its series' result is taken up instead (same id, its received time kept): what it
+    turned out to be replaces the wait, and the timeline says so."""
     existing = known(db, sop_uid)
     if existing is not None:
-        return existing, False
+        with db.session() as s:
+            row = s.get(Correction, existing)
+            if row is None or row.state != CorrectionState.WAITING or state == CorrectionState.WAITING:
+                return existing, False
+            row.state, row.reason = state, reason[:4000]
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if row.series_id is not None:
+                add_event(s, EventKind.CORRECTION, series_id=row.series_id, job_id=row.job_id,
+                          detail=f"correction {row.id}: {event_detail or state}")
+            return row.id, True
     try:
         with db.session() as s:
             row = Correction(sop_uid=sop_uid, state=state, reason=reason[:4000], received_at=utcnow(), **fields)

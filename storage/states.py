@@ -194,6 +194,9 @@ class CorrectionState(StrEnum):
     #: a SEG the node cannot use (no source series held, unknown segments only, another grid...): the reason
     #: in words; never segmented, never sent anywhere
     UNUSABLE = auto()
+    #: a SEG of a series the node holds but has no result for yet (its job queued or running, the series still
+    #: arriving): read and scored as soon as the result is encoded; UNUSABLE if the job ends without one
+    WAITING = auto()
     #: an admin deleted it: its label file is gone and it no longer keeps its source images from the purge
     DELETED = auto()
 

@@ -36,6 +36,8 @@ from pydicom.uid import RLELossless, generate_uid
 
 from inference.labels import CATEGORY_CODE, DEFAULT_LABELS, LEFT_CODE, RIGHT_CODE
 
+_CODE_TO_VALUE = {lab.snomed_code: lab.value for lab in DEFAULT_LABELS}
+
 #: OHIF's (dcmjs's) generic code for every segment's category and type
 TISSUE = ("T-D0050", "SRT", "Tissue")
 NAMES = {lab.value: lab.name.capitalize() for lab in DEFAULT_LABELS}  # 1 -> "Femur" ...
@@ -208,3 +210,22 @@ def copy_as_new_instance(seg_path: Path, out: Path, *, same_series: bool = True)
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out
+
+
+def sent_classes(seg_path: Path, sources: list) -> np.ndarray:
+    """The node's SEG read with pydicom alone (not the node's reader): per frame its segment's SNOMED code and
+    its referenced source instance."""
+    ds = pydicom.dcmread(seg_path)
+    index = {d.SOPInstanceUID: k for k, d in enumerate(sources)}
+    value = {int(it.SegmentNumber): _CODE_TO_VALUE[it.SegmentedPropertyTypeCodeSequence[0].CodeValue]
+             for it in ds.SegmentSequence}
+    px = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    out = np.zeros((len(sources), ds.Rows, ds.Columns), np.uint8)
+    for k, fr in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        z = index[fr.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        out[z][px[k] > 0] = value[int(fr.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+    return out
+
+
+def numpy_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))

@@ -143,7 +143,7 @@ def test_summary_per_version_and_structure_and_unchanged_is_never_a_dice(node):
     assert old["structures"]["femur"]["median"] == pytest.approx(0.8)
     assert old["structures"]["femur"]["trend"] == pytest.approx([0.8, 0.85, 0.9])  # newest first
     assert old["structures"]["tibia"]["iqr"] == 0.0 and old["structures"]["tibia"]["count"] == 3
-    assert s["states"] == {"corrected": 6, "unchanged": 5, "unusable": 1, "deleted": 1}
+    assert s["states"] == {"corrected": 6, "unchanged": 5, "unusable": 1, "waiting": 0, "deleted": 1}
 
 
 # ----------------------------------------------------------------------------------------- the drop webhook

@@ -15,14 +15,20 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import PacsSCP, storescu, wait_for, write_series
-from correction_writers import copy_as_new_instance, dcmqi_seg, ohif_seg, phantom_classes, read_sources
+from correction_writers import (
+    copy_as_new_instance,
+    dcmqi_seg,
+    numpy_dice,
+    ohif_seg,
+    phantom_classes,
+    read_sources,
+    sent_classes,
+)
 from sqlalchemy import select
 
 from inference.labels import DEFAULT_LABELS
 from storage.corrections import list_corrections
 from storage.models import Instance, Job, Series
-
-CODE_TO_VALUE = {lab.snomed_code: lab.value for lab in DEFAULT_LABELS}
 
 
 @pytest.fixture(scope="module")
@@ -119,25 +125,6 @@ def _series_reason(loop, series_uid: str, timeout: float = 60) -> str:
         finally:
             db.dispose()
     return wait_for(find, timeout, 0.3, "the SEG series to be closed")
-
-
-def sent_classes(seg_path: Path, sources: list) -> np.ndarray:
-    """The node's SEG read with pydicom alone (not the node's reader): per frame its segment's SNOMED code and
-    its referenced source instance."""
-    ds = pydicom.dcmread(seg_path)
-    index = {d.SOPInstanceUID: k for k, d in enumerate(sources)}
-    value = {int(it.SegmentNumber): CODE_TO_VALUE[it.SegmentedPropertyTypeCodeSequence[0].CodeValue]
-             for it in ds.SegmentSequence}
-    px = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
-    out = np.zeros((len(sources), ds.Rows, ds.Columns), np.uint8)
-    for k, fr in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        z = index[fr.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
-        out[z][px[k] > 0] = value[int(fr.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
-    return out
-
-
-def numpy_dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
 def test_ohif_binary_correction_is_scored_against_what_was_sent(loop):

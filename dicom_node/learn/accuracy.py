@@ -184,7 +184,8 @@ def accuracy_summary(settings: Settings, db: Database) -> dict[str, Any]:
         out.append({"model_version": ver, "serving": ver == serving and bool(ver),
                     "corrected": c.get(CorrectionState.CORRECTED, 0),
                     "unchanged_unverified": c.get(CorrectionState.UNCHANGED, 0),
-                    "unusable": c.get(CorrectionState.UNUSABLE, 0), "deleted": c.get(CorrectionState.DELETED, 0),
+                    "unusable": c.get(CorrectionState.UNUSABLE, 0), "waiting": c.get(CorrectionState.WAITING, 0),
+                    "deleted": c.get(CorrectionState.DELETED, 0),
                     "structures": {k: st.as_dict() for k, st in stats.get(ver, {}).items()}})
     states = {s.value: sum(c.get(s, 0) for c in counts.values()) for s in CorrectionState}
     return {"floor": settings.learning.accuracy_floor, "window": window, "min_count": min_count(window),

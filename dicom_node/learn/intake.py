@@ -12,6 +12,9 @@ and description (../shared/REFERENCE.md §7). So:
 3. both the SEG and the node's own stored SEG are read onto the source grid through the same reader
    (learn/segread.py): identical labels → UNCHANGED (an unedited result is not a verified one), else
    CORRECTED with Dice and volumes (learn/scoring.py); anything that stops this → UNUSABLE, in words.
+   A SEG that arrives before the node's result for its series exists (the job queued or running: a
+   radiologist may draw on the images while the node is still busy, or a scale-out worker is down) is
+   recorded WAITING and read again by the scheduler's scan once the result is encoded.
 
 A correction is never segmented and never sent anywhere: the completion checker closes the SEG series as
 skipped with the reason this returns. The labels go to ``corrections/<id>.npz`` under the data folder
@@ -30,20 +33,23 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from storage.corrections import (
     content_time,
     find_source_series,
     is_own_result,
     labels_file,
+    pending_result,
     record,
     recorded_state,
     segmented_job,
     set_result,
+    waiting_corrections,
 )
 from storage.db import Database
 from storage.filestore import resolve_stored, stored_path
-from storage.models import Instance
+from storage.models import Instance, Job
 from storage.series import series_instances
 from storage.states import CorrectionState
 
@@ -55,6 +61,8 @@ log = logging.getLogger("dicom_node.learn.intake")
 
 TAKEN = "segmentation object: taken as a correction (see dicom-node corrections)"
 OWN = "segmentation object: the node's own result sent back to it (ignored)"
+WAITS = ("segmentation object: waiting for the node's result of the series it edits, then scored "
+         "(see dicom-node corrections)")
 
 
 def references(ds: Dataset) -> tuple[list[str], list[str]]:
@@ -109,15 +117,41 @@ class Intake:
             self.after_corrected()
         if outcomes[CorrectionState.CORRECTED] or outcomes[CorrectionState.UNCHANGED]:
             return TAKEN
+        if outcomes[CorrectionState.WAITING]:
+            return WAITS
         if outcomes["own"] and not outcomes[CorrectionState.UNUSABLE]:
             return OWN
         return "segmentation object not usable as a correction: " + ("; ".join(dict.fromkeys(reasons))
                                                                      or "see dicom-node corrections")
 
-    def take(self, inst: Instance) -> tuple[str, str]:
-        """One SEG instance: (what it was, the unusable reason or "")."""
+    def retake_waiting(self) -> int:
+        """Corrections that arrived before their series' result: each whose result is now encoded is read and
+        scored, each whose job ended without one becomes UNUSABLE in words; the rest go on waiting. Returns
+        how many were settled. Called by the scheduler's scan (cheap when none waits: one indexed query)."""
+        settled = corrected = 0
+        for cid, instance_id in waiting_corrections(self.db):
+            with self.db.session() as s:
+                inst = s.get(Instance, instance_id) if instance_id is not None else None
+                if inst is not None:
+                    s.expunge(inst)
+            if inst is None or not inst.path:
+                set_result(self.db, cid, state=CorrectionState.UNUSABLE,
+                           reason="its stored file was removed before the node's result was ready")
+                settled += 1
+                continue
+            state, _ = self.take(inst, again=True)
+            if state != CorrectionState.WAITING:
+                settled += 1
+                corrected += state == CorrectionState.CORRECTED
+        if corrected and self.after_corrected is not None:
+            self.after_corrected()
+        return settled
+
+    def take(self, inst: Instance, again: bool = False) -> tuple[str, str]:
+        """One SEG instance: (what it was, the unusable reason or ""); ``again``: a WAITING one is read anew."""
         done = recorded_state(self.db, inst.sop_uid)
-        if done is not None:  # judged again after more instances arrived: each instance is taken once
+        if done is not None and not (again and done[0] == CorrectionState.WAITING):
+            # judged again after more instances arrived: each instance is taken once
             return done[0], done[1] if done[0] == CorrectionState.UNUSABLE else ""
         if is_own_result(self.db, inst.sop_uid):
             log.info("instance %s: the node's own SEG came back: ignored", inst.id)
@@ -140,6 +174,21 @@ class Intake:
         log.info("instance %s: not usable as a correction: %s", inst.id, reason.split(" (segments:")[0])
         return CorrectionState.UNUSABLE, reason
 
+    def _waiting(self, inst: Instance, fields: dict[str, Any], reason: str) -> tuple[str, str]:
+        record(self.db, sop_uid=inst.sop_uid, state=CorrectionState.WAITING, reason=reason,
+               event_detail="waiting for the node's result", **fields)
+        log.info("instance %s: correction waits for the result of series %s", inst.id, fields.get("series_id"))
+        return CorrectionState.WAITING, ""
+
+    def _no_result(self, series_id: int) -> str:
+        """Why the referenced series has no result and will get none, in words."""
+        with self.db.session() as s:
+            job = s.scalars(select(Job).where(Job.series_id == series_id).order_by(Job.id.desc()).limit(1)).first()
+            if job is None:
+                return "the node never segmented (or sent no result for) the referenced series"
+            # the job's state only: its reason may quote received values, and this one is logged
+            return f"the node's job {job.id} for the referenced series ended without a result ({job.state})"
+
     def _take(self, inst: Instance, fields: dict) -> tuple[str, str]:
         try:
             ds = pydicom.dcmread(resolve_stored(self.root, inst.path))
@@ -156,8 +205,10 @@ class Intake:
         fields["series_id"] = source
         job = segmented_job(self.db, source)
         if job is None:
-            return self._unusable(inst, fields, "the node never segmented (or sent no result for) the referenced "
-                                                "series")
+            waiting = pending_result(self.db, source)
+            if waiting is not None:
+                return self._waiting(inst, fields, waiting)
+            return self._unusable(inst, fields, self._no_result(source))
         fields["job_id"], fields["model_version"] = job.id, job.model_version[:64]
         _, src_instances = series_instances(self.db, source)
         try:

@@ -1,7 +1,7 @@
 """``dicom-node corrections``: the radiologists' corrections the node received, and deleting one.
 
 One line (or with ``--json`` one object) per received Segmentation object: its state (corrected, unchanged,
-unusable, deleted) and reason, the source study and series, the job and model version it corrects, who made it
+waiting, unusable, deleted) and reason, the source study and series, the job and model version it corrects, who made it
 (Content Creator, station, calling AE) and when, and Dice per structure and side with the volume difference.
 ``--delete ID`` removes a correction's labels (an admin's decision, in the audit log); its source images are
 then left to the retention purge again.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from storage.states import CorrectionState
+
 from .cli_base import cli_actor, cli_address
 
 
@@ -19,7 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("corrections", help="corrected SEGs received from viewers: state, who, Dice per structure")
     p.add_argument("--json", action="store_true", help="one JSON list of objects")
     p.add_argument("-n", type=int, default=200, help="newest N (default 200)")
-    p.add_argument("--state", choices=["corrected", "unchanged", "unusable", "deleted"], help="only this state")
+    p.add_argument("--state", choices=[str(c) for c in CorrectionState], help="only this state")
     p.add_argument("--delete", type=int, metavar="ID", help="delete correction ID (its label file, audit-logged)")
     p.set_defaults(func=cmd_corrections)
 
