@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="profile-stages-"))
     folder = args.series
     if folder is None:
-        from bench.run import whole_leg_study
+        from bench.peers import whole_leg_study
 
         folder = work / "series"
         whole_leg_study(folder, seed=7)
