@@ -111,6 +111,16 @@ def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int |
                                                 .order_by(Correction.id).limit(limit))]
 
 
+def reword_seg_series(db: Database, series_id: int, reason: str) -> None:
+    """The skip reason of a series of Segmentation objects, once a waiting correction in it is settled (it said
+    "waiting" on the dashboard and in ``dicom-node jobs``)."""
+    with db.session() as s:
+        job = s.scalars(select(Job).where(Job.series_id == series_id, Job.state == JobState.SKIPPED)
+                        .order_by(Job.id.desc()).limit(1)).first()
+        if job is not None and job.reason != reason:
+            job.reason = reason[:4000]
+
+
 def record(db: Database, *, sop_uid: str, state: str, reason: str = "", event_detail: str = "",
            **fields) -> tuple[int, bool]:
     """Insert the correction (``fields``: the other columns) with a CORRECTION event on its source series'

@@ -67,8 +67,9 @@ HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_durability.py", "tests/te
                "tests/test_outbox.py", "tests/test_corrections_loop.py", "tests/test_quality_gate.py",
                "tests/test_header_corpus.py", "tests/test_foreign_through_node.py", "tests/test_completion.py",
                "tests/test_bench_smoke.py", "tests/test_end_to_end.py", "tests/test_bounded_waits.py",
-               "tests/test_learning_round.py", "tests/test_corrections_waiting.py", "tests/test_viewer.py", "tests/test_training.py",
-               "tests/test_probe.py", "tests/test_preprocessing.py", "tests/test_data_folder.py")
+               "tests/test_learning_round.py", "tests/test_corrections_waiting.py", "tests/test_viewer.py",
+               "tests/test_training.py", "tests/test_probe.py", "tests/test_preprocessing.py",
+               "tests/test_data_folder.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,6 +55,16 @@ def _correction(node, sop_uid: str, state: str, timeout: float = 60) -> dict:
     return wait_for(find, timeout, 0.3, f"the correction to be {state}")
 
 
+def _seg_series_reason(node, seg_series_uid: str) -> str | None:
+    db = node.db()
+    try:
+        with db.session() as s:
+            return s.scalar(select(Job.reason).join(Series).where(Series.series_uid == seg_series_uid,
+                                                                  Job.state == "skipped").order_by(Job.id.desc()))
+    finally:
+        db.dispose()
+
+
 def _source_and_correction(node, tmp, seed: int):
     """Send a source series, wait until its job is queued, then send a radiologist's SEG of it (the phantom's
     truth, as OHIF writes it); returns (source paths, truth, SEG dataset, job id)."""
@@ -76,6 +86,8 @@ def test_correction_before_the_result_waits_then_is_scored_or_settled(node, pacs
     waiting = _correction(node, seg.SOPInstanceUID, "waiting")
     assert f"job {job} is queued" in waiting["reason"] and waiting["job"] is None
     assert waiting["series_uid"] == pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+    assert "waiting for the node's result" in wait_for(lambda: _seg_series_reason(node, seg.SeriesInstanceUID),
+                                                       30, 0.3, "the SEG series to be closed")
     listed = node.cli("corrections", "--json", "--state", "waiting")
     assert listed.returncode == 0, listed.stderr
     assert [c["id"] for c in json.loads(listed.stdout)] == [waiting["id"]]
@@ -91,6 +103,7 @@ def test_correction_before_the_result_waits_then_is_scored_or_settled(node, pacs
         db.dispose()
     settled = _correction(node, seg2.SOPInstanceUID, "unusable")
     assert f"job {job2} for the referenced series ended without a result (failed)" in settled["reason"]
+    assert "not usable as a correction" in _seg_series_reason(node, seg2.SeriesInstanceUID)
 
     # the worker comes up, segments the first series; the waiting correction is scored against that result
     with open(tmp_path / "worker.log", "w") as log:
@@ -111,6 +124,7 @@ def test_correction_before_the_result_waits_then_is_scored_or_settled(node, pacs
     finally:
         db.dispose()
     assert jobs == ["skipped"]  # the SEG series itself was never segmented
+    assert _seg_series_reason(node, seg.SeriesInstanceUID).startswith("segmentation object: taken as a correction")
     sent = sent_classes(seg_path, read_sources(paths))
     for lab in DEFAULT_LABELS:
         a, b = sent == lab.value, truth == lab.value

@@ -43,6 +43,7 @@ from storage.corrections import (
     pending_result,
     record,
     recorded_state,
+    reword_seg_series,
     segmented_job,
     set_result,
     waiting_corrections,
@@ -103,6 +104,15 @@ class Intake:
         self.after_corrected = after_corrected
 
     def __call__(self, series_id: int) -> str:
+        instances, outcomes, reasons = self._take_series(series_id)
+        log.info("series %s: %d segmentation objects: %s", series_id, len(instances),
+                 ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items())))
+        if outcomes[CorrectionState.CORRECTED] and self.after_corrected is not None:
+            self.after_corrected()
+        return self._series_reason(outcomes, reasons)
+
+    def _take_series(self, series_id: int) -> tuple[list[Instance], Counter[str], list[str]]:
+        """Each instance of the series taken (once: a recorded one answers what it was)."""
         _, instances = series_instances(self.db, series_id)
         outcomes: Counter[str] = Counter()
         reasons = []
@@ -111,10 +121,10 @@ class Intake:
             outcomes[state] += 1
             if reason:  # the series' skip reason is logged: without the segment labels, which are free text
                 reasons.append(reason.split(" (segments:")[0])
-        log.info("series %s: %d segmentation objects: %s", series_id, len(instances),
-                 ", ".join(f"{n} {state}" for state, n in sorted(outcomes.items())))
-        if outcomes[CorrectionState.CORRECTED] and self.after_corrected is not None:
-            self.after_corrected()
+        return instances, outcomes, reasons
+
+    @staticmethod
+    def _series_reason(outcomes: Counter[str], reasons: list[str]) -> str:
         if outcomes[CorrectionState.CORRECTED] or outcomes[CorrectionState.UNCHANGED]:
             return TAKEN
         if outcomes[CorrectionState.WAITING]:
@@ -143,9 +153,16 @@ class Intake:
             if state != CorrectionState.WAITING:
                 settled += 1
                 corrected += state == CorrectionState.CORRECTED
+                self._reword(inst.series_id)
         if corrected and self.after_corrected is not None:
             self.after_corrected()
         return settled
+
+    def _reword(self, series_id: int) -> None:
+        """The SEG series' skip reason anew from what each of its instances now is (each is taken once: this
+        reads the recorded outcomes)."""
+        _, outcomes, reasons = self._take_series(series_id)
+        reword_seg_series(self.db, series_id, self._series_reason(outcomes, reasons))
 
     def take(self, inst: Instance, again: bool = False) -> tuple[str, str]:
         """One SEG instance: (what it was, the unusable reason or ""); ``again``: a WAITING one is read anew."""
