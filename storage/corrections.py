@@ -103,12 +103,13 @@ def pending_result(db: Database, series_id: int) -> str | None:
         return None
 
 
-def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int | None]]:
-    """(correction id, instance id) of the corrections waiting for their series' result, oldest first."""
+def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int | None, int | None]]:
+    """(correction id, instance id, source series id) of the corrections waiting for their series' result,
+    oldest first."""
     with db.session() as s:
-        return [(r[0], r[1]) for r in s.execute(select(Correction.id, Correction.instance_id)
-                                                .where(Correction.state == CorrectionState.WAITING)
-                                                .order_by(Correction.id).limit(limit))]
+        return [(r[0], r[1], r[2]) for r in s.execute(
+            select(Correction.id, Correction.instance_id, Correction.series_id)
+            .where(Correction.state == CorrectionState.WAITING).order_by(Correction.id).limit(limit))]
 
 
 def reword_seg_series(db: Database, series_id: int, reason: str) -> None:

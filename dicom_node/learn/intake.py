@@ -139,7 +139,10 @@ class Intake:
         scored, each whose job ended without one becomes UNUSABLE in words; the rest go on waiting. Returns
         how many were settled. Called by the scheduler's scan (cheap when none waits: one indexed query)."""
         settled = corrected = 0
-        for cid, instance_id in waiting_corrections(self.db):
+        for cid, instance_id, source in waiting_corrections(self.db):
+            if source is not None and segmented_job(self.db, source) is None \
+                    and pending_result(self.db, source) is not None:
+                continue  # still coming: two indexed queries, the SEG file is not read again
             with self.db.session() as s:
                 inst = s.get(Instance, instance_id) if instance_id is not None else None
                 if inst is not None:
