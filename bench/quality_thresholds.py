@@ -11,6 +11,13 @@ predicts with probabilities and the test-time-augmented pass, as the node does. 
   training (contrast inverted, heavy Rician noise). Every damaged result with any structure's Dice < 0.7
   against the truth must fail the gate.
 
+``--standin DIR`` adds every case of a labelled data folder, typically the real-shape stand-in written by
+``bench/standin_realshape.py`` (children's bones from the shape model at held-out coefficients, its own
+renderer): whole volumes read from their DICOM series as the node reads them; the issue-25 gate bar
+(good results sent, poor ones held) measured on bones the training never drew. ``--cases 0 --standin DIR``
+measures it alone; give ``--out`` and ``--details`` elsewhere so that docs/quality-thresholds.json stays the
+bundled model's record.
+
 ``--foreign N`` adds N cases of the foreign family (``inference/synth/foreign.py``: anatomy and renderer
 never used in training, whole 100-140-slice volumes), the nearest stand-in for another site's images.
 
@@ -150,6 +157,29 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
           f"with probabilities + TTA {t2 - t1:.1f}s, corrupted copies {time.perf_counter() - t2:.0f}s", flush=True)
 
 
+def predict_standin_case(predictor, data: Path, name: str, f: Path) -> None:
+    """One case of a labelled data folder (DICOM series + bone masks), predicted as the node does, kept."""
+    from inference.dataset import load_case, read_scan
+
+    t = time.perf_counter()
+    case = load_case(data, name, tuple(DEFAULT_LABELS))
+    scan = read_scan(data, name)
+    d = np.asarray(scan.GetDirection()).reshape(3, 3)
+    spacing = scan.GetSpacing()
+    origins = np.asarray(scan.GetOrigin())[None, :] + np.arange(case.image.shape[0])[:, None] * spacing[2] * d[:, 2]
+    # SimpleITK's spacing is (columns, rows, slices); the node's pixel spacing is (row, column)
+    vol = SeriesVolume(case.image, [], case.row_dir, case.col_dir, (float(spacing[1]), float(spacing[0])),
+                       float(spacing[2]), origins)
+    t0 = time.perf_counter()
+    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
+    np.savez_compressed(f, truth=case.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
+                        first=pred.first_labels, origins=vol.origins, row_dir=np.asarray(vol.row_dir),
+                        col_dir=np.asarray(vol.col_dir), pixel_spacing=np.asarray(vol.pixel_spacing),
+                        slice_spacing=vol.slice_spacing, scale=np.nan)
+    print(f"case {name} ({vol.array.shape}): read {t0 - t:.0f}s, predict with probabilities + TTA "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=8)
@@ -159,6 +189,8 @@ def main() -> int:
     ap.add_argument("--whole", type=int, default=0,
                     help="classic held-out cases as whole volumes (pelvis to feet; --slices ignored) to add")
     ap.add_argument("--whole-seed", type=int, default=8000)
+    ap.add_argument("--standin", type=Path, help="a labelled data folder (e.g. the real-shape stand-in) to add, "
+                                                 "every case as a whole volume")
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of the summary (quality-thresholds.json)")
     ap.add_argument("--details", type=Path, default=ROOT / "bench" / "results" / "quality-thresholds",
                     help="folder of the per-case data (rows.json, cases.md); ignored by git")
@@ -192,16 +224,24 @@ def main() -> int:
     plan = [(args.seed + i, "harsh" if (args.seed + i) % 2 else "wide") for i in range(args.cases)]
     plan += [(args.foreign_seed + i, "foreign") for i in range(args.foreign)]
     plan += [(args.whole_seed + i, "whole") for i in range(args.whole)]
+    if args.standin:
+        from inference.dataset import list_cases
+
+        plan += [(name, "standin") for name in list_cases(args.standin)]  # type: ignore[misc]
     for i, (seed, kind) in enumerate(plan):
         # harsh: small children to large adults, more noise and bias; foreign: the third phantom family
-        stem = f"{kind}{seed}" if kind in ("foreign", "whole") else f"case{seed}"
+        stem = f"{kind}{seed}" if kind in ("foreign", "whole", "standin") else f"case{seed}"
         kept = sorted(args.cache.glob(f"{stem}_*.npz"))  # a case kept by an earlier run (any --slices)
-        f = kept[0] if kept else args.cache / f"{stem}_{args.slices if kind not in ('foreign', 'whole') else 0}.npz"
+        whole = kind in ("foreign", "whole", "standin")
+        f = kept[0] if kept else args.cache / f"{stem}_{0 if whole else args.slices}.npz"
         if not f.is_file():  # predicting is the slow part: kept, so thresholds can be re-judged in seconds
             if args.judge_only:
                 continue
             predictor = predictor or Predictor(args.model, device="cpu", threads=args.threads)
-            predict_case(predictor, seed, kind, args, f, i < args.timed)  # type: ignore[arg-type]
+            if kind == "standin":
+                predict_standin_case(predictor, args.standin, str(seed), f)
+            else:
+                predict_case(predictor, seed, kind, args, f, i < args.timed)  # type: ignore[arg-type]
         if args.predict_only:
             continue
         c = np.load(f, allow_pickle=False)
@@ -245,6 +285,7 @@ def main() -> int:
         return 0
     report = summarise(rows, timing)
     run = {"cases": args.cases, "seed": args.seed, "foreign": args.foreign, "foreign_seed": args.foreign_seed,
+           "standin": str(args.standin) if args.standin else None,
            "whole": args.whole, "whole_seed": args.whole_seed, "slices": args.slices, "agreement": args.agreement,
            "model": args.model_desc, "thresholds": THRESHOLDS, "area_bounds_cm2": AREA_BOUNDS_CM2}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +355,7 @@ def summarise(rows: list[dict], timing: list[dict]) -> dict:
 
 
 def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
+    bones = sorted(s["good_metric_ranges"].get("area_cm2", {}))  # none when no result was good
     lines = [
         "# Quality gate: measurements behind the thresholds",
         "",
@@ -329,6 +371,7 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
             if args.whole
             else ""
         )
+        + (f"; and every case of `--standin {args.standin}`" if args.standin else "")
         + ").",
         "",
         "| | count | gate verdict |",
@@ -357,12 +400,12 @@ def markdown(s: dict, rows: list[dict], timing: list[dict], args) -> str:
         "",
         "Ranges of each measure over the good predictions (min, max per bone):",
         "",
-        "| measure | " + " | ".join(sorted(s["good_metric_ranges"]["area_cm2"])) + " |",
-        "|---|" + "---|" * len(s["good_metric_ranges"]["area_cm2"]),
+        "| measure | " + " | ".join(bones) + " |",
+        "|---|" + "---|" * len(bones),
     ]
     for key, per in s["good_metric_ranges"].items():
-        lines.append(f"| {key} | " + " | ".join(f"{per[b][0]}–{per[b][1]}" if b in per else "–"
-                                               for b in sorted(s["good_metric_ranges"]["area_cm2"])) + " |")
+        lines.append(f"| {key} | " + " | ".join(f"{per[b][0]}–{per[b][1]}" if b in per else "–" for b in bones)
+                     + " |")
     lines += ["", "Thresholds in force (dicom_node/gate/quality.py):", "", "```",
               json.dumps(THRESHOLDS, indent=1), "mean cross-section bounds cm² (fail<, warn<, warn>, fail>): "
               + json.dumps(AREA_BOUNDS_CM2), "```", "",
