@@ -159,20 +159,23 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
 
 def predict_standin_case(predictor, data: Path, name: str, f: Path) -> None:
     """One case of a labelled data folder (DICOM series + bone masks), predicted as the node does, kept."""
-    from inference.dataset import load_case, read_scan
+    import SimpleITK as sitk
+
+    from inference.dataset import read_labels, read_scan
 
     t = time.perf_counter()
-    case = load_case(data, name, tuple(DEFAULT_LABELS))
-    scan = read_scan(data, name)
+    scan = read_scan(data, name)  # read once: the image, its geometry and the masks on its grid
+    truth = read_labels(data, name, scan, tuple(DEFAULT_LABELS))
+    image = sitk.GetArrayFromImage(scan).astype(np.float32)
     d = np.asarray(scan.GetDirection()).reshape(3, 3)
     spacing = scan.GetSpacing()
-    origins = np.asarray(scan.GetOrigin())[None, :] + np.arange(case.image.shape[0])[:, None] * spacing[2] * d[:, 2]
+    origins = np.asarray(scan.GetOrigin())[None, :] + np.arange(image.shape[0])[:, None] * spacing[2] * d[:, 2]
     # SimpleITK's spacing is (columns, rows, slices); the node's pixel spacing is (row, column)
-    vol = SeriesVolume(case.image, [], case.row_dir, case.col_dir, (float(spacing[1]), float(spacing[0])),
-                       float(spacing[2]), origins)
+    vol = SeriesVolume(image, [], tuple(float(v) for v in d[:, 0]), tuple(float(v) for v in d[:, 1]),
+                       (float(spacing[1]), float(spacing[0])), float(spacing[2]), origins)
     t0 = time.perf_counter()
     pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
-    np.savez_compressed(f, truth=case.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
+    np.savez_compressed(f, truth=truth, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
                         first=pred.first_labels, origins=vol.origins, row_dir=np.asarray(vol.row_dir),
                         col_dir=np.asarray(vol.col_dir), pixel_spacing=np.asarray(vol.pixel_spacing),
                         slice_spacing=vol.slice_spacing, scale=np.nan)
