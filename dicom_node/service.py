@@ -131,11 +131,12 @@ class Node:
         # a complete series of Segmentation objects is a viewer's correction: the learn stage records it
         # (and each scored one may move a structure's rolling median below learning.accuracy_floor)
         from .learn.accuracy import check_accuracy_drop
-        from .learn.intake import Intake
+        from .learn.intake import Intake, IntakeThread
 
-        intake = Intake(self.db, settings.data_dir, after_corrected=lambda: check_accuracy_drop(settings, self.db))
-        self.scheduler.completion.on_segmentation = intake
-        self.scheduler.after_scan = intake.retake_waiting  # corrections that came before their series' result
+        self.intake = IntakeThread(Intake(self.db, settings.data_dir,
+                                          after_corrected=lambda: check_accuracy_drop(settings, self.db)))
+        self.scheduler.completion.on_segmentation = self.intake.submit
+        self.scheduler.after_scan = self.intake.settle_waiting  # corrections that came before their series' result
         self.web = None
         if settings.web.enabled:
             from .watch.web import WebServer, create_app
@@ -156,6 +157,7 @@ class Node:
         if preload:
             _ = self.pipeline.predictor
         self.scp.restart_quiet()  # after an unclean stop: now, as judging starts (the model load may be long)
+        self.intake.start()
         self.scheduler.start()
         if self.settings.sender.enabled:
             self._sender.start()
@@ -172,6 +174,7 @@ class Node:
         steps: dict[str, Callable[[], None]] = {
             "the listener": lambda: self.scp.stop(RECORDER_STOP_S),
             "the scheduler": lambda: self.scheduler.stop(STOP_BUDGET_S),
+            "the corrections intake": lambda: self.intake.stop(STOP_BUDGET_S),
         }
         if self._sender.is_alive():
             steps["the sender"] = self._sender.join  # a delivery in progress ends with its round

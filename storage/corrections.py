@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -112,9 +112,18 @@ def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int |
             .where(Correction.state == CorrectionState.WAITING).order_by(Correction.id).limit(limit))]
 
 
+def series_skipped_as(db: Database, reason: str) -> list[int]:
+    """Series whose latest job was skipped with exactly this reason: the series of Segmentation objects a stop
+    left before the intake had read them (read again at the start)."""
+    with db.session() as s:
+        latest = select(Job.series_id, func.max(Job.id).label("id")).group_by(Job.series_id).subquery()
+        return list(s.scalars(select(Job.series_id).join(latest, Job.id == latest.c.id)
+                              .where(Job.state == JobState.SKIPPED, Job.reason == reason).order_by(Job.id)))
+
+
 def reword_seg_series(db: Database, series_id: int, reason: str) -> None:
-    """The skip reason of a series of Segmentation objects, once a waiting correction in it is settled (it said
-    "waiting" on the dashboard and in ``dicom-node jobs``)."""
+    """The skip reason of a series of Segmentation objects, once the intake has read it or a waiting correction
+    in it is settled (until then it said "being read" or "waiting" on the dashboard and in ``dicom-node jobs``)."""
     with db.session() as s:
         job = s.scalars(select(Job).where(Job.series_id == series_id, Job.state == JobState.SKIPPED)
                         .order_by(Job.id.desc()).limit(1)).first()

@@ -26,6 +26,7 @@ from correction_writers import (
 )
 from sqlalchemy import select
 
+from dicom_node.decide.completion import READING
 from inference.labels import DEFAULT_LABELS
 from storage.corrections import list_corrections
 from storage.models import Instance, Job, Series
@@ -119,12 +120,13 @@ def _series_reason(loop, series_uid: str, timeout: float = 60) -> str:
         db = loop["node"].db()
         try:
             with db.session() as s:
-                return s.scalar(select(Job.reason).join(Series).where(Series.series_uid == series_uid,
-                                                                      Job.state == "skipped")
-                                .order_by(Job.id.desc()))
+                reason = s.scalar(select(Job.reason).join(Series).where(Series.series_uid == series_uid,
+                                                                        Job.state == "skipped")
+                                  .order_by(Job.id.desc()))
+                return None if reason == READING else reason  # closed, the intake's thread still reading it
         finally:
             db.dispose()
-    return wait_for(find, timeout, 0.3, "the SEG series to be closed")
+    return wait_for(find, timeout, 0.3, "the SEG series to be closed and read")
 
 
 def test_ohif_binary_correction_is_scored_against_what_was_sent(loop):

@@ -4,6 +4,7 @@ side, and the completion checker closing a SEG series whatever the intake raises
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,4 +157,64 @@ def test_completion_closes_a_seg_series_whatever_the_intake_raises(tmp_path):
         job = s.scalars(select(Job).where(Job.series_id == sid)).one()
         assert job.state == "skipped" and job.reason.startswith("segmentation object not usable as a correction")
     assert calls == [sid]
+    db.dispose()
+
+
+def test_intake_thread_reads_what_a_stop_left_and_words_what_raises(tmp_path):
+    """The intake runs off the completion thread: a series the completion checker closed as "being read" is
+    read on the intake's thread and its reason rewritten; one a stop left unread is read at the next start;
+    whatever reading raises ends as a reason in words, and the thread goes on."""
+    from sqlalchemy import select
+
+    from dicom_node.config import Settings
+    from dicom_node.decide.completion import READING, Completion
+    from dicom_node.learn.intake import Intake, IntakeThread
+    from storage.db import Database
+    from storage.instances import InstanceMeta, Recorder
+    from storage.models import Job
+
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    touched: list[set[int]] = []
+    rec = Recorder(db, on_series=touched.append)
+    ids = []
+    for k in range(3):
+        rec.record(InstanceMeta(sop_uid=f"1.2.3.{k}", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", study_uid="1.2",
+                                series_uid=f"1.2.8.{k}", modality="SEG", frames=4), "/x", 1, "OHIF")
+        ids.append(touched.pop().pop())
+
+    read: list[int] = []
+
+    class Flaky(Intake):
+        def __call__(self, series_id: int) -> str:
+            read.append(series_id)
+            if series_id == ids[1]:
+                raise RuntimeError("boom")
+            return f"read {series_id}"
+
+    def reason(sid: int) -> str:
+        with db.session() as s:
+            return s.scalars(select(Job.reason).where(Job.series_id == sid)).one()
+
+    check = Completion(Settings(), db)
+    queued: list[int] = []
+    check.on_segmentation = queued.append  # no intake running: as a node stopped right after closing them
+    for sid in ids[:2]:
+        assert check.judge(sid, 1, "test") is not None
+    assert queued == ids[:2] and all(reason(sid) == READING for sid in ids[:2])
+
+    # the next start: the two left "being read" are read first, then the third as the checker closes it
+    intake = IntakeThread(Flaky(db, tmp_path))
+    check.on_segmentation = intake.submit
+    intake.start()
+    try:
+        assert check.judge(ids[2], 1, "test") is not None
+        deadline = time.monotonic() + 20
+        while any(reason(sid) == READING for sid in ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        intake.stop(5)
+    assert read == ids
+    assert reason(ids[0]) == f"read {ids[0]}" and reason(ids[2]) == f"read {ids[2]}"
+    assert reason(ids[1]).startswith("segmentation object not usable as a correction")
     db.dispose()

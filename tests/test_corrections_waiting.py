@@ -20,6 +20,7 @@ from conftest import ENV, ROOT, NodeProcess, PacsSCP, storescu, wait_for, write_
 from correction_writers import numpy_dice, ohif_seg, phantom_classes, read_sources, sent_classes
 from sqlalchemy import select
 
+from dicom_node.decide.completion import READING
 from inference.labels import DEFAULT_LABELS
 from storage.corrections import list_corrections
 from storage.models import Correction, Job, Series
@@ -59,8 +60,9 @@ def _seg_series_reason(node, seg_series_uid: str) -> str | None:
     db = node.db()
     try:
         with db.session() as s:
-            return s.scalar(select(Job.reason).join(Series).where(Series.series_uid == seg_series_uid,
-                                                                  Job.state == "skipped").order_by(Job.id.desc()))
+            reason = s.scalar(select(Job.reason).join(Series).where(Series.series_uid == seg_series_uid,
+                                                                    Job.state == "skipped").order_by(Job.id.desc()))
+            return None if reason == READING else reason  # closed, the intake's thread still reading it
     finally:
         db.dispose()
 
@@ -103,7 +105,9 @@ def test_correction_before_the_result_waits_then_is_scored_or_settled(node, pacs
         db.dispose()
     settled = _correction(node, seg2.SOPInstanceUID, "unusable")
     assert f"job {job2} for the referenced series ended without a result (failed)" in settled["reason"]
-    assert "not usable as a correction" in _seg_series_reason(node, seg2.SeriesInstanceUID)
+    assert "not usable as a correction" in wait_for(
+        lambda: (lambda r: r if r and "waiting" not in r else None)(_seg_series_reason(node, seg2.SeriesInstanceUID)),
+        30, 0.3, "the SEG series' reason once its correction is settled")
 
     # the worker comes up, segments the first series; the waiting correction is scored against that result
     with open(tmp_path / "worker.log", "w") as log:
@@ -124,7 +128,10 @@ def test_correction_before_the_result_waits_then_is_scored_or_settled(node, pacs
     finally:
         db.dispose()
     assert jobs == ["skipped"]  # the SEG series itself was never segmented
-    assert _seg_series_reason(node, seg.SeriesInstanceUID).startswith("segmentation object: taken as a correction")
+    assert wait_for(
+        lambda: (lambda r: r if r and "waiting" not in r else None)(_seg_series_reason(node, seg.SeriesInstanceUID)),
+        30, 0.3, "the SEG series' reason once its correction is settled").startswith(
+        "segmentation object: taken as a correction")
     sent = sent_classes(seg_path, read_sources(paths))
     for lab in DEFAULT_LABELS:
         a, b = sent == lab.value, truth == lab.value

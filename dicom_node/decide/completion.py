@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from storage.corrections import reword_seg_series
 from storage.db import Database
 from storage.jobs import mark_judged
 from storage.series import (
@@ -58,6 +59,11 @@ CONFIRM_S = 0.3
 #: Segmentation Storage (binary and label map): a series of these is a viewer's correction or the node's own
 #: result coming back, never a series to segment; the injected ``on_segmentation`` takes it (learn/intake.py)
 SEGMENTATION_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
+#: The skip reason such a series carries from its closing until the corrections intake has read it: the intake
+#: runs on a thread of its own (a large SEG takes seconds to read and score, and the completion of every other
+#: series must not wait for it) and then rewrites the reason in words; one left with this reason by a stop is
+#: read again at the next start.
+READING = "segmentation object: being read as a correction (see dicom-node corrections)"
 
 
 def image_expectation(v: CompletionView) -> tuple[int, str] | None:
@@ -78,9 +84,9 @@ class Completion:
         self.settings = settings
         self.db = db
         self.on_queued = on_queued
-        #: series id -> the skip reason, for a complete series of Segmentation objects; injected by the service
-        #: (a stage may not import a later one: the corrections intake lives in learn/)
-        self.on_segmentation: Callable[[int], str] | None = None
+        #: hands a closed series of Segmentation objects (skipped with READING) to the corrections intake; must
+        #: only queue it. Injected by the service (a stage may not import a later one: the intake lives in learn/)
+        self.on_segmentation: Callable[[int], object] | None = None
         self._sources = {s.calling_aet: s for s in settings.sources}
         self._by_name = {s.name: s for s in settings.sources}
         self._pending: dict[int, bool] = {}  # series id -> quiet (the timer says it has settled)
@@ -287,9 +293,10 @@ class Completion:
         series, instances = series_instances(self.db, series_id)
         if series.state != SeriesState.RECEIVING or len(instances) < held:
             return None
-        if self.on_segmentation is not None and instances \
-                and all(i.sop_class_uid in SEGMENTATION_CLASSES for i in instances):
-            d = Decision(False, self._segmentation(series_id))
+        segmentations = self.on_segmentation is not None and bool(instances) \
+            and all(i.sop_class_uid in SEGMENTATION_CLASSES for i in instances)
+        if segmentations:
+            d = Decision(False, READING)
         else:
             try:
                 d = decide(series, series.study.study_description, instances, self.settings.rules)
@@ -302,7 +309,9 @@ class Completion:
             return None
         self._unanswered.pop(series_id, None)
         self._uncounted.discard(series_id)
-        if d.segment:
+        if segmentations:
+            self._segmentation(series_id)
+        elif d.segment:
             log.info("series %s complete (%d slices; %s): job %s queued", series_id, len(d.instances), how, job)
             if self.on_queued is not None:
                 self.on_queued()
@@ -310,14 +319,15 @@ class Completion:
             log.info("series %s complete (%s): not segmented: %s", series_id, how, d.reason)
         return job
 
-    def _segmentation(self, series_id: int) -> str:
-        """The injected corrections intake, guarded: whatever it raises, the series is closed in words."""
+    def _segmentation(self, series_id: int) -> None:
+        """Hand the closed series to the corrections intake, guarded: if even that fails, its skip reason says
+        so in words (it is not left saying it is being read)."""
         assert self.on_segmentation is not None
         try:
-            return self.on_segmentation(series_id)
+            self.on_segmentation(series_id)
         except Exception as exc:
-            log.warning("series %s: taking its segmentation objects as corrections failed (%s)", series_id,
-                        type(exc).__name__)
+            log.warning("series %s: handing its segmentation objects to the corrections intake failed (%s)",
+                        series_id, type(exc).__name__)
             log.debug("series %s: corrections intake failed", series_id, exc_info=True)
-            return "segmentation object not usable as a correction: " + admin_message(
-                exc, "reading the segmentation objects as corrections")
+            reword_seg_series(self.db, series_id, "segmentation object not usable as a correction: " + admin_message(
+                exc, "handing the segmentation objects to the corrections intake"))

@@ -17,14 +17,18 @@ and description (../shared/REFERENCE.md §7). So:
    recorded WAITING and read again by the scheduler's scan once the result is encoded.
 
 A correction is never segmented and never sent anywhere: the completion checker closes the SEG series as
-skipped with the reason this returns. The labels go to ``corrections/<id>.npz`` under the data folder
-(named by the row id). Logs name series by their database id, never by UID or patient.
+skipped ("being read") and hands it to ``IntakeThread``, which reads it on a thread of its own (seconds for a
+large SEG, which the completion of other series must not wait for) and rewrites the skip reason in words.
+The labels go to ``corrections/<id>.npz`` under the data folder (named by the row id). Logs name series by
+their database id, never by UID or patient.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +49,7 @@ from storage.corrections import (
     recorded_state,
     reword_seg_series,
     segmented_job,
+    series_skipped_as,
     set_result,
     waiting_corrections,
 )
@@ -54,6 +59,7 @@ from storage.models import Instance, Job
 from storage.series import series_instances
 from storage.states import CorrectionState
 
+from ..decide.completion import READING
 from ..errors import admin_message
 from .scoring import score
 from .segread import SegRead, SourceGrid, Unusable, read_seg, source_grid
@@ -160,6 +166,20 @@ class Intake:
         if corrected and self.after_corrected is not None:
             self.after_corrected()
         return settled
+
+    def read_series(self, series_id: int) -> str:
+        """Take the series (``__call__``) and write its skip reason; whatever that raises, the reason says so in
+        words and the caller goes on."""
+        try:
+            reason = self(series_id)
+        except Exception as exc:
+            log.warning("series %s: taking its segmentation objects as corrections failed (%s)", series_id,
+                        type(exc).__name__)
+            log.debug("series %s: corrections intake failed", series_id, exc_info=True)
+            reason = "segmentation object not usable as a correction: " + admin_message(
+                exc, "reading the segmentation objects as corrections")
+        reword_seg_series(self.db, series_id, reason)
+        return reason
 
     def _reword(self, series_id: int) -> None:
         """The SEG series' skip reason anew from what each of its instances now is (each is taken once: this
@@ -296,3 +316,62 @@ def _declared(root: Path, instances: list[Instance]) -> str:
         side = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").upper()
         return side if side in ("R", "L") else ""
     return ""
+
+
+class IntakeThread:
+    """The intake's own thread: each closed series of Segmentation objects, and the settling of waiting
+    corrections after each completion scan, run here one at a time, in the order they came. One thread, so
+    an instance is never taken twice at once; off the completion checker's thread, so a large SEG does not
+    hold up the completion of the series behind it. What a stop leaves unread keeps the READING reason and is
+    read again at the next start."""
+
+    _SETTLE = -1
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="corrections-intake", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread, with the series a stop left unread queued first."""
+        try:
+            for series_id in series_skipped_as(self.intake.db, READING):
+                self.submit(series_id)
+        except Exception:
+            log.exception("listing the segmentation series left unread at the last stop failed")
+        self._thread.start()
+
+    def submit(self, series_id: int) -> None:
+        """Queue a closed series (the completion checker's ``on_segmentation``: returns at once)."""
+        with self._lock:
+            if series_id in self._queued:
+                return
+            self._queued.add(series_id)
+        self._queue.put(series_id)
+
+    def settle_waiting(self) -> None:
+        """Queue one settling of the waiting corrections (the scheduler's ``after_scan``; at most one queued)."""
+        self.submit(self._SETTLE)
+
+    def stop(self, timeout: float) -> None:
+        """Finish the series being read (up to ``timeout``); those still queued stay READING for the next start."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (series_id := self._queue.get()) is not None and not self._stopping.is_set():
+            with self._lock:
+                self._queued.discard(series_id)
+            try:
+                if series_id == self._SETTLE:
+                    self.intake.retake_waiting()
+                else:
+                    self.intake.read_series(series_id)
+            except Exception:  # the database gone for a moment: the next scan or start takes it up again
+                log.exception("corrections intake: %s failed", "settling waiting corrections"
+                              if series_id == self._SETTLE else f"series {series_id}")
