@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -164,6 +166,10 @@ def test_two_training_steps_write_a_checkpoint_the_predictor_loads(tmp_path):
     assert set(card.metrics["val_classic_dice"]) == {"FEMUR", "TIBIA", "FIBULA", "PELVIS"}
     parts = sorted(exp.glob("best.safetensors.part*"))
     assert len(parts) == 3 and b"".join(p.read_bytes() for p in parts) == best.read_bytes()
+    last = sorted(exp.glob("last.safetensors.part*"))  # both come back: the kept-back test decides between them
+    joined = b"".join(p.read_bytes() for p in last)
+    assert joined == (out / "last.safetensors").read_bytes()
+    assert json.loads((exp / "history.json").read_text())["last"]["sha256"] == hashlib.sha256(joined).hexdigest()
     assert best.stat().st_size < 50e6  # float16 weights
     pred = Predictor(best, device="cpu", precision="fp32")
     ph = small_series(seed=1, n_slices=2, size=32)

@@ -128,7 +128,8 @@ def split_file(path: Path, dest: Path, max_mb: float) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m inference.synth.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for best/last checkpoints and history")
-    p.add_argument("--export", type=Path, help="also copy best checkpoint (split in parts) + history here")
+    p.add_argument("--export", type=Path, help="also copy the best and the last checkpoints (split in parts) + "
+                                               "history here")
     p.add_argument("--split-mb", type=float, default=15.0, help="largest part written to --export")
     p.add_argument("--maps", type=int, default=64, help="training label maps generated up front")
     p.add_argument("--val-maps", type=int, default=4, help="held-out label maps for randomised validation")
@@ -368,15 +369,22 @@ def main(argv: list[str] | None = None) -> Path:
     if not history or history[-1]["step"] != step:
         validate()
     card.training["steps"] = step
-    save_checkpoint(a.out / "last.safetensors", net.state_dict(), card, half=not a.full_precision)
+    last_path = a.out / "last.safetensors"
+    save_checkpoint(last_path, net.state_dict(), card, half=not a.full_precision)
     log.info("%d steps in %.1f min, best score %.3f", step, (time.perf_counter() - t_train) / 60, best_score)
     if a.export:
+        # both: "best" is chosen on the validation maps and classic phantoms, which may favour the starting
+        # checkpoint's own domain over the shapes the run is for; the kept-back test decides between them
         a.export.mkdir(parents=True, exist_ok=True)
         parts = split_file(best_path, a.export, a.split_mb)
+        last_parts = split_file(last_path, a.export, a.split_mb)
         (a.export / "history.json").write_text(json.dumps(
             {"best": card_metrics(best_path), "steps": step, "parts": parts,
              "sha256": hashlib.sha256(best_path.read_bytes()).hexdigest(),
-             "join": "cat best.safetensors.part* > best.safetensors", "history": history}, indent=1))
+             "join": "cat best.safetensors.part* > best.safetensors",
+             "last": {"parts": last_parts, "sha256": hashlib.sha256(last_path.read_bytes()).hexdigest(),
+                      "join": "cat last.safetensors.part* > last.safetensors"},
+             "history": history}, indent=1))
     return best_path
 
 
