@@ -157,19 +157,20 @@ def test_two_training_steps_write_a_checkpoint_the_predictor_loads(tmp_path):
     r = subprocess.run([sys.executable, "-c", BLOCK, "--out", out, "--export", exp, "--maps", "2", "--val-maps", "1",
                         "--map-size", "32", "--input-size", "32", "--batch-size", "2", "--max-steps", "2",
                         "--val-every", "2", "--val-batches", "1", "--val-classic", "1", "--classic-size", "32",
-                        "--workers", "1", "--threads", "2", "--split-mb", "20"],
+                        "--export-which", "last", "--workers", "1", "--threads", "2", "--split-mb", "20"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     best = out / "best.safetensors"
     card = read_card(best)
     assert card.version == "0.2.0" and "domain-randomised" in card.trained_on and card.training["steps"] == 2
     assert set(card.metrics["val_classic_dice"]) == {"FEMUR", "TIBIA", "FIBULA", "PELVIS"}
-    parts = sorted(exp.glob("best.safetensors.part*"))
-    assert len(parts) == 3 and b"".join(p.read_bytes() for p in parts) == best.read_bytes()
-    last = sorted(exp.glob("last.safetensors.part*"))  # both come back: the kept-back test decides between them
-    joined = b"".join(p.read_bytes() for p in last)
-    assert joined == (out / "last.safetensors").read_bytes()
-    assert json.loads((exp / "history.json").read_text())["last"]["sha256"] == hashlib.sha256(joined).hexdigest()
+    # the GPU command's export: the last checkpoint (one fits what a GPU call brings back), both sha256s
+    last = (out / "last.safetensors").read_bytes()
+    parts = sorted(exp.glob("*.part*"))
+    assert [p.name.split(".")[0] for p in parts] == ["last"] * 3 and b"".join(p.read_bytes() for p in parts) == last
+    history = json.loads((exp / "history.json").read_text())
+    assert history["exported"] == "last" and history["sha256"] == hashlib.sha256(last).hexdigest()
+    assert history["sha256_best"] == hashlib.sha256(best.read_bytes()).hexdigest()
     assert best.stat().st_size < 50e6  # float16 weights
     pred = Predictor(best, device="cpu", precision="fp32")
     ph = small_series(seed=1, n_slices=2, size=32)
