@@ -362,7 +362,8 @@ def run(a: argparse.Namespace) -> dict:
             from inference.predict import Predictor
 
             g = ph.geometry
-            pred = Predictor(BUNDLED_MODEL, device="cpu").predict(ph.image, g.row_dir, g.col_dir, tta=True)
+            pred = Predictor(BUNDLED_MODEL, device="cpu").predict(ph.image, g.row_dir, g.col_dir, tta=True,
+                                                                      pixel_spacing=g.pixel_spacing)
             result["fourth"]["bundled_dice_in_process"] = dice(pred.labels, ph.labels)
     finally:
         node.stop()

@@ -81,7 +81,8 @@ def score(model: Path, ph) -> dict[str, float]:
 
     p = Predictor(model, device="cpu")
     g = ph.geometry
-    return dice(p.predict(ph.image.astype(np.float32), g.row_dir, g.col_dir, tta=True).labels, ph.labels)
+    pred = p.predict(ph.image.astype(np.float32), g.row_dir, g.col_dir, tta=True, pixel_spacing=g.pixel_spacing)
+    return dice(pred.labels, ph.labels)
 
 
 def main(argv: list[str] | None = None) -> None:

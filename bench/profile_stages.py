@@ -45,7 +45,8 @@ def network_outputs(vol, cache: Path | None, model: Path | None):
     from inference.predict import Predictor
 
     predictor = Predictor(model or Settings().model_path)
-    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, postprocess=False, quality=True, tta=True)
+    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, postprocess=False, quality=True, tta=True,
+                             pixel_spacing=vol.pixel_spacing)
     out = {"labels": pred.labels, "probs": pred.probs, "tta_labels": pred.tta_labels,
            "first_labels": pred.first_labels}
     print("network s: " + ", ".join(f"{k} {v:.2f}" for k, v in pred.timings.items()), flush=True)

@@ -134,9 +134,10 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
     vol = volume_of(ph)
     t0 = time.perf_counter()
     if timed:
-        predictor.predict(vol.array, vol.row_dir, vol.col_dir)
+        predictor.predict(vol.array, vol.row_dir, vol.col_dir, pixel_spacing=vol.pixel_spacing)
     t1 = time.perf_counter()
-    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
+    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True,
+                             pixel_spacing=vol.pixel_spacing)
     t2 = time.perf_counter()
     extra = {}
     if timed:
@@ -145,7 +146,8 @@ def predict_case(predictor, seed: int, kind: str, args, f: Path, timed: bool) ->
                                       **{k: round(v, 2) for k, v in pred.timings.items()}})
     out = {}
     for how, key in (("inverted contrast", "inv"), ("heavy noise", "noise")) if kind != "whole" else ():
-        bad = predictor.predict(corrupt(vol.array, how, seed), vol.row_dir, vol.col_dir, quality=True, tta=True)
+        bad = predictor.predict(corrupt(vol.array, how, seed), vol.row_dir, vol.col_dir, quality=True, tta=True,
+                                pixel_spacing=vol.pixel_spacing)
         out.update({f"{key}_labels": bad.labels, f"{key}_probs": bad.probs, f"{key}_tta": bad.tta_labels,
                     f"{key}_first": bad.first_labels})
     np.savez_compressed(f, truth=ph.labels, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
@@ -174,7 +176,8 @@ def predict_standin_case(predictor, data: Path, name: str, f: Path) -> None:
     vol = SeriesVolume(image, [], tuple(float(v) for v in d[:, 0]), tuple(float(v) for v in d[:, 1]),
                        (float(spacing[1]), float(spacing[0])), float(spacing[2]), origins)
     t0 = time.perf_counter()
-    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True)
+    pred = predictor.predict(vol.array, vol.row_dir, vol.col_dir, quality=True, tta=True,
+                             pixel_spacing=vol.pixel_spacing)
     np.savez_compressed(f, truth=truth, labels=pred.labels, probs=pred.probs, tta=pred.tta_labels,
                         first=pred.first_labels, origins=vol.origins, row_dir=np.asarray(vol.row_dir),
                         col_dir=np.asarray(vol.col_dir), pixel_spacing=np.asarray(vol.pixel_spacing),

@@ -61,7 +61,8 @@ def evaluate(model: Path, data: Path, out: Path, device: str = "auto", cases: li
     for case_name in cases or list_cases(data):
         case = load_case(data, case_name, tuple(card.labels))
         t0 = time.perf_counter()
-        pred = predictor.predict(case.image, case.row_dir, case.col_dir, tta=passes == 2).labels
+        pred = predictor.predict(case.image, case.row_dir, case.col_dir, tta=passes == 2,
+                                 pixel_spacing=(case.spacing[1], case.spacing[0])).labels
         seconds = time.perf_counter() - t0
         vp = volumes_cm3(pred, names, case.voxel_mm3)
         vt = volumes_cm3(case.labels, names, case.voxel_mm3)

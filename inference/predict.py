@@ -20,6 +20,7 @@ from .model import load_model, pick_device, pick_precision
 from .model_card import ModelCard
 from .postprocess import clean_labels
 from .preprocessing import (
+    body_box,
     from_model_output,
     intensity_range,
     orient,
@@ -94,8 +95,11 @@ class Predictor:
         log.info("model compiled for batches of %d in %.1f s", self.batch_size, time.perf_counter() - t0)
 
     def predict(self, volume: np.ndarray, row_dir, col_dir, postprocess: bool = True, quality: bool = False,
-                tta: bool = False) -> Prediction:
+                tta: bool = False, pixel_spacing: tuple[float, float] | None = None) -> Prediction:
         """Segment ``volume`` (n, rows, cols) whose slices have the given DICOM in-plane directions.
+
+        ``pixel_spacing`` (row, column mm) lets the network see only the body's box (``body_box``): pass it
+        wherever it is known, as the node does; without it the whole field of view is used.
 
         ``quality`` also returns the class probabilities, ``tta`` the labels of a test-time-augmented pass
         (for the quality gate; the TTA pass runs the network a second time, and the result is the average of
@@ -103,14 +107,19 @@ class Predictor:
         """
         return predict_volume(self.net, self.card, volume, row_dir, col_dir, self.device, self.batch_size,
                               postprocess, self._lock, self.dtype, pad_batches=self.compiled,
-                              quality=quality, tta=tta)
+                              quality=quality, tta=tta, pixel_spacing=pixel_spacing)
 
 
 def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, row_dir, col_dir,
                    device: torch.device, batch_size: int = 16, postprocess: bool = True,
                    lock: threading.Lock | None = None, dtype: torch.dtype = torch.float32,
-                   pad_batches: bool = False, quality: bool = False, tta: bool = False) -> Prediction:
+                   pad_batches: bool = False, quality: bool = False, tta: bool = False,
+                   pixel_spacing: tuple[float, float] | None = None) -> Prediction:
     """Segment a volume slice by slice in batches; see :meth:`Predictor.predict`.
+
+    With ``pixel_spacing`` (the node always gives it) the network sees only the body's bounding box
+    (``preprocessing.body_box``) and everything outside it is background: a small patient in a large field of
+    view reaches the network at the size it learned bones at.
 
     With ``tta`` the labels are the argmax of the mean of both passes' class probabilities (and ``probs`` that
     mean): the gate runs the augmented pass anyway, and averaging the two views is free accuracy — measured on
@@ -118,6 +127,18 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
     fibula 0.905 → 0.916, pelvis 0.727 → 0.735; README, "Averaging the two passes"). Where the augmented
     pass is badly wrong the mean inherits part of it, which is why the gate compares the two passes.
     """
+    if pixel_spacing is not None:
+        t0 = time.perf_counter()
+        box = body_box(volume, pixel_spacing)
+        if box is not None:
+            cropped = np.ascontiguousarray(volume[:, box[0], box[1]])
+            t_box = time.perf_counter() - t0
+            inner = predict_volume(net, card, cropped, row_dir, col_dir, device, batch_size, postprocess, lock, dtype,
+                                   pad_batches, quality, tta)
+            t1 = time.perf_counter()
+            placed = _placed(inner, volume.shape, box)
+            placed.timings["preprocess"] = inner.timings.get("preprocess", 0.0) + t_box + time.perf_counter() - t1
+            return placed
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     n, rows, cols = volume.shape
@@ -184,3 +205,23 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
             first_labels = clean_labels(first_labels, names)
         timings["postprocess"] = time.perf_counter() - t1
     return Prediction(labels, timings, probs, tta_labels, first_labels)
+
+
+def _placed(inner: Prediction, shape: tuple[int, ...], box: tuple[slice, slice]) -> Prediction:
+    """A prediction made on the body's box, placed on the whole grid: background everywhere outside it."""
+
+    def full(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        out = np.zeros(shape, dtype=a.dtype)
+        out[:, box[0], box[1]] = a
+        return out
+
+    probs = None
+    if inner.probs is not None:
+        probs = np.zeros((inner.probs.shape[0],) + tuple(shape), dtype=inner.probs.dtype)
+        probs[0] = 255  # background, certain
+        probs[:, :, box[0], box[1]] = inner.probs
+    labels = full(inner.labels)
+    assert labels is not None
+    return Prediction(labels, inner.timings, probs, full(inner.tta_labels), full(inner.first_labels))

@@ -26,6 +26,7 @@ from .dataset import Case, list_cases, load_case, split_cases
 from .model import build_network, pick_device
 from .model_card import ModelCard, save_checkpoint
 from .preprocessing import (
+    body_box,
     intensity_range,
     labels_to_model_grid,
     orient,
@@ -95,13 +96,18 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
 
 
 def prepare_case(case: Case, size: int, normalisation: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A case's slices on the model grid, exactly as inference sees them: (n,1,S,S) float16, (n,S,S) uint8."""
-    n, rows, cols = case.image.shape
+    """A case's slices on the model grid, exactly as inference sees them (the body's box included):
+    (n,1,S,S) float16, (n,S,S) uint8."""
+    image, labels = case.image, case.labels
+    box = body_box(image, (case.spacing[1], case.spacing[0]))
+    if box is not None:
+        image, labels = image[:, box[0], box[1]], labels[:, box[0], box[1]]
+    n, rows, cols = image.shape
     t = plan_transform(rows, cols, case.row_dir, case.col_dir, size)
-    img = orient(case.image, t)
+    img = orient(image, t)
     lo, hi = intensity_range(img, normalisation)
     x = to_model_input(img, lo, hi, t, in_channels=1).half()
-    y = labels_to_model_grid(orient(case.labels, t), t).to(torch.uint8)
+    y = labels_to_model_grid(orient(labels, t), t).to(torch.uint8)
     return x, y
 
 

@@ -83,7 +83,8 @@ def test_corrections_teach_the_node_and_the_next_study_is_better(tmp_path, bundl
 
         ph = small_study(NEXT)
         g = ph.geometry
-        bundled = dice(bundled_predictor().predict(ph.image, g.row_dir, g.col_dir).labels, ph.labels)
+        as_sent = bundled_predictor().predict(ph.image, g.row_dir, g.col_dir, pixel_spacing=g.pixel_spacing)
+        bundled = dice(as_sent.labels, ph.labels)
         nxt = delivered(node, pacs, send_study(node, ph, tmp_path / f"s{NEXT}", f"CL{NEXT}", seed=NEXT), timeout=300)
         assert nxt.job["model_version"] == serving, nxt.job
         after, before = mean_present(nxt.sent_dice, ph.labels), mean_present(bundled, ph.labels)

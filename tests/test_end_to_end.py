@@ -125,7 +125,7 @@ def test_storescu_series_comes_back_as_seg(node, pacs, workdir, bundled_predicto
     # the labels sit where the model's prediction put them: predict the same series here and compare
     ordered = _instances_like_node(paths)
     vol = load_series(ordered)
-    pred = bundled_predictor().predict(vol.array, vol.row_dir, vol.col_dir).labels
+    pred = bundled_predictor().predict(vol.array, vol.row_dir, vol.col_dir, pixel_spacing=vol.pixel_spacing).labels
     uids = [d.SOPInstanceUID for d in vol.datasets]
     px = seg.get_pixels_by_source_instance(uids, combine_segments=True, skip_overlap_checks=True)
     got = np.zeros_like(pred)

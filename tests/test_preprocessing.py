@@ -65,7 +65,9 @@ def test_bundled_model_segments_the_left_leg_on_the_left_for_every_orientation(b
         origin = -(n - 1) / 2 * ps * (rd + cd) + np.array([0, 15, anat.z_knee + 60])
         g = Geometry(n, n, 24, (ps, ps), tuple(origin), row_dir, col_dir, (0, 0, -6.0), 6.0)
         ph = render(anat, g, seed=3)
-        pred = predictor.predict(ph.image, row_dir, col_dir).labels
+        # with the pixel spacing, as the node predicts: one leg in a 35 cm field of view is not narrowed to a
+        # small body's box (MIN_BOX_MM)
+        pred = predictor.predict(ph.image, row_dir, col_dir, pixel_spacing=(ps, ps)).labels
         xs = np.stack([g.world_coords(k)[0] for k in range(g.n_slices)])
         bone = pred > 0
         assert bone.sum() > 100
@@ -140,3 +142,63 @@ def test_with_the_augmented_pass_the_result_is_the_mean_of_both_passes(bundled_p
     assert both.probs.shape == (len(DEFAULT_LABELS) + 1,) + ph.image.shape
     assert (both.probs.argmax(0) == both.labels).mean() > 0.999
     assert np.abs(both.probs.astype(int).sum(0) - 255).max() <= 3
+
+
+def _small_body(n=4, size=448, seed=0):
+    """A 'child' in an adult's field of view: a bright body of about a third of the image, noise around it."""
+    rng = np.random.default_rng(seed)
+    v = rng.rayleigh(2.0, (n, size, size)).astype(np.float32)  # air: Rician-like noise floor
+    v[:, 150:300, 110:340] += 100.0
+    v[:, 200:230, 150:170] += 300.0  # a bright 'bone' inside it (asymmetric, off-centre)
+    return v
+
+
+def test_body_box_narrows_a_small_body_and_leaves_one_that_fills_the_view():
+    from inference.preprocessing import MAX_MAGNIFICATION, MIN_BOX_MM, body_box
+
+    v = _small_body()
+    rows, cols = body_box(v, (1.0, 1.0))
+    assert rows.start <= 150 and rows.stop >= 300 and cols.start <= 110 and cols.stop >= 340  # all of the body
+    assert 1.5 < 448 / max(rows.stop - rows.start, cols.stop - cols.start) <= MAX_MAGNIFICATION
+    assert body_box(v, None) is None  # the pixel spacing unknown: the whole field of view, as before
+    # the same image at 2 mm pixels is a 90 cm field of view: the box is widened to MIN_BOX_MM (125 px), no less
+    rows, cols = body_box(v, (2.0, 2.0))
+    assert rows.stop - rows.start >= MIN_BOX_MM / 2 and cols.stop - cols.start >= MIN_BOX_MM / 2
+    full = np.random.default_rng(1).rayleigh(2.0, (4, 300, 200)).astype(np.float32)
+    full[:, 5:295, 3:197] += 100.0
+    assert body_box(full, (1.0, 1.0)) is None  # fills the field of view: the same input as ever
+    assert body_box(np.zeros((3, 64, 64), np.float32), (1.0, 1.0)) is None
+    speck = np.zeros((3, 400, 400), np.float32)
+    speck[:, 170:230, 170:230] = 50.0
+    r, c = body_box(speck, (2.0, 2.0))  # 12 cm of "body" in an 80 cm field of view
+    assert 400 / max(r.stop - r.start, c.stop - c.start) <= MAX_MAGNIFICATION + 0.01  # widened, not zoomed 6x
+    assert r.start <= 170 and r.stop >= 230 and c.start <= 170 and c.stop >= 230
+
+
+def test_a_prediction_on_the_body_box_lands_on_the_same_pixels_and_is_background_outside():
+    """The network sees the body's box magnified; what comes back is placed exactly where it was predicted
+    (the known thresholding function finds the same 'bone' pixels as on the whole image), and outside the
+    box the result is background, certain."""
+    v = _small_body(n=3)
+    card = ModelCard(labels=[DEFAULT_LABELS[0]], input_size=256, normalisation={"upper_percentile": 100.0})
+    dirs = ((1, 0, 0), (0, 1, 0))
+    boxed = predict_volume(Threshold(), card, v, *dirs, torch.device("cpu"), postprocess=False, quality=True,
+                           tta=True, pixel_spacing=(1.0, 1.0))
+    whole = predict_volume(Threshold(), card, v, *dirs, torch.device("cpu"), postprocess=False, quality=True,
+                           tta=True)
+    truth = np.zeros(v.shape, bool)
+    truth[:, 200:230, 150:170] = True
+    for pred in (boxed, whole):
+        assert pred.labels.shape == pred.tta_labels.shape == pred.first_labels.shape == v.shape
+        assert pred.probs.shape == (2,) + v.shape
+    got = boxed.labels == 1
+    assert np.allclose(np.argwhere(got).mean(0), np.argwhere(truth).mean(0), atol=0.1)
+    assert (got != truth).sum() / truth.sum() < 0.05
+    assert (got != (whole.labels == 1)).sum() / truth.sum() < 0.1  # the boxed view is the sharper of the two
+    from inference.preprocessing import body_box
+
+    rows, cols = body_box(v, (1.0, 1.0))
+    outside = np.ones(v.shape[1:], bool)
+    outside[rows, cols] = False
+    assert (boxed.probs[0][:, outside] == 255).all() and not boxed.probs[1][:, outside].any()
+    assert not boxed.labels[:, outside].any() and not boxed.tta_labels[:, outside].any()

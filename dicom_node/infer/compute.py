@@ -70,8 +70,8 @@ def segment_series(instances: list, predictor, timing: Callable[[str, float], No
     except NotStackable as exc:
         raise NotSegmentable(str(exc)) from None
     note("load", time.perf_counter() - t)
-    preds = [predictor.predict(v.array, v.row_dir, v.col_dir, quality=quality, tta=tta) if quality or tta
-             else predictor.predict(v.array, v.row_dir, v.col_dir) for v in parts]
+    preds = [predictor.predict(v.array, v.row_dir, v.col_dir, quality=quality, tta=tta, pixel_spacing=v.pixel_spacing)
+             for v in parts]
     for stage in ("preprocess", "predict", "tta", "postprocess"):
         if any(stage in p.timings for p in preds):
             note(stage, sum(p.timings.get(stage, 0.0) for p in preds))
