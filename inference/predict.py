@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -16,6 +17,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from .labels import DEFAULT_LABELS, Label
 from .model import load_model, pick_device, pick_precision
 from .model_card import ModelCard
 from .postprocess import clean_labels
@@ -130,14 +132,27 @@ def predict_volume(net: torch.nn.Module, card: ModelCard, volume: np.ndarray, ro
     if pixel_spacing is not None:
         t0 = time.perf_counter()
         box = body_box(volume, pixel_spacing)
+        t_box = time.perf_counter() - t0
         if box is not None:
+            # the whole field of view first: only a series that reaches the hips is narrowed. Its box is then set
+            # by the widest part of the body, the pelvis; a series of calves alone, narrower than its field of
+            # view, would be magnified until the tibia has the femur's size in the input (tibia called femur,
+            # tests/test_input_variety.py's two-station series). Twice the network, only for such series.
+            whole = predict_volume(net, card, volume, row_dir, col_dir, device, batch_size, postprocess, lock, dtype,
+                                   pad_batches, quality, tta)
+            if not reaches_hips(whole.labels, card.labels):
+                whole.timings["preprocess"] = whole.timings.get("preprocess", 0.0) + t_box
+                return whole
+            t1 = time.perf_counter()
             cropped = np.ascontiguousarray(volume[:, box[0], box[1]])
-            t_box = time.perf_counter() - t0
+            t_box += time.perf_counter() - t1
             inner = predict_volume(net, card, cropped, row_dir, col_dir, device, batch_size, postprocess, lock, dtype,
                                    pad_batches, quality, tta)
             t1 = time.perf_counter()
             placed = _placed(inner, volume.shape, box)
-            placed.timings["preprocess"] = inner.timings.get("preprocess", 0.0) + t_box + time.perf_counter() - t1
+            for stage, seconds in whole.timings.items():  # both passes' time, stage by stage
+                placed.timings[stage] = placed.timings.get(stage, 0.0) + seconds
+            placed.timings["preprocess"] = placed.timings.get("preprocess", 0.0) + t_box + time.perf_counter() - t1
             return placed
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -225,3 +240,14 @@ def _placed(inner: Prediction, shape: tuple[int, ...], box: tuple[slice, slice])
     labels = full(inner.labels)
     assert labels is not None
     return Prediction(labels, inner.timings, probs, full(inner.tta_labels), full(inner.first_labels))
+
+
+#: Pelvis voxels the whole-field prediction must hold for a series to count as reaching the hips (a few
+#: specks of a model's confusion are not a pelvis)
+HIPS_MIN_VOXELS = 500
+
+
+def reaches_hips(labels: np.ndarray, table: Sequence[Label] = DEFAULT_LABELS) -> bool:
+    """Whether a label map (a prediction, or training truth) shows a pelvis: the series reaches the hips."""
+    pelvis = next((lab.value for lab in table if lab.name.upper() == "PELVIS"), None)
+    return pelvis is not None and int(np.count_nonzero(labels == pelvis)) >= HIPS_MIN_VOXELS

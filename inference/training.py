@@ -25,6 +25,7 @@ from . import augment
 from .dataset import Case, list_cases, load_case, split_cases
 from .model import build_network, pick_device
 from .model_card import ModelCard, save_checkpoint
+from .predict import reaches_hips
 from .preprocessing import (
     body_box,
     intensity_range,
@@ -100,7 +101,7 @@ def prepare_case(case: Case, size: int, normalisation: dict) -> tuple[torch.Tens
     (n,1,S,S) float16, (n,S,S) uint8."""
     image, labels = case.image, case.labels
     box = body_box(image, (case.spacing[1], case.spacing[0]))
-    if box is not None:
+    if box is not None and reaches_hips(labels):  # as predict_volume narrows: series that reach the hips
         image, labels = image[:, box[0], box[1]], labels[:, box[0], box[1]]
     n, rows, cols = image.shape
     t = plan_transform(rows, cols, case.row_dir, case.col_dir, size)

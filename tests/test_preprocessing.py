@@ -180,7 +180,9 @@ def test_a_prediction_on_the_body_box_lands_on_the_same_pixels_and_is_background
     (the known thresholding function finds the same 'bone' pixels as on the whole image), and outside the
     box the result is background, certain."""
     v = _small_body(n=3)
-    card = ModelCard(labels=[DEFAULT_LABELS[0]], input_size=256, normalisation={"upper_percentile": 100.0})
+    pelvis = next(lab for lab in DEFAULT_LABELS if lab.name == "PELVIS")
+    # the known function's class 1 named pelvis: the series reaches the hips, so it is narrowed
+    card = ModelCard(labels=[replace(pelvis, value=1)], input_size=256, normalisation={"upper_percentile": 100.0})
     dirs = ((1, 0, 0), (0, 1, 0))
     boxed = predict_volume(Threshold(), card, v, *dirs, torch.device("cpu"), postprocess=False, quality=True,
                            tta=True, pixel_spacing=(1.0, 1.0))
@@ -202,3 +204,10 @@ def test_a_prediction_on_the_body_box_lands_on_the_same_pixels_and_is_background
     outside[rows, cols] = False
     assert (boxed.probs[0][:, outside] == 255).all() and not boxed.probs[1][:, outside].any()
     assert not boxed.labels[:, outside].any() and not boxed.tta_labels[:, outside].any()
+    # the same series whose class 1 is a femur (calves, thighs: no pelvis found on the whole field of view) is
+    # not narrowed: magnified, a tibia would reach the network at a femur's size
+    femur = next(lab for lab in DEFAULT_LABELS if lab.name == "FEMUR")
+    legs = ModelCard(labels=[replace(femur, value=1)], input_size=256, normalisation={"upper_percentile": 100.0})
+    kept = predict_volume(Threshold(), legs, v, *dirs, torch.device("cpu"), postprocess=False, quality=True, tta=True,
+                          pixel_spacing=(1.0, 1.0))
+    assert np.array_equal(kept.labels, whole.labels) and np.array_equal(kept.probs, whole.probs)
