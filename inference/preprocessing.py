@@ -129,7 +129,7 @@ def from_model_output(logits: torch.Tensor, t: SliceTransform) -> torch.Tensor:
 #: fibula 0.67 -> 0.79) ...
 MIN_MAGNIFICATION = 1.25
 #: ... and at most this much, and never to less than MIN_BOX_MM across: one adult leg (150-180 mm) in a wide
-#: field of view is not a small body, and magnified as one it lost its bones (Dice 0.84 -> 0.64 in
+#: field of view is not a small body, and magnified as one it lost its bones (Dice above 0.8 -> 0.64 in
 #: tests/test_preprocessing.py); a four-year-old's hips and thighs are ~230 mm across with the margin
 MAX_MAGNIFICATION = 2.5
 MIN_BOX_MM = 250.0
@@ -143,12 +143,12 @@ def body_box(vol: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tupl
     MIN_BOX_MM across (``pixel_spacing``: row, column spacing in mm); None where the body fills the field of
     view, or the pixel spacing is unknown.
 
-    Why: the network sees each slice resized to a fixed input, so a body that fills a third of the field of
-    view (a small child scanned with an adult's 45 cm) reaches it at a third of the size it learned bones
-    at: on the real-shape stand-in's four-year-old the bundled model found no femur (Dice 0.14) and no fibula;
-    on the body's own box, 0.88 and 0.84, and nothing lost where bodies fill the field of view (foreign and
-    classic phantoms within ±0.015; docs/model.md "Narrowed to the body"). One box for the whole series, so
-    every slice keeps one scale and the neighbours the network is shown stay aligned."""
+    Why: the network sees each slice resized to a fixed input, so a body that fills half the field of view (a
+    small child scanned with an adult's 45 cm) reaches it at half the size it learned bones at: on the
+    real-shape stand-in's four-year-old the bundled model found no femur (Dice 0.14 on T1) and no fibula; on
+    the body's box, 0.90 and 0.87; bodies that fill the field of view are not touched (docs/model.md,
+    "Narrowed to the body"). One box for the whole series, so every slice keeps one scale and the neighbours
+    the network is shown stay aligned."""
     n, rows, cols = vol.shape
     if n == 0 or rows < 16 or cols < 16 or pixel_spacing is None or min(pixel_spacing) <= 0:
         return None
