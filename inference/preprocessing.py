@@ -148,7 +148,8 @@ def body_box(vol: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tupl
     real-shape stand-in's four-year-old the bundled model found no femur (Dice 0.14 on T1) and no fibula; on
     the body's box, 0.90 and 0.87; bodies that fill the field of view are not touched (docs/model.md,
     "Narrowed to the body"). One box for the whole series, so every slice keeps one scale and the neighbours
-    the network is shown stay aligned."""
+    the network is shown stay aligned. The predictor uses it only for a series that reaches the hips
+    (``predict.reaches_hips``): calves alone, magnified, show the tibia at a femur's size."""
     n, rows, cols = vol.shape
     if n == 0 or rows < 16 or cols < 16 or pixel_spacing is None or min(pixel_spacing) <= 0:
         return None
