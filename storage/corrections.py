@@ -113,12 +113,13 @@ def waiting_corrections(db: Database, limit: int = 100) -> list[tuple[int, int |
 
 
 def series_skipped_as(db: Database, reason: str) -> list[int]:
-    """Series whose latest job was skipped with exactly this reason: the series of Segmentation objects a stop
-    left before the intake had read them (read again at the start)."""
+    """Series with a job skipped with exactly this reason, oldest first: the series of Segmentation objects a
+    stop left before the intake had read them (read again at the start; reading one twice changes nothing)."""
     with db.session() as s:
-        latest = select(Job.series_id, func.max(Job.id).label("id")).group_by(Job.series_id).subquery()
-        return list(s.scalars(select(Job.series_id).join(latest, Job.id == latest.c.id)
-                              .where(Job.state == JobState.SKIPPED, Job.reason == reason).order_by(Job.id)))
+        rows = s.execute(select(Job.series_id, func.min(Job.id)).where(Job.state == JobState.SKIPPED,
+                                                                       Job.reason == reason)
+                         .group_by(Job.series_id).order_by(func.min(Job.id)))
+        return [r[0] for r in rows]
 
 
 def reword_seg_series(db: Database, series_id: int, reason: str) -> None:
