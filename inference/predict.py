@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -17,7 +16,6 @@ from typing import cast
 import numpy as np
 import torch
 
-from .labels import DEFAULT_LABELS, Label
 from .model import load_model, pick_device, pick_precision
 from .model_card import ModelCard
 from .postprocess import clean_labels
@@ -27,6 +25,7 @@ from .preprocessing import (
     intensity_range,
     orient,
     plan_transform,
+    reaches_hips,
     to_model_input,
     unorient,
 )
@@ -240,14 +239,3 @@ def _placed(inner: Prediction, shape: tuple[int, ...], box: tuple[slice, slice])
     labels = full(inner.labels)
     assert labels is not None
     return Prediction(labels, inner.timings, probs, full(inner.tta_labels), full(inner.first_labels))
-
-
-#: Pelvis voxels the whole-field prediction must hold for a series to count as reaching the hips (a few
-#: specks of a model's confusion are not a pelvis)
-HIPS_MIN_VOXELS = 500
-
-
-def reaches_hips(labels: np.ndarray, table: Sequence[Label] = DEFAULT_LABELS) -> bool:
-    """Whether a label map (a prediction, or training truth) shows a pelvis: the series reaches the hips."""
-    pelvis = next((lab.value for lab in table if lab.name.upper() == "PELVIS"), None)
-    return pelvis is not None and int(np.count_nonzero(labels == pelvis)) >= HIPS_MIN_VOXELS

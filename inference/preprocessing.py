@@ -11,11 +11,14 @@ changes are undone, so a label lands on the voxel it was predicted for — no ha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .labels import DEFAULT_LABELS, Label
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def body_box(vol: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tupl
     the body's box, 0.90 and 0.87; bodies that fill the field of view are not touched (docs/model.md,
     "Narrowed to the body"). One box for the whole series, so every slice keeps one scale and the neighbours
     the network is shown stay aligned. The predictor uses it only for a series that reaches the hips
-    (``predict.reaches_hips``): calves alone, magnified, show the tibia at a femur's size."""
+    (``reaches_hips``): calves alone, magnified, show the tibia at a femur's size."""
     n, rows, cols = vol.shape
     if n == 0 or rows < 16 or cols < 16 or pixel_spacing is None or min(pixel_spacing) <= 0:
         return None
@@ -179,3 +182,14 @@ def body_box(vol: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tupl
 def _widen(lo: int, hi: int, least: int) -> tuple[int, int]:
     extra = least - (hi - lo)
     return (lo - extra // 2, hi + extra - extra // 2) if extra > 0 else (lo, hi)
+
+
+#: Pelvis voxels the whole-field prediction must hold for a series to count as reaching the hips (a few
+#: specks of a model's confusion are not a pelvis)
+HIPS_MIN_VOXELS = 500
+
+
+def reaches_hips(labels: np.ndarray, table: Sequence[Label] = DEFAULT_LABELS) -> bool:
+    """Whether a label map (a prediction, or training truth) shows a pelvis: the series reaches the hips."""
+    pelvis = next((lab.value for lab in table if lab.name.upper() == "PELVIS"), None)
+    return pelvis is not None and int(np.count_nonzero(labels == pelvis)) >= HIPS_MIN_VOXELS

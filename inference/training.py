@@ -25,13 +25,13 @@ from . import augment
 from .dataset import Case, list_cases, load_case, split_cases
 from .model import build_network, pick_device
 from .model_card import ModelCard, save_checkpoint
-from .predict import reaches_hips
 from .preprocessing import (
     body_box,
     intensity_range,
     labels_to_model_grid,
     orient,
     plan_transform,
+    reaches_hips,
     to_model_input,
 )
 
