@@ -102,6 +102,9 @@ def claim_job(db: Database, owner: str = "", lease_seconds: float = 60.0, max_at
             if row is None:
                 return None
             jid, state, attempts, series_id, series_state = row
+            # stamped now, after the row was read: ``now`` above may predate the commit that queued this job, and
+            # its timeline would show it running before it was complete and queued
+            now = max(now, utcnow())
             # more instances came after it was queued
             if state == JobState.QUEUED and series_state == SeriesState.RECEIVING:
                 _withdraw_queued(s, series_id, now, jid)
