@@ -76,6 +76,10 @@ class Anatomy:
     noise: float = 0.02
     bias: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
     texture_seed: int = 0
+    #: the sacrum as part of the PELVIS label (the definition before 2026-12-07; v0.2.0 was trained on it).
+    #: The node's PELVIS is the two hip bones, as in the shape model and the acceptance phantoms: the sacrum
+    #: is bone the node does not segment, drawn but labelled background.
+    sacrum_is_pelvis: bool = False
 
     # key heights (mm, relative to the iliac crest at z=0 before shift)
     @property
@@ -192,8 +196,9 @@ def render_points(anat: Anatomy, x, y, z) -> tuple[np.ndarray, np.ndarray]:
     rho, _ = _tube(x, y, z, [10 * s, zh - 30 * s], [0, 0], [5 * s, 10 * s], [55 * s, 35 * s], [45 * s, 30 * s])
     viscera = rho <= 1
 
-    # sacrum (part of the bony pelvis label)
-    bones.append((PELVIS, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s],
+    # sacrum: bone drawn but not segmented (label 0) unless the old definition is asked for
+    sacrum = PELVIS if anat.sacrum_is_pelvis else 0
+    bones.append((sacrum, *_solid(x, y, z, [0, -0.5 * 200 * s], [0, 0], [62 * s, 70 * s], [40 * s, 18 * s],
                                   [18 * s, 10 * s], cort)))
 
     sides = {"left": 1.0, "right": -1.0}
@@ -381,10 +386,11 @@ def make_case(seed: int, wide: bool = False, harsh: bool = False, **geom_kwargs)
 
 
 def small_series(seed: int = 0, n_slices: int = 24, size: int = 128, legs: str = "both",
-                 region: str = "thigh-knee", thickness: float = 8.0) -> Phantom:
+                 region: str = "thigh-knee", thickness: float = 8.0, sacrum_is_pelvis: bool = False) -> Phantom:
     """A small, quick phantom for tests: ``size``² pixels covering both legs, ``n_slices`` slices."""
     rng = np.random.default_rng(seed)
-    anat = replace(random_anatomy(rng), legs=legs, yaw_deg=4.0, shift=(6.0, -4.0, 0.0))
+    anat = replace(random_anatomy(rng), legs=legs, yaw_deg=4.0, shift=(6.0, -4.0, 0.0),
+                   sacrum_is_pelvis=sacrum_is_pelvis)
     ps = (2 * (170 * anat.scale) + 60) / size
     top = {"pelvis": anat.z_extent[0] - 20, "thigh-knee": anat.z_knee + 120, "leg": anat.z_knee - 10}[region]
     geom = Geometry(size, size, n_slices, (ps, ps), (-(size - 1) / 2 * ps, 15 * anat.scale - (size - 1) / 2 * ps, top),

@@ -69,12 +69,16 @@ def sent(tmp_path_factory):
     cases = []
     try:
         for seed in range(SEED, SEED + N_CASES):
-            ph = make_case(seed)
+            # issue 16's bar was set and met when this family's pelvis included the sacrum; the node's PELVIS
+            # is now the two hip bones (the image is the same): both truths are scored, the bar on the old one
+            ph = make_case(seed, sacrum_is_pelvis=True)
+            hip_bones = make_case(seed).labels
             paths = write_dicom_series(ph, tmp / f"fo{seed}", patient_id=f"FO{seed}", seed=seed)
             headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
             assert storescu(node.port, tmp / f"fo{seed}").returncode == 0
-            cases.append((seed, headers[0].SeriesInstanceUID, [d.SOPInstanceUID for d in headers], ph.labels))
-        for _, series_uid, _, _ in cases:
+            cases.append((seed, headers[0].SeriesInstanceUID, [d.SOPInstanceUID for d in headers], ph.labels,
+                          hip_bones))
+        for _, series_uid, *_ in cases:
             node.wait_job(series_uid, states=("review", "done", "failed", "skipped"), timeout=600)
         yield node, pacs, cases
     finally:
@@ -84,7 +88,7 @@ def sent(tmp_path_factory):
 
 def test_the_foreign_result_is_held_until_approved_then_its_seg_scores_as_evaluated(sent):
     node, pacs, cases = sent
-    for seed, series_uid, uids, truth in cases:
+    for seed, series_uid, uids, truth, hip_bones in cases:
         job = job_of(node, series_uid)
         # the lower pelvis is missed in both passes (README): the anatomy check must hold it, unsent
         assert job["state"] == "review" and job["quality"] == "fail", job
@@ -98,10 +102,12 @@ def test_the_foreign_result_is_held_until_approved_then_its_seg_scores_as_evalua
         # read the PACS's files only once the node has its answer: storescp answers after the file is written
         wait_for(lambda: any(d["ok"] for d in job_of(node, series_uid)["deliveries"]),  # noqa: B023  # waited on now
                  180, 0.5, f"the delivery of case {seed}")
-        dice = bone_dice(seg_at(pacs, series_uid), uids, truth)
+        seg = seg_at(pacs, series_uid)
+        dice = bone_dice(seg, uids, truth)
         mean3 = (dice["FEMUR"] + dice["TIBIA"] + dice["PELVIS"]) / 3
         print(f"fo{seed:05d} through the node: " + " / ".join(f"{b.lower()} {d:.3f}" for b, d in dice.items())
-              + f"; mean femur/tibia/pelvis {mean3:.3f}")
+              + f"; mean femur/tibia/pelvis {mean3:.3f}; pelvis as hip bones only "
+              f"{bone_dice(seg, uids, hip_bones)['PELVIS']:.3f}")
         # issue 16's bar (a) on the stand-in: mean of femur, tibia and pelvis >= 0.85, fibula >= 0.70;
         # measured through the node for seeds 500-503 (fp32 CPU): 0.854-0.865, fibula 0.879-0.952 (README)
         assert mean3 >= 0.85 and dice["FIBULA"] >= 0.70, dice

@@ -72,9 +72,10 @@ class Body:
     fat: float
     cortex: float
     z_top: float
+    sacrum_is_pelvis: bool = False  # bones[PELVIS][0] is the sacrum
 
 
-def random_body(rng: np.random.Generator) -> Body:
+def random_body(rng: np.random.Generator, sacrum_is_pelvis: bool = False) -> Body:
     h = rng.uniform(1250, 1900)  # body height (mm): older child to tall adult
     s = h / 1700
     lf, lt = 0.245 * h, 0.245 * h * rng.uniform(0.84, 0.95)  # tibia relatively long
@@ -85,7 +86,9 @@ def random_body(rng: np.random.Generator) -> Body:
     rh = 24 * s
     bones: dict = {FEMUR: [], TIBIA: [], FIBULA: [], PELVIS: []}
     other, limbs, vessels, cups = [], [], [], []
-    # sacrum: tapered sweep along a curve bowing posteriorly
+    # sacrum: tapered sweep along a curve bowing posteriorly, drawn with the pelvis (one bone surface, so the
+    # image is the same under either definition) and, unless sacrum_is_pelvis, labelled background where it
+    # is not also hip bone (the node's PELVIS is the two hip bones)
     bones[PELVIS].append(_sweep((0, 55 * s, 120 * s), (0, 95 * s, 60 * s), (0, 75 * s, -10 * s), 34 * s, 10 * s,
                                 squash=(1.6, 0.8)))
     for sg in (1, -1):
@@ -148,7 +151,8 @@ def random_body(rng: np.random.Generator) -> Body:
                               kc + [0, 40 * s, 0], 4 * s, 3.5 * s, 8))
     limbs.append(Sweep(np.array([[0, 20 * s, 170 * s], [0, 25 * s, z_hip - 40 * s]]), np.array([110 * s, 95 * s]),
                        squash=(1.75, 1.0)))  # lower trunk
-    return Body(bones, other, limbs, vessels, cups, rng.uniform(6, 20) * s, rng.uniform(1.8, 3.2), 140 * s)
+    return Body(bones, other, limbs, vessels, cups, rng.uniform(6, 20) * s, rng.uniform(1.8, 3.2), 140 * s,
+                sacrum_is_pelvis)
 
 
 def render_points(b: Body, x: np.ndarray, y: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
@@ -177,22 +181,26 @@ def render_points(b: Body, x: np.ndarray, y: np.ndarray, z: float) -> tuple[np.n
     for value, sweeps in list(b.bones.items()) + [(0, b.other)]:
         if not sweeps:
             continue
-        d = np.min([sw.sdf(x, y, z) for sw in sweeps], axis=0)
+        sdf = [sw.sdf(x, y, z) for sw in sweeps]
+        d = np.min(sdf, axis=0)
         inside = d < 0
         img[inside] = T1["cortex"]
         img[d < -b.cortex] = T1["marrow"]
         lab[inside] = value
+        if value == PELVIS and not b.sacrum_is_pelvis:  # the sacrum alone: drawn, not labelled
+            lab[(sdf[0] < 0) & (np.min(sdf[1:], axis=0) >= 0)] = 0
     return img, lab
 
 
-def make_case(seed: int, coarsen: int = 1) -> Phantom:
+def make_case(seed: int, coarsen: int = 1, sacrum_is_pelvis: bool = False) -> Phantom:
     """One foreign-family case on its own random acquisition grid (feet-first axial, superior slice first).
 
     ``coarsen`` > 1 multiplies pixel size and slice step (same anatomy and coverage, fewer voxels): for
-    quick tests only, it leaves the family's acquisition ranges.
+    quick tests only, it leaves the family's acquisition ranges. ``sacrum_is_pelvis``: the truth's pelvis
+    includes the sacrum, as this family's tables before 2026-12-07 were measured (the image is the same).
     """
     rng = np.random.default_rng(seed)
-    b = random_body(rng)
+    b = random_body(rng, sacrum_is_pelvis)
     ps = float(rng.uniform(1.2, 1.8)) * coarsen
     thick = float(rng.uniform(5.0, 8.0)) * coarsen
     n = int(rng.integers(100, 141)) // coarsen

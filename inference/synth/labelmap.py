@@ -282,9 +282,9 @@ def slice_labels(b: Body, z: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
 
     # --- pelvis
     cp = p["cort_p"]
-    if b.z_hip + 10 * s <= z <= -5 * s:  # sacrum
+    if b.z_hip + 10 * s <= z <= -5 * s:  # sacrum: bone the node does not segment (see generate)
         R = _lerp(z, [b.z_hip + 10 * s, -5 * s], [16 * s, 38 * s])
-        _bone(lab, X / 1.6, Y, 0, b.body_ry * 0.55, R / 1.3, cp, "pelvis")
+        _bone(lab, X / 1.6, Y, 0, b.body_ry * 0.55, R / 1.3, cp, "pelvis" if p.get("sacrum_is_pelvis") else "other")
     for sg in (1, -1):
         if b.z_hip + 0.5 * b.rh <= z <= 0:  # iliac wing
             Rw = _lerp(z, [b.z_hip + 0.5 * b.rh, 0], [0.55 * b.dh, 0.78 * b.dh])
@@ -415,12 +415,19 @@ def _z_range(b: Body, region: str, rng: np.random.Generator) -> tuple[float, flo
     return top, bot
 
 
-def generate(seed: int, size: int = 256, dz: float = 3.0, region: str | None = None) -> tuple[np.ndarray, dict]:
+def generate(seed: int, size: int = 256, dz: float = 3.0, region: str | None = None,
+             sacrum_is_pelvis: bool = False) -> tuple[np.ndarray, dict]:
     """One random label map (nz, size, size) uint8 in generation labels, superior slice first, and its
     metadata (pixel size, slice spacing, region, seed). ``region`` None: "full" half the time, else a
-    random partial field of view."""
+    random partial field of view.
+
+    ``sacrum_is_pelvis``: label the sacrum as pelvis, as v0.2.0 was trained. The node's PELVIS is the two hip
+    bones (the shape model's and the acceptance phantoms' definition); a generator that called the sacrum pelvis
+    beside real shapes that call it background taught the network both, and it labels the sacrum pelvis.
+    The choice draws nothing from ``rng``, so every other part of a seed's map is the same either way."""
     rng = np.random.default_rng(seed)
     b = random_body(rng)
+    b.p["sacrum_is_pelvis"] = sacrum_is_pelvis
     if region is None:
         region = "full" if rng.random() < 0.5 else str(rng.choice(REGIONS[1:]))
     ztop, zbot = _z_range(b, region, rng)

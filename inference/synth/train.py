@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,13 @@ log = logging.getLogger("inference.synth.train")
 CLASS_NAMES = ("FEMUR", "TIBIA", "FIBULA", "PELVIS")
 
 
-def _one_map(args: tuple[int, int, str | None, str, str | None]) -> np.ndarray:
-    seed, size, region, generator, cache = args
-    path = Path(cache) / f"{generator}-{seed}-{size}-{region or 'any'}.npy" if cache else None
+def _one_map(args: tuple[int, int, str | None, str, str | None, bool]) -> np.ndarray:
+    seed, size, region, generator, cache, sacrum_is_pelvis = args
+    # labelmap maps name their pelvis definition: a cache made before the sacrum left the pelvis must not be
+    # read back as the new one (realshape maps always drew it as background)
+    kind = generator if generator != "labelmap" else f"labelmap-{'sacrum' if sacrum_is_pelvis else 'hipbones'}"
+    name = f"{kind}-{seed}-{size}-{region or 'any'}.npy"
+    path = Path(cache) / name if cache else None
     if path is not None and path.exists():
         return np.load(path)
     if generator == "realshape":
@@ -52,7 +57,11 @@ def _one_map(args: tuple[int, int, str | None, str, str | None]) -> np.ndarray:
 
         vol = realshape.generate(seed, size=size, region=region)[0]
     else:
-        vol = labelmap.generate(seed, size=size, region=region)[0]
+        # a labelmap.py checked out from before 2026-12-07 (v0.2.0's recipe, docs/model.md) has no such choice:
+        # it always drew the sacrum as pelvis
+        kw = {"sacrum_is_pelvis": sacrum_is_pelvis} if "sacrum_is_pelvis" in signature(labelmap.generate).parameters \
+            else {}
+        vol = labelmap.generate(seed, size=size, region=region, **kw)[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".part.npy")
@@ -61,20 +70,22 @@ def _one_map(args: tuple[int, int, str | None, str, str | None]) -> np.ndarray:
     return vol
 
 
-def _one_classic(args: tuple[int, int, str]):
+def _one_classic(args: tuple[int, int, str, bool]):
     from ..phantom import small_series
 
-    seed, size, region = args
-    ph = small_series(seed=seed, n_slices=16, size=size, region=region, thickness=8.0)
+    seed, size, region, sacrum_is_pelvis = args
+    ph = small_series(seed=seed, n_slices=16, size=size, region=region, thickness=8.0,
+                      sacrum_is_pelvis=sacrum_is_pelvis)
     return ph.image.astype(np.float32), ph.labels, ph.geometry.row_dir, ph.geometry.col_dir, ph.geometry.pixel_spacing
 
 
 def make_maps(seeds: list[int], size: int, workers: int, regions: list[str | None] | None = None,
-              generators: list[str] | None = None, cache: Path | None = None) -> list[np.ndarray]:
+              generators: list[str] | None = None, cache: Path | None = None,
+              sacrum_is_pelvis: bool = False) -> list[np.ndarray]:
     """Label maps for ``seeds`` (numpy only), in ``workers`` processes when > 1; ``regions`` fixes the field of
     view per map (None: the generator's random choice), ``generators`` picks labelmap or realshape per map;
     with ``cache`` each map is saved there once and read back on later runs (real shapes take seconds each)."""
-    jobs = [(s, size, r, g, str(cache) if cache else None)
+    jobs = [(s, size, r, g, str(cache) if cache else None, sacrum_is_pelvis)
             for s, r, g in zip(seeds, regions or [None] * len(seeds), generators or ["labelmap"] * len(seeds))]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
@@ -82,10 +93,11 @@ def make_maps(seeds: list[int], size: int, workers: int, regions: list[str | Non
     return [_one_map(j) for j in jobs]
 
 
-def classic_cases(n: int, seed: int, size: int, input_size: int, normalisation: dict, workers: int):
+def classic_cases(n: int, seed: int, size: int, input_size: int, normalisation: dict, workers: int,
+                  sacrum_is_pelvis: bool = False):
     """``n`` small classic phantoms (pelvis, thigh-knee, leg in turn) on the model grid, as inference sees them."""
     regions = ("pelvis", "thigh-knee", "leg")
-    jobs = [(seed + i, size, regions[i % 3]) for i in range(n)]
+    jobs = [(seed + i, size, regions[i % 3], sacrum_is_pelvis) for i in range(n)]
     if workers > 1 and n > 1:
         with mp.get_context("spawn").Pool(min(workers, n)) as pool:
             raw = list(pool.imap(_one_classic, jobs))
@@ -142,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-shapes", type=float, default=0.0,
                    help="share of training and validation maps drawn around real bone shapes (inference.synth."
                         "realshape: the paediatric shape model, fetched once into its cache; 1: all)")
+    p.add_argument("--sacrum-is-pelvis", action="store_true",
+                   help="label the sacrum of the drawn maps and classic phantoms as pelvis, as v0.2.0 and earlier "
+                        "were trained (to replay their recipes); by default PELVIS is the two hip bones only")
     p.add_argument("--map-cache", type=Path, help="folder where label maps are saved once and read back later")
     p.add_argument("--input-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -245,6 +260,8 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
             "batch_size": a.batch_size, "seed": a.seed, "pelvis_maps": a.pelvis_maps,
+            "pelvis_label": ("hip bones and sacrum (old definition)" if a.sacrum_is_pelvis
+                             else "the two hip bones; sacrum, spine, patellae and feet background"),
             "classic_mix": (f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms"
                             + (f", {a.classic_flip:.2f} of them mirrored" if a.classic_flip else "")
                             if a.classic_train else "none"),
@@ -271,10 +288,13 @@ def main(argv: list[str] | None = None) -> Path:
 
         realshape.models()  # fetch the shape model once, before the workers start
     maps = make_maps(seeds + val_seeds, a.map_size, workers,
-                     ["pelvis"] * n_pelvis + [None] * (a.maps - n_pelvis + len(val_seeds)), gens, a.map_cache)
+                     ["pelvis"] * n_pelvis + [None] * (a.maps - n_pelvis + len(val_seeds)), gens, a.map_cache,
+                     a.sacrum_is_pelvis)
     card = _card(a, seeds, val_seeds)
-    cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
-    tx, ty = (classic_cases(a.classic_train, 9000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers)
+    cx, cy = classic_cases(a.val_classic, 7000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers,
+                           a.sacrum_is_pelvis)
+    tx, ty = (classic_cases(a.classic_train, 9000 + a.seed, a.classic_size, a.input_size, card.normalisation, workers,
+                            a.sacrum_is_pelvis)
               if a.classic_train and a.classic_mix > 0 else ([], []))
     log.info("%d label maps (%d slices), %d classic training and %d classic validation phantoms in %.0f s", len(maps),
              sum(m.shape[0] for m in maps), len(tx), len(cx), time.perf_counter() - t0)
