@@ -25,6 +25,7 @@ their database id, never by UID or patient.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -282,8 +283,11 @@ class Intake:
         creator = fields.get("creator") or ""
         if creator:
             detail += f"; by {creator}"
+        # the row is born with its scores: a reader that sees CORRECTED sees its Dice (the labels file, named
+        # by the row's id, is written next; the tests read the scores as soon as the state shows)
         cid, created = record(self.db, sop_uid=inst.sop_uid, state=state, reason="; ".join(notes),
-                              event_detail=detail, **fields)
+                              event_detail=detail, metrics=json.dumps(metrics, sort_keys=True), mean_dice=mean,
+                              **fields)
         if not created:
             return state, ""
         path = labels_file(self.root, cid)
