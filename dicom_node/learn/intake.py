@@ -283,8 +283,8 @@ class Intake:
         creator = fields.get("creator") or ""
         if creator:
             detail += f"; by {creator}"
-        # the row is born with its scores: a reader that sees CORRECTED sees its Dice (the labels file, named
-        # by the row's id, is written next; the tests read the scores as soon as the state shows)
+        # the row is born with its scores: the dashboard, the API and the accuracy summary that see CORRECTED
+        # see its Dice (the labels file, named by the row's id, is written next)
         cid, created = record(self.db, sop_uid=inst.sop_uid, state=state, reason="; ".join(notes),
                               event_detail=detail, metrics=json.dumps(metrics, sort_keys=True), mean_dice=mean,
                               **fields)
