@@ -88,7 +88,7 @@ def stages(vol, raw: dict, work: Path):
     def quality():
         r = state["result"]
         state["report"] = assess(vol, r.labels, r.segments, card.labels, raw["probs"], state["tta_labels"],
-                                 first_labels=state["first_labels"])
+                                 first_labels=state["first_labels"], sacrum_is_pelvis=card.pelvis_includes_sacrum)
 
     def encode():
         job = work / f"job{time.monotonic_ns()}"

@@ -104,11 +104,15 @@ def damages(labels: np.ndarray, spacing_mm: float):
             yield f"{NAMES[a].lower()}/{NAMES[b].lower()} swapped", out
 
 
+#: the judged model's pelvis definition (its card's ``pelvis_includes_sacrum``), set once in ``main``
+SACRUM_IS_PELVIS = {"value": True}
+
+
 def judge(vol, labels, probs, tta, use_model: bool = True, first=None) -> dict:
     seg, segments = split_sides(labels, list(DEFAULT_LABELS), vol.origins, vol.row_dir, vol.col_dir,
                                 vol.pixel_spacing)
     rep = assess(vol, seg, segments, DEFAULT_LABELS, probs if use_model else None, tta if use_model else None,
-                 first_labels=first if use_model else None)
+                 first_labels=first if use_model else None, sacrum_is_pelvis=SACRUM_IS_PELVIS["value"])
     return {"verdict": rep.verdict, "summary": rep.summary(),
             "metrics": {s.structure: s.metrics for s in rep.structures}}
 
@@ -218,7 +222,9 @@ def main() -> int:
         ap.error(f"--model {args.model}: no such checkpoint")
     model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
     args.cache = args.cache / model_sha[:16]  # another model's predictions are never judged as this one's
-    version = read_card(args.model).version
+    card = read_card(args.model)
+    version = card.version
+    SACRUM_IS_PELVIS["value"] = card.pelvis_includes_sacrum
     args.model_desc = (f"the bundled model (v{version})" if args.model.resolve() == BUNDLED_MODEL.resolve()
                        else f"`--model {args.model.name}` (v{version}, sha256 {model_sha[:12]}…)")
     predictor = None

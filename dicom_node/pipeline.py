@@ -295,7 +295,8 @@ class Pipeline:
         released afterwards (they are the largest arrays of the job)."""
         t = time.perf_counter()
         report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
-                        result.tta_labels, first_labels=result.first_labels)
+                        result.tta_labels, first_labels=result.first_labels,
+                        sacrum_is_pelvis=result.card.pelvis_includes_sacrum)
         result.probs = result.tta_labels = result.first_labels = None
         save_quality(self.db, job_id, report.verdict, report.summary(),
                      [(q.structure, q.verdict, q.reason, q.metrics) for q in report.structures])

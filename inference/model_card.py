@@ -39,6 +39,11 @@ class ModelCard:
     intended_use: str = ""
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    #: whether the model was taught the sacrum as PELVIS. Every model before 2026-12-07 was (their cards do not
+    #: say, hence the default); since then PELVIS means the two hip bones (docs/model.md, "What pelvis means")
+    #: and the trainer records which definition it used, so the quality gate knows whether a pelvis on the
+    #: midline above the hips is the model's error or its definition.
+    pelvis_includes_sacrum: bool = True
     #: sha256 of the checkpoint file the card was read from (set by :func:`load_checkpoint`, never stored)
     checkpoint_sha256: str = field(default="", compare=False)
 

@@ -70,6 +70,15 @@ THRESHOLDS: dict[str, float] = {
     "pelvis_reach_fail": 1.0,
     "pelvis_reach_warn": 1.3,
     "pelvis_reach_scan": 1.5,
+    # pelvis on the midline above both femoral heads (cm³): the sacrum, lumbar spine or coccyx, bone this node's
+    # PELVIS excludes (docs/model.md, "What pelvis means"); the hip bones meet on the midline only at the pubic
+    # symphysis, in front of and below the heads' tops. A model taught the hip bones that paints the sacrum
+    # anyway adds tens of cm³ there (a child's sacrum inside the band is ~15 cm³, an adult's 40 or more);
+    # partial volume at the sacro-iliac joints stays outside the band.
+    "sacrum_warn_cm3": 2.0,
+    "sacrum_fail_cm3": 8.0,
+    # the band: this share of the distance between the femoral heads on either side of the midline between them
+    "sacrum_band": 0.12,
 }
 
 #: Mean cross-section (volume per cm of covered length, cm²) per bone: (fail below, warn below, warn above,
@@ -223,7 +232,7 @@ def _dice(a: _Sided, b: _Sided, name: str) -> float:
 def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], card_labels,
            probs: np.ndarray | None = None, tta_labels: np.ndarray | None = None,
            thresholds: dict[str, float] | None = None, declared: str | None = None,
-           first_labels: np.ndarray | None = None) -> QualityReport:
+           first_labels: np.ndarray | None = None, sacrum_is_pelvis: bool = False) -> QualityReport:
     """Judge a sided label map (``seg_labels`` numbered by ``segments``, in the volume's slice order).
 
     ``probs``: the model's class probabilities (classes, n, rows, cols) uint8 0-255; ``tta_labels``: the
@@ -233,6 +242,8 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     ``first_labels``: the unsided labels of the unaugmented pass alone, when the result is the average of
     both passes; the agreement is then measured between the two passes (the result lies between them, so
     comparing it with one of them would understate how far they differ).
+    ``sacrum_is_pelvis``: the model was taught the sacrum as pelvis (``ModelCard.pelvis_includes_sacrum``, every
+    model before 2026-12-07); pelvis on the midline above the hips is then measured but not held against it.
     """
     th = {**THRESHOLDS, **(thresholds or {})}
     n, rows, cols = seg_labels.shape
@@ -279,6 +290,7 @@ def assess(vol: SeriesVolume, seg_labels: np.ndarray, segments: list[Segment], c
     _relations(vol, segments, shapes, by_name, th, pixel_mm2)
     _neighbours(segments, shapes, by_name, th, float(z.max()), float(z.min()))
     _pelvis_reach(shapes, by_name, th, z)
+    _midline_above_hips(vol, result, shapes, by_name, th, z, thick, pixel_mm2, sacrum_is_pelvis)
     if tta_labels is not None:
         if declared is None:
             first = vol.datasets[0] if vol.datasets else None
@@ -386,6 +398,64 @@ def _pelvis_reach(shapes, by_name, th, z: np.ndarray) -> None:
     if worst_ratio < th["pelvis_reach_fail"]:
         q.flag(Verdict.FAIL, why)
     elif worst_ratio < th["pelvis_reach_warn"]:
+        q.flag(Verdict.WARN, why)
+
+
+def _patient_xy(vol: SeriesVolume, k: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Patient (x, y) in mm of voxels given by slice, row and column indices."""
+    dr, dc = vol.pixel_spacing
+    p = (vol.origins[k] + np.outer(c * dc, np.asarray(vol.row_dir)) + np.outer(r * dr, np.asarray(vol.col_dir)))
+    return p[:, :2]
+
+
+def _head_centre(vol: SeriesVolume, result: _Sided, name: str, fem: _Shape, z: np.ndarray) -> np.ndarray:
+    """Patient (x, y) of a femur's top 3 cm: the femoral head, about (the neck pulls it a little outwards)."""
+    return _patient_xy(vol, *_voxels(result, name, z, fem.z_top - 30.0)).mean(0)
+
+
+def _voxels(result: _Sided, name: str, z: np.ndarray, above: float) -> tuple[np.ndarray, ...]:
+    """Slice, row and column indices (of the whole volume) of a segment's voxels on slices above ``above`` mm."""
+    box, mask = result.mask(name)
+    sel = np.flatnonzero(z[box[0]] > above)
+    k, r, c = np.nonzero(mask[sel])
+    return sel[k] + box[0].start, r + box[1].start, c + box[2].start
+
+
+def _midline_above_hips(vol, result: _Sided, shapes, by_name, th, z, thick, pixel_mm2, sacrum_is_pelvis) -> None:
+    """Pelvis on the midline above both femoral heads, not in front of them: the sacrum (or lumbar spine).
+
+    The hip bones reach the midline only at the pubic symphysis, in front of the heads and below their tops;
+    above the heads the midline belongs to the sacrum, which the PELVIS segment excludes. v0.2.0 and the
+    models before it were taught otherwise and label it (the issue that found it: a real-shape phantom's
+    sacrum called pelvis), so their results are measured but not judged by it. Sided by the two femurs: with
+    one leg or no femur the midline is unknown and nothing is judged.
+    """
+    pelvis, left, right = shapes.get("PELVIS"), shapes.get("FEMUR LEFT"), shapes.get("FEMUR RIGHT")
+    if pelvis is None or left is None or right is None:
+        return
+    h_l = _head_centre(vol, result, "FEMUR LEFT", left, z)
+    h_r = _head_centre(vol, result, "FEMUR RIGHT", right, z)
+    span = float(np.hypot(*(h_r - h_l)))
+    if span < 40.0:  # two femurs closer than 4 cm: not two hips
+        return
+    mid = (h_l + h_r) / 2
+    across = (h_r - h_l) / span
+    back = np.array([-across[1], across[0]])
+    if back[1] < 0:  # LPS: +y is posterior
+        back = -back
+    k, r, c = _voxels(result, "PELVIS", z, max(left.z_top, right.z_top) + 10.0)
+    d = _patient_xy(vol, k, r, c) - mid
+    band = (np.abs(d @ across) < th["sacrum_band"] * span) & (d @ back > -0.1 * span)
+    cm3 = float((thick[k[band]] * pixel_mm2).sum()) / 1000.0
+    q = by_name["PELVIS"]
+    q.metrics["midline_above_hips_cm3"] = round(cm3, 2)
+    if sacrum_is_pelvis:
+        return
+    why = (f"{cm3:.1f} cm³ of pelvis on the midline above the hips: the sacrum or spine, which the pelvis "
+           "segment excludes")
+    if cm3 >= th["sacrum_fail_cm3"]:
+        q.flag(Verdict.FAIL, why)
+    elif cm3 >= th["sacrum_warn_cm3"]:
         q.flag(Verdict.WARN, why)
 
 

@@ -155,7 +155,8 @@ def _evaluate(predictor, data: _Data, c: Correction, tta: bool) -> dict:
         at = {str(d.SOPInstanceUID): k for k, d in enumerate(result.volume.datasets)}
         labels = labels[[at[u] for u in uids]]
     report = assess(result.volume, result.labels, result.segments, result.card.labels, result.probs,
-                    result.tta_labels, first_labels=result.first_labels)
+                    result.tta_labels, first_labels=result.first_labels,
+                    sacrum_is_pelvis=result.card.pelvis_includes_sacrum)
     if labels.shape != classes.shape:
         raise ft.CorrectionDataError(f"correction {c.id}: labels {classes.shape} do not match the source volume "
                                      f"{labels.shape}")

@@ -251,6 +251,7 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
                     "random contrast, bias, gamma, resolution, noise, ghosting, deformation, flips; "
                     "no real patient data"),
         intended_use="Demonstration and testing; never seen a real MRI. Not for clinical use.",
+        pelvis_includes_sacrum=a.sacrum_is_pelvis,
         training={
             "command": " ".join(sys.argv), "date": _dt.date.today().isoformat(),
             "generator": ("inference.synth (labelmap + render), SynthSeg-style domain randomisation"
