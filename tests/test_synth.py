@@ -264,6 +264,25 @@ def test_keep_teacher_needs_a_starting_checkpoint_and_known_classes(capsys):
     assert a.keep_teacher == 1.0
 
 
+def test_the_share_of_water_like_images_is_a_training_setting(capsys):
+    """--share-water paints that share of training images as Dixon water (fat dark: mean 5-50 of 255); the
+    stand-in's water pelvis is what the CPU fine-tunes learnt slowest (docs/model-data.md)."""
+    from inference.synth.labels import FAT
+    from inference.synth.render import _contrasts
+    from inference.synth.train import parse_args
+
+    a = parse_args(["--out", "x", "--share-water", "0.8", "--share-t1", "0.2"])
+    assert (a.share_t1, a.share_water) == (0.2, 0.8)
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--share-water", "0.9"])  # with the default 0.2 T1-like: more than all
+    assert "--share-water" in capsys.readouterr().err
+    gen = torch.Generator().manual_seed(3)
+    mean, _ = _contrasts(64, gen, RenderConfig(share_t1=0.0, share_water=1.0), "cpu")
+    assert (mean[:, FAT] <= 50).all()
+    mean, _ = _contrasts(64, gen, RenderConfig(share_t1=0.0, share_water=0.0), "cpu")
+    assert (mean[:, FAT] > 50).sum() > 32  # fully random: U(0, 255)
+
+
 def test_a_fine_tune_held_to_its_teacher_runs_and_records_it(tmp_path):
     from inference.model_card import read_card
 

@@ -157,6 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sacrum-is-pelvis", action="store_true",
                    help="label the sacrum of the drawn maps and classic phantoms as pelvis, as v0.2.0 and earlier "
                         "were trained (to replay their recipes); by default PELVIS is the two hip bones only")
+    p.add_argument("--share-t1", type=float, default=RenderConfig.share_t1,
+                   help="share of training images painted with T1-like rather than fully random intensities")
+    p.add_argument("--share-water", type=float, default=RenderConfig.share_water,
+                   help="share painted water-like (Dixon W: fat and yellow marrow dark); validation keeps the "
+                        "defaults so that runs with different shares are scored alike")
     p.add_argument("--map-cache", type=Path, help="folder where label maps are saved once and read back later")
     p.add_argument("--input-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
@@ -196,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--teacher-free: unknown class {sorted(unknown)}; choose from {','.join(CLASS_NAMES)}")
     a.free_classes = tuple(CLASS_NAMES.index(c) + 1 for c in names)  # class values (background is 0)
+    if not (a.share_t1 >= 0 and a.share_water >= 0 and a.share_t1 + a.share_water <= 1):
+        p.error(f"--share-t1 {a.share_t1} and --share-water {a.share_water}: each at least 0, together at most 1")
     return a
 
 
@@ -261,6 +268,8 @@ def _card(a: argparse.Namespace, seeds: list[int], val_seeds: list[int]) -> Mode
             "loss": f"dice + categorical focal (gamma {a.focal_gamma})",
             "optimizer": f"Adam lr={a.lr}, warm-up {a.warmup} steps, cosine over {a.minutes} min",
             "batch_size": a.batch_size, "seed": a.seed, "pelvis_maps": a.pelvis_maps,
+            "contrasts": (f"{a.share_t1:.2f} T1-like, {a.share_water:.2f} water-like, the rest random per "
+                          "generation label"),
             "pelvis_label": ("hip bones and sacrum (old definition)" if a.sacrum_is_pelvis
                              else "the two hip bones; sacrum, spine, patellae and feet background"),
             "classic_mix": (f"{a.classic_mix:.2f} of each batch from {a.classic_train} classic phantoms"
@@ -312,9 +321,10 @@ def main(argv: list[str] | None = None) -> Path:
     bank = LabelBank.from_maps(maps[:a.maps], rdev)
     val_bank = LabelBank.from_maps(maps[a.maps:], rdev) if a.val_maps else None
     del maps
-    rcfg = RenderConfig(size=a.input_size)
+    vcfg = RenderConfig(size=a.input_size)
+    rcfg = RenderConfig(size=a.input_size, share_t1=a.share_t1, share_water=a.share_water)
     vgen = torch.Generator().manual_seed(12345)
-    val_batches = [render_batch(val_bank, a.batch_size, vgen, rcfg) for _ in range(a.val_batches)] if val_bank else []
+    val_batches = [render_batch(val_bank, a.batch_size, vgen, vcfg) for _ in range(a.val_batches)] if val_bank else []
 
     net = build_network(card)
     if a.init_from is not None:
