@@ -59,9 +59,8 @@ MIN_TRUE_VOXELS = 50  # a structure with fewer true voxels than this is not scor
 
 def volume_of(ph) -> SeriesVolume:
     g = ph.geometry
-    origins = np.array([g.slice_origin(k) for k in range(g.n_slices)])
     return SeriesVolume(ph.image.astype(np.float32), [], g.row_dir, g.col_dir, g.pixel_spacing,
-                        float(np.linalg.norm(g.slice_step)), origins)
+                        float(np.linalg.norm(g.slice_step)), g.slice_origins())
 
 
 def dices(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:

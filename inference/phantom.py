@@ -40,6 +40,10 @@ class Geometry:
     def slice_origin(self, k: int) -> np.ndarray:
         return np.asarray(self.origin) + k * np.asarray(self.slice_step)
 
+    def slice_origins(self) -> np.ndarray:
+        """(n_slices, 3): every slice's ImagePositionPatient, as a SeriesVolume carries them."""
+        return np.asarray(self.origin) + np.arange(self.n_slices)[:, None] * np.asarray(self.slice_step)
+
     def world_coords(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Patient coordinates (x, y, z) of every pixel centre of slice ``k``, each (rows, cols)."""
         r = np.arange(self.rows, dtype=np.float64)[:, None]

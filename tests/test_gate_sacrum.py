@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.quality_thresholds import volume_of
 from dicom_node.gate.quality import QualityReport, StructureQuality, assess
 from dicom_node.infer.segments import split_sides
 from dicom_node.infer.volume import SeriesVolume
@@ -98,13 +99,6 @@ def test_one_leg_gives_no_midline_and_no_verdict():
     assert "midline_above_hips_cm3" not in q.metrics and not midline_reasons(q)
 
 
-def _phantom_volume(ph) -> SeriesVolume:
-    g = ph.geometry
-    origins = np.array([g.slice_origin(k) for k in range(g.n_slices)])
-    return SeriesVolume(ph.image.astype(np.float32), [], g.row_dir, g.col_dir, g.pixel_spacing,
-                        float(np.linalg.norm(g.slice_step)), origins)
-
-
 @pytest.mark.parametrize("make", [
     lambda sac: small_series(3, 16, 96, region="pelvis", sacrum_is_pelvis=sac),
     lambda sac: make_case(500, coarsen=3, sacrum_is_pelvis=sac),
@@ -114,7 +108,7 @@ def test_phantom_truths_old_definition_held_current_passes(make):
     20-380 cm³ on the old; these two small renders: 0.0 and 73.5 (classic), 0.0 and 234 (foreign)."""
     for sac in (False, True):
         ph = make(sac)
-        q = pelvis(judge(ph.labels, _phantom_volume(ph)))
+        q = pelvis(judge(ph.labels, volume_of(ph)))
         if sac:
             assert q.metrics["midline_above_hips_cm3"] > 15
             assert [r.split(":")[0] for r in midline_reasons(q)] == ["fail"]

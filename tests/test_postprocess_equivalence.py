@@ -145,7 +145,7 @@ def case(name: str):
     for v in range(5):
         hot = result == v
         probs[v][hot] = rng.integers(170, 256, size=int(hot.sum()), dtype=np.uint8)
-    origins = np.array([g.slice_origin(k) for k in range(n)])
+    origins = g.slice_origins()
     vol = SeriesVolume(np.zeros((n, size, size), np.float32), [], g.row_dir, g.col_dir, g.pixel_spacing, thick,
                        origins)
     return vol, result, plain, augmented, probs

@@ -19,7 +19,7 @@ def phantom(legs: str, region_top: float, row_dir=(1, 0, 0), col_dir=(0, 1, 0), 
     origin = -(n - 1) / 2 * ps * (rd + cd) + np.array([shift[0], 15, region_top])
     g = Geometry(n, n, 12, (ps, ps), tuple(origin), row_dir, col_dir, (0, 0, -10.0), 10.0)
     ph = render(anat, g)
-    origins = np.array([g.slice_origin(k) for k in range(g.n_slices)])
+    origins = g.slice_origins()
     xs = np.stack([g.world_coords(k)[0] for k in range(g.n_slices)])
     return anat, ph, origins, g, xs
 
