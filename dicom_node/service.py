@@ -16,7 +16,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.jobs import release_dead_local_leases
 
-from .config import Settings
+from .config import CannotListen, Settings
 from .deliver import commitment
 from .deliver.outbox import Outbox
 from .learn.registry import ensure_registered, serving_checkpoint
@@ -153,6 +153,8 @@ class Node:
         n = release_dead_local_leases(self.db, socket.gethostname())
         if n:
             log.warning("%d jobs were interrupted by the last shutdown and will be taken again", n)
+        if self.web:  # first: a dashboard port that cannot be opened stops the start before any image is taken
+            self.web.start()
         self.scp.start()
         if preload:
             _ = self.pipeline.predictor
@@ -161,8 +163,6 @@ class Node:
         self.scheduler.start()
         if self.settings.sender.enabled:
             self._sender.start()
-        if self.web:
-            self.web.start()
 
     def stop(self) -> bool:
         """Stop within STOP_BUDGET_S in every state; returns whether everything ended (False: a job, a delivery or
@@ -204,6 +204,10 @@ class Node:
         except _StoppedWhileStarting:
             log.warning("stopped while starting: what was begun is taken up again at the next start")
             _exit_now()
+        except CannotListen as exc:  # before the DICOM listener took anything: nothing to finish
+            log.error("cannot start: %s", exc)
+            print(f"configuration error: {exc}", file=sys.stderr, flush=True)
+            _exit_now(2)
         listener = self.scp.server
         assert listener is not None, "start() returned, so the listeners are open"
         ports = ", ".join(f"{host}:{port}{' (TLS)' if tls else ''}" for host, port, tls in listener.addresses())
@@ -223,13 +227,13 @@ class _StoppedWhileStarting(Exception):
     """SIGTERM or SIGINT arrived before the node had started."""
 
 
-def _exit_now() -> None:
+def _exit_now(code: int = 0) -> None:
     """End the process once the orderly stop is done: the interpreter's own exit would join every executor
     thread, a running job's and a stuck database call's included, however long they take."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _until_stopped(loop: Callable[[threading.Event], None], name: str) -> None:

@@ -74,6 +74,28 @@ def test_serve_refuses_bad_config_with_a_clear_message(tmp_path):
     assert "configuration error" in r.stderr and "scp.port" in r.stderr
 
 
+@pytest.mark.parametrize("held", ["scp.port", "web.port"])
+def test_serve_names_a_port_another_program_holds(tmp_path, held):
+    """A port in use is found only at start: the node says which key, exits 2 and has not announced a dashboard
+    or a listener it does not have (uvicorn alone would log the bind error and leave the node running without one)."""
+    import socket
+
+    from conftest import free_port
+
+    ports = {"scp.port": free_port(), "web.port": free_port()}
+    (tmp_path / "node.toml").write_text(
+        f'[node]\ndata_dir = "var"\n[scp]\nbind_address = "127.0.0.1"\nport = {ports["scp.port"]}\n'
+        f'[web]\nport = {ports["web.port"]}\n')
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", ports[held]))
+        other.listen()
+        r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(tmp_path / "node.toml"), "serve"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"configuration error: {held} = {ports[held]}: " in r.stderr, r.stderr
+    assert "dashboard on" not in r.stdout and "listening as" not in r.stdout, r.stdout
+
+
 def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     p = tmp_path / "node.toml"
     cases = {

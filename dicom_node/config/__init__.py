@@ -27,10 +27,10 @@ from .sections import (
     WorkerSettings,
 )
 from .settings import Settings
-from .validators import ConfigError
+from .validators import CannotListen, ConfigError
 
 __all__ = [
-    "DEFAULT_TERMS", "ENV_PREFIX", "QUALITY_POLICIES", "TLS_FILE_KEYS", "ConfigError", "Destination",
+    "DEFAULT_TERMS", "ENV_PREFIX", "QUALITY_POLICIES", "TLS_FILE_KEYS", "CannotListen", "ConfigError", "Destination",
     "InferenceSettings", "NodeSettings", "NotificationSettings", "OutputSettings", "QualitySettings",
     "RetentionSettings", "Rule", "ScpSettings", "ScpTlsSettings", "SenderSettings", "SeriesSettings", "Settings",
     "Source", "WebSettings", "WorkerSettings", "find_config", "load_settings",

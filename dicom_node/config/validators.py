@@ -7,6 +7,11 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the key."""
 
 
+class CannotListen(ConfigError):
+    """A configured port cannot be opened (another program holds it, or the address is not this machine's):
+    found only when the node starts, and, like any configuration error, told with the key that sets it."""
+
+
 def _ae_title(key: str, v: str) -> None:
     if not v or len(v) > 16 or "\\" in v or not v.isprintable():
         raise ConfigError(f"{key}: {v!r} is not a valid AE title (1-16 printable characters, no backslash)")

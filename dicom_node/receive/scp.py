@@ -57,7 +57,7 @@ from storage.recording import BackgroundRecorder
 from storage.series import end_quiet, extend_quiet, receiving_series
 from storage.states import DuplicatePolicy, Resend
 
-from ..config import Settings
+from ..config import CannotListen, Settings
 from ..notify import notify
 from ..tls import server_context
 from .acceptor import Acceptor
@@ -412,13 +412,22 @@ class StorageSCP:
             self.interrupted = receiving_series(self.db)
         self.writer.start()
         if not (cfg.tls.enabled and not cfg.tls.plain_listener):
-            self.server.start((cfg.bind_address, cfg.port))
+            self._listen("scp.port", (cfg.bind_address, cfg.port))
         if self.tls_context is not None:
-            self.server.start((cfg.tls.bind_address or cfg.bind_address, cfg.tls.port), tls=self.tls_context)
+            self._listen("scp.tls.port", (cfg.tls.bind_address or cfg.bind_address, cfg.tls.port), self.tls_context)
         for host, port, tls in self.server.addresses():
             log.info("listening as %s on %s:%s%s", cfg.ae_title, host, port,
                      " (DICOM TLS%s)" % (", client certificate required" if cfg.tls.require_client_certificate else "")
                      if tls else "")
+
+    def _listen(self, key: str, address: tuple[str, int], tls=None) -> None:
+        assert self.server is not None
+        try:
+            self.server.start(address, tls=tls)
+        except OSError as exc:
+            host, port = address
+            raise CannotListen(f"{key} = {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); another "
+                               "program (or another dicom-node) may hold it: stop that or choose another port") from exc
 
     def restart_quiet(self) -> None:
         """After an unclean stop, series that were arriving lost their senders' associations with the node:

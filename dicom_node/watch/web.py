@@ -11,6 +11,7 @@ server with inline SVG charts: nothing is fetched from the internet, which hospi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from storage.db import Database
 
-from ..config import Settings
+from ..config import CannotListen, Settings
 from . import api, metrics, models_web, pages
 from .web_context import TOKEN_COOKIE, WebContext, require_token
 from .web_security import WebGuard
@@ -70,11 +71,24 @@ class WebServer:
     def __init__(self, app: FastAPI, host: str, port: int):
         import uvicorn
 
+        self.host, self.port = host, port
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="web")
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Return once the dashboard answers, so that the node's "dashboard on" line is true when printed. uvicorn
+        reports a port it cannot bind only in its log and ends its thread: that becomes a CannotListen naming
+        the key."""
         self.thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise CannotListen(f"web.port = {self.port}: the dashboard cannot listen on {self.host}:{self.port} "
+                                   "(in use, or not an address of this machine: see the line above); stop the "
+                                   "program that holds it, choose another port, or set web.enabled = false")
+            if time.monotonic() > end:
+                raise CannotListen(f"web.port = {self.port}: the dashboard did not listen within {timeout:.0f} s")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True
