@@ -16,7 +16,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.jobs import release_dead_local_leases
 
-from .config import CannotListen, Settings
+from .config import CannotListen, ConfigError, Settings
 from .deliver import commitment
 from .deliver.outbox import Outbox
 from .learn.registry import ensure_registered, serving_checkpoint
@@ -85,9 +85,27 @@ def quiet_pydicom_values() -> None:
 
 
 def open_storage(settings: Settings) -> tuple[Database, FileStore]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """The data folder and the database, each failure told as a configuration error naming its key (every
+    command starts here: an admin's ``dicom-node jobs`` as much as ``serve``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    folder = settings.data_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"node.data_dir = {folder}: cannot create the data folder ({exc.strerror or exc})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"node.data_dir = {folder}: this user ({os.getuid()}) cannot write in the data folder")
     db = Database(settings.database_url)
-    db.create_schema(settings.data_dir)
+    try:
+        db.create_schema(settings.data_dir)
+    except DBAPIError as exc:  # the driver's own words, first line only; the password never printed
+        db.dispose()
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise ConfigError(f"node.database_url = {shown}: the database cannot be opened ({reason}); check that it "
+                          "runs, is reachable from here and the URL's user may connect") from exc
     return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
 
 

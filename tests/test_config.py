@@ -96,6 +96,23 @@ def test_serve_names_a_port_another_program_holds(tmp_path, held):
     assert "dashboard on" not in r.stdout and "listening as" not in r.stdout, r.stdout
 
 
+def test_serve_names_a_data_folder_or_database_it_cannot_open(tmp_path):
+    """What storage refuses at start is told with its key, the database's password not shown."""
+    from conftest import free_port
+
+    (tmp_path / "a-file").write_text("")
+    cases = {"node.data_dir = ": f'data_dir = "{tmp_path / "a-file" / "var"}"',
+             "node.database_url = postgresql+psycopg://postgres:***@": 'data_dir = "var"\ndatabase_url = '
+             f'"postgresql+psycopg://postgres:s3cret@127.0.0.1:{free_port()}/test"'}
+    for expected, node in cases.items():
+        (tmp_path / "node.toml").write_text(f"[node]\n{node}\n")
+        r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(tmp_path / "node.toml"), "serve"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.startswith(f"configuration error: {expected}"), r.stderr
+        assert "Traceback" not in r.stderr and "s3cret" not in r.stdout + r.stderr
+
+
 def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     p = tmp_path / "node.toml"
     cases = {
