@@ -197,3 +197,21 @@ def test_backup_of_a_postgresql_node_is_a_dump_and_the_folder(tmp_path):
                             text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert "Format: CUSTOM" in listed.stdout
+
+
+def test_a_backup_that_cannot_be_written_says_why_and_where(tmp_path):
+    """A target that is a file, or a folder that cannot be made: an answer the admin can act on, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    (tmp_path / "a-file").write_text("")
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\ndata_dir = "var"\n')
+    for dest, says in ((tmp_path / "a-file", "is a file: give a new folder"),
+                       (tmp_path / "a-file" / "backup", f"({tmp_path / 'a-file' / 'backup'}); whatever was copied")):
+        r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), "backup", str(dest)],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("backup failed: ") and says in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -41,6 +41,8 @@ class BackupReport:
 def backup(settings: Settings, dest: Path) -> BackupReport:
     """Copy the node's database and data folder into ``dest`` (a new or empty folder)."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise BackupError(f"{dest} is a file: give a new folder")
     if dest.exists() and any(dest.iterdir()):
         raise BackupError(f"{dest} is not empty: give a new folder")
     if dest.resolve().is_relative_to(settings.data_dir.resolve()):

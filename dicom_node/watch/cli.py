@@ -219,6 +219,11 @@ def cmd_backup(args) -> int:
     except BackupError as exc:
         print(f"backup failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the folder cannot be made, the disk filled up, a file cannot be read
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"backup failed: {exc.strerror or exc}{where}; whatever was copied to {args.dest} is incomplete: "
+              "remove it and run the backup again", file=sys.stderr)
+        return 1
     print(f"{report.database}; {report.files} files ({report.bytes / 1e6:.1f} MB) copied to {args.dest}")
     return 0
 
