@@ -199,7 +199,7 @@ def test_backup_of_a_postgresql_node_is_a_dump_and_the_folder(tmp_path):
     assert "Format: CUSTOM" in listed.stdout
 
 
-def test_a_backup_that_cannot_be_written_says_why_and_where(tmp_path):
+def test_a_folder_a_command_cannot_write_is_named_with_the_reason(tmp_path):
     """A target that is a file, or a folder that cannot be made: an answer the admin can act on, no traceback."""
     import subprocess
     import sys
@@ -215,3 +215,8 @@ def test_a_backup_that_cannot_be_written_says_why_and_where(tmp_path):
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("backup failed: ") and says in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+    # any command's folder that cannot be made: the reason and the path
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "-c", str(cfg), "phantoms", "--cases", "1", "--out",
+                        str(tmp_path / "a-file" / "phantoms")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr == f"error: Not a directory ({tmp_path / 'a-file' / 'phantoms'})\n", r.stderr

@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"dataset error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be made or read (phantoms --out, send, evaluate --out, ...)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
