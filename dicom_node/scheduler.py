@@ -33,6 +33,7 @@ from storage.jobs import expired_leases, release_dead_local_leases
 from .config import Settings
 from .decide.completion import Completion
 from .pipeline import Pipeline
+from .repeats import Repeats
 
 log = logging.getLogger("dicom_node.scheduler")
 
@@ -49,6 +50,9 @@ class NodeScheduler:
         #: run after each completion scan: the corrections intake settles corrections that arrived before their
         #: series' result (injected by the service: a stage may not import a later one)
         self.after_scan: Callable[[], object] | None = None
+        self._repeats = {task: Repeats(log, task) for task in (
+            "learning round: counting new corrections", "watchdog", "retention purge", "completion scan",
+            "settling waiting corrections", "dispatch")}
 
     def start(self) -> None:
         s = self.settings
@@ -77,9 +81,10 @@ class NodeScheduler:
 
             version = serving_checkpoint(self.settings, self.db)[0]
             n = len(new_since(self.db, version))
-        except Exception:
-            log.exception("learning round: could not count new corrections")
+        except Exception as exc:
+            self._repeats["learning round: counting new corrections"].failed(exc)
             return
+        self._repeats["learning round: counting new corrections"].ok()
         need = self.settings.learning.min_new_corrections
         if n < need:
             log.info("learning round not started: %d new corrections since model %s (waits for %d)", n, version,
@@ -96,8 +101,10 @@ class NodeScheduler:
             release_dead_local_leases(self.db, socket.gethostname())
             for job_id, owner in expired_leases(self.db):
                 log.warning("job %s: lease of %s expired; waiting for a worker to take it over", job_id, owner)
-        except Exception:
-            log.exception("watchdog failed")
+        except Exception as exc:
+            self._repeats["watchdog"].failed(exc)
+        else:
+            self._repeats["watchdog"].ok()
 
     def _purge(self) -> None:
         try:
@@ -105,19 +112,25 @@ class NodeScheduler:
                                        self.settings.data_dir)
             if n:
                 log.info("retention: removed %d stored images of delivered series", n)
-        except Exception:
-            log.exception("retention purge failed")
+        except Exception as exc:
+            self._repeats["retention purge"].failed(exc)
+        else:
+            self._repeats["retention purge"].ok()
 
     def _scan(self) -> None:
         try:
             self.completion.scan()
-        except Exception:
-            log.exception("completion scan failed")
+        except Exception as exc:
+            self._repeats["completion scan"].failed(exc)
+        else:
+            self._repeats["completion scan"].ok()
         if self.after_scan is not None:
             try:
                 self.after_scan()
-            except Exception:
-                log.exception("settling waiting corrections failed")
+            except Exception as exc:
+                self._repeats["settling waiting corrections"].failed(exc)
+            else:
+                self._repeats["settling waiting corrections"].ok()
 
     def wake_dispatch(self) -> None:
         """A job was queued: run the dispatch now rather than at its next tick. If it is running, the flag
@@ -137,8 +150,10 @@ class NodeScheduler:
                 self.pipeline.drain()
                 if not self._woken.is_set():
                     break
-        except Exception:
-            log.exception("dispatch failed")
+        except Exception as exc:
+            self._repeats["dispatch"].failed(exc)
+        else:
+            self._repeats["dispatch"].ok()
 
     def stop(self, timeout: float = 10) -> None:
         """Stop the completion checks and the timers without waiting for a running dispatch: a job in progress is

@@ -45,6 +45,7 @@ from storage.timeline import event
 
 from ..config import Settings, Source
 from ..errors import admin_message
+from ..repeats import Repeats
 from . import query
 from .rules import Decision, decide
 
@@ -138,6 +139,7 @@ class Completion:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
+        checks = Repeats(log, "completion check")
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._stop)
@@ -148,8 +150,11 @@ class Completion:
             for sid, quiet in batch.items():
                 try:
                     self.check(sid, quiet)
-                except Exception:
-                    log.exception("completion check of series %s failed", sid)
+                except Exception as exc:  # the scan notices the series again at its next round
+                    log.debug("completion check of series %s failed", sid)
+                    checks.failed(exc)
+                else:
+                    checks.ok()
             rest = MIN_ROUND_S - (time.monotonic() - t0)
             if rest > 0:
                 time.sleep(rest)

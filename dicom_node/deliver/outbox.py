@@ -27,6 +27,7 @@ from storage.states import JobState
 
 from ..config import Destination, Settings
 from ..notify import notify
+from ..repeats import Repeats
 from . import commitment
 from .dispatch import transport_for
 from .probe import Prober, check
@@ -52,12 +53,15 @@ class Outbox:
         self._wake.set()
 
     def run_forever(self, stop: threading.Event) -> None:
+        repeats = Repeats(log, "sender round")
         try:
             while not stop.is_set():
                 try:
                     self.run_once()
-                except Exception:  # the sender must outlive any one error (a database hiccup, a bad file)
-                    log.exception("sender round failed")
+                except Exception as exc:  # the sender must outlive any one error (a database hiccup, a bad file)
+                    repeats.failed(exc)
+                else:
+                    repeats.ok()
                 wait = self.settings.sender.poll_seconds
                 if self._next_probe_in is not None:
                     wait = min(wait, self._next_probe_in + 0.05)

@@ -62,6 +62,7 @@ from storage.states import CorrectionState
 
 from ..decide.completion import READING
 from ..errors import admin_message
+from ..repeats import Repeats
 from .scoring import score
 from .segread import SegRead, SourceGrid, Unusable, read_seg, source_grid
 
@@ -368,14 +369,20 @@ class IntakeThread:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        settling = Repeats(log, "corrections intake: settling waiting corrections")
+        reading = Repeats(log, "corrections intake: reading a segmentation series")
         while (series_id := self._queue.get()) is not None and not self._stopping.is_set():
             with self._lock:
                 self._queued.discard(series_id)
+            repeats = settling if series_id == self._SETTLE else reading
             try:
                 if series_id == self._SETTLE:
                     self.intake.retake_waiting()
                 else:
                     self.intake.read_series(series_id)
-            except Exception:  # the database gone for a moment: the next scan or start takes it up again
-                log.exception("corrections intake: %s failed", "settling waiting corrections"
-                              if series_id == self._SETTLE else f"series {series_id}")
+            except Exception as exc:  # the database gone for a moment: the next scan or start takes it up again
+                if series_id != self._SETTLE:
+                    log.info("corrections intake: series %s not read now; taken up again later", series_id)
+                repeats.failed(exc)
+            else:
+                repeats.ok()
