@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -45,6 +46,12 @@ class BackgroundRecorder:
     #: Rows allowed to wait before the listener answers Out of Resources (a database that hangs rather
     #: than fails would otherwise let them pile up in memory).
     MAX_BACKLOG = 20000
+    #: While the database refuses rows, the writer retries at growing intervals up to this many seconds ...
+    MAX_BACKOFF_S = 10.0
+    #: ... and an instance arriving meanwhile asks for a retry now (at most once per this many seconds) and waits
+    #: for it, so that the first C-STORE after the database is back is taken, not refused for one more backoff
+    #: (it was refused for up to 30 s after PostgreSQL returned).
+    RETRY_ON_ARRIVAL_S = 1.0
 
     def __init__(self, recorder: Recorder, on_recorded: Callable[[int, int], None] | None = None,
                  on_rejected: Callable[[Received, str], None] | None = None):
@@ -58,6 +65,10 @@ class BackgroundRecorder:
         self._urgent = False
         self._stop = False
         self.failing: str | None = None  # the last error while the database refuses our batches
+        self._attempts = 0  # batches tried so far (committed or refused)
+        self._last_try = 0.0  # monotonic time of the last try
+        self._retry_now = False
+        self._trying = False  # a batch is with the database now (it may hang: arrivals do not wait on it)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -83,12 +94,23 @@ class BackgroundRecorder:
     def refusal(self) -> str | None:
         """Why new instances should be refused now (None: accept them)."""
         if self.failing is not None:
+            self._retry_for_arrival()
+        if self.failing is not None:
             return f"the database does not accept received instances ({self.failing})"
         if self._thread is None or not self._thread.is_alive():
             return "the recorder thread is not running"
         if len(self._items) > self.MAX_BACKLOG:
             return f"{len(self._items)} received instances wait for the database"
         return None
+
+    def _retry_for_arrival(self) -> None:
+        with self._cond:
+            if self._trying or time.monotonic() - self._last_try < self.RETRY_ON_ARRIVAL_S:
+                return
+            tried = self._attempts
+            self._retry_now = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._attempts > tried or self._stop, 2 * self.RETRY_ON_ARRIVAL_S)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is committed; False if that took longer than ``timeout``."""
@@ -136,21 +158,26 @@ class BackgroundRecorder:
                     self._cond.wait_for(lambda: self._urgent or self._stop, self.LINGER_S)
                 self._urgent = False
                 batch = [self._items[i] for i in range(min(len(self._items), self.BATCH_MAX))]
+                self._last_try, self._retry_now, self._trying = time.monotonic(), False, True
             try:
                 fresh = commit_rows(self.recorder, batch, self.on_rejected)
             except Exception as exc:  # the database refuses: keep the batch and try again; lose no row
                 if self.failing is None:
                     log.error("cannot record %d received instances in the database (retrying): %s",
                               len(batch), str(exc)[:300])
-                self.failing = str(exc)[:300]
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stop, backoff)
-                backoff = min(backoff * 2, 30.0)
+                    self.failing, self._trying = str(exc)[:300], False
+                    self._attempts += 1
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._stop or self._retry_now, backoff)
+                backoff = min(backoff * 2, self.MAX_BACKOFF_S)
                 continue
             if self.failing is not None:
                 log.warning("database accepts received instances again")
-            self.failing, backoff = None, 0.5
+            backoff = 0.5
             with self._cond:
+                self.failing, self._trying = None, False
+                self._attempts += 1
                 for _ in batch:
                     self._items.popleft()
                 self._committed += len(batch)
