@@ -69,7 +69,7 @@ HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_durability.py", "tests/te
                "tests/test_bench_smoke.py", "tests/test_end_to_end.py", "tests/test_bounded_waits.py",
                "tests/test_learning_round.py", "tests/test_corrections_waiting.py", "tests/test_viewer.py",
                "tests/test_training.py", "tests/test_probe.py", "tests/test_preprocessing.py",
-               "tests/test_data_folder.py")
+               "tests/test_data_folder.py", "tests/test_database_outage.py")
 
 
 def pytest_collection_modifyitems(config, items):
