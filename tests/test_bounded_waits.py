@@ -114,9 +114,9 @@ def test_sigterm_stops_within_10_s_with_a_job_running_and_the_pacs_hanging(tmp_p
         a = series_uid(first[0])
         wait_for(lambda: job_states(node).get(a) == JobState.DELIVERING, 120, 0.2, "the first result in the outbox")
         time.sleep(1.0)  # the sender is now waiting on the hanging PACS
-        # long enough (two passes over 96 slices) to outlast the stop budget even with one torch thread per
-        # process, so the stop has a job to leave behind
-        _, second = write_series(tmp_path / "b", seed=73, n_slices=96, size=128)
+        # long enough to outlast the stop budget, so the stop has a job to leave behind: 96 slices (one pass,
+        # one torch thread) took 5 s on an idle machine and ended inside the stop; 240 take about 12 s
+        _, second = write_series(tmp_path / "b", seed=73, n_slices=240, size=128)
         assert storescu(node.port, *second, aet="GOODSCU").returncode == 0
         b = series_uid(second[0])
         wait_for(lambda: job_states(node).get(b) == JobState.RUNNING, 60, 0.1, "the second job to run")
