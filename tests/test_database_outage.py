@@ -161,6 +161,7 @@ def test_postgresql_gone_and_back_under_a_running_node(tmp_path):
     assert r.returncode != 0, "C-STOREs while the database was gone should have been refused"
     assert "Traceback" not in log, log[-3000:]
     assert log.count("completion scan failed: ") == 1 and log.count("dispatch failed: ") <= 1, log[-3000:]
+    assert 1 <= log.count("refusing C-STOREs with Out of Resources") <= 2, log[-3000:]  # once per 10 s
     errors = [ln for ln in log.splitlines() if " ERROR " in ln]
     assert len(errors) <= 20, "\n".join(errors)
 

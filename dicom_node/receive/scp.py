@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from enum import StrEnum, auto
 from pathlib import Path
@@ -69,6 +70,8 @@ from .resend import StoredIndex, same_data_set, stored_copy
 from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
+#: while instances are refused for the database's sake, one log line per this many seconds, not one per image
+REFUSAL_TOLD_EVERY_S = 10.0
 
 #: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
 #: pylibjpeg-openjpeg, pylibjpeg-rle) can decode for inference.
@@ -190,6 +193,7 @@ class StorageSCP:
         self._assoc_series: dict[Peer, set[str]] = {}
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
+        self._refusal_told = -REFUSAL_TOLD_EVERY_S  # when the last "refusing C-STOREs" line was logged
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
         self._released: set[Peer] = set()  # released with every row recorded: on_closed ends their quiet wait
 
@@ -308,8 +312,12 @@ class StorageSCP:
         self._disk_floor_told = False
         refusal = self.writer.refusal()
         if refusal is not None:
-            log.error("refusing C-STORE: %s", refusal)
-            self._count(StoreCount.REFUSED)
+            self._count(StoreCount.REFUSED)  # each one counted (metrics), told once per interval (a PACS sends on)
+            now = time.monotonic()
+            if now - self._refusal_told >= REFUSAL_TOLD_EVERY_S:
+                self._refusal_told = now
+                log.error("refusing C-STOREs with Out of Resources (the sender keeps them and sends again): %s",
+                          refusal)
             return OUT_OF_RESOURCES
         data = req.as_file()
         refused = command_problem(req)
