@@ -70,7 +70,7 @@ from .resend import StoredIndex, same_data_set, stored_copy
 from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
-#: while instances are refused for the database's sake, one log line per this many seconds, not one per image
+#: while instances are refused (disk floor, database), one log line per this many seconds, not one per image
 REFUSAL_TOLD_EVERY_S = 10.0
 
 #: Uncompressed syntaxes, then the compressed ones our installed decoders (pylibjpeg, pylibjpeg-libjpeg,
@@ -298,10 +298,17 @@ class StorageSCP:
             self._count(StoreCount.REFUSED)
             return PROCESSING_FAILURE
 
+    def _tell_refusal(self, why: str) -> None:
+        """Each refused instance is counted (metrics); the reason is logged once per interval, not once per image
+        of a PACS that sends on."""
+        now = time.monotonic()
+        if now - self._refusal_told >= REFUSAL_TOLD_EVERY_S:
+            self._refusal_told = now
+            log.error("refusing C-STOREs with Out of Resources (the sender keeps them and sends again): %s", why)
+
     def _store(self, req: StoreRequest) -> int:
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
-            log.error("refusing C-STORE: free disk below scp.min_free_disk_mb (%s MB)",
-                      self.settings.scp.min_free_disk_mb)
+            self._tell_refusal(f"free disk below scp.min_free_disk_mb ({self.settings.scp.min_free_disk_mb} MB)")
             self._count(StoreCount.REFUSED)
             if not self._disk_floor_told:  # once per episode, not once per refused image
                 self._disk_floor_told = True
@@ -312,12 +319,8 @@ class StorageSCP:
         self._disk_floor_told = False
         refusal = self.writer.refusal()
         if refusal is not None:
-            self._count(StoreCount.REFUSED)  # each one counted (metrics), told once per interval (a PACS sends on)
-            now = time.monotonic()
-            if now - self._refusal_told >= REFUSAL_TOLD_EVERY_S:
-                self._refusal_told = now
-                log.error("refusing C-STOREs with Out of Resources (the sender keeps them and sends again): %s",
-                          refusal)
+            self._count(StoreCount.REFUSED)
+            self._tell_refusal(refusal)
             return OUT_OF_RESOURCES
         data = req.as_file()
         refused = command_problem(req)
@@ -351,7 +354,7 @@ class StorageSCP:
         try:
             self.store.write_atomic(path, data)
         except OSError as exc:
-            log.error("cannot write received instance: %s", exc)
+            self._tell_refusal(f"cannot write a received instance into the data folder ({exc.strerror or exc})")
             self._count(StoreCount.REFUSED)
             return OUT_OF_RESOURCES
         # On disk now, so the peer may forget it.
