@@ -44,6 +44,9 @@ def admin_message(exc: BaseException, stage: str, job_id: int | None = None) -> 
     net = network_reason(exc)
     if net:
         return f"{net} while {stage}; the job is retried"
+    if _is_database_error(exc) and "disk is full" in str(exc):  # SQLite's SQLITE_FULL, PostgreSQL's disk full
+        return f"the database's disk is full while {stage}: free space where node.database_url keeps its data " \
+               "(for SQLite, the node's data folder); the job is retried"
     if _is_database_error(exc):
         return f"the database could not be reached while {stage}: check node.database_url and the server; " \
                "the job is retried"

@@ -22,6 +22,7 @@ from .deliver.outbox import Outbox
 from .learn.registry import ensure_registered, serving_checkpoint
 from .pipeline import Pipeline, worker_id
 from .receive.scp import StorageSCP, quiet_pynetdicom
+from .repeats import Repeats
 from .scheduler import NodeScheduler
 from .tls import client_context
 
@@ -264,6 +265,9 @@ def _until_stopped(loop: Callable[[threading.Event], None], name: str) -> None:
     thread.start()
     while thread.is_alive() and not stop.wait(1.0):
         pass
+    if not stop.is_set():  # the loop ended by itself: exit non-zero, so that a supervisor (systemd) restarts it
+        log.error("the %s's loop ended unexpectedly; exiting so that it is restarted", name)
+        _exit_now(1)
     thread.join(STOP_BUDGET_S)
     if thread.is_alive():
         log.warning("the %s's round did not end within %.0f s: what it was doing is taken up again by the next "
@@ -285,8 +289,16 @@ def run_worker(settings: Settings) -> None:
     print(f"dicom-node worker {pipeline.owner} polling {db.url.split('@')[-1]}", flush=True)
 
     def work(stop: threading.Event) -> None:
+        repeats = Repeats(log, "worker round")
         while not stop.is_set():
-            if not pipeline.run_next():
+            try:
+                ran = pipeline.run_next()
+            except Exception as exc:  # the database gone or full while claiming or recording: try again
+                repeats.failed(exc)
+                ran = False
+            else:
+                repeats.ok()
+            if not ran:
                 stop.wait(settings.worker.poll_seconds)
 
     _until_stopped(work, "worker")

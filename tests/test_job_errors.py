@@ -40,11 +40,22 @@ def test_known_failures_are_put_in_words():
         ConnectionRefusedError(111, "refused"): "connection refused",
         TimeoutError(): "no answer from the peer in time",
         Explained("delivery failed: pacs: status 0xA700"): "delivery failed: pacs: status 0xA700",
+        _sqlalchemy_error("database or disk is full"): "the database's disk is full while loading the images",
+        _sqlalchemy_error("connection refused"): "the database could not be reached while loading the images",
     }
     for exc, words in cases.items():
         msg = admin_message(exc, "loading the images", 7)
         assert words in msg, (exc, msg)
         assert not re.search(EXCEPTION_NAME, msg), msg
+
+
+def _sqlalchemy_error(text: str) -> Exception:
+    """What SQLAlchemy raises for SQLite's SQLITE_FULL (a full disk) or a refused connection."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("COMMIT", {}, sqlite3.OperationalError(text))
 
 
 def test_an_unknown_failure_names_the_stage_and_the_job_not_the_exception():
@@ -80,3 +91,16 @@ def test_a_job_whose_images_vanished_says_so_and_logs_the_exception(tmp_path, ca
     assert not re.search(EXCEPTION_NAME, reason) and not re.search(EXCEPTION_NAME, detail), (reason, detail)
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("FileNotFoundError" in m and "Traceback" in m for m in debug)  # for whoever debugs it
+
+
+def test_a_worker_or_sender_loop_that_ends_by_itself_exits_non_zero():
+    """``dicom-node worker`` and ``sender`` run their loop in a thread: if it ever ends without a stop signal the
+    process exits 1 (systemd's Restart=on-failure brings it back) instead of 0 with nothing running."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(); from dicom_node.service import _until_stopped\n"
+            "def loop(stop):\n    raise RuntimeError('boom')\n_until_stopped(loop, 'worker')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the worker's loop ended unexpectedly" in r.stderr
