@@ -223,7 +223,7 @@ class Node:
         except _StoppedWhileStarting:
             log.warning("stopped while starting: what was begun is taken up again at the next start")
             _exit_now()
-        except CannotListen as exc:  # before the DICOM listener took anything: nothing to finish
+        except CannotListen as exc:  # nothing to finish: an image taken by a listener opened just before is on disk
             log.error("cannot start: %s", exc)
             print(f"configuration error: {exc}", file=sys.stderr, flush=True)
             _exit_now(2)
