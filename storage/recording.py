@@ -58,6 +58,10 @@ class BackgroundRecorder:
         self.recorder = recorder
         self.on_recorded = on_recorded  # (new, duplicates) after each committed batch
         self.on_rejected = on_rejected  # (item, reason) for a row the database refused for its content
+        #: each batch committed after the database refused rows, until the backlog is drained: the listener keeps
+        #: those series from being judged before their senders resend what was refused meanwhile
+        self.on_recovered: Callable[[list[Received]], None] | None = None
+        self._after_outage = False
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
         self._submitted = 0  # sequence number of the last submitted instance
@@ -166,7 +170,7 @@ class BackgroundRecorder:
                     log.error("cannot record %d received instances in the database (retrying): %s",
                               len(batch), str(exc)[:300])
                 with self._cond:
-                    self.failing, self._trying = str(exc)[:300], False
+                    self.failing, self._trying, self._after_outage = str(exc)[:300], False, True
                     self._attempts += 1
                     self._cond.notify_all()
                     self._cond.wait_for(lambda: self._stop or self._retry_now, backoff)
@@ -174,6 +178,12 @@ class BackgroundRecorder:
                 continue
             if self.failing is not None:
                 log.warning("database accepts received instances again")
+            if self._after_outage and self.on_recovered is not None:  # at once: the completion scan sees the rows
+                try:
+                    self.on_recovered(batch)
+                except Exception as exc:  # the series are judged on stable_seconds alone then
+                    log.error("after the database came back: %s: %s", type(exc).__name__,
+                              (str(exc).splitlines() or [""])[0][:300])
             backoff = 0.5
             with self._cond:
                 self.failing, self._trying = None, False
@@ -182,6 +192,7 @@ class BackgroundRecorder:
                     self._items.popleft()
                 self._committed += len(batch)
                 self._cond.notify_all()
+                self._after_outage = self._after_outage and bool(self._items)
             if self.on_recorded is not None:
                 try:
                     self.on_recorded(sum(1 for f in fresh if f is True), sum(1 for f in fresh if f is False))

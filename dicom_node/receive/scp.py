@@ -60,6 +60,7 @@ from storage.states import DuplicatePolicy, Resend
 
 from ..config import CannotListen, Settings
 from ..notify import notify
+from ..repeats import first_line
 from ..tls import server_context
 from .acceptor import Acceptor
 from .connections import address_allowed, destination_hosts, peer_addresses
@@ -176,6 +177,7 @@ class StorageSCP:
         #: where the instances stored lately lie, to recognise a re-send into another series (receive/resend.py)
         self.stored = StoredIndex()
         self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
+        self.writer.on_recovered = self._after_outage
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
@@ -249,8 +251,8 @@ class StorageSCP:
             self._waiting.difference_update(resent)
             try:
                 end_quiet(self.db, sorted(resent), f"association from {peer.calling_ae} released")
-            except Exception:
-                log.exception("could not end the extended quiet period")
+            except Exception as exc:  # the timer alone decides
+                log.error("could not end the extended quiet period: %s", first_line(exc))
 
     def on_aborted(self, peer: Peer, how: str) -> None:
         """An association ended without A-RELEASE (A-ABORT, a dropped connection, a timeout) after it
@@ -269,8 +271,24 @@ class StorageSCP:
             if ids:
                 log.warning("association from %s %s mid-series: %d series wait %g s more for a resend",
                             peer.calling_ae, how, len(ids), grace)
-        except Exception:  # the database is down or the node is stopping: the timer alone decides
-            log.exception("could not extend the quiet period after an aborted association")
+        except Exception as exc:  # the database is down or the node is stopping: the timer alone decides
+            log.error("could not extend the quiet period after an aborted association: %s", first_line(exc))
+
+    def _after_outage(self, batch: list[Received]) -> None:
+        """Instances acknowledged before the database refused rows are recorded only now, with the times they
+        arrived: their series would look long quiet and be judged at once, without the images refused meanwhile
+        (Out of Resources), which their senders are likely to send again. They wait as after an aborted
+        association."""
+        ser = self.settings.series
+        wait = max(ser.stable_seconds, ser.abort_grace_seconds)
+        uids = sorted({item.meta.series_uid for item in batch})
+        ids = extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
+                           f"received while the database refused rows; not judged quiet for {wait:g} s, for the "
+                           "senders to resend what was refused", uids)
+        self._waiting.update(ids.values())
+        if ids:
+            log.warning("database back: %d series that were arriving wait %g s for their senders to resend",
+                        len(ids), wait)
 
     def on_event_report(self, report: EventReport) -> int:
         """An N-EVENT-REPORT (an archive's Storage Commitment answer): answered by its class's handler."""
