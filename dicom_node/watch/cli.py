@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from inference.dataset import DatasetError
 from inference.model_card import ModelCardError
 from storage.states import JobState, OutboxState, ReviewDecision, Verdict
@@ -365,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"dataset error: {exc}", file=sys.stderr)
         return 2
+    except DBAPIError as exc:  # the database failed under a command (gone, or its disk full): its first line
+        reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"database error: {reason} (node.database_url; for SQLite, the data folder's disk)", file=sys.stderr)
+        return 1
     except OSError as exc:  # a folder that cannot be made or read (phantoms --out, send, evaluate --out, ...)
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
