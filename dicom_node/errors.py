@@ -76,6 +76,13 @@ def network_reason(exc: BaseException, peer: str = "") -> str:
     return ""
 
 
+def database_reason(exc: BaseException) -> str:
+    """The driver's own words for a database error, first line only: later lines quote the statement and its
+    parameters, which can be patient data."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+
+
 def _is_database_error(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
     return module.startswith("sqlalchemy") and type(exc).__name__ in ("OperationalError", "InterfaceError",

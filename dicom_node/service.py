@@ -19,6 +19,7 @@ from storage.jobs import release_dead_local_leases
 from .config import CannotListen, ConfigError, Settings
 from .deliver import commitment
 from .deliver.outbox import Outbox
+from .errors import database_reason
 from .learn.registry import ensure_registered, serving_checkpoint
 from .pipeline import Pipeline, worker_id
 from .receive.scp import StorageSCP, quiet_pynetdicom
@@ -104,9 +105,8 @@ def open_storage(settings: Settings) -> tuple[Database, FileStore]:
     except DBAPIError as exc:  # the driver's own words, first line only; the password never printed
         db.dispose()
         shown = make_url(settings.database_url).render_as_string(hide_password=True)
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        raise ConfigError(f"node.database_url = {shown}: the database cannot be opened ({reason}); check that it "
-                          "runs, is reachable from here and the URL's user may connect") from exc
+        raise ConfigError(f"node.database_url = {shown}: the database cannot be opened ({database_reason(exc)}); "
+                          "check that it runs, is reachable from here and the URL's user may connect") from exc
     return db, FileStore(settings.data_dir, fsync=settings.scp.fsync)
 
 

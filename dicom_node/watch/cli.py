@@ -14,6 +14,7 @@ from inference.model_card import ModelCardError
 from storage.states import JobState, OutboxState, ReviewDecision, Verdict
 
 from ..config import ConfigError, load_settings
+from ..errors import database_reason
 from . import cli_corrections, cli_learn, cli_model, cli_models
 from .cli_base import cli_actor, cli_address
 
@@ -368,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset error: {exc}", file=sys.stderr)
         return 2
     except DBAPIError as exc:  # the database failed under a command (gone, or its disk full): its first line
-        reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"database error: {reason} (node.database_url; for SQLite, the data folder's disk)", file=sys.stderr)
+        print(f"database error: {database_reason(exc)} (node.database_url; for SQLite, the data folder's disk)",
+              file=sys.stderr)
         return 1
     except OSError as exc:  # a folder that cannot be made or read (phantoms --out, send, evaluate --out, ...)
         where = f" ({exc.filename})" if exc.filename else ""
