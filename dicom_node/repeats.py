@@ -25,7 +25,8 @@ def first_line(exc: BaseException) -> str:
 
 
 class Repeats:
-    """The failure log of one periodic task (used from that task's thread only)."""
+    """The failure log of one periodic task (used from that task's thread only). As a context manager it is the
+    task's guard: an Exception in the block is told (and swallowed, so the loop goes on), a clean exit is ``ok``."""
 
     def __init__(self, logger: logging.Logger, what: str, remind_s: float = REMIND_S, settle_s: float = SETTLE_S):
         self.log, self.what, self.remind_s, self.settle_s = logger, what, remind_s, settle_s
@@ -54,3 +55,15 @@ class Repeats:
             self.log.warning("%s works again (%d failures in %.0f s)", self.what, self.failures,
                              time.monotonic() - self._since)
             self.failures = 0
+
+    def __enter__(self) -> Repeats:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            self.ok()
+            return False
+        if isinstance(exc, Exception):  # not SystemExit or KeyboardInterrupt
+            self.failed(exc)
+            return True
+        return False

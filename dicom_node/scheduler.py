@@ -97,40 +97,24 @@ class NodeScheduler:
     def _watchdog(self) -> None:
         """Jobs of workers on this host that died are released at once; expired leases elsewhere are reported
         (any worker's next claim takes them)."""
-        try:
+        with self._repeats["watchdog"]:
             release_dead_local_leases(self.db, socket.gethostname())
             for job_id, owner in expired_leases(self.db):
                 log.warning("job %s: lease of %s expired; waiting for a worker to take it over", job_id, owner)
-        except Exception as exc:
-            self._repeats["watchdog"].failed(exc)
-        else:
-            self._repeats["watchdog"].ok()
 
     def _purge(self) -> None:
-        try:
+        with self._repeats["retention purge"]:
             n = purge_delivered_images(self.db, self.settings.retention.purge_images_after_hours,
                                        self.settings.data_dir)
             if n:
                 log.info("retention: removed %d stored images of delivered series", n)
-        except Exception as exc:
-            self._repeats["retention purge"].failed(exc)
-        else:
-            self._repeats["retention purge"].ok()
 
     def _scan(self) -> None:
-        try:
+        with self._repeats["completion scan"]:
             self.completion.scan()
-        except Exception as exc:
-            self._repeats["completion scan"].failed(exc)
-        else:
-            self._repeats["completion scan"].ok()
         if self.after_scan is not None:
-            try:
+            with self._repeats["settling waiting corrections"]:
                 self.after_scan()
-            except Exception as exc:
-                self._repeats["settling waiting corrections"].failed(exc)
-            else:
-                self._repeats["settling waiting corrections"].ok()
 
     def wake_dispatch(self) -> None:
         """A job was queued: run the dispatch now rather than at its next tick. If it is running, the flag
@@ -144,16 +128,12 @@ class NodeScheduler:
                 log.debug("dispatch not woken", exc_info=True)
 
     def _dispatch(self) -> None:
-        try:
+        with self._repeats["dispatch"]:
             while True:
                 self._woken.clear()
                 self.pipeline.drain()
                 if not self._woken.is_set():
                     break
-        except Exception as exc:
-            self._repeats["dispatch"].failed(exc)
-        else:
-            self._repeats["dispatch"].ok()
 
     def stop(self, timeout: float = 10) -> None:
         """Stop the completion checks and the timers without waiting for a running dispatch: a job in progress is

@@ -291,13 +291,9 @@ def run_worker(settings: Settings) -> None:
     def work(stop: threading.Event) -> None:
         repeats = Repeats(log, "worker round")
         while not stop.is_set():
-            try:
+            ran = False
+            with repeats:  # the database gone or full while claiming or recording: try again
                 ran = pipeline.run_next()
-            except Exception as exc:  # the database gone or full while claiming or recording: try again
-                repeats.failed(exc)
-                ran = False
-            else:
-                repeats.ok()
             if not ran:
                 stop.wait(settings.worker.poll_seconds)
 

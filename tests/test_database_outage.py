@@ -50,6 +50,16 @@ def test_a_failing_loop_is_told_once_reminded_and_its_recovery_told(caplog):
             flapping.ok()
     assert [r.levelname for r in caplog.records] == ["ERROR"] and flapping.failures == 5
     caplog.clear()
+    guard = Repeats(log, "watchdog", settle_s=0.0)  # as the loops use it: the block's Exception told, swallowed
+    with caplog.at_level(logging.INFO, logger="test.repeats"):
+        with guard:
+            raise ConnectionError("refused")
+        with guard:
+            pass
+        with pytest.raises(KeyboardInterrupt), guard:  # not an Exception: it ends the loop as before
+            raise KeyboardInterrupt
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    caplog.clear()
     eager = Repeats(log, "sender round", remind_s=0.0)
     with caplog.at_level(logging.ERROR, logger="test.repeats"):
         for _ in range(3):

@@ -148,13 +148,9 @@ class Completion:
                 batch, self._pending = self._pending, {}
             t0 = time.monotonic()
             for sid, quiet in batch.items():
-                try:
+                log.debug("completion check of series %s", sid)
+                with checks:  # a failed check: the scan notices the series again at its next round
                     self.check(sid, quiet)
-                except Exception as exc:  # the scan notices the series again at its next round
-                    log.debug("completion check of series %s failed", sid)
-                    checks.failed(exc)
-                else:
-                    checks.ok()
             rest = MIN_ROUND_S - (time.monotonic() - t0)
             if rest > 0:
                 time.sleep(rest)

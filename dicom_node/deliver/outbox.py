@@ -56,12 +56,8 @@ class Outbox:
         repeats = Repeats(log, "sender round")
         try:
             while not stop.is_set():
-                try:
+                with repeats:  # the sender must outlive any one error (a database hiccup, a bad file)
                     self.run_once()
-                except Exception as exc:  # the sender must outlive any one error (a database hiccup, a bad file)
-                    repeats.failed(exc)
-                else:
-                    repeats.ok()
                 wait = self.settings.sender.poll_seconds
                 if self._next_probe_in is not None:
                     wait = min(wait, self._next_probe_in + 0.05)
