@@ -25,15 +25,15 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def associate_rq(called: str = "SEGNODE", calling: str = "HOSTILE",
-                 abstract_syntaxes: tuple[str, ...] = (VERIFICATION,)) -> bytes:
-    """An encoded A-ASSOCIATE-RQ proposing each abstract syntax with Explicit VR Little Endian."""
+                 abstract_syntaxes: tuple[str, ...] = (VERIFICATION,), transfer_syntax: str = EXPLICIT_LE) -> bytes:
+    """An encoded A-ASSOCIATE-RQ proposing each abstract syntax with one transfer syntax."""
     p = A_ASSOCIATE()
     p.application_context_name = "1.2.840.10008.3.1.1.1"
     p.calling_ae_title = calling
     p.called_ae_title = called
     contexts = []
     for i, abstract in enumerate(abstract_syntaxes):
-        cx = build_context(abstract, [EXPLICIT_LE])
+        cx = build_context(abstract, [transfer_syntax])
         cx.context_id = 2 * i + 1
         contexts.append(cx)
     p.presentation_context_definition_list = contexts
@@ -106,10 +106,10 @@ def accepted_contexts(ac_body: bytes) -> dict[str, int]:
 
 
 def associate(port: int, abstract_syntaxes: tuple[str, ...], called: str = "SEGNODE",
-              source: str = "127.0.0.1") -> tuple[socket.socket, dict[int, str]]:
+              source: str = "127.0.0.1", transfer_syntax: str = EXPLICIT_LE) -> tuple[socket.socket, dict[int, str]]:
     """An established association: (socket, {context id: abstract syntax proposed})."""
     s = connect(port, source)
-    s.sendall(associate_rq(called, abstract_syntaxes=abstract_syntaxes))
+    s.sendall(associate_rq(called, abstract_syntaxes=abstract_syntaxes, transfer_syntax=transfer_syntax))
     pdu = read_pdu(s)
     assert pdu is not None and pdu[0] == 0x02, f"association not accepted: {pdu}"
     return s, {2 * i + 1: a for i, a in enumerate(abstract_syntaxes)}
@@ -154,9 +154,16 @@ def dataset_bytes(ds: pydicom.Dataset) -> bytes:
 
 
 def c_store(s: socket.socket, context_id: int, sop_class: str | None, sop_instance: str | None,
-            data: bytes) -> int | None:
-    """Send one C-STORE and return the response status (None: the node closed or aborted instead)."""
-    s.sendall(p_data(context_id, c_store_command(sop_class, sop_instance), True) + p_data(context_id, data, False))
+            data: bytes, fragment: int = 0) -> int | None:
+    """Send one C-STORE and return the response status (None: the node closed or aborted instead).
+    ``fragment``: the data set in P-DATA-TFs of at most this many bytes (0: one PDU)."""
+    s.sendall(p_data(context_id, c_store_command(sop_class, sop_instance), True))
+    step = fragment or max(len(data), 1)
+    for at in range(0, max(len(data), 1), step):
+        part = data[at:at + step]
+        last = at + step >= len(data)
+        pdv = struct.pack(">IBB", len(part) + 2, context_id, 0x02 if last else 0x00) + part
+        s.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
     pdu = read_pdu(s)
     if pdu is None or pdu[0] != 0x04:
         return None

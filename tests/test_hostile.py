@@ -404,3 +404,84 @@ def test_the_file_store_refuses_unsafe_names_itself(tmp_path):
         FileStore._contained(str(tmp_path), "a/../../b")
     assert store.instance_path(uid, uid, uid + ".1") != store.instance_path(uid, uid, uid + "1")
     assert store.instance_path(uid, uid, uid).is_relative_to(store.incoming)
+
+
+# ------------------------------------------------------------------------------------------- memory bombs
+def _big_instance(tmp_path: Path, size: int = 1024) -> pydicom.Dataset:
+    """A valid single-frame MR image of size² 16-bit pixels (1024²: 2 MB)."""
+    _, paths = write_series(tmp_path / f"big{size}", seed=64, n_slices=1, size=size)
+    return pydicom.dcmread(paths[0])
+
+
+def test_a_data_set_larger_than_max_instance_mb_is_read_not_held_and_refused(tmp_path, caplog):
+    """scp.max_instance_mb bounds what one association holds: a larger data set (here a valid 2 MB image
+    against 1 MB) is read to its end but not buffered, answered 0xA700, kept nowhere; the association goes on
+    and the next instance is stored. Before the bound, fragments were appended without end (1.5 GB sent on one
+    association: the node's memory grew by 1.5 GB, and the data were written to quarantine)."""
+    scp = make_scp(tmp_path, "max_instance_mb = 1")
+    try:
+        big = _big_instance(tmp_path)
+        data = raw.dataset_bytes(big)
+        assert len(data) > 2 << 20
+        small = _big_instance(tmp_path, 64)
+        s, _ = raw.associate(scp.port, (raw.MR_IMAGE,))
+        try:
+            assert raw.c_store(s, 1, big.SOPClassUID, big.SOPInstanceUID, data, fragment=256 << 10) == 0xA700
+            assert raw.c_store(s, 1, small.SOPClassUID, small.SOPInstanceUID, raw.dataset_bytes(small)) == 0x0000
+        finally:
+            assert raw.release(s)
+        assert "larger than scp.max_instance_mb (1 MB)" in caplog.text
+        assert not list((scp.store.root / "quarantine").glob("*"))
+        assert len(list((scp.store.root / "incoming").rglob("*.dcm"))) == 1
+        assert scp.stats["refused"] == 1
+    finally:
+        scp.stop()
+        scp.db.dispose()
+
+
+def test_a_deflate_bomb_and_pixels_that_would_decode_past_the_bound_are_refused(tmp_path):
+    """A few hundred kilobytes of deflate that inflate to 64 MB, and a JPEG image announcing 65535² pixels x 1000
+    frames (8 TB decoded), are refused with 0xC000 and quarantined with the reason, without inflating or
+    decoding past scp.max_instance_mb."""
+    import zlib
+
+    scp = make_scp(tmp_path, "max_instance_mb = 8")
+    try:
+        ds = _big_instance(tmp_path, 32)
+        ds.add_new(0x00091010, "LO", "BOMB")  # private creator
+        ds.add_new(0x00091110, "OB", b"\x00" * (64 << 20))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.4711"
+        plain = raw.dataset_bytes(ds)
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        deflated = packer.compress(plain) + packer.flush()
+        assert len(deflated) < 1 << 20
+        s, _ = raw.associate(scp.port, (raw.MR_IMAGE,), transfer_syntax="1.2.840.10008.1.2.1.99")
+        try:
+            assert raw.c_store(s, 1, ds.SOPClassUID, ds.SOPInstanceUID, deflated, fragment=256 << 10) == 0xC000
+        finally:
+            raw.release(s)
+
+        jpeg = _big_instance(tmp_path, 32)
+        jpeg.SOPInstanceUID = jpeg.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.4712"
+        jpeg.Rows = jpeg.Columns = 65535
+        jpeg.NumberOfFrames = 1000
+        jpeg.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xd9"])
+        jpeg["PixelData"].VR = "OB"
+        jpeg["PixelData"].is_undefined_length = True
+        jpeg.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.70"
+        buf = __import__("io").BytesIO()
+        pydicom.dcmwrite(buf, jpeg, enforce_file_format=True)
+        body = buf.getvalue()
+        body = body[132 + 12 + struct.unpack_from("<I", body, 132 + 8)[0]:]
+        s, _ = raw.associate(scp.port, (raw.MR_IMAGE,), transfer_syntax="1.2.840.10008.1.2.4.70")
+        try:
+            assert raw.c_store(s, 1, jpeg.SOPClassUID, jpeg.SOPInstanceUID, body) == 0xC000
+        finally:
+            raw.release(s)
+        reasons = quarantine_reasons(scp)
+        assert "inflates to more than scp.max_instance_mb (8 MB)" in reasons
+        assert "would decode to" in reasons and "65535 x 65535 x 1000 frames" in reasons
+        assert not list((scp.store.root / "incoming").rglob("*.dcm"))
+    finally:
+        scp.stop()
+        scp.db.dispose()

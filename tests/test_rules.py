@@ -66,6 +66,15 @@ def test_min_slices_reason():
     assert not d.segment and "5 slices" in d.reason
 
 
+def test_a_series_larger_than_the_worker_can_hold_is_skipped_in_words():
+    """worker.max_megavoxels: 30 slices of 1024² are 31 million voxels, skipped under a bound of 30 before
+    anything is loaded (the worker would hold ~26 bytes a voxel), segmented under 32."""
+    big = [SimpleNamespace(**{**vars(inst(z)), "rows": 1024, "columns": 1024}) for z in np.arange(30) * 3.0]
+    d = decide(series(body="LEG"), "", big, [Rule(min_slices=20)], max_megavoxels=30)
+    assert not d.segment and "31 million voxels, more than worker.max_megavoxels (30)" in d.reason
+    assert decide(series(body="LEG"), "", big, [Rule(min_slices=20)], max_megavoxels=32).segment
+
+
 def test_urgent_rule_marks_job_urgent():
     d = decide(series(body="KNEE"), "", [inst(z) for z in np.arange(30) * 3.0], [Rule(min_slices=20, urgent=True)])
     assert d.segment and d.urgent and len(d.instances) == 30

@@ -65,6 +65,8 @@ class ScpSettings:
     allowed_calling_aets: list[str] = field(default_factory=list)
     allowed_peers: list[str] = field(default_factory=list)
     min_free_disk_mb: int = 1024
+    #: the largest instance taken, as received and as its pixels decode (memory: one per association at most)
+    max_instance_mb: int = 512
     fsync: bool = True
     max_associations: int = 16
     network_timeout: float = 60
@@ -98,6 +100,7 @@ class ScpSettings:
             raise ConfigError(f"scp.tls.port: {self.tls.port} is also scp.port; the TLS listener needs its own port")
         if self.min_free_disk_mb < 0:
             raise ConfigError("scp.min_free_disk_mb must be >= 0")
+        _positive("scp.max_instance_mb", self.max_instance_mb)
         _one_of("scp.duplicate_policy", self.duplicate_policy, {p.value for p in DuplicatePolicy})
 
     def _validate_connections(self) -> None:
@@ -209,9 +212,12 @@ class WorkerSettings:
     max_attempts: int = 3
     retry_backoff_seconds: float = 30.0
     lease_seconds: float = 60.0
+    #: the largest series segmented, in millions of voxels (a job holds ~26 bytes a voxel: decide/rules.py)
+    max_megavoxels: int = 300
 
     def validate(self) -> None:
         _positive("worker.poll_seconds", self.poll_seconds)
+        _positive("worker.max_megavoxels", self.max_megavoxels)
         _positive("worker.max_attempts", self.max_attempts)
         _positive("worker.lease_seconds", self.lease_seconds)
         if self.retry_backoff_seconds < 0:

@@ -300,7 +300,8 @@ class Completion:
             d = Decision(False, READING)
         else:
             try:
-                d = decide(series, series.study.study_description, instances, self.settings.rules)
+                d = decide(series, series.study.study_description, instances, self.settings.rules,
+                           self.settings.worker.max_megavoxels)
             except Exception as exc:  # one odd series is skipped in words; it must not stop the others
                 log.debug("series %s: deciding failed", series_id, exc_info=True)
                 d = Decision(False, admin_message(exc, "deciding whether to segment the series"))

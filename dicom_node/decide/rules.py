@@ -1,7 +1,8 @@
 """Deciding which complete series are segmented, and saying why the others are not.
 
-Two checks, in order: the configured rules (modality, lower-limb terms in body part or descriptions,
-minimum slice count), then the geometry (the slices must stack into one volume: see dicom_node/slices.py).
+Checks, in order: the configured rules (modality, lower-limb terms in body part or descriptions), the
+geometry (the slices must stack into one volume: see dicom_node/slices.py), the rule's minimum slice count,
+and the size the worker can hold in memory (``worker.max_megavoxels``).
 Every series that is not segmented gets a reason an admin can read in ``dicom-node jobs``.
 """
 
@@ -14,6 +15,10 @@ from storage.models import Instance, Series
 
 from ..config import Rule
 from ..slices import stack
+
+#: Memory a job holds per voxel of its series while the model runs with the quality gate's passes (float32
+#: volume, class probabilities, the augmented pass, labels): measured on the CPU path, 448² slices.
+BYTES_PER_VOXEL = 26
 
 
 @dataclass
@@ -49,7 +54,9 @@ def match_rules(series: Series, study_description: str, rules: list[Rule]) -> tu
     return None, "; ".join(uniq) if uniq else "no rules configured"
 
 
-def decide(series: Series, study_description: str, instances: list[Instance], rules: list[Rule]) -> Decision:
+def decide(series: Series, study_description: str, instances: list[Instance], rules: list[Rule],
+           max_megavoxels: int = 0) -> Decision:
+    """``max_megavoxels``: the largest series the worker takes (0: any); see :data:`BYTES_PER_VOXEL`."""
     rule, why = match_rules(series, study_description, rules)
     if rule is None:
         return Decision(False, why)
@@ -59,4 +66,9 @@ def decide(series: Series, study_description: str, instances: list[Instance], ru
     n_slices = sum(i.frames or 1 for i in ordered)
     if n_slices < rule.min_slices:
         return Decision(False, f"{n_slices} slices, rule '{rule.name}' needs at least {rule.min_slices}", rule.name)
+    voxels = sum((i.frames or 1) * (i.rows or 0) * (i.columns or 0) for i in ordered)
+    if max_megavoxels and voxels > max_megavoxels * 1_000_000:
+        return Decision(False, f"{voxels / 1e6:.0f} million voxels, more than worker.max_megavoxels "
+                               f"({max_megavoxels}) lets the worker hold (about {BYTES_PER_VOXEL} bytes a voxel)",
+                        rule.name)
     return Decision(True, why, rule.name, rule.urgent, ordered)  # why: a note such as dropped duplicates

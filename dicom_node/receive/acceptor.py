@@ -11,8 +11,10 @@ Hostile peers (PS3.8's ARTIM timer): the A-ASSOCIATE-RQ must arrive whole within
 ``network_timeout`` (a deadline for the whole PDU, so trickling a byte at a time does not keep a slot); the
 peer-address allowlist and the connection caps (in total, per address, slots kept for the configured peers:
 :mod:`.connections`) are applied when the connection is accepted, before a byte is read or a thread is started;
-one address may hold at most ``max_associations_per_peer`` of the ``max_associations`` slots. Every drop is
-logged with the peer address and the reason (those a flood repeats, once per interval).
+one address may hold at most ``max_associations_per_peer`` of the ``max_associations`` slots, and each holds
+at most one data set of ``max_instance`` bytes in memory (a larger one is read and dropped, not buffered
+without end). Every drop is logged with the peer address and the reason (those a flood repeats, once per
+interval).
 
 This module listens and accepts; one association is served by :mod:`.association`. Only the socket loop is
 ours. The standard-defined, intricate parts come from the libraries: pynetdicom
@@ -96,9 +98,10 @@ class Acceptor:
                  network_timeout: float = 60, max_pdu: int = MAX_PDU, association_request_timeout: float = 10,
                  max_associations_per_peer: int = 0, allowed_peers: list[str] | None = None,
                  max_connections: int = 0, max_connections_per_peer: int = 0, reserved_connections: int = 0,
-                 peer_hosts: Iterable[str] = ()):
+                 peer_hosts: Iterable[str] = (), max_instance: int = 512 << 20):
         """``peer_hosts``: IP addresses of the configured peers besides ``allowed_peers`` (the destinations),
-        which may use the reserved connection slots."""
+        which may use the reserved connection slots. ``max_instance``: bytes of one data set held at most; a
+        larger one is read to its end without being held, and its handler told only its size."""
         self.contexts = contexts
         self.handlers = handlers
         self.limits = ConnectionLimits.resolve(max_associations, max_associations_per_peer, max_connections,
@@ -106,6 +109,7 @@ class Acceptor:
         self.network_timeout = network_timeout
         self.association_request_timeout = association_request_timeout
         self.max_pdu = max_pdu
+        self.max_instance = max_instance
         self._networks = [ipaddress.ip_network(n, strict=False) for n in (allowed_peers or [])]
         self.ledger = ConnectionLedger(self.limits, self._networks, peer_hosts)
         self._refusals = RefusalLog()

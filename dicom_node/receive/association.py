@@ -100,6 +100,7 @@ class Association:
         self._syntaxes: dict[int, tuple[str, str]] = {}  # context id → (transfer syntax, abstract syntax)
         self._command = bytearray()
         self._data: list[memoryview] = []
+        self._data_len = 0  # bytes of the current data set so far, kept or not
         self._cmd: dict[int, bytes] | None = None
         self._context_id = 0
         self._timeout = float("inf")  # the socket's current timeout (see _fill)
@@ -349,20 +350,28 @@ class Association:
             else:
                 if self._cmd is None:
                     raise ProtocolError("data set fragment without a command", 0x02)
-                self._data.append(fragment)
-                if control & 0x02:
-                    data = self._data[0].tobytes() if len(self._data) == 1 else b"".join(self._data)
+                self._data_len += len(fragment)
+                if self._data_len <= self.acceptor.max_instance:
+                    self._data.append(fragment)
+                else:  # read to its end (the association goes on) but not held: memory stays bounded
                     self._data = []
-                    self._dispatch(data)
+                if control & 0x02:
+                    oversize = self._data_len if self._data_len > self.acceptor.max_instance else 0
+                    if oversize:
+                        data = b""
+                    else:
+                        data = self._data[0].tobytes() if len(self._data) == 1 else b"".join(self._data)
+                    self._data, self._data_len = [], 0
+                    self._dispatch(data, oversize)
 
-    def _dispatch(self, data: bytes | None) -> None:
+    def _dispatch(self, data: bytes | None, oversize: int = 0) -> None:
         cmd, self._cmd = self._cmd, None
         context_id = self._context_id
         assert cmd is not None and self.peer is not None
         transfer_syntax, abstract_syntax = self._syntaxes[context_id]
         if data is not None and _us(cmd, 0x00000100) == C_STORE_RQ:
             self.stored = True
-        response = dispatch(self.acceptor.handlers, self.peer, cmd, transfer_syntax, data, abstract_syntax)
+        response = dispatch(self.acceptor.handlers, self.peer, cmd, transfer_syntax, data, abstract_syntax, oversize)
         if self._timeout < 1.0:  # the read deadline left little: give the answer a full network_timeout
             self._set_timeout(self.acceptor.network_timeout)
         self.sock.sendall(_p_data(context_id, response))

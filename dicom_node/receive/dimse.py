@@ -26,6 +26,7 @@ IMPLEMENTATION_VERSION = f"SEGNODE_{__version__.replace('.', '')}"[:16]
 
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
 NO_DATASET = 0x0101
+PROCESSING_FAILURE = 0x0110
 UNRECOGNIZED_OPERATION = 0x0211
 
 
@@ -60,6 +61,8 @@ class StoreRequest:
     dataset: bytes
     #: The abstract syntax of the presentation context it came on (PS3.7 9.3.1.1: must be its SOP class).
     context_sop_class: str = ""
+    #: Bytes of a data set larger than the acceptor keeps (``dataset`` is then empty): read, not held.
+    oversize: int = 0
 
     def as_file(self) -> bytes:
         """The instance as a DICOM Part 10 file (preamble, file meta, data set), without re-encoding the data set."""
@@ -185,17 +188,25 @@ def _us(cmd: dict[int, bytes], tag: int, default: int = 0) -> int:
 
 
 def dispatch(handlers: Handlers, peer: Peer, cmd: dict[int, bytes], transfer_syntax: str,
-             data: bytes | None, abstract_syntax: str = "") -> bytes:
-    """Serve one complete DIMSE message; returns the response command set to send on the same context."""
+             data: bytes | None, abstract_syntax: str = "", oversize: int = 0) -> bytes:
+    """Serve one complete DIMSE message; returns the response command set to send on the same context.
+
+    ``oversize``: the message's data set was larger than the acceptor keeps and was read without being held
+    (``data`` is empty); a C-STORE's handler answers it, any other message fails here."""
     field = _us(cmd, 0x00000100)
     message_id = _us(cmd, 0x00000110)
     sop_class = _uid(cmd, 0x00000002)
     if field == C_STORE_RQ and data is not None:
         sop_instance = _uid(cmd, 0x00001000)
         request = StoreRequest(peer=peer, sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                               transfer_syntax=transfer_syntax, dataset=data, context_sop_class=abstract_syntax)
+                               transfer_syntax=transfer_syntax, dataset=data, context_sop_class=abstract_syntax,
+                               oversize=oversize)
         status = handlers.on_store(request)
         return encode_response(0x8001, message_id, status, sop_class, sop_instance)
+    if oversize:
+        log.warning("DIMSE command 0x%04x from %s carried a data set of %d MB, more than is kept: answered 0x%04x",
+                    field, peer.address, oversize >> 20, PROCESSING_FAILURE)
+        return encode_response(field | 0x8000, message_id, PROCESSING_FAILURE, sop_class, _uid(cmd, 0x00001000))
     if field == C_ECHO_RQ:
         status = handlers.on_echo(peer)
         return encode_response(0x8030, message_id, status, sop_class)

@@ -78,24 +78,49 @@ def ushort(ds: Dataset, kw: str) -> int | None:
     return int(v) if v not in (None, "") else None
 
 
-def parse_received(data: bytes, transfer_syntax: str) -> Dataset:
+def parse_received(data: bytes, transfer_syntax: str, limit: int | None = None) -> Dataset:
     """A data set as received over DIMSE (no file meta), in the presentation context's transfer syntax.
 
-    Elements stay raw (pydicom converts on access); no pixel decoding.
+    Elements stay raw (pydicom converts on access); no pixel decoding. ``limit``: bytes a deflated data set
+    may inflate to and its pixels may decode to (a few kilobytes of deflate can announce gigabytes).
     """
     ts = UID(transfer_syntax)
+    body = _inflated(data, limit) if ts == DeflatedExplicitVRLittleEndian else data
     try:
-        body = zlib.decompress(data, -zlib.MAX_WBITS) if ts == DeflatedExplicitVRLittleEndian else data
         ds = read_dataset(io.BytesIO(body), ts.is_implicit_VR, ts.is_little_endian)
     except Exception as exc:  # pydicom raises a variety of errors on garbage; none may reach the handler
         raise UnreadableData(f"not a readable DICOM dataset: {type(exc).__name__}: {str(exc)[:200]}") from None
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
-    _check_complete(ds)
+    _check_complete(ds, limit)
     return ds
 
 
-def _check_complete(ds: Dataset) -> None:
+def _inflated(data: bytes, limit: int | None) -> bytes:
+    """A deflated data set inflated, never past ``limit`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data, limit + 1 if limit else 0)
+    except zlib.error as exc:
+        raise UnreadableData(f"not a readable DICOM dataset: deflate: {exc}") from None
+    if limit and len(body) > limit:
+        raise UnreadableData(f"deflated data set inflates to more than scp.max_instance_mb ({_mb(limit)})")
+    return body
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):g} MB"
+
+
+def _pixels_fit(rows: int, cols: int, frames: int, spp: int, bits: int, limit: int | None) -> None:
+    """Refuse compressed pixel data that would decode to more than ``limit`` bytes (inference decodes it all)."""
+    decoded = (rows * cols * frames * spp * bits + 7) // 8
+    if limit and decoded > limit:
+        raise UnreadableData(f"pixel data would decode to {_mb(decoded)} ({rows} x {cols} x {frames} frames), more "
+                             f"than scp.max_instance_mb ({_mb(limit)})")
+
+
+def _check_complete(ds: Dataset, limit: int | None = None) -> None:
     tags = list(ds._dict.keys())  # raw elements, not yet converted: cheap
     if not tags:
         raise UnreadableData("empty dataset")
@@ -113,13 +138,13 @@ def _check_complete(ds: Dataset) -> None:
         except Exception as exc:
             raise UnreadableData(f"unreadable {kw}: {exc}") from None
     if 0x7FE00010 in ds._dict:
-        _check_pixels(ds)
+        _check_pixels(ds, limit)
     elif 0x00280010 in ds._dict and 0x00280011 in ds._dict and "FloatPixelData" not in ds \
             and "DoubleFloatPixelData" not in ds:
         raise UnreadableData("image without pixel data (truncated?)")
 
 
-def _check_pixels(ds: Dataset) -> None:
+def _check_pixels(ds: Dataset, limit: int | None = None) -> None:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         rows, cols = ushort(ds, "Rows"), ushort(ds, "Columns")
@@ -134,6 +159,7 @@ def _check_pixels(ds: Dataset) -> None:
     if ts is not None and ts.is_compressed:
         if not isinstance(raw, (bytes, bytearray)) or len(raw) < 8:
             raise UnreadableData("encapsulated pixel data missing")
+        _pixels_fit(rows, cols, frames, spp, bits, limit)
         return
     expected = (rows * cols * frames * spp * bits + 7) // 8
     if len(raw or b"") < expected:
@@ -237,7 +263,7 @@ def _scan_explicit_le(data: bytes) -> dict[int, tuple[int, int]] | None:
     return out
 
 
-def read_received(data: bytes, transfer_syntax: str) -> InstanceMeta:
+def read_received(data: bytes, transfer_syntax: str, limit: int | None = None) -> InstanceMeta:
     """The header fields of a received data set, refusing incomplete data (UnreadableData).
 
     The C-STORE hot path: explicit VR little endian (what nearly every sender uses, also under the
@@ -250,9 +276,9 @@ def read_received(data: bytes, transfer_syntax: str) -> InstanceMeta:
     if _walkable(transfer_syntax):
         elements = _scan_explicit_le(data)
         if elements is not None:
-            meta = _meta_from_scan(data, elements, transfer_syntax)
+            meta = _meta_from_scan(data, elements, transfer_syntax, limit)
     if meta is None:
-        meta = to_meta(parse_received(data, transfer_syntax))
+        meta = to_meta(parse_received(data, transfer_syntax, limit))
     for kw, uid in (("SOPInstanceUID", meta.sop_uid), ("SeriesInstanceUID", meta.series_uid),
                     ("StudyInstanceUID", meta.study_uid)):
         if len(uid) > 64:  # PS3.5 9.1: a longer UID is invalid, and would not fit its database column
@@ -260,7 +286,8 @@ def read_received(data: bytes, transfer_syntax: str) -> InstanceMeta:
     return meta
 
 
-def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax: str) -> InstanceMeta | None:
+def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax: str,
+                    limit: int | None = None) -> InstanceMeta | None:
     def raw(tag: int) -> bytes:
         start, length = el.get(tag, (0, 0))
         return data[start:start + length] if length > 0 else b""
@@ -297,6 +324,7 @@ def _meta_from_scan(data: bytes, el: dict[int, tuple[int, int]], transfer_syntax
         if length < 0:  # encapsulated
             if len(data) - start < 8:
                 raise UnreadableData("encapsulated pixel data missing")
+            _pixels_fit(rows, cols, frames, spp, bits, limit)
         elif length < (rows * cols * frames * spp * bits + 7) // 8:
             return None
     elif rows is not None and cols is not None and 0x7FE00008 not in el and 0x7FE00009 not in el:

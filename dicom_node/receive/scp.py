@@ -64,7 +64,7 @@ from ..repeats import first_line
 from ..tls import server_context
 from .acceptor import Acceptor
 from .connections import address_allowed, destination_hosts, peer_addresses
-from .dimse import EventReport, Peer, Rejection, StoreRequest
+from .dimse import PROCESSING_FAILURE, EventReport, Peer, Rejection, StoreRequest
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
 from .resend import StoredIndex, same_data_set, stored_copy
@@ -92,7 +92,6 @@ SUCCESS = 0x0000
 KEPT_FIRST_COPY = 0xB000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 #: PS3.4 B.2.3: "Error: Data Set does not match SOP Class".
 DATASET_MISMATCH = 0xA900
 #: PS3.7 C.5: "Refused: SOP Class not supported" (the command's class is not its presentation context's).
@@ -325,6 +324,12 @@ class StorageSCP:
             log.error("refusing C-STOREs with Out of Resources (the sender keeps them and sends again): %s", why)
 
     def _store(self, req: StoreRequest) -> int:
+        if req.oversize:  # read to its end by the acceptor without being held: nothing to keep or quarantine
+            log.warning("C-STORE from %s refused (0x%04X): its data set of %d MB is larger than scp.max_instance_mb "
+                        "(%d MB)", req.peer.address, OUT_OF_RESOURCES, req.oversize >> 20,
+                        self.settings.scp.max_instance_mb)
+            self._count(StoreCount.REFUSED)
+            return OUT_OF_RESOURCES
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
             self._tell_refusal(f"free disk below scp.min_free_disk_mb ({self.settings.scp.min_free_disk_mb} MB)")
             self._count(StoreCount.REFUSED)
@@ -344,7 +349,7 @@ class StorageSCP:
         refused = command_problem(req)
         if refused is None:
             try:
-                meta = read_received(req.dataset, req.transfer_syntax)
+                meta = read_received(req.dataset, req.transfer_syntax, self.settings.scp.max_instance_mb << 20)
             except UnreadableData as exc:
                 refused = CANNOT_UNDERSTAND, str(exc)
             else:
@@ -429,7 +434,8 @@ class StorageSCP:
                                allowed_peers=cfg.allowed_peers, max_connections=cfg.max_connections,
                                max_connections_per_peer=cfg.max_connections_per_peer,
                                reserved_connections=cfg.reserved_connections,
-                               peer_hosts=peer_addresses(destination_hosts(self.settings.destinations)))
+                               peer_hosts=peer_addresses(destination_hosts(self.settings.destinations)),
+                               max_instance=cfg.max_instance_mb << 20)
         self.store.start_spares()
         # Walking incoming/ costs time on a large store and is only needed after an unclean stop: a clean
         # stop that committed every row leaves a marker, which this start consumes.
