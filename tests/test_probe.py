@@ -17,6 +17,7 @@ from conftest import NodeProcess, PacsSCP, free_port, storescu, wait_for, write_
 from test_outbox import _received, _seg_sop, _small_file, _timeline, _Webhook
 
 from dicom_node.config import Destination, Settings
+from dicom_node.deliver.dimse import echo
 from dicom_node.deliver.probe import Prober, echo_destination, query_destination
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -211,7 +212,10 @@ def test_echo_probe_is_bounded_and_says_why():
     from pynetdicom.sop_class import Verification
 
     closed = free_port()
-    assert "no association" in echo_destination(Destination(port=closed), "SEGNODE", timeout=1.0)
+    refused = f"connection refused by 127.0.0.1:{closed}"
+    assert echo_destination(Destination(port=closed), "SEGNODE", timeout=1.0) == refused
+    ok, why = echo("127.0.0.1", closed, "PACS")  # dicom-node echo: was "association aborted"
+    assert not ok and why == refused
     mute = socket.socket()
     mute.bind(("127.0.0.1", 0))
     mute.listen(4)

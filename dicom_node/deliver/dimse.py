@@ -93,6 +93,10 @@ TlsArgs = tuple[ssl.SSLContext, str]
 
 
 def echo(host: str, port: int, called: str, calling: str = "SEGNODE", tls: TlsArgs | None = None) -> tuple[bool, str]:
+    try:  # pynetdicom reports a refused, unreachable or unresolvable peer as an aborted association
+        probe(host, port, 10)
+    except DestinationError as exc:
+        return False, str(exc)
     ae = _ae(calling)
     ae.add_requested_context(Verification)
     assoc = ae.associate(host, port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],

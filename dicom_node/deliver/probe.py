@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from ..config import Destination
 from ..errors import network_reason
 from ..tls import client_context, server_name
+from .transport import DestinationError, probe
 
 log = logging.getLogger("dicom_node.deliver.probe")
 
@@ -45,6 +46,10 @@ def echo_destination(dest: Destination, calling_ae: str, timeout: float = PROBE_
     if not assoc.is_established:
         if assoc.is_rejected:
             return f"association rejected by {dest.host}:{dest.port}"
+        try:  # name a refused or unreachable port (pynetdicom reports those as an abort)
+            probe(dest.host, dest.port, timeout)
+        except DestinationError as exc:
+            return str(exc)
         return f"no association with {dest.host}:{dest.port} within {timeout:g} s"
     try:
         if not any(cx.abstract_syntax == Verification for cx in assoc.accepted_contexts):
