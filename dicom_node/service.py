@@ -162,13 +162,14 @@ class Node:
 
             app = create_app(settings, self.db, self.scp.stats, lambda: self.scp.server is not None,
                              lambda: self.scp.writer.backlog)
-            self.web = WebServer(app, settings.web.bind_address, settings.web.port)
+            self.web = WebServer(app, settings.web.bind_address, settings.web.port, settings.web)
         self._stopped = threading.Event()
 
     def _make_predictor(self, path: Path | None = None):
         return make_predictor(self.settings, path)
 
     def start(self, preload: bool = True) -> None:
+        raise_open_files_limit()
         n = release_dead_local_leases(self.db, socket.gethostname())
         if n:
             log.warning("%d jobs were interrupted by the last shutdown and will be taken again", n)
@@ -253,6 +254,28 @@ def _exit_now(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+#: Open files the node asks for (up to the hard limit): the listener's and the dashboard's connection caps,
+#: the data folder's files and the database's connections, with room to spare.
+OPEN_FILES_WANTED = 65536
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files towards the hard one. The usual soft limit (1024) is what a process
+    gets unless it asks; Go and Java runtimes raise it themselves, Python does not. The connection caps keep
+    the node's own use bounded; this leaves room for the files behind them."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open files stay limited to %d (could not raise it to %d: %s)", soft, want, exc)
 
 
 def _until_stopped(loop: Callable[[threading.Event], None], name: str) -> None:

@@ -1,6 +1,7 @@
 """The dashboard and API against a hostile browser and network (issue 12): cross-site POSTs (also from a real
-page in Chromium), a foreign Host header (DNS rebinding), security headers, /api/docs behind the token, and
-the audit trail of admin actions (dashboard and command line) on the job's timeline."""
+page in Chromium), a foreign Host header (DNS rebinding), security headers, /api/docs behind the token, the
+audit trail of admin actions (dashboard and command line) on the job's timeline, and connection floods
+(the caps and the request deadline of watch/guard.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,7 +40,7 @@ class Dashboard:
         settings = load_settings(self.config)
         self.db, _ = open_storage(settings)
         self.job = self.failed_job()
-        self.server = WebServer(create_app(settings, self.db), "127.0.0.1", self.port)
+        self.server = WebServer(create_app(settings, self.db), "127.0.0.1", self.port, settings.web)
         self.server.start()
         wait_for(self._up, 30, 0.1, "the dashboard to listen")
         self.base = f"http://127.0.0.1:{self.port}"
@@ -220,3 +222,105 @@ def test_a_page_on_another_site_cannot_retry_a_job_in_chromium(dash, tmp_path, c
     assert dash.state() == "failed" and dash.audit() == []
     # the browser did send both requests (so the test can fail), and each was refused
     assert caplog.text.count(f"POST /api/jobs/{dash.job}/retry from 127.0.0.1 refused (403)") == 2, caplog.text
+
+
+# ------------------------------------------------------------------------------------------- connection floods
+def _half_request(source: str, port: int) -> socket.socket:
+    """A connection from ``source`` that sends half a request head and nothing more."""
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return s
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``s`` within ``seconds`` (reads EOF or a reset)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_trickling_connections_are_capped_and_closed_while_requests_are_answered(tmp_path):
+    """web.max_connections_per_peer (3), web.max_connections (6), web.request_timeout (1 s): an address past
+    its share is closed at connect, as is anyone past the total; half-sent requests, and a request head
+    trickled a byte at a time, are closed at the deadline, and the dashboard answers again. Before the guard,
+    uvicorn kept such connections open without end: 1100 of them took every descriptor of a node under the
+    usual limit of 1024, and with it the DICOM listener."""
+    d = Dashboard(tmp_path, "max_connections = 6\nmax_connections_per_peer = 3\nrequest_timeout = 1.0")
+    held: list[socket.socket] = []
+    try:
+        assert request(d.base + "/healthz")[0] == 200
+        held += [_half_request("127.0.0.2", d.port) for _ in range(3)]
+        extra = _half_request("127.0.0.2", d.port)
+        assert _closed_within(extra, 0.5)  # the address's share is taken: closed at connect, not after 1 s
+        assert request(d.base + "/healthz")[0] == 200  # another address still gets in
+        held += [_half_request(f"127.0.0.{3 + i}", d.port) for i in range(3)]
+        assert _closed_within(_half_request("127.0.0.9", d.port), 0.5)  # the total is taken
+        assert all(_closed_within(s, 2.5) for s in held)  # the deadline closes them all
+        assert request(d.base + "/healthz")[0] == 200
+
+        trickler = _half_request("127.0.0.2", d.port)
+        start = time.monotonic()
+        closed = False
+        for ch in b"X-Slow: 1\r\n" * 4:
+            try:
+                trickler.sendall(bytes([ch]))
+            except OSError:
+                closed = True
+                break
+            if _closed_within(trickler, 0.2):
+                closed = True
+                break
+        assert closed and time.monotonic() - start < 3.0  # bytes do not keep it open
+
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:  # keep-alive: the deadline re-arms
+            for _ in range(2):
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+                time.sleep(0.6)  # twice this exceeds the deadline: each request has its own
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
+
+
+def test_a_dashboard_flood_leaves_the_dicom_listener_its_descriptors(tmp_path):
+    """``dicom-node serve`` held to 512 open files (soft and hard, as a unit without LimitNOFILE might be), 700
+    half-sent requests to the dashboard from 700 addresses: the DICOM listener still answers C-ECHO and stores
+    a series while they are held, nothing is logged about descriptors, and the dashboard answers once the
+    deadline has closed them. Before the guard: every descriptor went, C-ECHO and C-STORE failed, and asyncio
+    logged each failed accept with a traceback."""
+    import resource
+
+    from conftest import NodeProcess, storescu, write_series
+
+    _, paths = write_series(tmp_path / "s", seed=65, n_slices=3, size=64)
+    node = NodeProcess(tmp_path, None, worker="enabled = false", web="request_timeout = 3.0")
+    held: list[socket.socket] = []
+    try:
+        resource.prlimit(node.proc.pid, resource.RLIMIT_NOFILE, (512, 512))
+        base = f"http://127.0.0.1:{node.web_port}"
+        for i in range(700):
+            try:
+                held.append(_half_request(f"127.0.{1 + i // 200}.{1 + i % 200}", node.web_port))
+            except OSError:  # the kernel's queue is full while the node closes the surplus: a refusal, as meant
+                pass
+        assert node._answers()
+        assert storescu(node.port, *paths).returncode == 0
+        for s in held:
+            s.close()
+        held = []
+        wait_for(lambda: request(base + "/healthz")[0] == 200, 20, 0.5, "the dashboard to answer again")
+        log = node.log.read_text()
+        assert "Too many open files" not in log and "out of system resource" not in log
+        assert "dashboard connections already open (web.max_connections)" in log
+    finally:
+        for s in held:
+            s.close()
+        node.stop()

@@ -242,9 +242,16 @@ class WebSettings:
     port: int = 8080
     token: str = ""
     allowed_hosts: list[str] = field(default_factory=list)  # Host header names answered (empty: see web_security)
+    #: connections open at once, from one address, and the time a request has to arrive (watch/guard.py)
+    max_connections: int = 128
+    max_connections_per_peer: int = 32
+    request_timeout: float = 10.0
 
     def validate(self) -> None:
         _port("web.port", self.port)
+        _positive("web.max_connections", self.max_connections)
+        _positive("web.max_connections_per_peer", self.max_connections_per_peer)
+        _positive("web.request_timeout", self.request_timeout)
         try:
             loopback = ipaddress.ip_address(self.bind_address).is_loopback
         except ValueError:

@@ -93,8 +93,9 @@ def destination_hosts(destinations: Iterable) -> list[str]:
 class RefusalLog:
     """Logs a refusal at most once per ``interval`` per (address, reason), with the count of those not logged."""
 
-    def __init__(self, interval: float = LOG_INTERVAL_S):
+    def __init__(self, interval: float = LOG_INTERVAL_S, logger: logging.Logger | None = None):
         self.interval = interval
+        self._log = logger or log
         self._lock = threading.Lock()
         self._quiet_until: dict[tuple[str, str], float] = {}
         self._suppressed: Counter[tuple[str, str]] = Counter()
@@ -114,7 +115,7 @@ class RefusalLog:
             more = self._suppressed.pop(key, 0)
         if more:
             reason += f" (and {more} more like it in the last {self.interval:g} s)"
-        log.warning("connection from %s %s", address, reason)
+        self._log.warning("connection from %s %s", address, reason)
 
 
 class ConnectionLedger:

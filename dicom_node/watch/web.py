@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from storage.db import Database
 
-from ..config import CannotListen, Settings
+from ..config import CannotListen, Settings, WebSettings
 from . import api, metrics, models_web, pages
 from .web_context import TOKEN_COOKIE, WebContext, require_token
 from .web_security import WebGuard
@@ -68,11 +68,20 @@ def create_app(settings: Settings, db: Database, scp_stats: dict | None = None,
 class WebServer:
     """uvicorn in a background thread of the serve process."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, limits: WebSettings | None = None):
+        """``limits``: the connection caps and request deadline of ``[web]`` (watch/guard.py); defaults if None."""
         import uvicorn
 
+        from .guard import ConnectionGuard, quiet_accept_errors
+
+        lim = limits or WebSettings()
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.guard = ConnectionGuard(lim.max_connections, lim.max_connections_per_peer, lim.request_timeout)
+        # backlog: asyncio accepts up to this many waiting connections before any protocol runs (the guard closes
+        # the surplus only then), so it bounds the descriptors a burst takes as well as the kernel's queue
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                                    http=self.guard.protocol(), backlog=lim.max_connections))
+        quiet_accept_errors()
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="web")
 
     def start(self, timeout: float = 60.0) -> None:
