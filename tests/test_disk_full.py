@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import ENV, ROOT, wait_for, write_series
+from conftest import ENV, ROOT, free_port, wait_for, write_series
 
 from dicom_node.config import load_settings
 from dicom_node.learn.registry import ensure_registered
@@ -49,10 +49,14 @@ def _fill(disk: Path, leave_kb: int) -> Path:
     return filler
 
 
-def test_a_full_disk_fails_the_job_in_words_and_the_worker_lives_on(tmp_path, small_disk):
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_a_full_disk_fails_the_job_in_words_and_the_worker_lives_on(tmp_path, small_disk, command):
+    """``worker``, and ``serve`` (where the scheduler runs the jobs beside the listener, the dashboard, the
+    sender and the corrections intake, each of which meets the full disk too)."""
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[node]\ndata_dir = "{small_disk / "var"}"\nlog_level = "INFO"\n'
-                   '[scp]\nmin_free_disk_mb = 1\nfsync = false\n[inference]\nthreads = 1\n'
+                   f'[scp]\nmin_free_disk_mb = 1\nfsync = false\nbind_address = "127.0.0.1"\nport = {free_port()}\n'
+                   f'[web]\nport = {free_port()}\n[inference]\nthreads = 1\n'
                    '[worker]\npoll_seconds = 0.3\nlease_seconds = 4\nretry_backoff_seconds = 0.5\n'
                    '[quality]\ntta = false\n')
     settings = load_settings(cfg)
@@ -73,7 +77,7 @@ def test_a_full_disk_fails_the_job_in_words_and_the_worker_lives_on(tmp_path, sm
 
     log = tmp_path / "worker.log"
     with open(log, "w") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(cfg), "worker"], cwd=ROOT, env=ENV,
+        worker = subprocess.Popen([sys.executable, "-m", "dicom_node", "-c", str(cfg), command], cwd=ROOT, env=ENV,
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "job 1 failed" in log.read_text(), 120, 0.3, "the job to fail on the full disk")
