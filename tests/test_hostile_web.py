@@ -157,6 +157,16 @@ def test_buttons_with_the_csrf_token_and_json_scripts_work_and_are_audited(dash)
     assert "id='audit'" in page and "web (loopback, no token)" in page
 
 
+def test_an_approve_body_past_64_kib_is_refused_unread(dash):
+    """The approve/reject body (a name and a note) is read up to 64 KiB: beyond, 413, and nothing recorded."""
+    big = b'{"reviewer": "x", "reason": "' + b"y" * (1 << 20) + b'"}'
+    assert request(f"{dash.base}/api/jobs/{dash.job}/approve", "POST", {"Content-Type": "application/json"},
+                   big)[0] == 413
+    assert dash.state() == "failed"
+    assert request(f"{dash.base}/api/jobs/{dash.job}/approve", "POST", {"Content-Type": "application/json"},
+                   b'{"reviewer": "x"}')[0] == 409  # an ordinary body is read (and the job is not held for review)
+
+
 def test_security_headers(dash):
     for path in ("/", f"/jobs/{dash.job}", "/api/status"):
         _, headers, _ = request(dash.base + path)

@@ -15,6 +15,9 @@ from .web_context import client_address, web_context
 
 #: Longest reviewer name and note kept: the audit trail is for reading, not for storing what a client sends.
 NAME_CHARS, NOTE_CHARS = 64, 2000
+#: Largest approve/reject body read: a name and a note fit many times over; a client may not make the node
+#: buffer more (a body arrives within web.request_timeout, but at network speed that is gigabytes).
+MAX_BODY_BYTES = 64 * 1024
 
 
 def reviewer(request: Request, given: str) -> tuple[str, str]:
@@ -26,10 +29,14 @@ def reviewer(request: Request, given: str) -> tuple[str, str]:
 
 async def review_fields(request: Request) -> dict:
     """The form (application/x-www-form-urlencoded) or JSON body of an approve/reject request."""
-    body = await request.body()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, f"body larger than {MAX_BODY_BYTES // 1024} KiB")
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            data = json.loads(body or b"{}")
+            data = json.loads(bytes(body) or b"{}")
         except ValueError:
             raise HTTPException(400, "body is not valid JSON") from None
         return data if isinstance(data, dict) else {}
