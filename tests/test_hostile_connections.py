@@ -172,9 +172,10 @@ def test_many_flooding_addresses_leave_the_configured_peers_their_slots(scp, cap
 
 # ------------------------------------------------------------------------------------------- accounting
 def test_limits_derive_from_max_associations_and_keep_room_for_associations():
-    assert ConnectionLimits.resolve(16, 8) == ConnectionLimits(64, 16, 8, 16, 8)
-    assert ConnectionLimits.resolve(4, 4) == ConnectionLimits(32, 8, 4, 4, 4)  # at least 32 connections
-    assert ConnectionLimits.resolve(16, 8, 40, 10, 5) == ConnectionLimits(40, 10, 5, 16, 8)
+    assert ConnectionLimits.resolve(16, 8) == ConnectionLimits(64, 16, 8, 16, 8, 2)
+    assert ConnectionLimits.resolve(4, 4) == ConnectionLimits(32, 8, 4, 4, 4, 1)  # at least 32 connections
+    assert ConnectionLimits.resolve(16, 8, 40, 10, 5, 3) == ConnectionLimits(40, 10, 5, 16, 8, 3)
+    assert ConnectionLimits.resolve(1).reserved_associations == 0  # one slot: nothing to keep back
     assert ConnectionLimits.resolve(16, 8, 20).per_peer == 8  # never below max_associations_per_peer
 
 
@@ -194,8 +195,41 @@ def test_ledger_counts_connections_per_address_from_accept():
 
 
 def test_without_configured_peers_no_slot_is_reserved():
-    ledger = ConnectionLedger(ConnectionLimits(4, 4, 2, 4, 4))
+    ledger = ConnectionLedger(ConnectionLimits(4, 4, 2, 4, 4, 2))
     assert all(ledger.admit("10.0.0.9") == "" for _ in range(4))
+    assert all(ledger.enter("10.0.0.9") == "" for _ in range(4))
+
+
+def test_the_last_association_slots_are_the_configured_peers(tmp_path, caplog):
+    """scp.reserved_associations (here the derived 1 of 4): associations that stay open (a C-ECHO within
+    every network_timeout is no flood the deadlines can drop) from two addresses take only the unreserved
+    slots; the PACS's address still associates, a third address is rejected with the reason. Before, two such
+    addresses held every slot and the PACS was rejected ("local limit exceeded") for as long as they liked."""
+    scp = make_scp(tmp_path, "max_associations = 4\nmax_associations_per_peer = 2")
+    held = []
+    try:
+        assert scp.server.limits.reserved_associations == 1
+        held += [raw.associate(scp.port, (raw.VERIFICATION,), source="127.0.0.2")[0] for _ in range(2)]
+        held.append(raw.associate(scp.port, (raw.VERIFICATION,), source="127.0.0.3")[0])
+
+        def rejected(source: str) -> bool:
+            s = raw.connect(scp.port, source)
+            try:
+                s.sendall(raw.associate_rq(abstract_syntaxes=(raw.VERIFICATION,)))
+                pdu = raw.read_pdu(s)
+                return pdu is not None and pdu[0] == 0x03
+            finally:
+                s.close()
+
+        assert rejected("127.0.0.3") and rejected("127.0.0.4")  # the last slot is kept
+        assert echo_ok(scp.port)  # the PACS (a destination at 127.0.0.1) gets it
+        assert "only the 1 association slots kept for configured peers are free (scp.reserved_associations)" \
+            in caplog.text
+    finally:
+        for s in held:
+            raw.release(s)
+        scp.stop()
+        scp.db.dispose()
 
 
 def test_refusals_are_logged_once_per_interval_with_the_count(caplog):
@@ -217,6 +251,8 @@ def test_refusals_are_logged_once_per_interval_with_the_count(caplog):
     ("max_connections_per_peer = 4", "scp.max_connections_per_peer"),
     ("max_connections = 40\nmax_connections_per_peer = 50", "scp.max_connections_per_peer"),
     ("reserved_connections = 64", "scp.reserved_connections"),
+    ("reserved_associations = 16", "scp.reserved_associations"),
+    ("reserved_associations = -1", "scp.reserved_associations"),
     ("release_wait_seconds = 0", "scp.release_wait_seconds"),
 ])
 def test_connection_settings_are_checked_naming_the_key(tmp_path, text, key):

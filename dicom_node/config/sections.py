@@ -75,6 +75,7 @@ class ScpSettings:
     max_connections: int = 0  # 0: 4 x max_associations, at least 32
     max_connections_per_peer: int = 0  # 0: a quarter of max_connections, at least max_associations_per_peer
     reserved_connections: int = 0  # 0: an eighth of max_connections
+    reserved_associations: int = 0  # 0: an eighth of max_associations, at least 1
     release_wait_seconds: float = 3
     require_called_ae: bool = True
     duplicate_policy: str = "keep"  # a stored SOP Instance UID re-sent with other content: "keep" or "replace"
@@ -118,6 +119,11 @@ class ScpSettings:
                               f"({self.max_associations_per_peer})")
         if per_peer > total:
             raise ConfigError(f"scp.max_connections_per_peer ({per_peer}) must be <= scp.max_connections ({total})")
+        if self.reserved_associations < 0:
+            raise ConfigError("scp.reserved_associations must be >= 0 (0: an eighth of scp.max_associations)")
+        if self.reserved_associations and self.reserved_associations >= self.max_associations:
+            raise ConfigError(f"scp.reserved_associations ({self.reserved_associations}) must be below "
+                              f"scp.max_associations ({self.max_associations})")
         if self.reserved_connections >= total:
             raise ConfigError(f"scp.reserved_connections ({self.reserved_connections}) must be below "
                               f"scp.max_connections ({total})")

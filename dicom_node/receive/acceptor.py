@@ -98,14 +98,14 @@ class Acceptor:
                  network_timeout: float = 60, max_pdu: int = MAX_PDU, association_request_timeout: float = 10,
                  max_associations_per_peer: int = 0, allowed_peers: list[str] | None = None,
                  max_connections: int = 0, max_connections_per_peer: int = 0, reserved_connections: int = 0,
-                 peer_hosts: Iterable[str] = (), max_instance: int = 512 << 20):
+                 peer_hosts: Iterable[str] = (), max_instance: int = 512 << 20, reserved_associations: int = 0):
         """``peer_hosts``: IP addresses of the configured peers besides ``allowed_peers`` (the destinations),
         which may use the reserved connection slots. ``max_instance``: bytes of one data set held at most; a
         larger one is read to its end without being held, and its handler told only its size."""
         self.contexts = contexts
         self.handlers = handlers
         self.limits = ConnectionLimits.resolve(max_associations, max_associations_per_peer, max_connections,
-                                               max_connections_per_peer, reserved_connections)
+                                               max_connections_per_peer, reserved_connections, reserved_associations)
         self.network_timeout = network_timeout
         self.association_request_timeout = association_request_timeout
         self.max_pdu = max_pdu

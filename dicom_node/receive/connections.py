@@ -10,7 +10,10 @@ counts against its address from accept on, and three limits apply before a byte 
 - ``scp.reserved_connections``: the last slots, open only to the configured peers (the addresses of the
   destinations and of ``scp.allowed_peers``), so the PACS gets in even while many addresses flood the node.
 
-Associations are counted here as well (``scp.max_associations``, ``scp.max_associations_per_peer``). Refusals
+Associations are counted here as well (``scp.max_associations``, ``scp.max_associations_per_peer``), and their
+last slots are kept for the configured peers too (``scp.reserved_associations``): an association that stays
+open (a C-ECHO within every ``network_timeout``) is no flood, and two addresses of such callers held every
+slot while the PACS was rejected. Refusals
 repeat as fast as a flood reconnects, so they are logged once per interval per address and reason, with the
 number not logged (never more than the peer address: no PHI is known at that point anyway).
 """
@@ -53,17 +56,22 @@ class ConnectionLimits:
     reserved: int
     max_associations: int
     max_associations_per_peer: int
+    #: the last association slots, for the configured peers only
+    reserved_associations: int = 0
 
     @classmethod
     def resolve(cls, max_associations: int, max_associations_per_peer: int = 0, max_connections: int = 0,
-                max_connections_per_peer: int = 0, reserved_connections: int = 0) -> ConnectionLimits:
+                max_connections_per_peer: int = 0, reserved_connections: int = 0,
+                reserved_associations: int = 0) -> ConnectionLimits:
         """0 means derived: 4 x max_associations connections (at least 32), a quarter of them per address (at
-        least max_associations_per_peer) and an eighth of them reserved for the configured peers."""
+        least max_associations_per_peer), an eighth of them reserved for the configured peers, and an eighth
+        of the association slots (at least one) reserved for them too."""
         per_assoc = max_associations_per_peer or max_associations
         total = max_connections or max(4 * max_associations, 32)
         per_peer = max_connections_per_peer or min(total, max(total // 4, per_assoc))
         reserved = reserved_connections or total // 8
-        return cls(total, per_peer, min(reserved, total - 1), max_associations, per_assoc)
+        kept = min(reserved_associations or max(1, max_associations // 8), max_associations - 1)
+        return cls(total, per_peer, min(reserved, total - 1), max_associations, per_assoc, kept)
 
 
 def peer_addresses(hosts: Iterable[str]) -> set[str]:
@@ -81,7 +89,7 @@ def peer_addresses(hosts: Iterable[str]) -> set[str]:
 
 
 def destination_hosts(destinations: Iterable) -> list[str]:
-    """The host of each configured destination (a STOW destination's from its URL)."""
+    """The host of each configured destination or source (a STOW destination's from its URL)."""
     hosts = []
     for dest in destinations:
         host = urlsplit(dest.url).hostname if getattr(dest, "protocol", "dimse") == "stow" else dest.host
@@ -170,12 +178,16 @@ class ConnectionLedger:
     def enter(self, address: str) -> str:
         """Take an association slot; returns why not (empty string: taken)."""
         lim = self.limits
+        unreserved = lim.max_associations - (lim.reserved_associations if self.has_configured_peers else 0)
         with self._lock:
             if self._associations >= lim.max_associations:
                 return f"{lim.max_associations} associations already open (scp.max_associations)"
             if self._assoc_per_peer[address] >= lim.max_associations_per_peer:
                 return (f"{lim.max_associations_per_peer} associations from this address already open "
                         "(scp.max_associations_per_peer)")
+            if self._associations >= unreserved and not self.configured_peer(address):
+                return (f"only the {lim.reserved_associations} association slots kept for configured peers are "
+                        "free (scp.reserved_associations)")
             self._associations += 1
             self._assoc_per_peer[address] += 1
             return ""

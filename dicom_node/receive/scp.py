@@ -434,8 +434,10 @@ class StorageSCP:
                                allowed_peers=cfg.allowed_peers, max_connections=cfg.max_connections,
                                max_connections_per_peer=cfg.max_connections_per_peer,
                                reserved_connections=cfg.reserved_connections,
-                               peer_hosts=peer_addresses(destination_hosts(self.settings.destinations)),
-                               max_instance=cfg.max_instance_mb << 20)
+                               peer_hosts=peer_addresses(destination_hosts([*self.settings.destinations,
+                                                                            *self.settings.sources])),
+                               max_instance=cfg.max_instance_mb << 20,
+                               reserved_associations=cfg.reserved_associations)
         self.store.start_spares()
         # Walking incoming/ costs time on a large store and is only needed after an unclean stop: a clean
         # stop that committed every row leaves a marker, which this start consumes.
