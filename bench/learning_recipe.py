@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--free", default="4", help="class values not held to the teacher (those v0.2.0 gets wrong)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/learning_recipe"))
     ap.add_argument("--baseline", action="store_true", help="also score the bundled model")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="autocast of the fine-tune (auto: bf16 on CPUs with native bf16, as the node runs it)")
     ap.add_argument("--cache", type=Path, help="keep the rendered studies here (pickled geometry: only your own)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                foreground=a.foreground)
     free = tuple(int(v) for v in a.free.split(",") if v)
     res = finetune(BUNDLED_MODEL, cases, a.out / "cand.safetensors", version="0.2.0-lr", parent_version="0.2.0",
-                   minutes=a.minutes, max_steps=a.max_steps, recipe=r, free=free, device="cpu")
+                   minutes=a.minutes, max_steps=a.max_steps, recipe=r, free=free, device="cpu",
+                   precision=a.precision)
     t = time.perf_counter()
-    rec.update(recipe=r.describe(), steps=res.steps, train_minutes=round(res.minutes, 2),
+    rec.update(recipe=r.describe(), autocast=res.card.training["autocast"], steps=res.steps,
+               train_minutes=round(res.minutes, 2),
                candidate=[score(res.path, ph) for ph in tests], eval_s=round(time.perf_counter() - t, 1))
     print(json.dumps(rec), flush=True)
 

@@ -77,16 +77,20 @@ class ConnectionGuard:
         self._per_peer: Counter[str] = Counter()
         self.refusals = RefusalLog(logger=log)
 
-    def admit(self, address: str) -> str:
-        """Take a slot; returns why not ("" when taken)."""
+    def admit(self, address: str) -> bool:
+        """Take a slot, or log why not (the total cap is filled by many addresses at once: one line for all of
+        them, not one per address) and return False."""
         if self.open >= self.max_connections:
-            return f"closed at connect: {self.max_connections} dashboard connections already open (web.max_connections)"
+            self.refusals.refused("any address", f"closed at connect: {self.max_connections} dashboard connections "
+                                                 "already open (web.max_connections)")
+            return False
         if self._per_peer[address] >= self.per_peer:
-            return (f"closed at connect: {self.per_peer} dashboard connections from this address already open "
-                    "(web.max_connections_per_peer)")
+            self.refusals.refused(address, f"closed at connect: {self.per_peer} dashboard connections from this "
+                                           "address already open (web.max_connections_per_peer)")
+            return False
         self.open += 1
         self._per_peer[address] += 1
-        return ""
+        return True
 
     def release(self, address: str) -> None:
         self.open -= 1
@@ -111,10 +115,7 @@ class _Guarded(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._peer = self.client[0] if self.client else ""
-        why = self.guard.admit(self._peer)
-        if why:
-            # the total cap is filled by many addresses at once: one line for all of them, not one per address
-            self.guard.refusals.refused(self._peer if "from this address" in why else "any address", why)
+        if not self.guard.admit(self._peer):
             transport.abort()  # the descriptor goes back now
             return
         self._admitted = True
@@ -128,9 +129,11 @@ class _Guarded(H11Protocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._admitted and not self.transport.is_closing():
+        # armed first, on the cycle just answered: uvicorn may start the next (pipelined) request inside the
+        # call, and that one must count as arrived
+        if self._admitted:
             self._arm()  # the next request on this connection has the same time to arrive
+        super().on_response_complete()
 
     def _arm(self) -> None:
         self._disarm()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..dataset import Case
-from ..model import build_network, pick_device
+from ..model import build_network, native_bf16_cpu, pick_device
 from ..model_card import ModelCard, load_checkpoint, save_checkpoint
 from ..training import dice_focal_loss, dice_per_class, evaluate_slices, prepare_case
 from . import labelmap
@@ -184,6 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render-device", default="", help="where batches are rendered (default: --device); "
                    "cpu is a fallback for GPU kernels that misbehave")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast of the forward pass (weights and optimiser stay float32); auto: bf16 on CUDA and "
+                        "on CPUs with native bf16 (avx512_bf16/AMX: ~1.7x the steps of fp32 on the project's "
+                        "2-core AMD EPYC), else fp32")
     p.add_argument("--full-precision", action="store_true", help="store float32 weights (default float16)")
     p.add_argument("--version", default="0.2.0")
     p.add_argument("--focal-gamma", type=float, default=2.0)
@@ -340,7 +344,8 @@ def main(argv: list[str] | None = None) -> Path:
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(a.seed)
     dgen = torch.Generator(device=rdev).manual_seed(a.seed) if rdev.type == "cuda" else None
-    amp = device.type == "cuda"
+    amp = a.precision == "bf16" or (a.precision == "auto" and (device.type == "cuda" or native_bf16_cpu()))
+    card.training["autocast"] = "bf16" if amp else "fp32"
     a.out.mkdir(parents=True, exist_ok=True)
     best_path, history, best_score = a.out / "best.safetensors", [], -1.0
     budget = a.minutes * 60.0
