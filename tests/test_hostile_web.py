@@ -334,3 +334,25 @@ def test_a_dashboard_flood_leaves_the_dicom_listener_its_descriptors(tmp_path):
         for s in held:
             s.close()
         node.stop()
+
+
+def test_failed_accepts_are_told_once_per_interval_without_a_traceback():
+    """asyncio logs each accept that finds no descriptor left with a traceback and retries every second; the
+    filter lets one line through per interval, the error named."""
+    import logging
+
+    from dicom_node.watch.guard import _AcceptErrors
+
+    f = _AcceptErrors()
+    exc = OSError(24, "Too many open files")
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource\n"
+                                 "socket: <fd=9>", (), (OSError, exc, None))
+
+    first = record()
+    assert f.filter(first) and first.exc_info is None
+    assert "cannot accept connections: [Errno 24] Too many open files" in first.getMessage()
+    assert not f.filter(record())  # within the interval: dropped
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", (), None)
+    assert f.filter(other) and other.getMessage() == "Task exception was never retrieved"  # the rest untouched
