@@ -33,7 +33,9 @@ class Assignment:
 
 
 def _usable():
-    return Correction.state == CorrectionState.CORRECTED
+    """Corrected, and its labels file written: the intake records a corrected row with its scores first and
+    names its labels file a moment later; a round in between must not take the row."""
+    return (Correction.state == CorrectionState.CORRECTED) & (Correction.labels_path != "")
 
 
 def assign(db: Database, fraction: float) -> Assignment:

@@ -99,10 +99,14 @@ def _send_pynetdicom(loop, path: Path) -> None:
 
 
 def _correction(loop, sop_uid: str, timeout: float = 60) -> dict:
+    """The correction's row once the intake has finished with it: a corrected row is recorded with its scores
+    first and its labels file right after (intake.py), so until that file is named the row is still being
+    written (a loaded machine showed the gap)."""
     def find():
         db = loop["node"].db()
         try:
-            return next((c for c in list_corrections(db, 500) if c["id"] and _sop(db, c["id"]) == sop_uid), None)
+            c = next((c for c in list_corrections(db, 500) if c["id"] and _sop(db, c["id"]) == sop_uid), None)
+            return None if c is not None and c["state"] == "corrected" and not c["labels_path"] else c
         finally:
             db.dispose()
     return wait_for(find, timeout, 0.3, "the correction to be recorded")

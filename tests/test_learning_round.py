@@ -54,9 +54,10 @@ _received = [dt.datetime(2026, 12, 1, 8, 0)]
 def add_correction(settings, db, store: FileStore, seed: int, state=CorrectionState.CORRECTED,
                    with_files: bool = True) -> int:
     """One corrected study: a small phantom stored as the listener stores it, and a correction whose labels are
-    the phantom's truth on the stacked source grid."""
+    the phantom's truth on the stacked source grid. Without files: the row alone, its labels file named as the
+    intake names one once written (a row without a name is still being written and counts for nothing)."""
     _received[0] += dt.timedelta(minutes=1)
-    labels_path, series_id = "", None
+    labels_path, series_id = f"corrections/c{seed}.npz", None
     if with_files:
         ph = small_series(seed=seed, n_slices=16, size=96)
         tmp = settings.data_dir.parent / f"src{seed}"
@@ -123,6 +124,19 @@ def test_a_false_positive_stopped_counts_for_the_candidate():
     pair_absent(serving, candidate)
     d = decide(_per_structure(serving), _per_structure(candidate), 0)
     assert not d.wins and "tibia down 1.000" in d.words
+
+
+def test_a_corrected_row_whose_labels_are_not_yet_written_is_left_to_the_next_round(tmp_path):
+    """The intake records a corrected row with its scores, then writes its labels file and names it: a round
+    in between neither holds it out nor trains on it (it would fail loading an unnamed file)."""
+    settings, db, store = _node(tmp_path)
+    cid = add_correction(settings, db, store, 1, with_files=False)
+    with db.session() as s:
+        s.get(Correction, cid).labels_path = ""
+    assert holdout.assign(db, 0.2).version is None
+    with db.session() as s:
+        s.get(Correction, cid).labels_path = "corrections/c1.npz"
+    assert holdout.assign(db, 0.2).held_out == [cid]
 
 
 def test_holdout_is_fixed_and_versioned(tmp_path):

@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom.uid import generate_uid
 
 from .. import __version__
+from .uids import is_uid, uid_problem
+
+if TYPE_CHECKING:
+    from storage.instances import InstanceMeta
 
 log = logging.getLogger("dicom_node.receive.dimse")
 
@@ -26,8 +30,23 @@ IMPLEMENTATION_VERSION = f"SEGNODE_{__version__.replace('.', '')}"[:16]
 
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
 NO_DATASET = 0x0101
-PROCESSING_FAILURE = 0x0110
 UNRECOGNIZED_OPERATION = 0x0211
+
+# Statuses the node answers (PS3.4 B.2.3 for C-STORE, PS3.7 C for the general ones).
+SUCCESS = 0x0000
+#: "Warning: Coercion of Data Elements": the instance the node holds under this SOP Instance UID is not the one
+#: just sent (a conflicting re-send under ``scp.duplicate_policy = "keep"``). A warning is a success to the
+#: sender (it must not retry), unlike 0x0111 "Duplicate SOP Instance", a failure.
+KEPT_FIRST_COPY = 0xB000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+#: "Error: Data Set does not match SOP Class".
+DATASET_MISMATCH = 0xA900
+#: "Refused: SOP Class not supported" (the command's class is not its presentation context's).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: N-EVENT-REPORT "No such SOP Instance", for a class nobody here handles.
+NO_SUCH_SOP_INSTANCE = 0x0112
+PROCESSING_FAILURE = 0x0110
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,32 @@ class ProtocolError(Exception):
     def __init__(self, message: str, reason: int = 0x02):
         super().__init__(message)
         self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------- C-STORE checks
+def command_problem(req: StoreRequest) -> tuple[int, str] | None:
+    """What is wrong with a C-STORE's command (status, reason in words), or None: the required command fields
+    (PS3.7 9.3.1.1) are present and valid UIDs, and the SOP class is its presentation context's."""
+    why = (uid_problem("Affected SOP Class UID", req.sop_class_uid)
+           or uid_problem("Affected SOP Instance UID", req.sop_instance_uid))
+    if why:
+        return CANNOT_UNDERSTAND, f"C-STORE command: {why}"
+    if req.context_sop_class and req.sop_class_uid != req.context_sop_class:
+        return SOP_CLASS_NOT_SUPPORTED, (f"C-STORE command's SOP class {req.sop_class_uid} differs from its "
+                                         f"presentation context's {req.context_sop_class}")
+    return None
+
+
+def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | None:
+    """What is wrong with a readable data set against its command, or None (UIDs become file names)."""
+    if meta.sop_uid != req.sop_instance_uid:
+        return CANNOT_UNDERSTAND, "SOP Instance UID in the dataset differs from the C-STORE request"
+    if meta.sop_class_uid != req.sop_class_uid:
+        shown = f" ({meta.sop_class_uid})" if is_uid(meta.sop_class_uid) else ""  # never echo arbitrary text
+        return DATASET_MISMATCH, (f"SOP Class UID in the dataset{shown} differs from the C-STORE request's "
+                                  f"({req.sop_class_uid})")
+    why = (uid_problem("Study Instance UID", meta.study_uid) or uid_problem("Series Instance UID", meta.series_uid))
+    return (CANNOT_UNDERSTAND, why) if why else None
 
 
 # --------------------------------------------------------------------------------------------- encoding

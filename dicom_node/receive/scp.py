@@ -52,7 +52,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.instances import InstanceMeta, Received, Recorder
+from storage.instances import Received, Recorder
 from storage.models import utcnow
 from storage.recording import BackgroundRecorder
 from storage.series import end_quiet, extend_quiet, receiving_series
@@ -64,11 +64,23 @@ from ..repeats import first_line
 from ..tls import server_context
 from .acceptor import Acceptor
 from .connections import address_allowed, destination_hosts, peer_addresses
-from .dimse import PROCESSING_FAILURE, EventReport, Peer, Rejection, StoreRequest
+from .dimse import (
+    CANNOT_UNDERSTAND,
+    KEPT_FIRST_COPY,
+    NO_SUCH_SOP_INSTANCE,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    EventReport,
+    Peer,
+    Rejection,
+    StoreRequest,
+    command_problem,
+    dataset_problem,
+)
 from .headers import UnreadableData, read_received
 from .recovery import record_unrecorded
 from .resend import StoredIndex, same_data_set, stored_copy
-from .uids import is_uid, uid_problem
 
 log = logging.getLogger("dicom_node.receive.scp")
 #: while instances are refused (disk floor, database), one log line per this many seconds, not one per image
@@ -84,20 +96,6 @@ TRANSFER_SYNTAXES: list[str | UID] = [
 
 #: Left in the data folder by a stop after which no stored file lacks its row (see start).
 CLEAN_STOP_MARKER = ".clean-stop"
-
-SUCCESS = 0x0000
-#: PS3.4 B.2.3 "Warning: Coercion of Data Elements": the instance the node holds under this SOP Instance UID
-#: is not the one just sent (a conflicting re-send under ``scp.duplicate_policy = "keep"``). A warning is a
-#: success to the sender (it must not retry), unlike 0x0111 "Duplicate SOP Instance", a failure.
-KEPT_FIRST_COPY = 0xB000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-#: PS3.4 B.2.3: "Error: Data Set does not match SOP Class".
-DATASET_MISMATCH = 0xA900
-#: PS3.7 C.5: "Refused: SOP Class not supported" (the command's class is not its presentation context's).
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: PS3.7 C.4.2: N-EVENT-REPORT "No such SOP Instance", for a class nobody here handles.
-NO_SUCH_SOP_INSTANCE = 0x0112
 
 #: Answers an N-EVENT-REPORT of one SOP class with a status (Storage Commitment: deliver/commitment.py).
 EventReportHandler = Callable[[EventReport], int]
@@ -122,31 +120,6 @@ def supported_contexts(event_classes: list[str] | tuple[str, ...] = ()) -> list:
         cx.scu_role, cx.scp_role = True, True
         contexts.append(cx)
     return contexts
-
-
-def command_problem(req: StoreRequest) -> tuple[int, str] | None:
-    """What is wrong with a C-STORE's command (status, reason in words), or None: the required command fields
-    (PS3.7 9.3.1.1) are present and valid UIDs, and the SOP class is its presentation context's."""
-    why = (uid_problem("Affected SOP Class UID", req.sop_class_uid)
-           or uid_problem("Affected SOP Instance UID", req.sop_instance_uid))
-    if why:
-        return CANNOT_UNDERSTAND, f"C-STORE command: {why}"
-    if req.context_sop_class and req.sop_class_uid != req.context_sop_class:
-        return SOP_CLASS_NOT_SUPPORTED, (f"C-STORE command's SOP class {req.sop_class_uid} differs from its "
-                                         f"presentation context's {req.context_sop_class}")
-    return None
-
-
-def dataset_problem(req: StoreRequest, meta: InstanceMeta) -> tuple[int, str] | None:
-    """What is wrong with a readable data set against its command, or None (UIDs become file names)."""
-    if meta.sop_uid != req.sop_instance_uid:
-        return CANNOT_UNDERSTAND, "SOP Instance UID in the dataset differs from the C-STORE request"
-    if meta.sop_class_uid != req.sop_class_uid:
-        shown = f" ({meta.sop_class_uid})" if is_uid(meta.sop_class_uid) else ""  # never echo arbitrary text
-        return DATASET_MISMATCH, (f"SOP Class UID in the dataset{shown} differs from the C-STORE request's "
-                                  f"({req.sop_class_uid})")
-    why = (uid_problem("Study Instance UID", meta.study_uid) or uid_problem("Series Instance UID", meta.series_uid))
-    return (CANNOT_UNDERSTAND, why) if why else None
 
 
 class StoreCount(StrEnum):
