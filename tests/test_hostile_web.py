@@ -356,3 +356,19 @@ def test_failed_accepts_are_told_once_per_interval_without_a_traceback():
     assert not f.filter(record())  # within the interval: dropped
     other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", (), None)
     assert f.filter(other) and other.getMessage() == "Task exception was never retrieved"  # the rest untouched
+
+
+def test_the_node_raises_its_soft_open_files_limit_at_start():
+    """A process gets a soft limit of 1024 open files unless it asks (systemd's default); the node asks for
+    up to the hard limit, so its connection caps, not the limit, bound what it holds."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if not shutil.which("prlimit") or hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs prlimit and a finite hard limit above 256")
+    r = subprocess.run(["prlimit", f"--nofile=256:{hard}", sys.executable, "-c",
+                        "import resource\nfrom dicom_node.service import raise_open_files_limit\n"
+                        "raise_open_files_limit()\nprint(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == min(hard, 65536)
