@@ -62,14 +62,16 @@ def free_port() -> int:
 
 #: Run first, heaviest first, so the workers end together: pytest-xdist's loadfile hands each module whole to one
 #: worker (its module fixtures, a node and a PACS, set up once), in this order. Ordered by the time each module
-#: took with three workers on an idle 2-core machine (2026-12-07: 259 s for the 1000-slice series down to 43 s).
+#: took with three workers on an idle 2-core machine (2026-12-07: 259 s for the 1000-slice series down to 43 s;
+#: the last three measured alone later the same day, 41, 41 and 34 s, so that none of them starts last).
 HEAVY_FIRST = ("tests/test_whole_body.py", "tests/test_durability.py", "tests/test_input_variety.py",
                "tests/test_outbox.py", "tests/test_corrections_loop.py", "tests/test_quality_gate.py",
                "tests/test_header_corpus.py", "tests/test_foreign_through_node.py", "tests/test_completion.py",
                "tests/test_bench_smoke.py", "tests/test_end_to_end.py", "tests/test_bounded_waits.py",
                "tests/test_learning_round.py", "tests/test_corrections_waiting.py", "tests/test_viewer.py",
                "tests/test_training.py", "tests/test_probe.py", "tests/test_preprocessing.py",
-               "tests/test_data_folder.py", "tests/test_database_outage.py")
+               "tests/test_data_folder.py", "tests/test_database_outage.py", "tests/test_hostile.py",
+               "tests/test_hostile_web.py", "tests/test_disk_full.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ audit trail of admin actions (dashboard and command line) on the job's timeline,
 from __future__ import annotations
 
 import getpass
+import http.client
 import http.server
 import json
 import re
@@ -289,11 +290,18 @@ def test_idle_and_trickling_connections_are_capped_and_closed_while_requests_are
                 break
         assert closed and time.monotonic() - start < 3.0  # bytes do not keep it open
 
-        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:  # keep-alive: the deadline re-arms
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)  # keep-alive: the deadline re-arms
+        try:
+            first = None
             for _ in range(2):
-                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+                conn.request("GET", "/healthz")
+                r = conn.getresponse()
+                assert r.status == 200 and r.read()
+                first = first or conn.sock
+                assert conn.sock is first  # the same connection both times, not a new one
                 time.sleep(0.6)  # twice this exceeds the deadline: each request has its own
+        finally:
+            conn.close()
     finally:
         for s in held:
             s.close()
