@@ -144,6 +144,7 @@ def test_delivery_keys_are_checked_and_errors_name_them(tmp_path):
     ("[scp]\nmax_associations_per_peer = 0\n", "scp.max_associations_per_peer"),
     ("[scp]\nrequire_called_ae = \"maybe\"\n", "scp.require_called_ae"),
     ("[scp]\nmax_instance_mb = 0\n", "scp.max_instance_mb"),
+    ("[scp]\nquarantine_max_mb = -1\n", "scp.quarantine_max_mb"),
     ("[worker]\nmax_megavoxels = -5\n", "worker.max_megavoxels"),
     ('[scp]\nport = 2762\n[scp.tls]\nenabled = true\nport = 2762\ncertificate = "node.toml"\n'
      'private_key = "node.toml"\nca_certificates = "node.toml"\n', "scp.tls.port"),

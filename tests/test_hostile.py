@@ -485,3 +485,50 @@ def test_a_deflate_bomb_and_pixels_that_would_decode_past_the_bound_are_refused(
     finally:
         scp.stop()
         scp.db.dispose()
+
+
+def test_refused_data_sets_fill_quarantine_only_up_to_its_bound(tmp_path, caplog, monkeypatch):
+    """scp.quarantine_max_mb bounds the copies of refused data sets: past it a refused instance is still refused
+    with its status and counted, the log says once that copies are no longer kept, and good instances are
+    stored as before. Before the bound, a peer sending bad data sets on and on filled the disk until the disk
+    floor refused the PACS's images too. Room an admin makes is found again without a restart."""
+    import storage.quarantine as quarantine
+
+    scp = make_scp(tmp_path, "quarantine_max_mb = 1")
+    folder = scp.store.root / "quarantine"
+    try:
+        bad = _big_instance(tmp_path, 384)  # ~300 KB
+        bad.StudyInstanceUID = "1.2.3.x"  # no UID: 0xC000
+        for k in range(6):
+            bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.55.{k}"
+            assert _store(scp.port, bad) == 0xC000
+        kept = list(folder.glob("*.bin"))
+        assert len(kept) == 3, kept
+        assert quarantine.folder_bytes(folder) <= 1 << 20
+        assert scp.stats["refused"] == 6
+        assert caplog.text.count("no longer kept") == 1
+        assert caplog.text.count("not kept (scp.quarantine_max_mb)") == 3
+        good = _big_instance(tmp_path, 64)
+        assert _store(scp.port, good) == 0x0000
+
+        for p in folder.iterdir():  # an admin inspects and clears the folder
+            p.unlink()
+        monkeypatch.setattr(quarantine, "REMEASURE_EVERY_S", 0.0)
+        bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.55.9"
+        assert _store(scp.port, bad) == 0xC000
+        assert len(list(folder.glob("*.bin"))) == 1
+    finally:
+        scp.stop()
+        scp.db.dispose()
+
+
+def test_no_refused_data_set_is_kept_when_the_bound_is_zero(tmp_path, instance):
+    scp = make_scp(tmp_path, "quarantine_max_mb = 0")
+    try:
+        instance.StudyInstanceUID = ".."
+        assert _store(scp.port, instance) == 0xC000
+        assert not list((scp.store.root / "quarantine").iterdir())
+        assert scp.stats["refused"] == 1
+    finally:
+        scp.stop()
+        scp.db.dispose()

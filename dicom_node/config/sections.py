@@ -67,6 +67,7 @@ class ScpSettings:
     min_free_disk_mb: int = 1024
     #: the largest instance taken, as received and as its pixels decode (memory: one per association at most)
     max_instance_mb: int = 512
+    quarantine_max_mb: int = 2048  # refused data sets kept for inspection up to this (0: none kept)
     fsync: bool = True
     max_associations: int = 16
     network_timeout: float = 60
@@ -102,6 +103,8 @@ class ScpSettings:
         if self.min_free_disk_mb < 0:
             raise ConfigError("scp.min_free_disk_mb must be >= 0")
         _positive("scp.max_instance_mb", self.max_instance_mb)
+        if self.quarantine_max_mb < 0:
+            raise ConfigError("scp.quarantine_max_mb must be >= 0 (0: keep no refused data set)")
         _one_of("scp.duplicate_policy", self.duplicate_policy, {p.value for p in DuplicatePolicy})
 
     def _validate_connections(self) -> None:

@@ -54,6 +54,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.instances import Received, Recorder
 from storage.models import utcnow
+from storage.quarantine import QuarantineBudget
 from storage.recording import BackgroundRecorder
 from storage.series import end_quiet, extend_quiet, receiving_series
 from storage.states import DuplicatePolicy, Resend
@@ -144,6 +145,7 @@ class StorageSCP:
         self.event_reports: dict[str, EventReportHandler] = dict(event_reports or {})
         self.db = db
         self.store = store
+        self.quarantine = QuarantineBudget(store, settings.scp.quarantine_max_mb << 20)
         self.recorder = Recorder(db, policy=DuplicatePolicy(settings.scp.duplicate_policy), root=store.root)
         self.recorder.on_resent = self._resent
         #: where the instances stored lately lie, to recognise a re-send into another series (receive/resend.py)
@@ -329,9 +331,9 @@ class StorageSCP:
                 refused = dataset_problem(req, meta)
         if refused is not None:
             status, why = refused
-            path = self.store.quarantine_bytes(data, f"{why} (calling AE {req.peer.calling_ae}, status 0x{status:04X})")
-            log.warning("C-STORE from %s refused (0x%04X): %s; kept in quarantine as %s", req.peer.address, status,
-                        why, path.name)
+            path = self.quarantine.keep(data, f"{why} (calling AE {req.peer.calling_ae}, status 0x{status:04X})")
+            log.warning("C-STORE from %s refused (0x%04X): %s; %s", req.peer.address, status, why,
+                        f"kept in quarantine as {path.name}" if path else "not kept (scp.quarantine_max_mb)")
             self._count(StoreCount.REFUSED)
             return status
         # Only validated UIDs reach the path: distinct UIDs give distinct files, none outside incoming/.
