@@ -130,16 +130,19 @@ class Recorder:
         """Record one instance now; returns False if this SOP Instance UID was already stored."""
         return self.record_batch([Received(meta, path, size, calling_aet)])[0]
 
-    def record_batch(self, items: list[Received]) -> list[bool]:
+    def record_batch(self, items: list[Received], hold_until: dt.datetime | None = None) -> list[bool]:
         """Record instances in one transaction; for each, whether it was new (False: already stored).
 
         A re-sent instance lands on the same path and is recorded once. Safe against other writers: a
         concurrent insert of the same study, series or instance makes the transaction fail on a unique
-        constraint, and the retry sees the other writer's rows.
+        constraint, and the retry sees the other writer's rows. ``hold_until``: the series these rows touch are
+        not judged quiet before then, in the same transaction (rows recorded late, after a database outage,
+        carry their old arrival times: committed without the hold, the completion scan could judge their
+        series in the moment before it was set).
         """
         for attempt in range(3):
             try:
-                return self._record_batch(items)
+                return self._record_batch(items, hold_until)
             except IntegrityError:
                 with self._lock:
                     for it in items:
@@ -148,7 +151,7 @@ class Recorder:
                     raise
         raise AssertionError("unreachable")
 
-    def _record_batch(self, items: list[Received]) -> list[bool]:
+    def _record_batch(self, items: list[Received], hold_until: dt.datetime | None = None) -> list[bool]:
         resent = ResendBatch()
         with self.db.session() as s:
             sids: dict[str, int] = {}  # series ids of this batch (a series row is made only for a stored instance)
@@ -218,6 +221,10 @@ class Recorder:
                 s.execute(self._replace, values)
             for sid, (k, last) in touched.items():
                 s.execute(self._touch, {"sid": sid, "k": k, "now": last})
+            if hold_until is not None and touched:
+                s.execute(update(Series).where(Series.id.in_(list(touched)), Series.state == SeriesState.RECEIVING)
+                          .values(quiet_until=case((Series.quiet_until > hold_until, Series.quiet_until),
+                                                   else_=hold_until)))
             self.resends.write(s, resent)
         with self._lock:
             self._series_ids.update(sids)

@@ -22,6 +22,7 @@ What keeps that honest:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .instances import Received, Recorder
+from .models import utcnow
 
 log = logging.getLogger("storage.recording")
 
@@ -61,6 +63,9 @@ class BackgroundRecorder:
         #: each batch committed after the database refused rows, until the backlog is drained: the listener keeps
         #: those series from being judged before their senders resend what was refused meanwhile
         self.on_recovered: Callable[[list[Received]], None] | None = None
+        #: seconds those series are held from being judged quiet, set in the transaction that records them
+        #: (on_recovered then tells why on their timelines); None: no hold
+        self.outage_hold_s: float | None = None
         self._after_outage = False
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
@@ -163,8 +168,11 @@ class BackgroundRecorder:
                 self._urgent = False
                 batch = [self._items[i] for i in range(min(len(self._items), self.BATCH_MAX))]
                 self._last_try, self._retry_now, self._trying = time.monotonic(), False, True
+            hold = None
+            if self._after_outage and self.outage_hold_s is not None:
+                hold = utcnow() + dt.timedelta(seconds=self.outage_hold_s)
             try:
-                fresh = commit_rows(self.recorder, batch, self.on_rejected)
+                fresh = commit_rows(self.recorder, batch, self.on_rejected, hold)
             except Exception as exc:  # the database refuses: keep the batch and try again; lose no row
                 if self.failing is None:
                     log.error("cannot record %d received instances in the database (retrying): %s",
@@ -201,7 +209,8 @@ class BackgroundRecorder:
 
 
 def commit_rows(recorder: Recorder, batch: list[Received],
-                on_rejected: Callable[[Received, str], None] | None = None) -> list[bool | None]:
+                on_rejected: Callable[[Received, str], None] | None = None,
+                hold_until: dt.datetime | None = None) -> list[bool | None]:
     """Record a batch; for each item whether it was new, or None if the database rejected that row.
 
     Errors of the connection or the server (OperationalError and the like) propagate: the whole batch
@@ -210,7 +219,7 @@ def commit_rows(recorder: Recorder, batch: list[Received],
     """
     first: Exception
     try:
-        return list(recorder.record_batch(batch))
+        return list(recorder.record_batch(batch, hold_until))
     except (OperationalError, DisconnectionError, PoolTimeout):
         raise
     except DBAPIError as exc:
@@ -227,5 +236,5 @@ def commit_rows(recorder: Recorder, batch: list[Received],
         return [None]
     out: list[bool | None] = []
     for item in batch:
-        out += commit_rows(recorder, [item], on_rejected)
+        out += commit_rows(recorder, [item], on_rejected, hold_until)
     return out

@@ -77,6 +77,49 @@ def test_refusing_database_keeps_the_batch_until_it_accepts(tmp_path):
         w.stop()
 
 
+def test_rows_recorded_after_an_outage_carry_their_hold_in_the_same_transaction(tmp_path):
+    """Rows recorded late carry their old arrival times, so their series look long quiet: the hold that keeps
+    them from being judged before the senders resend is committed with the rows, not a moment after (the
+    completion scan, every 2 s, could judge them in between). The recovery callback sees the hold already."""
+    import datetime as dt
+
+    from storage.models import utcnow
+
+    path = tmp_path / "n.db"
+    db = Database(f"sqlite:///{path}")
+    db.create_schema()
+    w = BackgroundRecorder(Recorder(db))
+    w.outage_hold_s = 300.0
+    seen: list = []
+
+    def recovered(batch: list[Received]) -> None:
+        with db.session() as s:
+            seen.extend(s.scalars(select(Series.quiet_until)))
+
+    w.on_recovered = recovered
+    w.start()
+    raw = sqlite3.connect(path)
+    try:
+        w.submit(Received(meta(0), "p0", 1))  # before the outage: no hold
+        assert w.flush(10)
+        with db.session() as s:
+            assert s.scalar(select(Series.quiet_until)) is None
+        raw.execute("ALTER TABLE instances RENAME TO instances_away")
+        raw.commit()
+        w.submit(Received(meta(1), "p1", 1))
+        wait_for(lambda: w.failing is not None, 10, 0.05, "the writer to report the failure")
+        raw.execute("ALTER TABLE instances_away RENAME TO instances")
+        raw.commit()
+        assert w.flush(30)
+        assert len(seen) == 1 and seen[0] is not None
+        held = seen[0].replace(tzinfo=None) if seen[0].tzinfo else seen[0]
+        now = utcnow().replace(tzinfo=None)
+        assert now + dt.timedelta(seconds=250) < held < now + dt.timedelta(seconds=310)
+    finally:
+        raw.close()
+        w.stop()
+
+
 def test_listener_answers_out_of_resources_while_the_database_refuses(tmp_path):
     (tmp_path / "node.toml").write_text(
         f'[node]\ndata_dir = "{tmp_path / "var"}"\n[scp]\nbind_address = "127.0.0.1"\nport = 0\nfsync = false\n'

@@ -152,6 +152,7 @@ class StorageSCP:
         self.stored = StoredIndex()
         self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
         self.writer.on_recovered = self._after_outage
+        self.writer.outage_hold_s = max(settings.series.stable_seconds, settings.series.abort_grace_seconds)
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
@@ -252,7 +253,8 @@ class StorageSCP:
         """Instances acknowledged before the database refused rows are recorded only now, with the times they
         arrived: their series would look long quiet and be judged at once, without the images refused meanwhile
         (Out of Resources), which their senders are likely to send again. They wait as after an aborted
-        association."""
+        association (the hold itself is set in the transaction that records them: ``writer.outage_hold_s``; this
+        tells why on their timelines and lets a released resend end the wait)."""
         ser = self.settings.series
         wait = max(ser.stable_seconds, ser.abort_grace_seconds)
         uids = sorted({item.meta.series_uid for item in batch})
