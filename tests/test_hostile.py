@@ -507,7 +507,8 @@ def test_refused_data_sets_fill_quarantine_only_up_to_its_bound(tmp_path, caplog
         assert quarantine.folder_bytes(folder) <= 1 << 20
         assert scp.stats["refused"] == 6
         assert caplog.text.count("no longer kept") == 1
-        assert caplog.text.count("not kept (scp.quarantine_max_mb)") == 3
+        # one line for the six refusals of one address and status (a flood is told once per interval)
+        assert caplog.text.count("C-STORE from 127.0.0.1 refused (0xC000)") == 1
         good = _big_instance(tmp_path, 64)
         assert _store(scp.port, good) == 0x0000
 
@@ -529,6 +530,37 @@ def test_no_refused_data_set_is_kept_when_the_bound_is_zero(tmp_path, instance):
         assert _store(scp.port, instance) == 0xC000
         assert not list((scp.store.root / "quarantine").iterdir())
         assert scp.stats["refused"] == 1
+    finally:
+        scp.stop()
+        scp.db.dispose()
+
+
+def _refused_once(port: int, ds: pydicom.Dataset, uid: str, source: str = "127.0.0.1") -> int | None:
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    s, _ = raw.associate(port, (raw.MR_IMAGE,), source=source)
+    try:
+        return raw.c_store(s, 1, ds.SOPClassUID, uid, raw.dataset_bytes(ds))
+    finally:
+        raw.release(s)
+
+
+def test_a_flood_of_refused_data_sets_is_told_once_per_interval_and_address(tmp_path, caplog):
+    """A sender whose every data set is refused (a misconfigured modality, or an attacker) was logged line by
+    line, as fast as it sent: now once per interval for its address and status, then with the count of those
+    not told. Another address is told on its own."""
+    scp = make_scp(tmp_path)
+    try:
+        bad = _big_instance(tmp_path, 16)
+        bad.StudyInstanceUID = "1.2.3.x"  # no UID: 0xC000
+        for k in range(20):
+            assert _refused_once(scp.port, bad, f"1.2.826.0.1.3680043.8.498.56.{k}") == 0xC000
+        assert caplog.text.count("C-STORE from 127.0.0.1 refused (0xC000)") == 1
+        assert scp.stats["refused"] == 20
+        assert _refused_once(scp.port, bad, "1.2.826.0.1.3680043.8.498.56.99", "127.0.0.3") == 0xC000
+        assert caplog.text.count("C-STORE from 127.0.0.3 refused (0xC000)") == 1
+        scp._store_refusals._quiet_until.clear()  # the interval over: the next line counts those not told
+        assert _refused_once(scp.port, bad, "1.2.826.0.1.3680043.8.498.56.98") == 0xC000
+        assert "(and 19 more like it" in caplog.text
     finally:
         scp.stop()
         scp.db.dispose()

@@ -99,17 +99,22 @@ def destination_hosts(destinations: Iterable) -> list[str]:
 
 
 class RefusalLog:
-    """Logs a refusal at most once per ``interval`` per (address, reason), with the count of those not logged."""
+    """Logs a refusal at most once per ``interval`` per (address, kind), with the count of those not logged.
 
-    def __init__(self, interval: float = LOG_INTERVAL_S, logger: logging.Logger | None = None):
+    ``kind`` defaults to the reason; give one where the reason names a value that changes from one refusal to
+    the next (a UID), or every refusal would be a new kind and a flood would be logged line by line."""
+
+    def __init__(self, interval: float = LOG_INTERVAL_S, logger: logging.Logger | None = None,
+                 template: str = "connection from %s %s"):
         self.interval = interval
         self._log = logger or log
+        self._template = template
         self._lock = threading.Lock()
         self._quiet_until: dict[tuple[str, str], float] = {}
         self._suppressed: Counter[tuple[str, str]] = Counter()
 
-    def refused(self, address: str, reason: str) -> None:
-        key = (address, reason)
+    def refused(self, address: str, reason: str, kind: str | None = None) -> None:
+        key = (address, reason if kind is None else kind)
         now = time.monotonic()
         with self._lock:
             if now < self._quiet_until.get(key, 0.0):
@@ -123,7 +128,7 @@ class RefusalLog:
             more = self._suppressed.pop(key, 0)
         if more:
             reason += f" (and {more} more like it in the last {self.interval:g} s)"
-        self._log.warning("connection from %s %s", address, reason)
+        self._log.warning(self._template, address, reason)
 
 
 class ConnectionLedger:

@@ -64,7 +64,7 @@ from ..notify import notify
 from ..repeats import first_line
 from ..tls import server_context
 from .acceptor import Acceptor
-from .connections import address_allowed, destination_hosts, peer_addresses
+from .connections import RefusalLog, address_allowed, destination_hosts, peer_addresses
 from .dimse import (
     CANNOT_UNDERSTAND,
     KEPT_FIRST_COPY,
@@ -171,6 +171,8 @@ class StorageSCP:
         self._stats_lock = threading.Lock()
         self._disk_floor_told = False
         self._refusal_told = -REFUSAL_TOLD_EVERY_S  # when the last "refusing C-STOREs" line was logged
+        #: refused data sets: a peer sending bad ones on and on is told once per interval and status, with a count
+        self._store_refusals = RefusalLog(logger=log, template="C-STORE from %s refused %s")
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
         self._released: set[Peer] = set()  # released with every row recorded: on_closed ends their quiet wait
 
@@ -302,9 +304,9 @@ class StorageSCP:
 
     def _store(self, req: StoreRequest) -> int:
         if req.oversize:  # read to its end by the acceptor without being held: nothing to keep or quarantine
-            log.warning("C-STORE from %s refused (0x%04X): its data set of %d MB is larger than scp.max_instance_mb "
-                        "(%d MB)", req.peer.address, OUT_OF_RESOURCES, req.oversize >> 20,
-                        self.settings.scp.max_instance_mb)
+            self._store_refusals.refused(
+                req.peer.address, f"(0x{OUT_OF_RESOURCES:04X}): its data set of {req.oversize >> 20} MB is larger "
+                f"than scp.max_instance_mb ({self.settings.scp.max_instance_mb} MB)", "oversize")
             self._count(StoreCount.REFUSED)
             return OUT_OF_RESOURCES
         if self.settings.scp.min_free_disk_mb and self.store.free_mb() < self.settings.scp.min_free_disk_mb:
@@ -334,8 +336,10 @@ class StorageSCP:
         if refused is not None:
             status, why = refused
             path = self.quarantine.keep(data, f"{why} (calling AE {req.peer.calling_ae}, status 0x{status:04X})")
-            log.warning("C-STORE from %s refused (0x%04X): %s; %s", req.peer.address, status, why,
-                        f"kept in quarantine as {path.name}" if path else "not kept (scp.quarantine_max_mb)")
+            self._store_refusals.refused(
+                req.peer.address, f"(0x{status:04X}): {why}; "
+                + (f"kept in quarantine as {path.name}" if path else "not kept (scp.quarantine_max_mb)"),
+                f"0x{status:04X}")
             self._count(StoreCount.REFUSED)
             return status
         # Only validated UIDs reach the path: distinct UIDs give distinct files, none outside incoming/.
