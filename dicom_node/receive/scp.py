@@ -152,7 +152,7 @@ class StorageSCP:
         self.stored = StoredIndex()
         self.writer = BackgroundRecorder(self.recorder, self._recorded, self._rejected)
         self.writer.on_recovered = self._after_outage
-        self.writer.outage_hold_s = max(settings.series.stable_seconds, settings.series.abort_grace_seconds)
+        self.writer.outage_hold_s = self._resend_wait
         self._networks = [ipaddress.ip_network(n, strict=False) for n in settings.scp.allowed_peers]
         self._aets = {a.strip() for a in settings.scp.allowed_calling_aets}
         self.server: Acceptor | None = None
@@ -175,6 +175,12 @@ class StorageSCP:
         self._store_refusals = RefusalLog(logger=log, template="C-STORE from %s refused %s")
         self._last_seq: dict[Peer, int] = {}  # per open association: its last submitted row (release waits for it)
         self._released: set[Peer] = set()  # released with every row recorded: on_closed ends their quiet wait
+
+    @property
+    def _resend_wait(self) -> float:
+        """Seconds a series that may lack images is kept from being judged quiet, for its senders to resend
+        (after a dropped association, a database outage or an unclean stop)."""
+        return max(self.settings.series.stable_seconds, self.settings.series.abort_grace_seconds)
 
     # ------------------------------------------------------------------------------ handlers
     def on_requested(self, peer: Peer) -> Rejection | None:
@@ -257,8 +263,7 @@ class StorageSCP:
         (Out of Resources), which their senders are likely to send again. They wait as after an aborted
         association (the hold itself is set in the transaction that records them: ``writer.outage_hold_s``; this
         tells why on their timelines and lets a released resend end the wait)."""
-        ser = self.settings.series
-        wait = max(ser.stable_seconds, ser.abort_grace_seconds)
+        wait = self._resend_wait
         uids = sorted({item.meta.series_uid for item in batch})
         ids = extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
                            f"received while the database refused rows; not judged quiet for {wait:g} s, for the "
@@ -451,8 +456,7 @@ class StorageSCP:
         """After an unclean stop, series that were arriving lost their senders' associations with the node:
         their quiet period starts again now, as long as after a dropped association (the senders retry).
         Called by the service just before completion checks start, so a slow model load does not use it up."""
-        ser = self.settings.series
-        wait = max(ser.stable_seconds, ser.abort_grace_seconds)
+        wait = self._resend_wait
         ids = extend_quiet(self.db, utcnow() + dt.timedelta(seconds=wait),
                            f"the node restarted after an unclean stop; not judged quiet for {wait:g} s",
                            series_ids=self.interrupted)
