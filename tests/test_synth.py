@@ -251,6 +251,29 @@ def test_keep_teacher_loss_holds_only_slices_without_the_free_classes():
     assert z.item() == 0.0 and s2.grad is not None
 
 
+def test_the_mirrored_teacher_holds_no_left_right_bias():
+    from inference.synth.train import teacher_log_probs
+
+    class OneSided(torch.nn.Module):
+        """Finds class 1 only in the image's left half: the bias a mirrored teacher must not pass on."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            out[:, 1] = (x[:, 0] - 0.5) * 20
+            out[:, 1, :, x.shape[-1] // 2:] = -10.0
+            return out
+
+    x = torch.zeros(1, 1, 4, 8)
+    x[..., 1, 1] = x[..., 1, 6] = 1.0  # the same bone on both sides
+    plain = teacher_log_probs(OneSided(), x, mirror=False).exp()[0, 1]
+    both = teacher_log_probs(OneSided(), x, mirror=True).exp()[0, 1]
+    assert plain[1, 1] > 0.99 and plain[1, 6] < 0.01  # one side found, the other missed
+    assert float(both[1, 1]) == pytest.approx(float(both[1, 6]), abs=1e-6)  # mirrored: the same answer on both sides
+    assert torch.allclose(both, both.flip(-1)) and not torch.allclose(plain, plain.flip(-1))
+    total = teacher_log_probs(OneSided(), x, mirror=True).exp().sum(1)
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)  # still a distribution per pixel
+
+
 def test_keep_teacher_needs_a_starting_checkpoint_and_known_classes(capsys):
     from inference.synth.train import parse_args
 
