@@ -285,6 +285,10 @@ def test_keep_teacher_needs_a_starting_checkpoint_and_known_classes(capsys):
     assert "HIP" in capsys.readouterr().err
     a = parse_args(["--out", "x", "--keep-teacher", "1", "--init-from", "w", "--teacher-free", "PELVIS,FEMUR"])
     assert a.keep_teacher == 1.0
+    with pytest.raises(SystemExit):  # a mirrored teacher with no teacher would be silently ignored
+        parse_args(["--out", "x", "--mirror-teacher"])
+    assert "--keep-teacher" in capsys.readouterr().err
+    assert parse_args(["--out", "x", "--keep-teacher", "1", "--init-from", "w", "--mirror-teacher"]).mirror_teacher
 
 
 def test_the_share_of_water_like_images_is_a_training_setting(capsys):

@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.keep_teacher and a.init_from is None:
         p.error("--keep-teacher needs --init-from (the checkpoint whose output is kept)")
+    if a.mirror_teacher and not a.keep_teacher:
+        p.error("--mirror-teacher changes what --keep-teacher holds: give --keep-teacher a weight, or leave it out")
     names = [c for c in a.teacher_free.split(",") if c]
     unknown = set(names) - set(CLASS_NAMES)
     if unknown:
@@ -411,9 +413,8 @@ def main(argv: list[str] | None = None) -> Path:
         loss = dice_focal_loss(logits, y, a.focal_gamma)
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                t_logits = teacher_log_probs(teacher, x.contiguous(memory_format=torch.channels_last),
-                                             a.mirror_teacher)
-            loss = loss + a.keep_teacher * keep_teacher_loss(logits, t_logits, y, a.free_classes)
+                t_logp = teacher_log_probs(teacher, x.contiguous(memory_format=torch.channels_last), a.mirror_teacher)
+            loss = loss + a.keep_teacher * keep_teacher_loss(logits, t_logp, y, a.free_classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
